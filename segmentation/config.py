@@ -1,0 +1,143 @@
+"""Settings of the segmentation library, read from the environment in one place.
+
+``load_settings()`` is the only function that looks at ``os.environ``; everything else
+receives a validated :class:`Settings` object. Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+TRUE_SPELLINGS = ("1", "true", "yes", "enable")
+FALSE_SPELLINGS = ("0", "false", "no", "disable")
+
+#: RMBG-2.0 on the Hugging Face hub (gated, non-commercial licence).
+DEFAULT_RMBG_MODEL = "briaai/RMBG-2.0"
+DEFAULT_YOLO_MODEL = "yolo11m-seg.pt"
+
+
+def parse_bool(value: str) -> bool:
+    """Parse a boolean setting: ``1 true yes enable`` or ``0 false no disable``, any case."""
+    normalized = str(value).strip().lower()
+    if normalized in TRUE_SPELLINGS:
+        return True
+    if normalized in FALSE_SPELLINGS:
+        return False
+    raise ValueError(
+        f"invalid boolean {value!r}: accepted values are "
+        f"{', '.join(TRUE_SPELLINGS)} (true) or {', '.join(FALSE_SPELLINGS)} (false), any case"
+    )
+
+
+class Settings(BaseModel):
+    """Validated settings shared by both segmentors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    use_fp16: bool = Field(
+        True, description="Run models in FP16 where a CUDA GPU supports it (USE_FP16)."
+    )
+    device: str = Field(
+        "auto",
+        description="Torch device for the models: 'auto' (cuda when available), 'cpu', 'cuda', "
+        "'cuda:N' (DEVICE).",
+    )
+    rmbg_model: str = Field(
+        DEFAULT_RMBG_MODEL,
+        description="RMBG-2.0 source: a Hugging Face repo id or a local model directory "
+        "(RMBG_MODEL).",
+    )
+    rmbg_revision: str | None = Field(
+        None,
+        description="40-hex commit of the hub repo, required for a hub id because the model runs "
+        "the repository's own code; ignored for local directories (RMBG_REVISION).",
+    )
+    rmbg_trust_remote_code: bool = Field(
+        False,
+        description="Allow running the model repository's own Python code, required by RMBG-2.0 "
+        "(RMBG_TRUST_REMOTE_CODE).",
+    )
+    rmbg_input_size: int = Field(
+        1024, ge=64, le=4096, description="Square model input size in pixels (RMBG_INPUT_SIZE)."
+    )
+    yolo_model: str = Field(
+        DEFAULT_YOLO_MODEL,
+        description="Ultralytics weights: a .pt file, a model name, or a .yaml architecture "
+        "(random weights) (YOLO_MODEL).",
+    )
+    yolo_imgsz: int = Field(
+        640, ge=32, le=4096, description="YOLO inference size in pixels (YOLO_IMGSZ)."
+    )
+    hf_token: str | None = Field(
+        None, description="Hugging Face token for the gated RMBG-2.0 repo (HF_TOKEN).", repr=False
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        head, _, index = value.partition(":")
+        if head not in ("auto", "cpu", "cuda") or (index and not index.isdigit()):
+            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+    @field_validator("yolo_imgsz")
+    @classmethod
+    def _check_stride(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError("must be a multiple of 32 (the YOLO stride)")
+        return value
+
+
+#: Environment variable -> settings field. ``.env.example`` and the README document each one.
+ENV_VARS: dict[str, str] = {
+    "USE_FP16": "use_fp16",
+    "DEVICE": "device",
+    "RMBG_MODEL": "rmbg_model",
+    "RMBG_REVISION": "rmbg_revision",
+    "RMBG_TRUST_REMOTE_CODE": "rmbg_trust_remote_code",
+    "RMBG_INPUT_SIZE": "rmbg_input_size",
+    "YOLO_MODEL": "yolo_model",
+    "YOLO_IMGSZ": "yolo_imgsz",
+    "HF_TOKEN": "hf_token",
+}
+_BOOL_FIELDS = {"use_fp16", "rmbg_trust_remote_code"}
+
+
+class SettingsError(ValueError):
+    """A setting has a value that is not accepted; the message names the variable."""
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read the environment once and return validated settings.
+
+    ``overrides`` (field names) win over the environment; deployments pass their
+    per-application arguments this way.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for var, field in ENV_VARS.items():
+        raw = environ.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        if field in _BOOL_FIELDS:
+            try:
+                values[field] = parse_bool(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{var}: {exc}") from None
+        else:
+            values[field] = raw.strip()
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        field_to_var = {f: v for v, f in ENV_VARS.items()}
+        problems = "; ".join(
+            f"{field_to_var.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None

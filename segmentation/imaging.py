@@ -1,0 +1,74 @@
+"""Decode and validate images before they reach a model.
+
+Every request is decoded on its own, so a corrupt image fails only its own request. The
+pixel limit is checked on the header, before any pixel buffer is allocated, which is what
+stops decompression bombs.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from segmentation.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
+
+#: PIL format names the service accepts.
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"})
+DEFAULT_MAX_PIXELS = 40_000_000  # 8K UHD is 33 Mpx
+
+# The header check below is the limit; PIL's own bomb check would only fire later, with a
+# less useful message.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``data`` to a contiguous uint8 RGB array ``HxWx3``, oriented as a viewer shows it.
+
+    Grayscale, 16-bit, palette, RGBA, CMYK, and EXIF-rotated images are all normalised here.
+    """
+    if not data:
+        raise InvalidImageError("empty body: send the image bytes")
+    try:
+        image: Image.Image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InvalidImageError("the body is not a recognised image") from None
+    except Exception as exc:
+        raise InvalidImageError(f"cannot read image header: {exc}") from None
+    image_format = image.format
+    if image_format not in SUPPORTED_FORMATS:
+        raise UnsupportedMediaTypeError(
+            f"image format {image_format} is not supported; send "
+            + ", ".join(sorted(SUPPORTED_FORMATS - {"MPO"}))
+        )
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise PayloadTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return to_rgb_array(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert any PIL mode to uint8 RGB, keeping the full range of 16-bit images."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
+        peak = 65535 if image.mode != "I" else max(int(values.max()), 1)
+        gray = (values.astype(np.float32) * (255.0 / peak)).round().astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))

@@ -1,0 +1,1 @@
+"""One class per model, each with ``predict(frames)`` on uint8 RGB arrays."""

@@ -1,0 +1,48 @@
+"""What every segmentor offers to the serving layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from segmentation.precision import Precision
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where a model came from and how it runs; shown by ``GET /v1/models``."""
+
+    name: str
+    source: str
+    revision: str | None
+    precision: str
+    precision_reason: str
+    device: str
+    stand_in: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Segmentor(Protocol):
+    """A model that takes a list of uint8 RGB frames and returns one result per frame."""
+
+    device: torch.device
+    precision: Precision
+
+    def predict(self, frames: list[Any], **options: Any) -> list[Any]: ...
+
+    def info(self) -> ModelInfo: ...
+
+
+def gpu_memory(device: torch.device) -> dict[str, int]:
+    """Allocated, reserved and peak bytes of this process on ``device`` (zeros on CPU)."""
+    if device.type != "cuda":
+        return {"allocated_bytes": 0, "reserved_bytes": 0, "peak_bytes": 0}
+    return {
+        "allocated_bytes": torch.cuda.memory_allocated(device),
+        "reserved_bytes": torch.cuda.memory_reserved(device),
+        "peak_bytes": torch.cuda.max_memory_allocated(device),
+    }

@@ -1,0 +1,166 @@
+"""Load the published RMBG-2.0 remote code (BiRefNet) on transformers 5.
+
+``from_pretrained`` cannot load it on transformers 5 (the model replaces ``self.config`` with a
+plain object and its backbone calls ``.item()`` during ``__init__``, which fails on the meta
+device). What works: build from the config on a real device, then load the safetensors state
+dict strictly. See MEASUREMENTS.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segmentation.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_GATED_HELP = (
+    "RMBG-2.0 is gated on the Hugging Face hub and licensed for non-commercial use. Either accept "
+    "its licence at https://huggingface.co/briaai/RMBG-2.0 and set HF_TOKEN, or download it once "
+    "(`hf download briaai/RMBG-2.0 --local-dir /models/RMBG-2.0`) and set "
+    "RMBG_MODEL=/models/RMBG-2.0."
+)
+
+
+def resolve_model_dir(
+    source: str,
+    *,
+    revision: str | None,
+    trust_remote_code: bool,
+    token: str | None = None,
+    need_weights: bool = True,
+) -> Path:
+    """Return a local directory holding ``config.json``, the model code and (optionally) weights.
+
+    ``source`` is a local directory or a hub repo id; a hub id needs a pinned 40-hex
+    ``revision`` because the model runs the repository's own Python code.
+    """
+    if not trust_remote_code:
+        raise ModelLoadError(
+            f"{source}: RMBG-2.0 runs its own model code (birefnet.py); set "
+            "RMBG_TRUST_REMOTE_CODE=true to allow it"
+        )
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _check_dir(path, need_weights)
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelLoadError(
+            f"RMBG_MODEL={source!r} is neither an existing directory nor a hub id like "
+            f"'briaai/RMBG-2.0'. {_GATED_HELP}"
+        )
+    if revision is None or not _COMMIT.match(revision):
+        raise ModelLoadError(
+            f"RMBG_REVISION={revision!r}: a hub id runs remote code, so pin it to a 40-hex commit "
+            f"of {source} (its 'Files and versions' history lists them)"
+        )
+    return _download(source, revision, token, need_weights)
+
+
+def _download(repo_id: str, revision: str, token: str | None, need_weights: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = ["*.py", "*.json"] + ([WEIGHTS_FILE] if need_weights else [])
+    try:
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token)
+    except GatedRepoError:
+        raise ModelLoadError(f"{repo_id}: access denied. {_GATED_HELP}") from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"{repo_id} has no revision {revision} (RMBG_REVISION)") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"{repo_id}: repository not found or not visible. {_GATED_HELP}"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{repo_id}@{revision} is not in the local cache and the hub cannot be reached. "
+            + _GATED_HELP
+        ) from None
+    return _check_dir(Path(local), need_weights)
+
+
+def _check_dir(path: Path, need_weights: bool) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; it is not a model directory")
+    if need_weights and not (path / WEIGHTS_FILE).is_file():
+        raise ModelLoadError(f"{path} has no {WEIGHTS_FILE}. {_GATED_HELP}")
+    return path
+
+
+def build_model(model_dir: Path, *, load_weights: bool = True) -> torch.nn.Module:
+    """Build the model from its config on the CPU and load its weights strictly."""
+    from transformers import AutoConfig, AutoModelForImageSegmentation
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True)
+        with torch.device("cpu"):
+            model = AutoModelForImageSegmentation.from_config(config, trust_remote_code=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{model_dir}: cannot build the model from its code: {exc}") from exc
+    if load_weights:
+        load_state_dict_strict(model, model_dir / WEIGHTS_FILE)
+    else:
+        logger.warning("%s: random weights (load_format=dummy); outputs are meaningless", model_dir)
+    return model.eval().requires_grad_(False)
+
+
+def load_state_dict_strict(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights; any missing or unexpected key is an error."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"{path} does not match the model: {len(result.missing_keys)} missing keys "
+            f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected keys "
+            f"(e.g. {result.unexpected_keys[:3]})"
+        )
+
+
+def cast_attention_masks(model: torch.nn.Module) -> int:
+    """Make every attention ``mask`` argument follow the dtype of the activations.
+
+    The Swin backbone builds its shifted-window mask in FP32; added to FP16 scores it promotes
+    them to FP32 and ``attn @ v`` fails. A forward pre-hook on each module that takes a
+    ``mask`` casts it first, which keeps the whole model in FP16. Returns the hooks added.
+    """
+
+    def make_hook(position: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            dtype = args[0].dtype
+            mask = kwargs.get("mask")
+            if isinstance(mask, torch.Tensor) and mask.dtype != dtype:
+                kwargs["mask"] = mask.to(dtype)
+            elif (
+                len(args) > position
+                and isinstance(args[position], torch.Tensor)
+                and args[position].dtype != dtype
+            ):
+                args = (*args[:position], args[position].to(dtype), *args[position + 1 :])
+            return args, kwargs
+
+        return hook
+
+    count = 0
+    for module in model.modules():
+        parameters = list(inspect.signature(module.forward).parameters)
+        if "mask" in parameters:
+            module.register_forward_pre_hook(make_hook(parameters.index("mask")), with_kwargs=True)
+            count += 1
+    return count

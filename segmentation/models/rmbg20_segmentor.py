@@ -1,0 +1,155 @@
+"""RMBG-2.0 background removal: uint8 RGB frames in, uint8 alpha mattes out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segmentation.config import DEFAULT_RMBG_MODEL
+from segmentation.models.base import ModelInfo
+from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
+from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
+
+logger = logging.getLogger(__name__)
+
+FP16_MESSAGE = "Model converted to FP16 precision for memory efficiency"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+LoadFormat = Literal["auto", "dummy"]
+
+
+class RMBG20Segmentor:
+    """BRIA RMBG-2.0 (BiRefNet) with batched GPU pre/post-processing and pure FP16.
+
+    Args:
+        model_path: hub repo id (with a pinned ``revision``), a local model directory, or a
+            stand-in name from :mod:`segmentation.standins`.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        use_fp16: run in FP16 where the GPU supports it; FP32 elsewhere.
+        load_format: ``auto`` loads the weights; ``dummy`` keeps random weights (benchmarks).
+        input_size: the square size the model runs at (1024 for RMBG-2.0).
+    """
+
+    name = "rmbg-2.0"
+
+    def __init__(
+        self,
+        model_path: str = DEFAULT_RMBG_MODEL,
+        device: str | torch.device = "auto",
+        use_fp16: bool = True,
+        *,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        token: str | None = None,
+        load_format: LoadFormat = "auto",
+        input_size: int = 1024,
+    ) -> None:
+        from segmentation import standins
+
+        self.device = resolve_device(device)
+        self.source = model_path
+        self.revision = revision
+        self.input_size = input_size
+        self.stand_in = standins.is_standin(model_path)
+        if self.stand_in:
+            model_dir = standins.materialize(model_path)
+        else:
+            model_dir = resolve_model_dir(
+                model_path,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+                token=token,
+                need_weights=load_format != "dummy",
+            )
+        model = build_model(Path(model_dir), load_weights=load_format != "dummy")
+        self.precision: Precision = apply_precision(
+            model,
+            choose_precision(self.device, use_fp16),
+            success_message=FP16_MESSAGE,
+            prepare=cast_attention_masks,
+        )
+        self.model = model.to(self.device)
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.precision.dtype
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            source=self.source,
+            revision=self.revision,
+            precision=self.precision.name,
+            precision_reason=self.precision.reason,
+            device=str(self.device),
+            stand_in=self.stand_in,
+        )
+
+    @torch.inference_mode()
+    def predict(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Alpha mattes (uint8 ``HxW``, each at its frame's own size) for uint8 RGB frames."""
+        if not frames:
+            return []
+        batch = self.preprocess(frames)
+        logits = self.forward(batch)
+        return self.postprocess(logits, [frame.shape[:2] for frame in frames])
+
+    def preprocess(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """Resize to ``input_size`` and normalise on the device: ``[B, 3, S, S]``, model dtype."""
+        size = (self.input_size, self.input_size)
+        resized = [
+            F.interpolate(group, size=size, mode="bilinear", antialias=True, align_corners=False)
+            for group in _upload_grouped(frames, self.device)
+        ]
+        batch = torch.cat(resized) if len(resized) > 1 else resized[0]
+        return ((batch - self._mean) / self._std).to(self.dtype)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Full-resolution logits ``[B, 1, S, S]`` (the last of the model's four maps)."""
+        outputs = self.model(batch)
+        return outputs[-1] if isinstance(outputs, (list, tuple)) else outputs
+
+    def postprocess(
+        self, logits: torch.Tensor, sizes: Sequence[tuple[int, ...]]
+    ) -> list[np.ndarray]:
+        """Sigmoid, resize back to each frame's size, quantise to uint8 on the device."""
+        probs = logits.float().sigmoid_()
+        mattes: list[np.ndarray] = []
+        for index, (height, width) in enumerate(sizes):
+            alpha = F.interpolate(
+                probs[index : index + 1],
+                size=(int(height), int(width)),
+                mode="bilinear",
+                align_corners=False,
+            )
+            mattes.append(alpha.mul_(255.0).round_().to(torch.uint8)[0, 0].cpu().numpy())
+        return mattes
+
+
+def _upload_grouped(frames: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Frames as float ``[N, 3, H, W]`` tensors on ``device``; runs of same-size frames stacked."""
+    groups: list[list[np.ndarray]] = []
+    for frame in frames:
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 HxWx3 RGB frame, got {frame.dtype} {frame.shape}")
+        if groups and groups[-1][0].shape == frame.shape:
+            groups[-1].append(frame)
+        else:
+            groups.append([frame])
+    pin = device.type == "cuda"
+    tensors = []
+    for group in groups:
+        host = torch.from_numpy(np.stack(group))
+        if pin:
+            host = host.pin_memory()
+        tensors.append(host.to(device, non_blocking=pin).permute(0, 3, 1, 2).float())
+    return tensors

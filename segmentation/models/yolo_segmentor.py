@@ -1,0 +1,293 @@
+"""Ultralytics YOLO11-seg instance segmentation: uint8 RGB frames in, instances with RLE masks out.
+
+The Ultralytics predictor is bypassed on purpose: it re-converts a module to FP32 on CPU
+devices, letterboxes on the CPU one frame at a time, and its ``retina_masks`` path allocates
+``instances x H x W`` float32 at full frame size. Here letterboxing runs batched on the device,
+and masks are upsampled a bounded chunk of instances at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segmentation.config import DEFAULT_YOLO_MODEL
+from segmentation.encoders import encode_rle
+from segmentation.errors import ModelLoadError
+from segmentation.models.base import ModelInfo
+from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
+
+logger = logging.getLogger(__name__)
+
+FP16_MESSAGE = "YOLO model converted to FP16 precision for memory efficiency"
+PAD_VALUE = 114 / 255.0
+#: Upper bound on float elements materialised at once when upsampling masks to frame size:
+#: 32 Mi elements = 128 MiB of float32, whatever the frame size or instance count.
+MASK_ELEMENT_BUDGET = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One detected object: box in original pixels (xyxy), score, class, COCO RLE mask."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    class_id: int
+    class_name: str
+    mask: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "box": [round(v, 2) for v in self.box],
+            "score": round(self.score, 5),
+            "class_id": self.class_id,
+            "class_name": self.class_name,
+            "mask": self.mask,
+        }
+
+
+@dataclass(frozen=True)
+class Detections:
+    """All instances found in one frame of ``width`` x ``height`` pixels."""
+
+    width: int
+    height: int
+    instances: list[Instance] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """Per-call thresholds, validated."""
+
+    conf: float = 0.25
+    iou: float = 0.7
+    classes: tuple[int, ...] | None = None
+    max_det: int = 300
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.conf <= 1.0:
+            raise ValueError(f"conf must be between 0 and 1, got {self.conf}")
+        if not 0.0 <= self.iou <= 1.0:
+            raise ValueError(f"iou must be between 0 and 1, got {self.iou}")
+        if not 1 <= self.max_det <= 1000:
+            raise ValueError(f"max_det must be between 1 and 1000, got {self.max_det}")
+
+
+@dataclass(frozen=True)
+class _Letterbox:
+    scale: float
+    pad_left: float
+    pad_top: float
+    height: int
+    width: int
+    input_height: int
+
+
+class YoloSegmentor:
+    """YOLO11-seg from a ``.pt`` checkpoint, a model name, a ``.yaml`` file, or a stand-in."""
+
+    name = "yolo11-seg"
+
+    def __init__(
+        self,
+        model_path: str = DEFAULT_YOLO_MODEL,
+        device: str | torch.device = "auto",
+        use_fp16: bool = True,
+        *,
+        imgsz: int = 640,
+    ) -> None:
+        from segmentation import standins
+
+        self.device = resolve_device(device)
+        self.source = model_path
+        self.imgsz = imgsz
+        self.stand_in = standins.is_standin(model_path)
+        path = str(standins.materialize(model_path)) if self.stand_in else model_path
+        model = _load_ultralytics(path)
+        names: Any = model.names
+        self.names: dict[int, str] = {int(k): str(v) for k, v in names.items()}
+        stride: Any = getattr(model, "stride", torch.tensor([32]))
+        self.stride = int(max(stride))
+        self.precision: Precision = apply_precision(
+            model, choose_precision(self.device, use_fp16), success_message=FP16_MESSAGE
+        )
+        self.model = model.to(self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.precision.dtype
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            source=self.source,
+            revision=None,
+            precision=self.precision.name,
+            precision_reason=self.precision.reason,
+            device=str(self.device),
+            stand_in=self.stand_in,
+        )
+
+    @torch.inference_mode()
+    def predict(
+        self, frames: Sequence[np.ndarray], options: DetectOptions | None = None
+    ) -> list[Detections]:
+        """Instances per frame; boxes and masks at each frame's original size."""
+        if not frames:
+            return []
+        options = options or DetectOptions()
+        batch, boxes = self.preprocess(frames)
+        preds, protos = self.forward(batch)
+        return self.postprocess(preds, protos, boxes, options)
+
+    def preprocess(self, frames: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[_Letterbox]]:
+        """Letterbox on the device. Same-size frames get the smallest stride-aligned rectangle."""
+        for frame in frames:
+            if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+                raise ValueError(
+                    f"expected a uint8 HxWx3 RGB frame, got {frame.dtype} {frame.shape}"
+                )
+        same = all(f.shape == frames[0].shape for f in frames)
+        if same:
+            out_h, out_w = self._rect_shape(*frames[0].shape[:2])
+        else:
+            out_h = out_w = self.imgsz
+        pin = self.device.type == "cuda"
+        batch = torch.full((len(frames), 3, out_h, out_w), PAD_VALUE, device=self.device)
+        boxes: list[_Letterbox] = []
+        for index, frame in enumerate(frames):
+            height, width = frame.shape[:2]
+            scale = min(out_h / height, out_w / width)
+            new_h, new_w = max(round(height * scale), 1), max(round(width * scale), 1)
+            top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
+            host = torch.from_numpy(frame if frame.flags.writeable else frame.copy())
+            image = (host.pin_memory() if pin else host).to(self.device, non_blocking=pin)
+            image = image.permute(2, 0, 1)[None].float().div_(255.0)
+            if (new_h, new_w) != (height, width):
+                image = F.interpolate(
+                    image, size=(new_h, new_w), mode="bilinear", align_corners=False
+                )
+            batch[index, :, top : top + new_h, left : left + new_w] = image[0]
+            boxes.append(_Letterbox(scale, left, top, height, width, out_h))
+        return batch.to(self.dtype), boxes
+
+    def _rect_shape(self, height: int, width: int) -> tuple[int, int]:
+        scale = min(self.imgsz / height, self.imgsz / width)
+        new_h, new_w = max(round(height * scale), 1), max(round(width * scale), 1)
+        return (
+            math.ceil(new_h / self.stride) * self.stride,
+            math.ceil(new_w / self.stride) * self.stride,
+        )
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw predictions ``[B, 4 + nc + 32, anchors]`` and mask prototypes ``[B, 32, h, w]``."""
+        out = self.model(batch)
+        head = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(head, (tuple, list)) and len(head) >= 2:
+            return head[0], head[1]
+        raise RuntimeError(f"{self.source} is not a segmentation model (no mask prototypes)")
+
+    def postprocess(
+        self,
+        preds: torch.Tensor,
+        protos: torch.Tensor,
+        boxes: list[_Letterbox],
+        options: DetectOptions,
+    ) -> list[Detections]:
+        from ultralytics.utils.nms import non_max_suppression
+
+        dets = non_max_suppression(
+            preds.float(),
+            options.conf,
+            options.iou,
+            classes=list(options.classes) if options.classes is not None else None,
+            max_det=options.max_det,
+            nc=len(self.names),
+        )
+        results = []
+        for det, proto, box in zip(dets, protos, boxes, strict=True):
+            results.append(self._frame_result(det, proto.float(), box))
+        return results
+
+    def _frame_result(self, det: torch.Tensor, proto: torch.Tensor, lb: _Letterbox) -> Detections:
+        if det.shape[0] == 0:
+            return Detections(lb.width, lb.height, [])
+        xyxy = det[:, :4].clone()
+        xyxy[:, [0, 2]] = ((xyxy[:, [0, 2]] - lb.pad_left) / lb.scale).clamp_(0, lb.width)
+        xyxy[:, [1, 3]] = ((xyxy[:, [1, 3]] - lb.pad_top) / lb.scale).clamp_(0, lb.height)
+        masks = self._masks(det[:, 6:], proto, xyxy, lb)
+        boxes_l = xyxy.cpu().tolist()
+        scores = det[:, 4].cpu().tolist()
+        classes = det[:, 5].int().cpu().tolist()
+        instances = [
+            Instance(
+                box=(b[0], b[1], b[2], b[3]),
+                score=s,
+                class_id=c,
+                class_name=self.names.get(c, str(c)),
+                mask=m,
+            )
+            for b, s, c, m in zip(boxes_l, scores, classes, masks, strict=True)
+        ]
+        return Detections(lb.width, lb.height, instances)
+
+    def _masks(
+        self, coeffs: torch.Tensor, proto: torch.Tensor, xyxy: torch.Tensor, lb: _Letterbox
+    ) -> list[dict[str, Any]]:
+        """COCO RLE masks at frame size, upsampling a bounded chunk of instances at a time."""
+        channels, proto_h, proto_w = proto.shape
+        # The letterboxed content region, in prototype pixels.
+        ratio = proto_h / lb.input_height
+        top = int(lb.pad_top * ratio)
+        left = int(lb.pad_left * ratio)
+        bottom = min(proto_h, math.ceil((lb.pad_top + lb.height * lb.scale) * ratio))
+        right = min(proto_w, math.ceil((lb.pad_left + lb.width * lb.scale) * ratio))
+        logits = (coeffs.float() @ proto.view(channels, -1)).view(-1, proto_h, proto_w)
+        logits = logits[:, top:bottom, left:right]
+        chunk = max(1, MASK_ELEMENT_BUDGET // (lb.height * lb.width))
+        rows = torch.arange(lb.height, device=proto.device).view(1, -1, 1)
+        cols = torch.arange(lb.width, device=proto.device).view(1, 1, -1)
+        encoded: list[dict[str, Any]] = []
+        for start in range(0, logits.shape[0], chunk):
+            part = F.interpolate(
+                logits[None, start : start + chunk],
+                size=(lb.height, lb.width),
+                mode="bilinear",
+                align_corners=False,
+            )[0]
+            box = xyxy[start : start + chunk, :, None, None]
+            inside = (
+                (cols >= box[:, 0]) & (cols < box[:, 2]) & (rows >= box[:, 1]) & (rows < box[:, 3])
+            )
+            binary = ((part > 0) & inside).to(torch.uint8).cpu().numpy()
+            encoded.extend(encode_rle(mask) for mask in binary)
+        return encoded
+
+
+def _load_ultralytics(path: str) -> torch.nn.Module:
+    """The ``nn.Module`` of an Ultralytics checkpoint, name or yaml, fused and in eval mode."""
+    from ultralytics import YOLO
+
+    try:
+        yolo = YOLO(path)
+    except FileNotFoundError as exc:
+        raise ModelLoadError(
+            f"YOLO_MODEL={path!r}: weights not found ({exc}). Put the .pt file on disk and set "
+            "YOLO_MODEL to its path, or use a .yaml architecture for random weights"
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(f"YOLO_MODEL={path!r}: cannot load: {exc}") from exc
+    model = yolo.model
+    if not isinstance(model, torch.nn.Module) or getattr(yolo, "task", None) != "segment":
+        raise ModelLoadError(
+            f"YOLO_MODEL={path!r} is not a segmentation model (task must be segment)"
+        )
+    model = model.fuse() if hasattr(model, "fuse") else model
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,87 @@
+"""Precision policy shared by every segmentor.
+
+FP16 is used only on a CUDA device that supports it. Everywhere else, or when conversion
+fails, the model runs in FP32 and the reason is logged and exposed, so an operator can tell
+from ``/v1/models`` and the log which precision is really in use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Compute capability from which CUDA has native FP16 arithmetic (Maxwell GM20B / Pascal).
+MIN_FP16_CAPABILITY = (5, 3)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a model actually runs in, and why."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "fp16" if self.dtype == torch.float16 else "fp32"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Turn a device setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``) into a torch device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def fp16_unsupported_reason(device: torch.device) -> str | None:
+    """Why FP16 cannot run on ``device``, or ``None`` when it can."""
+    if device.type != "cuda":
+        return f"device is {device.type}, FP16 needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_FP16_CAPABILITY:
+        return f"GPU compute capability {capability} has no native FP16"
+    return None
+
+
+def choose_precision(device: torch.device, use_fp16: bool) -> Precision:
+    """The precision a model should be converted to on ``device``."""
+    if not use_fp16:
+        return Precision(torch.float32, "FP16 disabled by USE_FP16")
+    reason = fp16_unsupported_reason(device)
+    if reason is not None:
+        return Precision(torch.float32, reason)
+    return Precision(torch.float16, "FP16 enabled on a CUDA GPU")
+
+
+def apply_precision(
+    module: torch.nn.Module,
+    wanted: Precision,
+    *,
+    success_message: str,
+    prepare: Callable[[torch.nn.Module], object] | None = None,
+) -> Precision:
+    """Convert ``module`` in place to ``wanted.dtype``; fall back to FP32 on failure.
+
+    ``prepare`` runs after ``.half()`` to fix model code that would otherwise break in FP16;
+    ``success_message`` is logged verbatim on success (operators grep for it).
+    """
+    if wanted.dtype != torch.float16:
+        logger.info("Model runs in FP32: %s", wanted.reason)
+        return wanted
+    try:
+        module.half()
+        if prepare is not None:
+            prepare(module)
+    except Exception as exc:  # any failure must leave a working FP32 model behind
+        module.float()
+        logger.warning("FP16 conversion failed, falling back to FP32: %s", exc)
+        return Precision(torch.float32, f"FP16 conversion failed: {exc}")
+    logger.info(success_message)
+    return wanted

@@ -1,0 +1,116 @@
+"""Small stand-in checkpoints the project makes itself, for tests and the offline CPU demo.
+
+Real weights cannot be downloaded on every machine (RMBG-2.0 is gated; CI and the GPU machine
+are offline). Stand-ins have the real interfaces and hazards but random, seeded weights, so
+their outputs are meaningless; they are always reported as stand-ins in ``/v1/models`` and in
+the log. A stand-in is named ``standin:<name>`` wherever a model source is accepted.
+
+- ``standin:tiny-birefnet``: a remote-code model directory in the RMBG-2.0 format (see
+  ``tiny_birefnet/birefnet.py``) with ``model.safetensors``, loaded through the real loader.
+- ``standin:yolo11n-seg``: a YOLO11n-seg checkpoint (``.pt``) built from Ultralytics' own yaml,
+  with COCO class names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "standin:"
+RMBG_STANDIN = "standin:tiny-birefnet"
+YOLO_STANDIN = "standin:yolo11n-seg"
+_SEED = 1234
+_CODE_DIR = Path(__file__).parent / "tiny_birefnet"
+_CONFIG = {
+    "architectures": ["BiRefNet"],
+    "auto_map": {
+        "AutoConfig": "BiRefNet_config.BiRefNetConfig",
+        "AutoModelForImageSegmentation": "birefnet.BiRefNet",
+    },
+    "bb_pretrained": False,
+}
+
+
+def is_standin(source: str) -> bool:
+    return source.startswith(PREFIX)
+
+
+def cache_dir() -> Path:
+    """Where stand-ins go: ``$PRODUCT_SEGMENTOR_CACHE``, default ~/.cache/product-segmentor."""
+    root = os.environ.get("PRODUCT_SEGMENTOR_CACHE") or Path.home() / ".cache" / "product-segmentor"
+    return Path(root) / "standins"
+
+
+def materialize(source: str, root: Path | None = None) -> Path:
+    """Build the stand-in named ``source`` once and return its path (directory or ``.pt``)."""
+    root = root or cache_dir()
+    builders = {RMBG_STANDIN: _build_tiny_birefnet, YOLO_STANDIN: _build_yolo}
+    if source not in builders:
+        raise ValueError(f"unknown stand-in {source!r}; known: {', '.join(builders)}")
+    name = source[len(PREFIX) :]
+    target = root / (name + (".pt" if source == YOLO_STANDIN else ""))
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    logger.warning("building stand-in %s at %s (random weights, not a real model)", source, target)
+    # Build in a temporary sibling and rename, so concurrent replicas never see half a stand-in.
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        built = builders[source](Path(tmp))
+        try:
+            os.replace(built, target)
+        except OSError:
+            if not target.exists():
+                raise
+    return target
+
+
+def _build_tiny_birefnet(workdir: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from segmentation.models.rmbg20_loader import build_model
+
+    model_dir = workdir / "tiny-birefnet"
+    model_dir.mkdir()
+    for name in ("birefnet.py", "BiRefNet_config.py"):
+        shutil.copy(_CODE_DIR / name, model_dir / name)
+    (model_dir / "config.json").write_text(json.dumps(_CONFIG, indent=2))
+    with torch.random.fork_rng():
+        torch.manual_seed(_SEED)
+        model = build_model(model_dir, load_weights=False)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(model_dir / "model.safetensors"))
+    return model_dir
+
+
+def _build_yolo(workdir: Path) -> Path:
+    from ultralytics import YOLO
+    from ultralytics.utils import YAML
+    from ultralytics.utils.checks import check_yaml
+
+    with torch.random.fork_rng():
+        torch.manual_seed(_SEED)
+        model: Any = YOLO("yolo11n-seg.yaml")
+        # Ultralytics initialises class biases for ~0.01 scores, so a random model finds nothing.
+        # Make the coarsest level see class 0 at about the default conf threshold with wide
+        # boxes (NMS then keeps a few), so the stand-in returns some (meaningless) objects.
+        head = model.model.model[-1]
+        for level, branch in enumerate(head.cv3):
+            torch.nn.init.constant_(branch[-1].bias, -6.0 if level < len(head.cv3) - 1 else -9.0)
+        head.cv3[-1][-1].bias.data[0] = -1.0
+        distances = head.cv2[-1][-1].bias.data.view(4, -1)
+        distances.zero_()
+        distances[:, 12] = 8.0
+    names = YAML.load(check_yaml("coco.yaml"))["names"]
+    model.model.names = names
+    path = workdir / "yolo11n-seg.pt"
+    model.save(str(path))
+    return path

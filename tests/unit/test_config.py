@@ -1,0 +1,103 @@
+import pytest
+
+from segmentation.config import (
+    FALSE_SPELLINGS,
+    TRUE_SPELLINGS,
+    SettingsError,
+    load_settings,
+    parse_bool,
+)
+
+
+@pytest.mark.parametrize(
+    "raw", ["1", "true", "TRUE", "True", "yes", "YES", "enable", "Enable", " true "]
+)
+def test_parse_bool_true_spellings(raw: str) -> None:
+    assert parse_bool(raw) is True
+
+
+@pytest.mark.parametrize("raw", ["0", "false", "FALSE", "no", "No", "disable", "DISABLE", "\tno\n"])
+def test_parse_bool_false_spellings(raw: str) -> None:
+    assert parse_bool(raw) is False
+
+
+@pytest.mark.parametrize("raw", ["", "2", "on", "off", "y", "truee", "enabled"])
+def test_parse_bool_rejects_other_values_and_names_accepted_ones(raw: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_bool(raw)
+    for spelling in TRUE_SPELLINGS + FALSE_SPELLINGS:
+        assert spelling in str(info.value)
+
+
+def test_use_fp16_defaults_to_true() -> None:
+    assert load_settings({}).use_fp16 is True
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(s, True) for s in TRUE_SPELLINGS]
+    + [(s, False) for s in FALSE_SPELLINGS]
+    + [("Yes", True), ("DISABLE", False)],
+)
+def test_use_fp16_reads_every_spelling(raw: str, expected: bool) -> None:
+    assert load_settings({"USE_FP16": raw}).use_fp16 is expected
+
+
+def test_invalid_use_fp16_names_the_variable_and_spellings() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"USE_FP16": "maybe"})
+    message = str(info.value)
+    assert message.startswith("USE_FP16:")
+    assert "'maybe'" in message
+    assert "enable" in message and "disable" in message
+
+
+def test_settings_read_model_sources_from_environment() -> None:
+    settings = load_settings(
+        {
+            "RMBG_MODEL": "/models/RMBG-2.0",
+            "RMBG_TRUST_REMOTE_CODE": "yes",
+            "YOLO_MODEL": "/models/yolo11x-seg.pt",
+            "YOLO_IMGSZ": "1280",
+            "DEVICE": "CUDA:1",
+        }
+    )
+    assert settings.rmbg_model == "/models/RMBG-2.0"
+    assert settings.rmbg_trust_remote_code is True
+    assert settings.yolo_model == "/models/yolo11x-seg.pt"
+    assert settings.yolo_imgsz == 1280
+    assert settings.device == "cuda:1"
+
+
+def test_defaults_point_at_real_models() -> None:
+    settings = load_settings({})
+    assert settings.rmbg_model == "briaai/RMBG-2.0"
+    assert settings.yolo_model.startswith("yolo11") and settings.yolo_model.endswith("-seg.pt")
+    assert settings.rmbg_trust_remote_code is False
+    assert settings.device == "auto"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "fragment"),
+    [
+        ({"DEVICE": "tpu"}, "DEVICE", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ({"YOLO_IMGSZ": "650"}, "YOLO_IMGSZ", "multiple of 32"),
+        ({"RMBG_INPUT_SIZE": "big"}, "RMBG_INPUT_SIZE", "integer"),
+        ({"RMBG_TRUST_REMOTE_CODE": "sure"}, "RMBG_TRUST_REMOTE_CODE", "accepted values"),
+    ],
+)
+def test_invalid_settings_name_the_variable(
+    env: dict[str, str], variable: str, fragment: str
+) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert variable in str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_overrides_win_over_environment() -> None:
+    assert load_settings({"USE_FP16": "true"}, use_fp16=False).use_fp16 is False
+
+
+def test_hf_token_is_not_shown_in_repr() -> None:
+    assert "secret" not in repr(load_settings({"HF_TOKEN": "secret"}))

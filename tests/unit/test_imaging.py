@@ -1,0 +1,125 @@
+"""Decoding of unusual but valid images, and clear errors for bad ones."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segmentation.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
+from segmentation.imaging import decode_image
+from tests.conftest import encode, product_frame
+
+
+def _save(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF"])
+def test_common_formats_decode_to_rgb(fmt: str) -> None:
+    frame = product_frame(64, 48)
+    decoded = decode_image(encode(frame, fmt))
+    assert decoded.shape == (48, 64, 3) and decoded.dtype == np.uint8
+    tolerance = 0 if fmt in ("PNG", "BMP", "TIFF") else 40
+    assert np.abs(decoded.astype(int) - frame.astype(int)).mean() <= tolerance
+
+
+def test_grayscale() -> None:
+    decoded = decode_image(_save(Image.new("L", (10, 8), 77), "PNG"))
+    assert decoded.shape == (8, 10, 3) and (decoded == 77).all()
+
+
+def test_16_bit_grayscale_keeps_its_range() -> None:
+    values = np.full((6, 5), 65535, dtype=np.uint16)
+    values[0, 0] = 0
+    decoded = decode_image(_save(Image.fromarray(values), "PNG"))
+    assert decoded.shape == (6, 5, 3)
+    assert decoded[0, 0].tolist() == [0, 0, 0] and decoded[1, 1].tolist() == [255, 255, 255]
+
+
+def test_palette_with_transparency() -> None:
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    decoded = decode_image(_save(image, "PNG", transparency=0))
+    assert decoded.shape == (4, 4, 3) and decoded[0, 0].tolist() == [10, 200, 30]
+
+
+def test_rgba_drops_alpha() -> None:
+    decoded = decode_image(_save(Image.new("RGBA", (3, 2), (1, 2, 3, 0)), "PNG"))
+    assert decoded.shape == (2, 3, 3) and decoded[0, 0].tolist() == [1, 2, 3]
+
+
+def test_cmyk_jpeg() -> None:
+    decoded = decode_image(_save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"))
+    assert decoded.shape == (8, 8, 3)
+    r, g, b = decoded[4, 4].tolist()
+    assert r > 200 and g < 60 and b < 60  # CMYK (0, 100%, 100%, 0) is red
+
+
+def test_exif_orientation_is_honoured() -> None:
+    image = Image.fromarray(product_frame(40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    decoded = decode_image(_save(image, "JPEG", exif=exif))
+    assert decoded.shape == (40, 20, 3)
+
+
+def test_one_pixel_image() -> None:
+    assert decode_image(encode(np.zeros((1, 1, 3), np.uint8), "PNG")).shape == (1, 1, 3)
+
+
+def test_empty_body() -> None:
+    with pytest.raises(InvalidImageError, match="empty body"):
+        decode_image(b"")
+
+
+def test_not_an_image() -> None:
+    with pytest.raises(InvalidImageError, match="not a recognised image"):
+        decode_image(b'{"hello": "world"}')
+
+
+def test_truncated_jpeg() -> None:
+    data = encode(product_frame(256, 256), "JPEG")
+    with pytest.raises(InvalidImageError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_unsupported_format() -> None:
+    data = _save(Image.new("RGB", (4, 4)), "GIF")
+    with pytest.raises(UnsupportedMediaTypeError, match="GIF"):
+        decode_image(data)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge size: the pixel check must fire before decoding."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_decompression_bomb_rejected_from_header() -> None:
+    with pytest.raises(PayloadTooLargeError, match="100000x100000"):
+        decode_image(_png_header_only(100_000, 100_000))
+
+
+def test_pixel_limit_is_configurable() -> None:
+    data = encode(product_frame(100, 100), "PNG")
+    with pytest.raises(PayloadTooLargeError, match="over the limit of 5000"):
+        decode_image(data, max_pixels=5000)
+    assert decode_image(data, max_pixels=10_000).shape == (100, 100, 3)

@@ -1,0 +1,254 @@
+"""RMBG20Segmentor on the CPU with the tiny RMBG-2.0-format stand-in, through the real loader."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segmentation import precision, standins
+from segmentation.errors import ModelLoadError
+from segmentation.models.rmbg20_loader import WEIGHTS_FILE, build_model, resolve_model_dir
+from segmentation.models.rmbg20_segmentor import FP16_MESSAGE, RMBG20Segmentor
+from tests.conftest import RMBG_ARCH_DIR, product_frame
+
+SIZE = 64  # the stand-in runs at any multiple of its window; small keeps CPU tests fast
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend the device supports FP16: a CUDA GPU cannot be had on this machine."""
+    monkeypatch.setattr(precision, "fp16_unsupported_reason", lambda device: None)
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return standins.materialize(standins.RMBG_STANDIN)
+
+
+def _segmentor(**kwargs: object) -> RMBG20Segmentor:
+    return RMBG20Segmentor(standins.RMBG_STANDIN, device="cpu", input_size=SIZE, **kwargs)  # type: ignore[arg-type]
+
+
+def test_mattes_have_each_frames_size_dtype_and_range() -> None:
+    segmentor = _segmentor()
+    frames = [product_frame(200, 120, 1), product_frame(37, 53, 2), product_frame(1, 1, 3)]
+    mattes = segmentor.predict(frames)
+    assert [m.shape for m in mattes] == [(120, 200), (53, 37), (1, 1)]
+    assert all(m.dtype == np.uint8 for m in mattes)
+    assert all(int(m.min()) >= 0 and int(m.max()) <= 255 for m in mattes)
+    assert mattes[0].std() > 0  # a real matte, not a constant
+
+
+def test_batched_prediction_equals_one_frame_at_a_time() -> None:
+    segmentor = _segmentor()
+    frames = [product_frame(160, 90, i) for i in range(3)]
+    batched = segmentor.predict(frames)
+    single = [segmentor.predict([f])[0] for f in frames]
+    for a, b in zip(batched, single, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_not_converted_on_cpu() -> None:
+    segmentor = _segmentor(use_fp16=True)
+    assert segmentor.precision.dtype == torch.float32
+    assert "cpu" in segmentor.precision.reason
+    assert all(p.dtype == torch.float32 for p in segmentor.model.parameters())
+
+
+def test_not_converted_when_disabled(fake_gpu: None) -> None:
+    segmentor = _segmentor(use_fp16=False)
+    assert segmentor.precision.dtype == torch.float32
+    assert segmentor.info().precision == "fp32"
+    assert all(p.dtype == torch.float32 for p in segmentor.model.parameters())
+
+
+def test_converted_when_enabled_logs_the_line(
+    fake_gpu: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        segmentor = _segmentor(use_fp16=True)
+    assert FP16_MESSAGE in caplog.messages
+    assert segmentor.info().precision == "fp16"
+    assert all(p.dtype == torch.float16 for p in segmentor.model.parameters())
+
+
+def test_input_tensors_converted_to_fp16(fake_gpu: None) -> None:
+    segmentor = _segmentor(use_fp16=True)
+    batch = segmentor.preprocess([product_frame(100, 80)])
+    assert batch.dtype == torch.float16
+    assert batch.shape == (1, 3, SIZE, SIZE)
+
+
+def test_fp16_activations_are_fp16_inside_the_model(fake_gpu: None) -> None:
+    segmentor = _segmentor(use_fp16=True)
+    seen: dict[str, set[torch.dtype]] = {}
+
+    def record(module: torch.nn.Module, args: tuple, output: object) -> None:
+        tensors = output if isinstance(output, (list, tuple)) else [output]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                seen.setdefault(type(module).__name__, set()).add(t.dtype)
+
+    for module in segmentor.model.modules():
+        module.register_forward_hook(record)
+    mattes = segmentor.predict([product_frame(100, 80)])
+    assert seen["WindowAttention"] == {torch.float16}
+    assert set().union(*seen.values()) == {torch.float16}
+    assert mattes[0].shape == (80, 100)
+
+
+def test_fp16_output_close_to_fp32(fake_gpu: None) -> None:
+    frames = [product_frame(120, 90, 5)]
+    fp32 = _segmentor(use_fp16=False).predict(frames)[0].astype(int)
+    fp16 = _segmentor(use_fp16=True).predict(frames)[0].astype(int)
+    assert np.abs(fp32 - fp16).max() <= 3
+
+
+def test_stand_in_reproduces_the_fp32_mask_hazard(model_dir: Path) -> None:
+    """Plain .half() fails on this model code, as on the published one; the loader's hook fixes it."""
+    model = build_model(model_dir).half()
+    with pytest.raises(RuntimeError, match="dtype|scalar type"):
+        model(torch.randn(1, 3, SIZE, SIZE, dtype=torch.float16))
+
+
+def test_stand_in_reproduces_the_from_pretrained_hazard(model_dir: Path) -> None:
+    """transformers 5 from_pretrained cannot build it; the project's loader can."""
+    from transformers import AutoModelForImageSegmentation
+
+    with pytest.raises(Exception):  # noqa: B017 - the exact error differs between 5.x releases
+        AutoModelForImageSegmentation.from_pretrained(str(model_dir), trust_remote_code=True)
+    assert build_model(model_dir) is not None
+
+
+def test_conversion_failure_falls_back_to_fp32_and_keeps_serving(
+    fake_gpu: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from segmentation.models import rmbg20_segmentor
+
+    def broken(model: torch.nn.Module) -> int:
+        raise RuntimeError("no FP16 kernel for deform_conv2d")
+
+    monkeypatch.setattr(rmbg20_segmentor, "cast_attention_masks", broken)
+    with caplog.at_level(logging.WARNING):
+        segmentor = _segmentor(use_fp16=True)
+    assert segmentor.precision.dtype == torch.float32
+    assert "deform_conv2d" in segmentor.precision.reason
+    assert all(p.dtype == torch.float32 for p in segmentor.model.parameters())
+    assert segmentor.predict([product_frame(50, 40)])[0].shape == (40, 50)
+
+
+def test_weights_are_loaded_not_random(model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    segmentor = _segmentor()
+    saved = load_file(str(model_dir / WEIGHTS_FILE))
+    for name, tensor in segmentor.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def _copy_dir(model_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(model_dir, target)
+    return target
+
+
+def test_missing_key_is_an_error(model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    target = _copy_dir(model_dir, tmp_path)
+    state = load_file(str(target / WEIGHTS_FILE))
+    state.pop(sorted(state)[0])
+    save_file(state, str(target / WEIGHTS_FILE))
+    with pytest.raises(ModelLoadError, match="1 missing keys"):
+        RMBG20Segmentor(str(target), device="cpu", trust_remote_code=True, input_size=SIZE)
+
+
+def test_unexpected_key_is_an_error(model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    target = _copy_dir(model_dir, tmp_path)
+    state = load_file(str(target / WEIGHTS_FILE))
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, str(target / WEIGHTS_FILE))
+    with pytest.raises(ModelLoadError, match="1 unexpected keys"):
+        RMBG20Segmentor(str(target), device="cpu", trust_remote_code=True, input_size=SIZE)
+
+
+def test_local_directory_without_weights_says_what_to_do(model_dir: Path, tmp_path: Path) -> None:
+    target = _copy_dir(model_dir, tmp_path)
+    (target / WEIGHTS_FILE).unlink()
+    with pytest.raises(ModelLoadError) as info:
+        RMBG20Segmentor(str(target), device="cpu", trust_remote_code=True)
+    message = str(info.value)
+    assert "model.safetensors" in message and "HF_TOKEN" in message and "RMBG_MODEL" in message
+
+
+def test_dummy_load_format_needs_no_weights(model_dir: Path, tmp_path: Path) -> None:
+    target = _copy_dir(model_dir, tmp_path)
+    (target / WEIGHTS_FILE).unlink()
+    segmentor = RMBG20Segmentor(
+        str(target), device="cpu", trust_remote_code=True, load_format="dummy", input_size=SIZE
+    )
+    assert segmentor.predict([product_frame(30, 20)])[0].shape == (20, 30)
+
+
+def test_remote_code_needs_explicit_trust(model_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="RMBG_TRUST_REMOTE_CODE=true"):
+        RMBG20Segmentor(str(model_dir), device="cpu", trust_remote_code=False)
+
+
+@pytest.mark.parametrize("revision", [None, "main", "v1.0"])
+def test_hub_id_needs_a_pinned_commit(revision: str | None) -> None:
+    with pytest.raises(ModelLoadError, match="RMBG_REVISION"):
+        resolve_model_dir("briaai/RMBG-2.0", revision=revision, trust_remote_code=True)
+
+
+def test_hub_id_unreachable_offline_says_how_to_get_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model_dir("briaai/RMBG-2.0", revision="a" * 40, trust_remote_code=True)
+    message = str(info.value)
+    assert "not in the local cache" in message and "--local-dir" in message
+
+
+def test_source_that_is_neither_dir_nor_hub_id() -> None:
+    with pytest.raises(ModelLoadError, match="neither an existing directory"):
+        resolve_model_dir("/no/such/dir", revision=None, trust_remote_code=True)
+
+
+def test_not_a_model_directory(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model_dir(str(tmp_path), revision=None, trust_remote_code=True)
+
+
+def test_stand_in_is_reported_as_such() -> None:
+    info = _segmentor().info()
+    assert info.stand_in is True and info.source == standins.RMBG_STANDIN
+    config = json.loads((standins.materialize(standins.RMBG_STANDIN) / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageSegmentation"] == "birefnet.BiRefNet"
+
+
+@pytest.mark.skipif(
+    not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
+)
+def test_published_architecture_loads_and_runs_on_cpu() -> None:
+    """The real birefnet.py (random weights) through the project's loader on transformers 5."""
+    segmentor = RMBG20Segmentor(
+        str(RMBG_ARCH_DIR),
+        device="cpu",
+        trust_remote_code=True,
+        load_format="dummy",
+        input_size=128,
+    )
+    assert sum(p.numel() for p in segmentor.model.parameters()) > 200_000_000
+    mattes = segmentor.predict([product_frame(96, 64)])
+    assert mattes[0].shape == (64, 96) and mattes[0].dtype == np.uint8

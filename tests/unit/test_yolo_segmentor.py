@@ -1,0 +1,146 @@
+"""YoloSegmentor on the CPU with YOLO11n-seg stand-ins (a .pt checkpoint and the .yaml)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from segmentation import precision, standins
+from segmentation.encoders import decode_rle
+from segmentation.errors import ModelLoadError
+from segmentation.models import yolo_segmentor
+from segmentation.models.yolo_segmentor import FP16_MESSAGE, DetectOptions, YoloSegmentor
+from tests.conftest import product_frame
+
+
+@pytest.fixture(scope="module")
+def segmentor() -> YoloSegmentor:
+    return YoloSegmentor(standins.YOLO_STANDIN, device="cpu")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "fp16_unsupported_reason", lambda device: None)
+
+
+def test_instances_at_original_resolution(segmentor: YoloSegmentor) -> None:
+    frames = [product_frame(640, 360, 1), product_frame(200, 300, 2)]
+    results = segmentor.predict(frames)
+    assert [(r.width, r.height) for r in results] == [(640, 360), (200, 300)]
+    for result in results:
+        assert result.instances, "the stand-in is built to find objects"
+        for inst in result.instances:
+            x1, y1, x2, y2 = inst.box
+            assert 0 <= x1 < x2 <= result.width and 0 <= y1 < y2 <= result.height
+            assert 0.25 <= inst.score <= 1.0
+            assert inst.class_name == segmentor.names[inst.class_id]
+            mask = decode_rle(inst.mask)
+            assert mask.shape == (result.height, result.width)
+            assert inst.mask["size"] == [result.height, result.width]
+            ys, xs = np.nonzero(mask)
+            assert len(ys) > 0
+            # the mask lies inside its box
+            assert xs.min() >= int(x1) and xs.max() <= int(np.ceil(x2))
+            assert ys.min() >= int(y1) and ys.max() <= int(np.ceil(y2))
+
+
+def test_thresholds_per_call(segmentor: YoloSegmentor) -> None:
+    frame = [product_frame(320, 240)]
+    everything = segmentor.predict(frame)[0].instances
+    assert len(segmentor.predict(frame, DetectOptions(max_det=2))[0].instances) == 2
+    assert segmentor.predict(frame, DetectOptions(conf=0.99))[0].instances == []
+    assert segmentor.predict(frame, DetectOptions(classes=(5,)))[0].instances == []
+    kept = segmentor.predict(frame, DetectOptions(classes=(0,)))[0].instances
+    assert kept and all(i.class_id == 0 for i in kept)
+    assert len(everything) >= len(kept)
+    assert len(segmentor.predict(frame, DetectOptions(iou=0.1))[0].instances) < len(everything)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [({"conf": 1.5}, "conf"), ({"iou": -0.1}, "iou"), ({"max_det": 0}, "max_det")],
+)
+def test_invalid_thresholds_are_rejected(options: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        DetectOptions(**options)
+
+
+def test_mask_upsampling_stays_inside_the_element_budget(
+    segmentor: YoloSegmentor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frame = product_frame(1920, 1080)
+    reference = segmentor.predict([frame])[0]
+    budget = 2 * 1920 * 1080
+    monkeypatch.setattr(yolo_segmentor, "MASK_ELEMENT_BUDGET", budget)
+    largest: list[int] = []
+    real_interpolate = torch.nn.functional.interpolate
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        out = real_interpolate(*args, **kwargs)  # type: ignore[arg-type]
+        largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(yolo_segmentor.F, "interpolate", spy)
+    bounded = segmentor.predict([frame])[0]
+    assert len(reference.instances) > 2  # several chunks were needed
+    assert max(largest) <= budget
+    assert [i.mask for i in bounded.instances] == [i.mask for i in reference.instances]
+
+
+def test_loads_from_yaml_with_random_weights() -> None:
+    model = YoloSegmentor("yolo11n-seg.yaml", device="cpu")
+    result = model.predict([product_frame(160, 120)], DetectOptions(conf=0.0, max_det=3))[0]
+    assert len(result.instances) == 3
+    assert decode_rle(result.instances[0].mask).shape == (120, 160)
+
+
+def test_not_converted_on_cpu(segmentor: YoloSegmentor) -> None:
+    assert segmentor.precision.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in segmentor.model.parameters())
+
+
+def test_converted_when_enabled(fake_gpu: None, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        model = YoloSegmentor(standins.YOLO_STANDIN, device="cpu", use_fp16=True)
+    assert FP16_MESSAGE in caplog.messages
+    assert model.info().precision == "fp16"
+    assert all(p.dtype == torch.float16 for p in model.model.parameters())
+    batch, _ = model.preprocess([product_frame(64, 64)])
+    assert batch.dtype == torch.float16
+
+
+def test_not_converted_when_disabled(fake_gpu: None) -> None:
+    model = YoloSegmentor(standins.YOLO_STANDIN, device="cpu", use_fp16=False)
+    assert model.precision.reason == "FP16 disabled by USE_FP16"
+    assert all(p.dtype == torch.float32 for p in model.model.parameters())
+
+
+def test_conversion_failure_falls_back_gracefully(
+    fake_gpu: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_half = torch.nn.Module.half
+
+    def failing_half(self: torch.nn.Module) -> torch.nn.Module:
+        real_half(self)  # half-way through, as a real failure would leave it
+        raise RuntimeError("FP16 not supported by this layer")
+
+    monkeypatch.setattr(torch.nn.Module, "half", failing_half)
+    with caplog.at_level(logging.WARNING):
+        model = YoloSegmentor(standins.YOLO_STANDIN, device="cpu", use_fp16=True)
+    assert model.precision.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.model.parameters())
+    assert any("falling back to FP32" in m for m in caplog.messages)
+    assert model.predict([product_frame(128, 96)])[0].width == 128
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path: object) -> None:
+    with pytest.raises(ModelLoadError, match="YOLO_MODEL"):
+        YoloSegmentor(f"{tmp_path}/missing-seg.pt", device="cpu")
+
+
+def test_detection_only_checkpoint_is_refused() -> None:
+    with pytest.raises(ModelLoadError, match="not a segmentation model"):
+        YoloSegmentor("yolo11n.yaml", device="cpu")
