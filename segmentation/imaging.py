@@ -8,7 +8,9 @@ stops decompression bombs.
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -16,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from segmentation.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 #: PIL format names the service accepts.
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"})
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 40_000_000  # 8K UHD is 33 Mpx
 
 # The header check below is the limit; PIL's own bomb check would only fire later, with a
@@ -32,17 +34,17 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     if not data:
         raise InvalidImageError("empty body: send the image bytes")
     try:
-        image: Image.Image = Image.open(io.BytesIO(data))
+        # Only the decoders the service supports ever see client bytes.
+        image: Image.Image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
+        other = _sniff_format(data)
+        if other is not None:
+            raise UnsupportedMediaTypeError(
+                f"image format {other} is not supported; send " + ", ".join(SUPPORTED_FORMATS)
+            ) from None
         raise InvalidImageError("the body is not a recognised image") from None
     except Exception as exc:
         raise InvalidImageError(f"cannot read image header: {exc}") from None
-    image_format = image.format
-    if image_format not in SUPPORTED_FORMATS:
-        raise UnsupportedMediaTypeError(
-            f"image format {image_format} is not supported; send "
-            + ", ".join(sorted(SUPPORTED_FORMATS - {"MPO"}))
-        )
     width, height = image.size
     if width < 1 or height < 1:
         raise InvalidImageError(f"image has no pixels ({width}x{height})")
@@ -58,6 +60,30 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             return to_rgb_array(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise InvalidImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The name of an image format the service does not decode, when the bytes show one."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            return other.format
+    except Exception:
+        return None
+
+
+def crop_with_margin(
+    frame: np.ndarray, box: Sequence[float], margin: float
+) -> tuple[np.ndarray, list[int]]:
+    """The part of ``frame`` inside ``box`` (xyxy) grown by ``margin`` x its size on each side,
+    clipped to the frame; returns the crop and its integer box."""
+    height, width = frame.shape[:2]
+    x1, y1, x2, y2 = box
+    pad_x, pad_y = (x2 - x1) * margin, (y2 - y1) * margin
+    left = min(width - 1, max(0, int(x1 - pad_x)))
+    top = min(height - 1, max(0, int(y1 - pad_y)))
+    right = min(width, max(left + 1, math.ceil(x2 + pad_x)))
+    bottom = min(height, max(top + 1, math.ceil(y2 + pad_y)))
+    return np.ascontiguousarray(frame[top:bottom, left:right]), [left, top, right, bottom]
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:

@@ -137,12 +137,21 @@ class YoloSegmentor:
 
     @torch.inference_mode()
     def predict(
-        self, frames: Sequence[np.ndarray], options: DetectOptions | None = None
+        self,
+        frames: Sequence[np.ndarray],
+        options: DetectOptions | Sequence[DetectOptions] | None = None,
     ) -> list[Detections]:
-        """Instances per frame; boxes and masks at each frame's original size."""
+        """Instances per frame; boxes and masks at each frame's original size.
+
+        ``options`` is one set of thresholds for all frames, or one per frame (frames of
+        different requests share a batch).
+        """
         if not frames:
             return []
-        options = options or DetectOptions()
+        if options is None or isinstance(options, DetectOptions):
+            options = [options or DetectOptions()] * len(frames)
+        if len(options) != len(frames):
+            raise ValueError(f"{len(options)} options for {len(frames)} frames")
         batch, boxes = self.preprocess(frames)
         preds, protos = self.forward(batch)
         return self.postprocess(preds, protos, boxes, options)
@@ -199,20 +208,21 @@ class YoloSegmentor:
         preds: torch.Tensor,
         protos: torch.Tensor,
         boxes: list[_Letterbox],
-        options: DetectOptions,
+        options: Sequence[DetectOptions],
     ) -> list[Detections]:
         from ultralytics.utils.nms import non_max_suppression
 
-        dets = non_max_suppression(
-            preds.float(),
-            options.conf,
-            options.iou,
-            classes=list(options.classes) if options.classes is not None else None,
-            max_det=options.max_det,
-            nc=len(self.names),
-        )
+        preds = preds.float()
         results = []
-        for det, proto, box in zip(dets, protos, boxes, strict=True):
+        for index, (proto, box, opts) in enumerate(zip(protos, boxes, options, strict=True)):
+            (det,) = non_max_suppression(
+                preds[index : index + 1],
+                opts.conf,
+                opts.iou,
+                classes=list(opts.classes) if opts.classes is not None else None,
+                max_det=opts.max_det,
+                nc=len(self.names),
+            )
             results.append(self._frame_result(det, proto.float(), box))
         return results
 

@@ -111,9 +111,9 @@ def test_fp16_output_close_to_fp32(fake_gpu: None) -> None:
 
 
 def test_stand_in_reproduces_the_fp32_mask_hazard(model_dir: Path) -> None:
-    """Plain .half() fails on this model code, as on the published one; the loader's hook fixes it."""
+    """Plain .half() fails on this code, as on the published one; the loader's hook fixes it."""
     model = build_model(model_dir).half()
-    with pytest.raises(RuntimeError, match="dtype|scalar type"):
+    with pytest.raises(RuntimeError, match=r"dtype|scalar type"):
         model(torch.randn(1, 3, SIZE, SIZE, dtype=torch.float16))
 
 
@@ -165,7 +165,7 @@ def test_missing_key_is_an_error(model_dir: Path, tmp_path: Path) -> None:
     state = load_file(str(target / WEIGHTS_FILE))
     state.pop(sorted(state)[0])
     save_file(state, str(target / WEIGHTS_FILE))
-    with pytest.raises(ModelLoadError, match="1 missing keys"):
+    with pytest.raises(ModelLoadError, match=r"1 missing keys"):
         RMBG20Segmentor(str(target), device="cpu", trust_remote_code=True, input_size=SIZE)
 
 
@@ -176,7 +176,7 @@ def test_unexpected_key_is_an_error(model_dir: Path, tmp_path: Path) -> None:
     state = load_file(str(target / WEIGHTS_FILE))
     state["extra.weight"] = torch.zeros(2)
     save_file(state, str(target / WEIGHTS_FILE))
-    with pytest.raises(ModelLoadError, match="1 unexpected keys"):
+    with pytest.raises(ModelLoadError, match=r"1 unexpected keys"):
         RMBG20Segmentor(str(target), device="cpu", trust_remote_code=True, input_size=SIZE)
 
 
@@ -199,7 +199,7 @@ def test_dummy_load_format_needs_no_weights(model_dir: Path, tmp_path: Path) -> 
 
 
 def test_remote_code_needs_explicit_trust(model_dir: Path) -> None:
-    with pytest.raises(ModelLoadError, match="RMBG_TRUST_REMOTE_CODE=true"):
+    with pytest.raises(ModelLoadError, match=r"RMBG_TRUST_REMOTE_CODE=true"):
         RMBG20Segmentor(str(model_dir), device="cpu", trust_remote_code=False)
 
 
@@ -220,13 +220,13 @@ def test_hub_id_unreachable_offline_says_how_to_get_weights(
 
 
 def test_source_that_is_neither_dir_nor_hub_id() -> None:
-    with pytest.raises(ModelLoadError, match="neither an existing directory"):
+    with pytest.raises(ModelLoadError, match=r"neither an existing directory"):
         resolve_model_dir("/no/such/dir", revision=None, trust_remote_code=True)
 
 
 def test_not_a_model_directory(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         resolve_model_dir(str(tmp_path), revision=None, trust_remote_code=True)
 
 

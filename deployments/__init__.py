@@ -1,0 +1,1 @@
+"""Ray Serve deployments wrapping the segmentation library; ``deployments.app:build_app``."""

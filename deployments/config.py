@@ -1,0 +1,89 @@
+"""Arguments of the Serve application, validated once when it is built or reconfigured."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from segmentation.imaging import DEFAULT_MAX_PIXELS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchConfig(_Strict):
+    """A segmentor deployment's ``user_config``: changes apply live, without a restart."""
+
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most frames in one model call.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0.0, le=5.0, description="Longest wait for a batch to fill, in seconds."
+    )
+    oom_recover_after: int = Field(
+        50, ge=1, description="Successful batches at the cap before it grows by one after an OOM."
+    )
+
+
+class SegmentorArgs(_Strict):
+    """Model arguments of one segmentor deployment; unset fields come from the environment."""
+
+    model: str | None = Field(None, description="Model source (RMBG_MODEL / YOLO_MODEL).")
+    revision: str | None = Field(None, description="Pinned hub commit (RMBG_REVISION).")
+    trust_remote_code: bool | None = Field(
+        None, description="Allow the model repository's own code (RMBG_TRUST_REMOTE_CODE)."
+    )
+    use_fp16: bool | None = Field(None, description="FP16 on GPUs that support it (USE_FP16).")
+    device: str | None = Field(None, description="'auto', 'cpu', 'cuda' or 'cuda:N' (DEVICE).")
+    input_size: int | None = Field(
+        None, ge=32, le=4096, description="Model input size (RMBG_INPUT_SIZE / YOLO_IMGSZ)."
+    )
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="'dummy' keeps random weights: benchmarks only."
+    )
+    warmup_size: tuple[int, int] = Field(
+        (1080, 1920), description="(height, width) of the frames used to warm up at start-up."
+    )
+    gpu_memory_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Share of the GPU this replica may allocate; default its num_gpus share.",
+    )
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="Largest decoded image, in pixels (413 above)."
+    )
+
+
+class RouterArgs(_Strict):
+    """Limits and options of the HTTP router."""
+
+    max_body_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 above)."
+    )
+    max_frames_per_request: int = Field(
+        256, ge=1, le=4096, description="Most frames in one /v1/frames request."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Name of an environment variable holding the API key; when it is set and "
+        "non-empty, requests need 'Authorization: Bearer <key>'. Off by default.",
+    )
+    product_margin: float = Field(
+        0.1, ge=0.0, le=1.0, description="Margin added around each product box before RMBG."
+    )
+
+
+class AppArgs(_Strict):
+    """Arguments of ``build_app``: one application with both segmentors and the router."""
+
+    rmbg: SegmentorArgs = Field(default_factory=SegmentorArgs)
+    yolo: SegmentorArgs = Field(default_factory=SegmentorArgs)
+    router: RouterArgs = Field(default_factory=RouterArgs)
+
+    @model_validator(mode="after")
+    def _input_sizes(self) -> AppArgs:
+        size = self.yolo.input_size
+        if size is not None and size % 32:
+            raise ValueError(f"yolo.input_size must be a multiple of 32, got {size}")
+        return self

@@ -1,0 +1,74 @@
+"""Reading images out of HTTP requests, with size limits enforced while reading."""
+
+from __future__ import annotations
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.types import Message
+
+from segmentation.errors import (
+    InvalidImageError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
+
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing it as soon as it grows past ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body of {declared} bytes is over the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_form_files(request: Request, field: str, limit: int, max_files: int) -> list[bytes]:
+    """Files of a multipart ``field``, the whole body bounded by ``limit`` bytes."""
+    body = await read_body(request, limit)
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, receive=replay).form(
+            max_files=max_files + 1, max_fields=max_files + 16
+        )
+    except Exception as exc:
+        raise InvalidRequestError(f"malformed multipart body: {exc}") from None
+    files = [item for item in form.getlist(field) if isinstance(item, UploadFile)]
+    if not files:
+        raise InvalidRequestError(f"multipart body has no file field {field!r}")
+    if len(files) > max_files:
+        raise PayloadTooLargeError(f"{len(files)} files in {field!r}; the limit is {max_files}")
+    return [await item.read() for item in files]
+
+
+async def read_image(request: Request, limit: int) -> bytes:
+    """One image: the raw body (``Content-Type: image/...``) or multipart field ``image``."""
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        (data,) = await read_form_files(request, "image", limit, max_files=1)
+    elif content_type.startswith(RAW_TYPES) or not content_type:
+        data = await read_body(request, limit)
+    else:
+        raise UnsupportedMediaTypeError(
+            f"Content-Type {content_type!r} is not accepted: send the image as the raw body with "
+            "an image/* Content-Type, or as multipart/form-data field 'image'"
+        )
+    if not data:
+        raise InvalidImageError("empty body: send the image bytes")
+    return data

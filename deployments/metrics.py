@@ -1,0 +1,70 @@
+"""Custom Ray Serve metrics, exported on Ray's metrics endpoint (prefix ``ray_``).
+
+Each replica creates one :class:`SegmentorMetrics`; tags carry the model name so RMBG and YOLO
+series stay apart. PromQL examples are in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+_LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+_BATCH = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128]
+
+
+class SegmentorMetrics:
+    def __init__(self, model: str) -> None:
+        tags = ("model",)
+        self._tags = {"model": model}
+        self.frames = metrics.Counter(
+            "segmentor_frames_total", "Frames answered, by outcome.", tag_keys=(*tags, "outcome")
+        )
+        self.batch_size = metrics.Histogram(
+            "segmentor_batch_size", "Frames per model call.", boundaries=_BATCH, tag_keys=tags
+        )
+        self.stage_ms = metrics.Histogram(
+            "segmentor_stage_latency_ms",
+            "Latency of one stage (decode, queue, model, encode) in milliseconds.",
+            boundaries=_LATENCY_MS,
+            tag_keys=(*tags, "stage"),
+        )
+        self.gpu_memory = metrics.Gauge(
+            "segmentor_gpu_memory_bytes",
+            "GPU memory of this replica's process (allocated, reserved, peak).",
+            tag_keys=(*tags, "kind"),
+        )
+        self.batch_cap = metrics.Gauge(
+            "segmentor_batch_cap", "Live batch cap (drops after an OOM).", tag_keys=tags
+        )
+        self.oom_splits = metrics.Counter(
+            "segmentor_oom_splits_total", "Batches split after a GPU OOM.", tag_keys=tags
+        )
+        self.fp32_fallbacks = metrics.Counter(
+            "segmentor_fp32_fallbacks_total",
+            "Frames recomputed in FP32 because FP16 gave non-finite values.",
+            tag_keys=tags,
+        )
+        self.rejected = metrics.Counter(
+            "segmentor_rejected_total", "Requests rejected, by reason.", tag_keys=(*tags, "reason")
+        )
+        for metric in (
+            self.frames,
+            self.batch_size,
+            self.stage_ms,
+            self.gpu_memory,
+            self.batch_cap,
+            self.oom_splits,
+            self.fp32_fallbacks,
+            self.rejected,
+        ):
+            metric.set_default_tags(dict(self._tags))  # Serve adds its tags to the dict it gets
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self.stage_ms.observe(seconds * 1000.0, tags={"stage": stage})
+
+    def reject(self, reason: str) -> None:
+        self.rejected.inc(tags={"reason": reason})
+
+    def memory(self, stats: dict[str, int]) -> None:
+        for kind, value in stats.items():
+            self.gpu_memory.set(float(value), tags={"kind": kind.removesuffix("_bytes")})

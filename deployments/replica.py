@@ -1,0 +1,262 @@
+"""What both segmentor deployments share: loading, batching, OOM safety, warm-up, health.
+
+Each request is decoded and validated on its own (codec thread pool) before it joins a batch,
+so a corrupt image fails only its own request. Batches run on a single GPU thread, so the
+event loop stays free and the next batch forms while the GPU works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from deployments.config import BatchConfig, SegmentorArgs
+from deployments.metrics import SegmentorMetrics
+from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner
+from segmentation.config import Settings, load_settings
+from segmentation.errors import DeadlineExceededError, SegmentationError
+from segmentation.imaging import decode_image
+from segmentation.models.base import gpu_memory
+
+logger = logging.getLogger("ray.serve")
+
+T = TypeVar("T")
+
+
+@dataclass
+class Pending:
+    """A decoded frame waiting for a batch."""
+
+    frame: np.ndarray
+    options: Any
+    enqueued: float
+    deadline: float | None
+
+
+class SegmentorReplica:
+    """Base class of the segmentor deployments; subclasses add the ``@serve.batch`` method."""
+
+    name = "segmentor"
+
+    def __init__(self, args: dict[str, Any] | SegmentorArgs | None = None) -> None:
+        self.args = SegmentorArgs.model_validate(args or {})
+        settings = load_settings()
+        self.segmentor = self.load(self.args, settings)
+        self.device = self.segmentor.device
+        self.batch_config = BatchConfig()
+        self.cap = AdaptiveBatchCap(self.batch_config.max_batch_size)
+        self.runner = OOMSafeRunner(self.run_model, self.cap)
+        self.metrics = SegmentorMetrics(self.name)
+        self._gpu = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-gpu")
+        self._codec = ThreadPoolExecutor(
+            max(2, min(8, os.cpu_count() or 2)), thread_name_prefix=f"{self.name}-codec"
+        )
+        self.memory_fraction = self._limit_gpu_memory()
+        self.memory_cap: int | None = None
+        self.warmed_batch = 0
+        self.batches_run = 0
+        self.largest_batch = 0
+        info = self.segmentor.info()
+        logger.info(
+            "%s ready: source=%s precision=%s (%s) device=%s%s",
+            self.name,
+            info.source,
+            info.precision,
+            info.precision_reason,
+            info.device,
+            " STAND-IN WEIGHTS (random, outputs are meaningless)" if info.stand_in else "",
+        )
+
+    # -- subclass hooks ---------------------------------------------------------------
+    def load(self, args: SegmentorArgs, settings: Settings) -> Any:
+        raise NotImplementedError
+
+    def run_model(self, items: list[Pending]) -> list[Any]:
+        raise NotImplementedError
+
+    async def batched(self, item: Pending) -> Any:
+        raise NotImplementedError
+
+    def warmup_options(self) -> Any:
+        return None
+
+    # -- configuration ------------------------------------------------------------------
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new ``user_config`` live: batch size and wait, no restart."""
+        config = BatchConfig.model_validate(user_config)
+        self.batch_config = config
+        self.cap.recover_after = config.oom_recover_after
+        if config.max_batch_size > self.warmed_batch:
+            self._warmup(config.max_batch_size)
+        ceiling = min(config.max_batch_size, self.memory_cap or config.max_batch_size)
+        self.cap.set_ceiling(ceiling)
+        self.batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self._sync_batch_size()
+        logger.info("%s batch config: %s (cap %d)", self.name, config.model_dump(), self.cap.value)
+
+    def _sync_batch_size(self) -> None:
+        self.batched.set_max_batch_size(max(1, self.cap.value))  # type: ignore[attr-defined]
+        self.metrics.batch_cap.set(float(self.cap.value))
+
+    def _limit_gpu_memory(self) -> float | None:
+        """Hold this process to its share of the card: Ray does not isolate GPU memory."""
+        if self.device.type != "cuda":
+            return None
+        fraction = self.args.gpu_memory_fraction
+        if fraction is None:
+            import ray
+
+            share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+            fraction = share if 0 < share < 1 else None
+        if fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(fraction, self.device)
+            logger.info("%s limited to %.0f%% of GPU memory", self.name, fraction * 100)
+        return fraction
+
+    def _warmup(self, batch_size: int) -> None:
+        """Run the largest batch now, so a memory problem shows at deploy time.
+
+        On a GPU, peak memory at batch 1 and at ``batch_size`` gives the per-frame activation
+        cost, and the batch cap is set so weights + activations fit the replica's budget.
+        """
+        height, width = self.args.warmup_size
+        frame = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+        def run(n: int) -> int:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            items = [Pending(frame, self.warmup_options(), time.monotonic(), None)] * n
+            self.run_model(items)
+            if self.device.type != "cuda":
+                return 0
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+
+        started = time.perf_counter()
+        peak_one = run(1)
+        peak_all = run(batch_size) if batch_size > 1 else peak_one
+        self.warmed_batch = batch_size
+        if self.device.type == "cuda":
+            per_frame = max(1, (peak_all - peak_one) // max(1, batch_size - 1))
+            budget = int(
+                torch.cuda.get_device_properties(self.device).total_memory
+                * (self.memory_fraction or 1.0)
+                * 0.92
+            )
+            weights = torch.cuda.memory_allocated(self.device)
+            self.memory_cap = max(1, (budget - weights) // per_frame)
+            logger.info(
+                "%s warm-up: batch %d peak %.2f GiB, %.3f GiB per frame, memory cap %d frames",
+                self.name,
+                batch_size,
+                peak_all / 2**30,
+                per_frame / 2**30,
+                self.memory_cap,
+            )
+            self.metrics.memory(gpu_memory(self.device))
+        logger.info(
+            "%s warmed up at batch %d in %.1fs",
+            self.name,
+            batch_size,
+            time.perf_counter() - started,
+        )
+
+    # -- request path -------------------------------------------------------------------
+    async def decode(self, image: bytes | np.ndarray) -> np.ndarray:
+        if isinstance(image, np.ndarray):
+            return image
+        started = time.perf_counter()
+        try:
+            return await self.off_loop(decode_image, image, max_pixels=self.args.max_pixels)
+        except SegmentationError as exc:
+            self.metrics.reject(exc.code)
+            raise
+        finally:
+            self.metrics.stage("decode", time.perf_counter() - started)
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._codec, lambda: fn(*args, **kwargs))
+
+    async def submit(self, frame: np.ndarray, options: Any, deadline: float | None) -> Any:
+        """Queue one decoded frame for batching; raise its error, if it got one."""
+        if deadline is not None and time.time() > deadline:
+            self.metrics.reject("deadline")
+            raise DeadlineExceededError("the request deadline passed before it was queued")
+        result = await self.batched(Pending(frame, options, time.monotonic(), deadline))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def process_batch(self, items: list[Pending]) -> list[Any]:
+        """Body of the ``@serve.batch`` method: drop expired frames, run the rest OOM-safely."""
+        now, wall = time.monotonic(), time.time()
+        results: list[Any] = [None] * len(items)
+        live: list[int] = []
+        for index, item in enumerate(items):
+            self.metrics.stage("queue", now - item.enqueued)
+            if item.deadline is not None and wall > item.deadline:
+                self.metrics.reject("deadline")
+                results[index] = DeadlineExceededError(
+                    "the request deadline passed while it waited for the GPU"
+                )
+            else:
+                live.append(index)
+        if live:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            outputs, report = await loop.run_in_executor(
+                self._gpu, self.runner, [items[i] for i in live]
+            )
+            self.metrics.stage("model", time.perf_counter() - started)
+            self.metrics.batch_size.observe(float(len(live)))
+            self.batches_run += 1
+            self.largest_batch = max(self.largest_batch, report.largest_run)
+            if report.oom_splits:
+                self.metrics.oom_splits.inc(report.oom_splits)
+            if report.failed_frames:
+                self.metrics.reject("oom")
+            for index, output in zip(live, outputs, strict=True):
+                results[index] = output
+            self.metrics.frames.inc(len(live) - report.failed_frames, tags={"outcome": "ok"})
+            self.metrics.memory(gpu_memory(self.device))
+            self._sync_batch_size()
+        return results
+
+    # -- introspection ------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Model source, precision, batch settings and memory of this replica."""
+        return {
+            **self.segmentor.info().as_dict(),
+            "batch": {
+                **self.batch_config.model_dump(),
+                "live_cap": self.cap.value,
+                "memory_cap": self.memory_cap,
+                "batches_run": self.batches_run,
+                "largest_batch": self.largest_batch,
+            },
+            "gpu_memory": {**gpu_memory(self.device), "fraction": self.memory_fraction},
+            "pid": os.getpid(),
+        }
+
+    async def check_health(self) -> None:
+        """Touch the model's device: a broken CUDA context fails the health check."""
+
+        def touch() -> None:
+            probe = torch.ones(8, device=self.device).sum()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if float(probe) != 8.0:
+                raise RuntimeError(f"device {self.device} returned a wrong result")
+
+        await asyncio.get_running_loop().run_in_executor(self._gpu, touch)

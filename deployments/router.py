@@ -1,0 +1,213 @@
+"""The HTTP ingress: one FastAPI app that composes the two segmentor deployments."""
+
+import asyncio
+import hmac
+import os
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import RouterArgs
+from deployments.errors import error_body, install_handlers, unwrap
+from deployments.inputs import read_form_files, read_image
+from deployments.status import replica_counts
+from segmentation.encoders import b64, rgba_png
+from segmentation.errors import InvalidRequestError, SegmentationError, UnauthorizedError
+from segmentation.imaging import crop_with_margin, decode_image
+from segmentation.models.yolo_segmentor import DetectOptions
+
+app = FastAPI(
+    title="product-segmentor",
+    version="0.1.0",
+    description="Background removal (RMBG-2.0) and instance segmentation (YOLO11-seg) for "
+    "product video frames.",
+)
+install_handlers(app)
+
+Conf = Annotated[float, Query(ge=0.0, le=1.0, description="Minimum detection score.")]
+Iou = Annotated[float, Query(ge=0.0, le=1.0, description="NMS IoU threshold.")]
+MaxDet = Annotated[int, Query(ge=1, le=1000, description="Most instances per frame.")]
+Classes = Annotated[
+    str | None, Query(description="Comma-separated class ids to keep, e.g. 0,39,41.")
+]
+Timeout = Annotated[
+    int | None,
+    Header(alias="X-Request-Timeout-Ms", ge=1, description="Drop the request after this long."),
+]
+
+
+def detect_options(
+    conf: Conf = 0.25, iou: Iou = 0.7, max_det: MaxDet = 300, classes: Classes = None
+) -> DetectOptions:
+    parsed: tuple[int, ...] | None = None
+    if classes:
+        try:
+            parsed = tuple(int(c) for c in classes.split(",") if c.strip())
+        except ValueError:
+            raise InvalidRequestError(
+                f"classes={classes!r}: expected comma-separated integers, e.g. 0,39"
+            ) from None
+        if any(c < 0 for c in parsed):
+            raise InvalidRequestError("classes must be non-negative integers")
+    return DetectOptions(conf=conf, iou=iou, classes=parsed, max_det=max_det)
+
+
+def deadline_of(timeout_ms: int | None) -> float | None:
+    return None if timeout_ms is None else time.time() + timeout_ms / 1000.0
+
+
+async def require_api_key(request: Request) -> None:
+    router: Router = request.app.state.router
+    expected = router.api_key
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), expected):
+        raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+Auth = Depends(require_api_key)
+
+
+@serve.deployment(max_ongoing_requests=256, max_queued_requests=512)
+@serve.ingress(app)
+class Router:
+    """Routes HTTP requests to the RMBG-2.0 and YOLO11-seg deployments."""
+
+    def __init__(
+        self, rmbg: DeploymentHandle, yolo: DeploymentHandle, args: dict[str, Any] | None = None
+    ) -> None:
+        self.rmbg = rmbg
+        self.yolo = yolo
+        self.args = RouterArgs.model_validate(args or {})
+        key = os.environ.get(self.args.api_key_env, "") if self.args.api_key_env else ""
+        self.api_key: str | None = key or None
+        app.state.router = self
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=[Auth])
+    async def models(self) -> dict[str, Any]:
+        """Each model: source, revision, precision in use, batch settings, replicas, memory."""
+        rmbg, yolo = await asyncio.gather(self.rmbg.info.remote(), self.yolo.info.remote())
+        replicas = replica_counts()
+        for info, deployment in ((rmbg, "RMBGDeployment"), (yolo, "YoloDeployment")):
+            info["replicas"] = replicas.get(deployment)
+        return {"models": [rmbg, yolo]}
+
+    @app.post(
+        "/v1/remove-background",
+        dependencies=[Auth],
+        responses={200: {"content": {"image/png": {}}}},
+        response_class=Response,
+    )
+    async def remove_background(
+        self,
+        request: Request,
+        output: Literal["rgba", "mask"] = "rgba",
+        timeout_ms: Timeout = None,
+    ) -> Response:
+        """RGBA cutout (``output=rgba``) or grayscale alpha matte (``output=mask``) as PNG."""
+        data = await read_image(request, self.args.max_body_bytes)
+        png = await self._call(self.rmbg.remove_background, data, output, deadline_of(timeout_ms))
+        return Response(png, media_type="image/png")
+
+    @app.post("/v1/segment", dependencies=[Auth])
+    async def segment(
+        self,
+        request: Request,
+        options: Annotated[DetectOptions, Depends(detect_options)],
+        timeout_ms: Timeout = None,
+    ) -> dict[str, Any]:
+        """Instances with boxes, scores, classes and COCO RLE masks."""
+        data = await read_image(request, self.args.max_body_bytes)
+        result: dict[str, Any] = await self._call(
+            self.yolo.segment, data, options, deadline_of(timeout_ms)
+        )
+        return result
+
+    @app.post("/v1/products", dependencies=[Auth])
+    async def products(
+        self,
+        request: Request,
+        options: Annotated[DetectOptions, Depends(detect_options)],
+        margin: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+        timeout_ms: Timeout = None,
+    ) -> dict[str, Any]:
+        """YOLO finds the objects; RMBG-2.0 cuts each one out (crop plus margin) as RGBA PNG."""
+        data = await read_image(request, self.args.max_body_bytes)
+        deadline = deadline_of(timeout_ms)
+        frame = await asyncio.to_thread(decode_image, data)
+        found = await self._call(self.yolo.segment, frame, options, deadline)
+        margin = self.args.product_margin if margin is None else margin
+        crops = [crop_with_margin(frame, inst["box"], margin) for inst in found["instances"]]
+        mattes = await asyncio.gather(
+            *(self._call(self.rmbg.remove_background, crop, "alpha", deadline) for crop, _ in crops)
+        )
+        cutouts = await asyncio.gather(
+            *(
+                asyncio.to_thread(rgba_png, crop, alpha)
+                for (crop, _), alpha in zip(crops, mattes, strict=True)
+            )
+        )
+        products = [
+            {
+                **{k: inst[k] for k in ("box", "score", "class_id", "class_name")},
+                "crop_box": crop_box,
+                "cutout": b64(png),
+            }
+            for inst, (_, crop_box), png in zip(found["instances"], crops, cutouts, strict=True)
+        ]
+        return {"width": found["width"], "height": found["height"], "products": products}
+
+    @app.post("/v1/frames", dependencies=[Auth])
+    async def frames(
+        self,
+        request: Request,
+        options: Annotated[DetectOptions, Depends(detect_options)],
+        task: Literal["remove-background", "segment"] = "remove-background",
+        output: Literal["rgba", "mask"] = "rgba",
+        timeout_ms: Timeout = None,
+    ) -> JSONResponse:
+        """Many frames (repeated multipart field ``frames``), results in order; a bad frame
+        gets an error entry of its own."""
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
+            raise InvalidRequestError("send frames as multipart/form-data, repeated field 'frames'")
+        files = await read_form_files(
+            request, "frames", self.args.max_body_bytes, self.args.max_frames_per_request
+        )
+        deadline = deadline_of(timeout_ms)
+        if task == "segment":
+            calls = [self._call(self.yolo.segment, f, options, deadline) for f in files]
+        else:
+            calls = [self._call(self.rmbg.remove_background, f, output, deadline) for f in files]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        entries: list[dict[str, Any]] = []
+        for index, result in enumerate(results):
+            if isinstance(result, SegmentationError):
+                entries.append({"index": index, **error_body(result.code, result.message)})
+            elif isinstance(result, BaseException):
+                raise result
+            elif task == "segment":
+                entries.append({"index": index, **result})
+            else:
+                entries.append({"index": index, "content_type": "image/png", "image": b64(result)})
+        failed = sum("error" in e for e in entries)
+        return JSONResponse(
+            {"task": task, "count": len(entries), "failed": failed, "frames": entries}
+        )
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        """Call a deployment method, re-raising the replica's own error type."""
+        try:
+            return await method.remote(*args)
+        except Exception as exc:
+            raise unwrap(exc) from None

@@ -1,0 +1,111 @@
+"""The two segmentor deployments. Resources, replicas and ``user_config`` come from config."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import numpy as np
+from ray import serve
+
+from deployments.config import SegmentorArgs
+from deployments.replica import Pending, SegmentorReplica
+from segmentation.config import Settings
+from segmentation.encoders import mask_png, rgba_png
+from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
+from segmentation.models.yolo_segmentor import DetectOptions, YoloSegmentor
+
+Output = Literal["rgba", "mask", "alpha"]
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
+class RMBGDeployment(SegmentorReplica):
+    """RMBG-2.0 background removal; answers RGBA cutouts or grayscale mattes as PNG."""
+
+    name = "rmbg-2.0"
+
+    def load(self, args: SegmentorArgs, settings: Settings) -> RMBG20Segmentor:
+        return RMBG20Segmentor(
+            args.model or settings.rmbg_model,
+            device=args.device or settings.device,
+            use_fp16=settings.use_fp16 if args.use_fp16 is None else args.use_fp16,
+            revision=args.revision or settings.rmbg_revision,
+            trust_remote_code=(
+                settings.rmbg_trust_remote_code
+                if args.trust_remote_code is None
+                else args.trust_remote_code
+            ),
+            token=settings.hf_token,
+            load_format=args.load_format,
+            input_size=args.input_size or settings.rmbg_input_size,
+        )
+
+    def run_model(self, items: list[Pending]) -> list[np.ndarray]:
+        return self.segmentor.predict([item.frame for item in items])
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def batched(self, items: list[Pending]) -> list[Any]:
+        return await self.process_batch(items)
+
+    async def remove_background(
+        self, image: bytes | np.ndarray, output: Output = "rgba", deadline: float | None = None
+    ) -> bytes | np.ndarray:
+        """PNG cutout (``rgba``), PNG matte (``mask``) or the raw uint8 matte (``alpha``)."""
+        frame = await self.decode(image)
+        alpha = await self.submit(frame, None, deadline)
+        if output == "alpha":
+            return alpha
+        started = time.perf_counter()
+        try:
+            if output == "mask":
+                return await self.off_loop(mask_png, alpha)
+            return await self.off_loop(rgba_png, frame, alpha)
+        finally:
+            self.metrics.stage("encode", time.perf_counter() - started)
+
+
+@serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
+class YoloDeployment(SegmentorReplica):
+    """YOLO11-seg instance segmentation; answers JSON-ready dicts with COCO RLE masks."""
+
+    name = "yolo11-seg"
+
+    def load(self, args: SegmentorArgs, settings: Settings) -> YoloSegmentor:
+        return YoloSegmentor(
+            args.model or settings.yolo_model,
+            device=args.device or settings.device,
+            use_fp16=settings.use_fp16 if args.use_fp16 is None else args.use_fp16,
+            imgsz=args.input_size or settings.yolo_imgsz,
+        )
+
+    def warmup_options(self) -> DetectOptions:
+        return DetectOptions()
+
+    def run_model(self, items: list[Pending]) -> list[dict[str, Any]]:
+        detections = self.segmentor.predict(
+            [item.frame for item in items], [item.options for item in items]
+        )
+        return [
+            {
+                "width": d.width,
+                "height": d.height,
+                "model": self.segmentor.source,
+                "instances": [inst.as_dict() for inst in d.instances],
+            }
+            for d in detections
+        ]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def batched(self, items: list[Pending]) -> list[Any]:
+        return await self.process_batch(items)
+
+    async def segment(
+        self,
+        image: bytes | np.ndarray,
+        options: DetectOptions | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, Any]:
+        """Instances of one image: boxes, scores, classes and RLE masks at its own size."""
+        frame = await self.decode(image)
+        result: dict[str, Any] = await self.submit(frame, options or DetectOptions(), deadline)
+        return result
