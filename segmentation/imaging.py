@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,6 +27,20 @@ DEFAULT_MAX_PIXELS = 40_000_000  # 8K UHD is 33 Mpx
 Image.MAX_IMAGE_PIXELS = None
 
 
+def _pil_open() -> Callable[..., Image.Image]:
+    """Pillow's own ``Image.open``.
+
+    Ultralytics replaces ``PIL.Image.open`` process-wide with a wrapper that, on an
+    unidentified file, tries to pip-install and register a HEIF plugin: client bytes must
+    never trigger that.
+    """
+    opener = Image.open
+    if getattr(opener, "__module__", "").startswith("ultralytics"):
+        patches = sys.modules.get(opener.__module__)
+        opener = getattr(patches, "_image_open", opener)
+    return opener
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``data`` to a contiguous uint8 RGB array ``HxWx3``, oriented as a viewer shows it.
 
@@ -35,7 +50,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise InvalidImageError("empty body: send the image bytes")
     try:
         # Only the decoders the service supports ever see client bytes.
-        image: Image.Image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+        image: Image.Image = _pil_open()(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
         other = _sniff_format(data)
         if other is not None:
@@ -44,7 +59,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             ) from None
         raise InvalidImageError("the body is not a recognised image") from None
     except Exception as exc:
-        raise InvalidImageError(f"cannot read image header: {exc}") from None
+        raise InvalidImageError(f"corrupt or truncated image header: {exc}") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise InvalidImageError(f"image has no pixels ({width}x{height})")
@@ -65,7 +80,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 def _sniff_format(data: bytes) -> str | None:
     """The name of an image format the service does not decode, when the bytes show one."""
     try:
-        with Image.open(io.BytesIO(data)) as other:
+        with _pil_open()(io.BytesIO(data)) as other:
             return other.format
     except Exception:
         return None

@@ -123,3 +123,14 @@ def test_pixel_limit_is_configurable() -> None:
     with pytest.raises(PayloadTooLargeError, match="over the limit of 5000"):
         decode_image(data, max_pixels=5000)
     assert decode_image(data, max_pixels=10_000).shape == (100, 100, 3)
+
+
+def test_bad_bytes_never_reach_the_ultralytics_open_patch() -> None:
+    """Ultralytics patches PIL.Image.open to pip-install a HEIF plugin on unknown files."""
+    import ultralytics.utils.patches  # noqa: F401 - applies the patch
+
+    assert Image.open.__module__.startswith("ultralytics")
+    with pytest.raises(InvalidImageError, match="not a recognised image"):
+        decode_image(b"garbage bytes")
+    with pytest.raises(UnsupportedMediaTypeError, match="GIF"):
+        decode_image(_save(Image.new("RGB", (4, 4)), "GIF"))

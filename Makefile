@@ -1,0 +1,51 @@
+# Every target sets up .venv first (once), so each works on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install serve demo test test-unit test-integration test-gpu lint typecheck format bench check
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the service with the real models (serve_config.yaml).
+serve: install
+	$(BIN)/serve run serve_config.yaml
+
+## Run the whole application on a CPU with stand-in models: no GPU, no weights, no network.
+demo: install
+	$(BIN)/serve run configs/demo.yaml
+
+## Unit and integration tests (CPU). GPU tests are skipped without CUDA.
+test: install
+	$(BIN)/python -m pytest tests/unit tests/integration tests/gpu
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: install
+	$(BIN)/python -m pytest tests/integration
+
+## On a CUDA machine (see docs/gpu.md): GPU tests only.
+test-gpu:
+	python3 -m pytest -m gpu tests/gpu
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+check: lint typecheck test
