@@ -246,6 +246,7 @@ class SegmentorReplica:
                 "largest_batch": self.largest_batch,
             },
             "gpu_memory": {**gpu_memory(self.device), "fraction": self.memory_fraction},
+            "gpu": _gpu_identity(self.device),
             "pid": os.getpid(),
         }
 
@@ -260,3 +261,15 @@ class SegmentorReplica:
                 raise RuntimeError(f"device {self.device} returned a wrong result")
 
         await asyncio.get_running_loop().run_in_executor(self._gpu, touch)
+
+
+def _gpu_identity(device: torch.device) -> dict[str, str | None]:
+    """Which physical GPU this replica uses: replicas sharing a card report the same uuid."""
+    if device.type != "cuda":
+        return {"name": None, "uuid": None, "cuda_visible_devices": None}
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "name": props.name,
+        "uuid": str(getattr(props, "uuid", "")),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }

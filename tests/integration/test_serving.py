@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import encode, product_frame
-from tests.integration.conftest import Cluster
+from tests.serve_cluster import Cluster
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,221 @@
+"""Model-level benchmark: the naive RMBG-2.0 loop vs the segmentors in FP32 and FP16.
+
+Real architectures with random weights: RMBG-2.0 from its published code (a directory with
+birefnet.py, BiRefNet_config.py, config.json), YOLO11-seg n and x from Ultralytics' yaml.
+Inputs are decoded 1920x1080 RGB frames; each row is the median of timed iterations after
+warm-up, with CUDA synchronised around each one.
+
+    python -m benchmarks.model_bench --rmbg-dir third_party/rmbg20 --out model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segmentation.models.rmbg20_segmentor import IMAGENET_MEAN, IMAGENET_STD, RMBG20Segmentor
+from segmentation.models.yolo_segmentor import DetectOptions, YoloSegmentor
+
+GiB = 2**30
+
+
+def frames_1080p(count: int) -> list[np.ndarray]:
+    from benchmarks.load_test import synthetic_jpeg
+    from segmentation.imaging import decode_image
+
+    return [decode_image(synthetic_jpeg(1920, 1080, seed)) for seed in range(count)]
+
+
+def timed(
+    fn: Callable[[], object],
+    frames_per_call: int,
+    *,
+    warmup: int = 2,
+    min_frames: int = 32,
+    min_iters: int = 3,
+) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    iterations = max(min_iters, -(-min_frames // frames_per_call))
+    for _ in range(iterations):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    return {
+        "batch": frames_per_call,
+        "ms_per_frame": round(median * 1000 / frames_per_call, 2),
+        "frames_per_s": round(frames_per_call / median, 2),
+        "ms_per_call": round(median * 1000, 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 3),
+        "iterations": iterations,
+    }
+
+
+def naive_rmbg_loop(model: torch.nn.Module, image: Image.Image) -> Image.Image:
+    """The per-frame loop most RMBG-2.0 examples use (model card): PIL in, PIL RGBA out."""
+    from torchvision import transforms
+
+    transform = transforms.Compose(
+        [
+            transforms.Resize((1024, 1024)),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    batch = transform(image).unsqueeze(0).to("cuda")
+    with torch.no_grad():
+        preds = model(batch)[-1].sigmoid().cpu()
+    mask = transforms.ToPILImage()(preds[0].squeeze()).resize(image.size)
+    out = image.copy()
+    out.putalpha(mask)
+    return out
+
+
+def bench_rmbg(rmbg_dir: str, batches: list[int], fp32_batches: list[int]) -> list[dict[str, Any]]:
+    frames = frames_1080p(max(batches))
+    torch.set_float32_matmul_precision("high")  # TF32, as the model card runs it
+    rows = _bench_rmbg_fp32(rmbg_dir, frames, fp32_batches)
+    torch.cuda.empty_cache()
+    return rows + _bench_rmbg_fp16(rmbg_dir, frames, batches)
+
+
+def _bench_rmbg_fp32(
+    rmbg_dir: str, frames: list[np.ndarray], batches: list[int]
+) -> list[dict[str, Any]]:
+    model = RMBG20Segmentor(
+        rmbg_dir, device="cuda", use_fp16=False, trust_remote_code=True, load_format="dummy"
+    )
+    pil = Image.fromarray(frames[0])
+    rows: list[dict[str, Any]] = [
+        {
+            "model": "rmbg-2.0",
+            "path": "naive loop (PIL, FP32+TF32, batch 1)",
+            **timed(lambda: naive_rmbg_loop(model.model, pil), 1, min_frames=16),
+        }
+    ]
+    print(rows[-1], flush=True)
+    for batch in batches:
+        rows.append(
+            {
+                "model": "rmbg-2.0",
+                "path": "segmentor FP32+TF32",
+                **timed(lambda b=batch: model.predict(frames[:b]), batch),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _bench_rmbg_fp16(
+    rmbg_dir: str, frames: list[np.ndarray], batches: list[int]
+) -> list[dict[str, Any]]:
+    model = RMBG20Segmentor(
+        rmbg_dir, device="cuda", use_fp16=True, trust_remote_code=True, load_format="dummy"
+    )
+    if model.precision.name != "fp16":
+        raise RuntimeError(f"FP16 not in use: {model.precision.reason}")
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        rows.append(
+            {
+                "model": "rmbg-2.0",
+                "path": "segmentor FP16",
+                **timed(lambda b=batch: model.predict(frames[:b]), batch),
+            }
+        )
+        print(rows[-1], flush=True)
+        with torch.inference_mode():
+            prepared = model.preprocess(frames[:batch])
+            rows.append(
+                {
+                    "model": "rmbg-2.0",
+                    "path": "model forward only FP16",
+                    **timed(lambda p=prepared: model.forward(p), batch),
+                }
+            )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def bench_yolo(names: list[str], batches: list[int]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    frames = frames_1080p(max(batches))
+    options = DetectOptions()
+    for name in names:
+        for fp16 in (False, True):
+            model = YoloSegmentor(name, device="cuda", use_fp16=fp16)
+            label = "FP16" if fp16 else "FP32"
+            for batch in batches:
+                found = sum(len(d.instances) for d in model.predict(frames[:batch], options))
+                rows.append(
+                    {
+                        "model": name.removesuffix(".yaml"),
+                        "path": f"segmentor {label}",
+                        "instances": found,
+                        **timed(
+                            lambda m=model, b=batch: m.predict(frames[:b], options),
+                            batch,
+                            min_frames=128,
+                        ),
+                    }
+                )
+                print(rows[-1], flush=True)
+            del model
+            torch.cuda.empty_cache()
+    return rows
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rmbg-dir", default="third_party/rmbg20")
+    parser.add_argument("--rmbg-batches", default="1,4,8,16,32")
+    parser.add_argument("--rmbg-fp32-batches", default="1,8,16")
+    parser.add_argument("--yolo", default="yolo11n-seg.yaml,yolo11x-seg.yaml")
+    parser.add_argument("--yolo-batches", default="1,16,64")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    result = {
+        "environment": environment(),
+        "command": "python -m benchmarks.model_bench " + " ".join(argv or sys.argv[1:]),
+        "rmbg": bench_rmbg(args.rmbg_dir, ints(args.rmbg_batches), ints(args.rmbg_fp32_batches)),
+        "yolo": bench_yolo(args.yolo.split(","), ints(args.yolo_batches)),
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Pure FP16 on the real architectures: dtypes inside the model, memory halved, outputs close.
+
+RMBG-2.0 is the published birefnet.py with random weights (RMBG_ARCH_DIR); YOLO11-seg comes
+from Ultralytics' own yaml. Measured figures are printed (run with -s) for the notes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segmentation.models.rmbg20_loader import WEIGHTS_FILE
+from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
+from segmentation.models.yolo_segmentor import YoloSegmentor
+from tests.conftest import RMBG_ARCH_DIR, product_frame
+
+needs_arch = pytest.mark.skipif(
+    not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
+)
+
+
+@pytest.fixture(scope="module")
+def rmbg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The published architecture with one set of random weights saved as model.safetensors,
+    so FP32 and FP16 load the same weights through the real loader."""
+    from safetensors.torch import save_file
+
+    target = tmp_path_factory.mktemp("rmbg") / "RMBG-2.0"
+    shutil.copytree(RMBG_ARCH_DIR, target)
+    torch.manual_seed(0)
+    model = RMBG20Segmentor(str(target), device="cpu", trust_remote_code=True, load_format="dummy")
+    save_file(
+        {k: v.contiguous() for k, v in model.model.state_dict().items()}, str(target / WEIGHTS_FILE)
+    )
+    return target
+
+
+def _load(path: Path, fp16: bool) -> RMBG20Segmentor:
+    return RMBG20Segmentor(str(path), device="cuda", use_fp16=fp16, trust_remote_code=True)
+
+
+def _peak(fn: Callable[[], object]) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+@needs_arch
+def test_rmbg_activations_are_fp16_inside_the_model(rmbg_dir: Path) -> None:
+    segmentor = _load(rmbg_dir, fp16=True)
+    assert segmentor.precision.name == "fp16"
+    dtypes: dict[str, set[torch.dtype]] = {}
+
+    def record(module: torch.nn.Module, args: tuple, output: object) -> None:
+        outs = output if isinstance(output, (list, tuple)) else [output]
+        for t in outs:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                dtypes.setdefault(type(module).__name__, set()).add(t.dtype)
+
+    handles = [m.register_forward_hook(record) for m in segmentor.model.modules()]
+    segmentor.predict([product_frame(1920, 1080)])
+    for handle in handles:
+        handle.remove()
+    not_fp16 = {name: d for name, d in dtypes.items() if d != {torch.float16}}
+    print(f"\nmodule types seen: {len(dtypes)}, not pure FP16: {not_fp16}")
+    assert "WindowAttention" in dtypes
+    assert not not_fp16
+    assert all(p.dtype == torch.float16 for p in segmentor.model.parameters())
+
+
+@needs_arch
+def test_rmbg_fp16_peak_memory_at_most_55_percent_of_fp32(rmbg_dir: Path) -> None:
+    frames = [product_frame(1920, 1080, seed=i) for i in range(4)]
+    peaks = {}
+    for fp16 in (False, True):
+        segmentor = _load(rmbg_dir, fp16)
+        segmentor.predict(frames[:1])
+        weights = torch.cuda.memory_allocated()
+        peak = _peak(lambda s=segmentor: s.predict(frames))
+        peaks[fp16] = weights + peak
+        print(
+            f"\nfp16={fp16}: weights {weights / 2**30:.2f} GiB, batch 4 activations "
+            f"{peak / 2**30:.2f} GiB, total peak {(weights + peak) / 2**30:.2f} GiB"
+        )
+        del segmentor
+        torch.cuda.empty_cache()
+    ratio = peaks[True] / peaks[False]
+    print(f"FP16/FP32 peak ratio at batch 4: {ratio:.3f}")
+    assert ratio <= 0.55
+
+
+@needs_arch
+def test_rmbg_fp16_output_close_to_fp32(rmbg_dir: Path) -> None:
+    frames = [product_frame(1280, 720, seed=i) for i in range(2)]
+    outputs = {}
+    for fp16 in (False, True):
+        segmentor = _load(rmbg_dir, fp16)
+        with torch.inference_mode():
+            batch = segmentor.preprocess(frames)
+            outputs[fp16] = segmentor.forward(batch).float().sigmoid().cpu()
+        del segmentor
+        torch.cuda.empty_cache()
+    diff = (outputs[True] - outputs[False]).abs()
+    print(f"\nFP16 vs FP32 sigmoid: max abs {diff.max():.2e}, mean {diff.mean():.2e}")
+    assert float(diff.max()) < 2e-2
+    assert float(diff.mean()) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["yolo11n-seg.yaml", "yolo11x-seg.yaml"])
+def test_yolo_fp16_in_use_and_memory_halved(name: str) -> None:
+    frames = [product_frame(1920, 1080, seed=i) for i in range(32)]
+    peaks = {}
+    for fp16 in (False, True):
+        model = YoloSegmentor(name, device="cuda", use_fp16=fp16)
+        assert model.precision.name == ("fp16" if fp16 else "fp32")
+        batch, _ = model.preprocess(frames[:1])
+        with torch.inference_mode():
+            preds, protos = model.forward(batch)
+        expected = torch.float16 if fp16 else torch.float32
+        assert batch.dtype == preds.dtype == protos.dtype == expected
+        with torch.inference_mode():
+            full, _ = model.preprocess(frames)
+            peaks[fp16] = _peak(lambda m=model, b=full: m.forward(b))
+        del model
+        torch.cuda.empty_cache()
+    ratio = peaks[True] / peaks[False]
+    print(
+        f"\n{name} batch 32 forward activations: FP32 {peaks[False] / 2**30:.2f} GiB, "
+        f"FP16 {peaks[True] / 2**30:.2f} GiB, ratio {ratio:.3f}"
+    )
+    assert ratio <= 0.6
+
+
+def test_yolo_fp16_detections_match_fp32() -> None:
+    torch.manual_seed(0)
+    fp32 = YoloSegmentor("yolo11n-seg.yaml", device="cuda", use_fp16=False)
+    fp16 = YoloSegmentor("yolo11n-seg.yaml", device="cuda", use_fp16=True)
+    fp16.model.load_state_dict(
+        {k: v.half() if v.is_floating_point() else v for k, v in fp32.model.state_dict().items()}
+    )
+    frame = product_frame(1280, 720)
+    with torch.inference_mode():
+        a, _ = fp32.forward(fp32.preprocess([frame])[0])
+        b, _ = fp16.forward(fp16.preprocess([frame])[0])
+    rel = ((a - b.float()).abs().max() / a.abs().max()).item()
+    print(f"\nYOLO11n-seg raw output FP16 vs FP32: max relative diff {rel:.2e}")
+    assert rel < 1e-2
+    assert np.isfinite(b.float().cpu().numpy()).all()
