@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,11 +19,13 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 
+_CLI_MODULES = {"ray": "ray.scripts.scripts", "serve": "ray.serve.scripts"}
 
-def _tool(name: str) -> str:
-    """The ``ray``/``serve`` command next to this interpreter, else the one on PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
+
+def _tool(name: str) -> list[str]:
+    """The ``ray``/``serve`` command of this interpreter's Ray, run as a module so it works
+    where Ray's console scripts are not installed (the GPU machine's carried packages)."""
+    return [sys.executable, "-m", _CLI_MODULES[name]]
 
 
 def free_port() -> int:
@@ -45,7 +46,7 @@ class Cluster:
         path = self.workdir / name
         path.write_text(yaml.safe_dump(config))
         subprocess.run(
-            [_tool("serve"), "deploy", str(path), "--address", self.dashboard],
+            [*_tool("serve"), "deploy", str(path), "--address", self.dashboard],
             check=True,
             env=self.env,
             capture_output=True,
@@ -54,7 +55,7 @@ class Cluster:
 
     def status(self) -> dict[str, Any]:
         out = subprocess.run(
-            [_tool("serve"), "status", "--address", self.dashboard],
+            [*_tool("serve"), "status", "--address", self.dashboard],
             check=True,
             env=self.env,
             capture_output=True,
@@ -110,7 +111,7 @@ def running_cluster(
     dashboard_port, http_port = free_port(), free_port()
     subprocess.run(
         [
-            _tool("ray"),
+            *_tool("ray"),
             "start",
             "--head",
             "--num-cpus",
@@ -145,4 +146,4 @@ def running_cluster(
         cluster.wait_ready()
         yield cluster
     finally:
-        subprocess.run([_tool("ray"), "stop", "--force"], env=env, capture_output=True)
+        subprocess.run([*_tool("ray"), "stop", "--force"], env=env, capture_output=True)
