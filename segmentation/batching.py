@@ -110,6 +110,10 @@ class OOMSafeRunner(Generic[In, Out]):
         except Exception as exc:
             if not is_oom(exc):
                 raise
+            outputs = None
+        if outputs is None:
+            # Retry only after the except block: until then the exception's traceback keeps
+            # the failed attempt's activations alive, and the halves would OOM on them too.
             free_cached_memory()
             self.cap.on_oom(len(chunk))
             if len(chunk) == 1:

@@ -79,6 +79,13 @@ class Cluster:
                 last = response.text
             except httpx.HTTPError as exc:
                 last = exc
+            failed = [
+                f"{name}: {app.get('message')}"
+                for name, app in (self.status().get("applications") or {}).items()
+                if app.get("status") == "DEPLOY_FAILED"
+            ]
+            if failed:
+                raise RuntimeError(f"deploy failed: {failed}; {self.status()}")
             time.sleep(2)
         raise RuntimeError(f"the application did not become ready: {last}; {self.status()}")
 
