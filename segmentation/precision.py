@@ -32,10 +32,17 @@ class Precision:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """Turn a device setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``) into a torch device."""
+    """Turn a device setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``) into a torch device.
+
+    A CUDA device always gets an index (the current one), since some CUDA APIs such as the
+    per-process memory fraction refuse a bare ``cuda``.
+    """
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None and torch.cuda.is_available():
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
 
 
 def fp16_unsupported_reason(device: torch.device) -> str | None:
