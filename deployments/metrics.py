@@ -6,14 +6,39 @@ series stay apart. PromQL examples are in docs/operations.md.
 
 from __future__ import annotations
 
+import threading
+from collections import defaultdict
+
 from ray.serve import metrics
 
 _LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 _BATCH = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128]
 
 
+class StageTotals:
+    """Running count and total time per stage, for ``/v1/models`` (where time goes)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            entry = self._totals[stage]
+            entry[0] += 1
+            entry[1] += seconds
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {
+                stage: {"count": int(n), "mean_ms": round(total * 1000 / max(n, 1), 2)}
+                for stage, (n, total) in self._totals.items()
+            }
+
+
 class SegmentorMetrics:
     def __init__(self, model: str) -> None:
+        self.totals = StageTotals()
         tags = ("model",)
         self._tags = {"model": model}
         self.frames = metrics.Counter(
@@ -61,6 +86,7 @@ class SegmentorMetrics:
 
     def stage(self, stage: str, seconds: float) -> None:
         self.stage_ms.observe(seconds * 1000.0, tags={"stage": stage})
+        self.totals.add(stage, seconds)
 
     def reject(self, reason: str) -> None:
         self.rejected.inc(tags={"reason": reason})

@@ -245,6 +245,7 @@ class SegmentorReplica:
                 "batches_run": self.batches_run,
                 "largest_batch": self.largest_batch,
             },
+            "stages": self.metrics.totals.summary(),
             "gpu_memory": {**gpu_memory(self.device), "fraction": self.memory_fraction},
             "gpu": _gpu_identity(self.device),
             "pid": os.getpid(),

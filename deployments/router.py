@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import RouterArgs
 from deployments.errors import error_body, install_handlers, unwrap
 from deployments.inputs import read_form_files, read_image
+from deployments.metrics import StageTotals
 from deployments.status import replica_counts
 from segmentation.encoders import b64, rgba_png
 from segmentation.errors import InvalidRequestError, SegmentationError, UnauthorizedError
@@ -27,6 +28,16 @@ app = FastAPI(
     "product video frames.",
 )
 install_handlers(app)
+_router_stages = StageTotals()
+
+
+@app.middleware("http")
+async def _time_requests(request: Request, call_next: Any) -> Any:
+    started = time.perf_counter()
+    response = await call_next(request)
+    _router_stages.add(request.url.path, time.perf_counter() - started)
+    return response
+
 
 Conf = Annotated[float, Query(ge=0.0, le=1.0, description="Minimum detection score.")]
 Iou = Annotated[float, Query(ge=0.0, le=1.0, description="NMS IoU threshold.")]
@@ -100,7 +111,10 @@ class Router:
         replicas = replica_counts()
         for info, deployment in ((rmbg, "RMBGDeployment"), (yolo, "YoloDeployment")):
             info["replicas"] = replicas.get(deployment)
-        return {"models": [rmbg, yolo]}
+        return {
+            "models": [rmbg, yolo],
+            "router": {"pid": os.getpid(), "requests": _router_stages.summary()},
+        }
 
     @app.post(
         "/v1/remove-background",
