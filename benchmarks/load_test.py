@@ -127,7 +127,8 @@ async def run_load(
                 await asyncio.sleep(1.0 / rate)
             await asyncio.gather(*tasks)
         elapsed = time.monotonic() - started
-        models = (await http.get("/v1/models")).json()["models"]
+        listing = (await http.get("/v1/models")).json()
+        models = listing["models"]
 
     answered = sum(v for k, v in statuses.items() if not k.startswith("client_error"))
     return {
@@ -158,9 +159,11 @@ async def run_load(
                 "batch": m["batch"],
                 "gpu_memory": m["gpu_memory"],
                 "gpu": m.get("gpu"),
+                "stages": m.get("stages"),
             }
             for m in models
         ],
+        "router": listing.get("router"),
     }
 
 

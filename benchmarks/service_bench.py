@@ -53,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
                 "statuses",
                 "requests_sent",
                 "responses_received",
+                "router",
             )
         }
+        brief["replicas"] = [
+            {k: r[k] for k in ("model", "batch", "stages")} for r in result["replicas"]
+        ]
         print(label, json.dumps(brief), flush=True)
         return result
 
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         ) as cluster,
     ):
         load = lambda endpoint, **kw: asyncio.run(  # noqa: E731
-            run_load(cluster.url, endpoint, duration_s=args.duration, **kw)
+            run_load(cluster.url, endpoint, **{"duration_s": args.duration, **kw})
         )
         load("remove-background", concurrency=32, duration_s=5)  # warm the HTTP path
         rmbg = record(
