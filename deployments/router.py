@@ -28,14 +28,15 @@ app = FastAPI(
     "product video frames.",
 )
 install_handlers(app)
-_router_stages = StageTotals()
 
 
 @app.middleware("http")
 async def _time_requests(request: Request, call_next: Any) -> Any:
     started = time.perf_counter()
     response = await call_next(request)
-    _router_stages.add(request.url.path, time.perf_counter() - started)
+    router = getattr(request.app.state, "router", None)
+    if router is not None:
+        router.stages.add(request.url.path, time.perf_counter() - started)
     return response
 
 
@@ -98,6 +99,7 @@ class Router:
         self.args = RouterArgs.model_validate(args or {})
         key = os.environ.get(self.args.api_key_env, "") if self.args.api_key_env else ""
         self.api_key: str | None = key or None
+        self.stages = StageTotals()
         app.state.router = self
 
     @app.get("/healthz")
@@ -113,7 +115,7 @@ class Router:
             info["replicas"] = replicas.get(deployment)
         return {
             "models": [rmbg, yolo],
-            "router": {"pid": os.getpid(), "requests": _router_stages.summary()},
+            "router": {"pid": os.getpid(), "requests": self.stages.summary()},
         }
 
     @app.post(

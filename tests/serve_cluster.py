@@ -69,11 +69,18 @@ class Cluster:
         return copy.deepcopy(self.config)
 
     def wait_ready(self, timeout_s: float = 420.0) -> None:
+        self.wait_ready_at(self.url, timeout_s)
+
+    def wait_ready_at(
+        self, url: str, timeout_s: float = 420.0, headers: dict[str, str] | None = None
+    ) -> None:
+        """Wait until ``url``/v1/models answers 200 (every model is up); fail at once when a
+        deploy failed."""
         deadline = time.monotonic() + timeout_s
         last: object = None
         while time.monotonic() < deadline:
             try:
-                response = httpx.get(f"{self.url}/v1/models", timeout=10)
+                response = httpx.get(f"{url}/v1/models", timeout=10, headers=headers)
                 if response.status_code == 200:
                     return
                 last = response.text

@@ -279,3 +279,10 @@ def test_service_still_healthy_after_bad_input(client: httpx.Client) -> None:
         headers={"Content-Type": "image/png"},
     )
     assert response.status_code == 200
+
+
+def test_router_reports_time_per_route(client: httpx.Client) -> None:
+    client.get("/healthz")
+    requests = client.get("/v1/models").json()["router"]["requests"]
+    assert requests["/healthz"]["count"] >= 1
+    assert requests["/healthz"]["mean_ms"] >= 0
