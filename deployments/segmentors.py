@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import numpy as np
@@ -55,13 +54,9 @@ class RMBGDeployment(SegmentorReplica):
         alpha = await self.submit(frame, None, deadline)
         if output == "alpha":
             return alpha
-        started = time.perf_counter()
-        try:
-            if output == "mask":
-                return await self.off_loop(mask_png, alpha)
-            return await self.off_loop(rgba_png, frame, alpha)
-        finally:
-            self.metrics.stage("encode", time.perf_counter() - started)
+        if output == "mask":
+            return await self.encode(mask_png, alpha)
+        return await self.encode(rgba_png, frame, alpha)
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=10)

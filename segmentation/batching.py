@@ -58,9 +58,10 @@ class AdaptiveBatchCap:
         self._successes = 0
 
     def set_ceiling(self, ceiling: int) -> None:
+        """A new configured maximum: the live cap starts again from it."""
         with self._lock:
             self.ceiling = max(1, ceiling)
-            self.value = min(self.value, self.ceiling) if self.value else self.ceiling
+            self.value = self.ceiling
             self._successes = 0
 
     def on_oom(self, batch_size: int) -> None:

@@ -77,6 +77,8 @@ def test_cap_recovers_slowly_after_sustained_success() -> None:
     assert cap.value == 5
     cap.set_ceiling(3)
     assert cap.value == 3
+    cap.set_ceiling(16)  # a larger max_batch_size applies at once, not after recovery
+    assert cap.value == 16
 
 
 def test_later_batches_respect_the_lowered_cap() -> None:
