@@ -69,6 +69,9 @@ class RouterArgs(_Strict):
         description="Name of an environment variable holding the API key; when it is set and "
         "non-empty, requests need 'Authorization: Bearer <key>'. Off by default.",
     )
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="Largest decoded image, in pixels (413 above)."
+    )
     product_margin: float = Field(
         0.1, ge=0.0, le=1.0, description="Margin added around each product box before RMBG."
     )

@@ -57,12 +57,10 @@ class SegmentorReplica:
         self.runner = OOMSafeRunner(self.run_model, self.cap)
         self.metrics = SegmentorMetrics(self.name)
         self._gpu = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-gpu")
-        # Decoding feeds the GPU and encoding drains it: separate pools, so slow encodes
-        # (a 1080p RGBA PNG is ~150 ms of CPU) never hold back the frames of the next batch.
-        # Pillow and zlib release the GIL, so these threads run in parallel.
-        workers = max(2, os.cpu_count() or 2)
-        self._decoder = ThreadPoolExecutor(workers, thread_name_prefix=f"{self.name}-decode")
-        self._encoder = ThreadPoolExecutor(workers, thread_name_prefix=f"{self.name}-encode")
+        # The router decodes and encodes images; this pool only serves callers that send
+        # encoded bytes through a handle. Few threads: codec threads in the GPU process
+        # contend for the GIL with kernel launches.
+        self._decoder = ThreadPoolExecutor(2, thread_name_prefix=f"{self.name}-decode")
         self.memory_fraction = self._limit_gpu_memory()
         self.memory_cap: int | None = None
         self.warmed_batch = 0
@@ -185,10 +183,6 @@ class SegmentorReplica:
         except SegmentationError as exc:
             self.metrics.reject(exc.code)
             raise
-
-    async def encode(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run an output encoder off the event loop, in the encode pool."""
-        return await self._timed(self._encoder, "encode", fn, *args)
 
     async def _timed(
         self, pool: ThreadPoolExecutor, stage: str, fn: Callable[..., T], *args: Any, **kw: Any

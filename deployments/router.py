@@ -4,8 +4,11 @@ import asyncio
 import hmac
 import os
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -16,7 +19,7 @@ from deployments.errors import error_body, install_handlers, unwrap
 from deployments.inputs import read_form_files, read_image
 from deployments.metrics import StageTotals
 from deployments.status import replica_counts
-from segmentation.encoders import b64, rgba_png
+from segmentation.encoders import b64, mask_png, rgba_png
 from segmentation.errors import InvalidRequestError, SegmentationError, UnauthorizedError
 from segmentation.imaging import crop_with_margin, decode_image
 from segmentation.models.yolo_segmentor import DetectOptions
@@ -40,6 +43,7 @@ async def _time_requests(request: Request, call_next: Any) -> Any:
     return response
 
 
+T = TypeVar("T")
 Conf = Annotated[float, Query(ge=0.0, le=1.0, description="Minimum detection score.")]
 Iou = Annotated[float, Query(ge=0.0, le=1.0, description="NMS IoU threshold.")]
 MaxDet = Annotated[int, Query(ge=1, le=1000, description="Most instances per frame.")]
@@ -100,6 +104,10 @@ class Router:
         key = os.environ.get(self.args.api_key_env, "") if self.args.api_key_env else ""
         self.api_key: str | None = key or None
         self.stages = StageTotals()
+        # Image codecs run here, in the router processes, not in the GPU replicas: a GPU
+        # replica whose threads fight for the GIL launches kernels slowly and forms small
+        # batches. Scale CPU codec capacity with the number of router replicas.
+        self._codec = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="codec")
         app.state.router = self
 
     @app.get("/healthz")
@@ -131,8 +139,8 @@ class Router:
         timeout_ms: Timeout = None,
     ) -> Response:
         """RGBA cutout (``output=rgba``) or grayscale alpha matte (``output=mask``) as PNG."""
-        data = await read_image(request, self.args.max_body_bytes)
-        png = await self._call(self.rmbg.remove_background, data, output, deadline_of(timeout_ms))
+        frame = await self._decode(await read_image(request, self.args.max_body_bytes))
+        png = await self._cutout(frame, output, deadline_of(timeout_ms))
         return Response(png, media_type="image/png")
 
     @app.post("/v1/segment", dependencies=[Auth])
@@ -143,9 +151,9 @@ class Router:
         timeout_ms: Timeout = None,
     ) -> dict[str, Any]:
         """Instances with boxes, scores, classes and COCO RLE masks."""
-        data = await read_image(request, self.args.max_body_bytes)
+        frame = await self._decode(await read_image(request, self.args.max_body_bytes))
         result: dict[str, Any] = await self._call(
-            self.yolo.segment, data, options, deadline_of(timeout_ms)
+            self.yolo.segment, frame, options, deadline_of(timeout_ms)
         )
         return result
 
@@ -158,18 +166,17 @@ class Router:
         timeout_ms: Timeout = None,
     ) -> dict[str, Any]:
         """YOLO finds the objects; RMBG-2.0 cuts each one out (crop plus margin) as RGBA PNG."""
-        data = await read_image(request, self.args.max_body_bytes)
+        frame = await self._decode(await read_image(request, self.args.max_body_bytes))
         deadline = deadline_of(timeout_ms)
-        frame = await asyncio.to_thread(decode_image, data)
         found = await self._call(self.yolo.segment, frame, options, deadline)
         margin = self.args.product_margin if margin is None else margin
         crops = [crop_with_margin(frame, inst["box"], margin) for inst in found["instances"]]
         mattes = await asyncio.gather(
-            *(self._call(self.rmbg.remove_background, crop, "alpha", deadline) for crop, _ in crops)
+            *(self._call(self.rmbg.remove_background, crop, deadline) for crop, _ in crops)
         )
         cutouts = await asyncio.gather(
             *(
-                asyncio.to_thread(rgba_png, crop, alpha)
+                self._encode(rgba_png, crop, alpha)
                 for (crop, _), alpha in zip(crops, mattes, strict=True)
             )
         )
@@ -201,11 +208,14 @@ class Router:
             request, "frames", self.args.max_body_bytes, self.args.max_frames_per_request
         )
         deadline = deadline_of(timeout_ms)
-        if task == "segment":
-            calls = [self._call(self.yolo.segment, f, options, deadline) for f in files]
-        else:
-            calls = [self._call(self.rmbg.remove_background, f, output, deadline) for f in files]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+
+        async def one(data: bytes) -> Any:
+            frame = await self._decode(data)
+            if task == "segment":
+                return await self._call(self.yolo.segment, frame, options, deadline)
+            return await self._cutout(frame, output, deadline)
+
+        results = await asyncio.gather(*(one(f) for f in files), return_exceptions=True)
         entries: list[dict[str, Any]] = []
         for index, result in enumerate(results):
             if isinstance(result, SegmentationError):
@@ -220,6 +230,27 @@ class Router:
         return JSONResponse(
             {"task": task, "count": len(entries), "failed": failed, "frames": entries}
         )
+
+    async def _decode(self, data: bytes) -> np.ndarray:
+        """Decode and validate one image in the codec pool (413/415/400 on bad input)."""
+        return await self._encode(decode_image, data, max_pixels=self.args.max_pixels)
+
+    async def _cutout(self, frame: np.ndarray, output: str, deadline: float | None) -> bytes:
+        """RMBG-2.0 matte of ``frame``, encoded as an RGBA cutout or a grayscale mask PNG."""
+        alpha = await self._call(self.rmbg.remove_background, frame, deadline)
+        if output == "mask":
+            return await self._encode(mask_png, alpha)
+        return await self._encode(rgba_png, frame, alpha)
+
+    async def _encode(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a codec off the event loop; its time is reported per function."""
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._codec, lambda: fn(*args, **kwargs)
+            )
+        finally:
+            self.stages.add(f"codec:{fn.__name__}", time.perf_counter() - started)
 
     async def _call(self, method: Any, *args: Any) -> Any:
         """Call a deployment method, re-raising the replica's own error type."""

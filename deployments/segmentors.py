@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -10,16 +10,13 @@ from ray import serve
 from deployments.config import SegmentorArgs
 from deployments.replica import Pending, SegmentorReplica
 from segmentation.config import Settings
-from segmentation.encoders import mask_png, rgba_png
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.models.yolo_segmentor import DetectOptions, YoloSegmentor
-
-Output = Literal["rgba", "mask", "alpha"]
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 class RMBGDeployment(SegmentorReplica):
-    """RMBG-2.0 background removal; answers RGBA cutouts or grayscale mattes as PNG."""
+    """RMBG-2.0 background removal; answers uint8 alpha mattes (the router encodes PNGs)."""
 
     name = "rmbg-2.0"
 
@@ -47,16 +44,12 @@ class RMBGDeployment(SegmentorReplica):
         return await self.process_batch(items)
 
     async def remove_background(
-        self, image: bytes | np.ndarray, output: Output = "rgba", deadline: float | None = None
-    ) -> bytes | np.ndarray:
-        """PNG cutout (``rgba``), PNG matte (``mask``) or the raw uint8 matte (``alpha``)."""
+        self, image: bytes | np.ndarray, deadline: float | None = None
+    ) -> np.ndarray:
+        """The uint8 alpha matte (``HxW``) of one image: decoded RGB array or encoded bytes."""
         frame = await self.decode(image)
-        alpha = await self.submit(frame, None, deadline)
-        if output == "alpha":
-            return alpha
-        if output == "mask":
-            return await self.encode(mask_png, alpha)
-        return await self.encode(rgba_png, frame, alpha)
+        alpha: np.ndarray = await self.submit(frame, None, deadline)
+        return alpha
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
