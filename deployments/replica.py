@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ class SegmentorReplica:
         self.runner = OOMSafeRunner(self.run_model, self.cap)
         self.metrics = SegmentorMetrics(self.name)
         self._gpu = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-gpu")
+        self._waiting: deque[tuple[list[Pending], asyncio.Future[list[Any]]]] = deque()
+        self._drain_task: asyncio.Task[None] | None = None
         # The router decodes and encodes images; this pool only serves callers that send
         # encoded bytes through a handle. Few threads: codec threads in the GPU process
         # contend for the GIL with kernel launches.
@@ -214,7 +217,45 @@ class SegmentorReplica:
         return result
 
     async def process_batch(self, items: list[Pending]) -> list[Any]:
-        """Body of the ``@serve.batch`` method: drop expired frames, run the rest OOM-safely."""
+        """Body of the ``@serve.batch`` method: hand the batch to the GPU queue.
+
+        ``@serve.batch`` forms its next batch while the previous one still runs, so under a
+        model slower than the batch window it emits many small batches that then wait in
+        line. Batches waiting here are merged (up to the live cap) before each GPU call, so
+        the model sees full batches however the window was cut.
+        """
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((items, future))
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                groups = [self._waiting.popleft()]
+                count = len(groups[0][0])
+                while self._waiting and count + len(self._waiting[0][0]) <= max(1, self.cap.value):
+                    groups.append(self._waiting.popleft())
+                    count += len(groups[-1][0])
+                merged = [item for group, _ in groups for item in group]
+                try:
+                    results = await self._run_merged(merged)
+                except Exception as exc:
+                    for _, future in groups:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                offset = 0
+                for group, future in groups:
+                    if not future.done():
+                        future.set_result(results[offset : offset + len(group)])
+                    offset += len(group)
+        finally:
+            self._drain_task = None
+
+    async def _run_merged(self, items: list[Pending]) -> list[Any]:
+        """Drop expired frames, run the rest OOM-safely on the GPU thread."""
         now, wall = time.monotonic(), time.time()
         results: list[Any] = [None] * len(items)
         live: list[int] = []

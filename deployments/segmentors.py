@@ -39,7 +39,7 @@ class RMBGDeployment(SegmentorReplica):
     def run_model(self, items: list[Pending]) -> list[np.ndarray]:
         return self.segmentor.predict([item.frame for item in items])
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=64)
     async def batched(self, items: list[Pending]) -> list[Any]:
         return await self.process_batch(items)
 
@@ -83,7 +83,7 @@ class YoloDeployment(SegmentorReplica):
             for d in detections
         ]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=64)
     async def batched(self, items: list[Pending]) -> list[Any]:
         return await self.process_batch(items)
 
