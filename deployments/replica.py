@@ -68,6 +68,7 @@ class SegmentorReplica:
         self.memory_cap: int | None = None
         self.warmed_batch = 0
         self.batches_run = 0
+        self._fp32_reported = 0
         self.largest_batch = 0
         info = self.segmentor.info()
         logger.info(
@@ -285,6 +286,10 @@ class SegmentorReplica:
             for index, output in zip(live, outputs, strict=True):
                 results[index] = output
             self.metrics.frames.inc(len(live) - report.failed_frames, tags={"outcome": "ok"})
+            recomputed = getattr(self.segmentor, "fp32_recomputed", 0)
+            if recomputed > self._fp32_reported:
+                self.metrics.fp32_fallbacks.inc(recomputed - self._fp32_reported)
+                self._fp32_reported = recomputed
             self.metrics.memory(gpu_memory(self.device))
             self._sync_batch_size()
         return results
@@ -300,6 +305,7 @@ class SegmentorReplica:
                 "memory_cap": self.memory_cap,
                 "batches_run": self.batches_run,
                 "largest_batch": self.largest_batch,
+                "fp32_recomputed_frames": self._fp32_reported,
             },
             "stages": self.metrics.totals.summary(),
             "gpu_memory": {**gpu_memory(self.device), "fraction": self.memory_fraction},

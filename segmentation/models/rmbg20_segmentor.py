@@ -76,6 +76,8 @@ class RMBG20Segmentor:
             prepare=cast_attention_masks,
         )
         self.model = model.to(self.device)
+        #: Frames whose FP16 output had non-finite values and were recomputed in FP32.
+        self.fp32_recomputed = 0
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
 
@@ -101,7 +103,30 @@ class RMBG20Segmentor:
             return []
         batch = self.preprocess(frames)
         logits = self.forward(batch)
+        if logits.dtype == torch.float16:
+            logits = self._recompute_non_finite(batch, logits)
         return self.postprocess(logits, [frame.shape[:2] for frame in frames])
+
+    def _recompute_non_finite(self, batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Recompute in FP32 the frames whose FP16 logits overflowed (inf/NaN).
+
+        The weights are cast up for the call and back down after it (FP16 -> FP32 -> FP16 is
+        exact); only the GPU thread touches the model, so nothing else sees the FP32 weights.
+        """
+        bad = ~torch.isfinite(logits).flatten(1).all(dim=1)
+        if not bool(bad.any()):
+            return logits
+        count = int(bad.sum())
+        logger.warning("FP16 output of %d frame(s) was not finite; recomputing in FP32", count)
+        self.model.float()
+        try:
+            fixed = self.forward(batch[bad].float())
+        finally:
+            self.model.half()
+        logits = logits.float()
+        logits[bad] = fixed
+        self.fp32_recomputed += count
+        return logits
 
     def preprocess(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
         """Resize to ``input_size`` and normalise on the device: ``[B, 3, S, S]``, model dtype."""
