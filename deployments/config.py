@@ -53,6 +53,12 @@ class SegmentorArgs(_Strict):
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, description="Largest decoded image, in pixels (413 above)."
     )
+    fault_oom_above_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Resilience testing only: model calls on more frames than this raise a CUDA "
+        "out-of-memory error, as a full card would. Never set in production.",
+    )
 
 
 class RouterArgs(_Strict):
@@ -60,6 +66,11 @@ class RouterArgs(_Strict):
 
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 above)."
+    )
+    max_inflight_frames: int = Field(
+        1024,
+        ge=1,
+        description="Frames one router replica holds at once; beyond it, 503 with Retry-After.",
     )
     max_frames_per_request: int = Field(
         256, ge=1, le=4096, description="Most frames in one /v1/frames request."

@@ -55,7 +55,15 @@ class SegmentorReplica:
         self.device = self.segmentor.device
         self.batch_config = BatchConfig()
         self.cap = AdaptiveBatchCap(self.batch_config.max_batch_size)
-        self.runner = OOMSafeRunner(self.run_model, self.cap)
+        run = self.run_model
+        if self.args.fault_oom_above_batch is not None:
+            run = _oom_above(run, self.args.fault_oom_above_batch)
+            logger.warning(
+                "%s: fault injection on, OOM above batch %d",
+                self.name,
+                self.args.fault_oom_above_batch,
+            )
+        self.runner = OOMSafeRunner(run, self.cap)
         self.metrics = SegmentorMetrics(self.name)
         self._gpu = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-gpu")
         self._waiting: deque[tuple[list[Pending], asyncio.Future[list[Any]]]] = deque()
@@ -68,6 +76,7 @@ class SegmentorReplica:
         self.memory_cap: int | None = None
         self.warmed_batch = 0
         self.batches_run = 0
+        self.oom_splits = 0
         self._fp32_reported = 0
         self.largest_batch = 0
         info = self.segmentor.info()
@@ -281,6 +290,7 @@ class SegmentorReplica:
             self.largest_batch = max(self.largest_batch, report.largest_run)
             if report.oom_splits:
                 self.metrics.oom_splits.inc(report.oom_splits)
+                self.oom_splits += report.oom_splits
             if report.failed_frames:
                 self.metrics.reject("oom")
             for index, output in zip(live, outputs, strict=True):
@@ -306,6 +316,7 @@ class SegmentorReplica:
                 "batches_run": self.batches_run,
                 "largest_batch": self.largest_batch,
                 "fp32_recomputed_frames": self._fp32_reported,
+                "oom_splits": self.oom_splits,
             },
             "stages": self.metrics.totals.summary(),
             "gpu_memory": {**gpu_memory(self.device), "fraction": self.memory_fraction},
@@ -336,3 +347,16 @@ def _gpu_identity(device: torch.device) -> dict[str, str | None]:
         "uuid": str(getattr(props, "uuid", "")),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
+
+
+def _oom_above(run: Callable[[list[Pending]], list[Any]], limit: int) -> Callable[..., list[Any]]:
+    """``run`` that fails like a full GPU on batches larger than ``limit`` (fault injection)."""
+
+    def faulty(items: list[Pending]) -> list[Any]:
+        if len(items) > limit:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (injected: batch {len(items)} > {limit})"
+            )
+        return run(items)
+
+    return faulty

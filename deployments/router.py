@@ -4,7 +4,7 @@ import asyncio
 import hmac
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.admission import FrameBudget
 from deployments.config import RouterArgs
 from deployments.errors import error_body, install_handlers, unwrap
 from deployments.inputs import read_form_files, read_image
@@ -87,7 +88,15 @@ async def require_api_key(request: Request) -> None:
         raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
+async def admit_one(request: Request) -> AsyncIterator[None]:
+    """Hold one frame of the router's in-flight budget for the whole request (503 past it)."""
+    router: Router = request.app.state.router
+    with router.budget.admit(1):
+        yield
+
+
 Auth = Depends(require_api_key)
+AdmitOne = Depends(admit_one)
 
 
 @serve.deployment(max_ongoing_requests=256, max_queued_requests=512)
@@ -104,6 +113,7 @@ class Router:
         key = os.environ.get(self.args.api_key_env, "") if self.args.api_key_env else ""
         self.api_key: str | None = key or None
         self.stages = StageTotals()
+        self.budget = FrameBudget(self.args.max_inflight_frames)
         # Image codecs run here, in the router processes, not in the GPU replicas: a GPU
         # replica whose threads fight for the GIL launches kernels slowly and forms small
         # batches. Scale CPU codec capacity with the number of router replicas.
@@ -123,12 +133,17 @@ class Router:
             info["replicas"] = replicas.get(deployment)
         return {
             "models": [rmbg, yolo],
-            "router": {"pid": os.getpid(), "requests": self.stages.summary()},
+            "router": {
+                "pid": os.getpid(),
+                "requests": self.stages.summary(),
+                "in_flight_frames": self.budget.in_flight,
+                "rejected": self.budget.rejected,
+            },
         }
 
     @app.post(
         "/v1/remove-background",
-        dependencies=[Auth],
+        dependencies=[Auth, AdmitOne],
         responses={200: {"content": {"image/png": {}}}},
         response_class=Response,
     )
@@ -143,7 +158,7 @@ class Router:
         png = await self._cutout(frame, output, deadline_of(timeout_ms))
         return Response(png, media_type="image/png")
 
-    @app.post("/v1/segment", dependencies=[Auth])
+    @app.post("/v1/segment", dependencies=[Auth, AdmitOne])
     async def segment(
         self,
         request: Request,
@@ -157,7 +172,7 @@ class Router:
         )
         return result
 
-    @app.post("/v1/products", dependencies=[Auth])
+    @app.post("/v1/products", dependencies=[Auth, AdmitOne])
     async def products(
         self,
         request: Request,
@@ -215,7 +230,8 @@ class Router:
                 return await self._call(self.yolo.segment, frame, options, deadline)
             return await self._cutout(frame, output, deadline)
 
-        results = await asyncio.gather(*(one(f) for f in files), return_exceptions=True)
+        with self.budget.admit(len(files)):
+            results = await asyncio.gather(*(one(f) for f in files), return_exceptions=True)
         entries: list[dict[str, Any]] = []
         for index, result in enumerate(results):
             if isinstance(result, SegmentationError):
