@@ -67,6 +67,11 @@ class RouterArgs(_Strict):
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 above)."
     )
+    device_jpeg_decode: bool = Field(
+        False,
+        description="Send plain JPEGs to the YOLO replica undecoded; it decodes them on its "
+        "device (nvJPEG on a GPU), sparing the router's CPU. Other images are decoded here.",
+    )
     max_inflight_frames: int = Field(
         1024,
         ge=1,

@@ -25,7 +25,7 @@ from deployments.metrics import SegmentorMetrics
 from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner
 from segmentation.config import Settings, load_settings
 from segmentation.errors import DeadlineExceededError, SegmentationError
-from segmentation.imaging import decode_image
+from segmentation.imaging import EncodedJPEG, decode_image
 from segmentation.models.base import gpu_memory
 
 logger = logging.getLogger("ray.serve")
@@ -37,7 +37,7 @@ T = TypeVar("T")
 class Pending:
     """A decoded frame waiting for a batch."""
 
-    frame: np.ndarray
+    frame: Any  # uint8 HxWx3 array, or an EncodedJPEG decoded on the model's device
     options: Any
     enqueued: float
     deadline: float | None
@@ -186,8 +186,9 @@ class SegmentorReplica:
         )
 
     # -- request path -------------------------------------------------------------------
-    async def decode(self, image: bytes | np.ndarray) -> np.ndarray:
-        if isinstance(image, np.ndarray):
+    async def decode(self, image: bytes | np.ndarray | EncodedJPEG) -> Any:
+        """A frame ready for batching: arrays and device-decodable JPEGs pass through."""
+        if isinstance(image, (np.ndarray, EncodedJPEG)):
             return image
         try:
             return await self._timed(

@@ -22,7 +22,7 @@ from deployments.metrics import StageTotals
 from deployments.status import replica_counts
 from segmentation.encoders import b64, mask_png, rgba_png
 from segmentation.errors import InvalidRequestError, SegmentationError, UnauthorizedError
-from segmentation.imaging import crop_with_margin, decode_image
+from segmentation.imaging import EncodedJPEG, crop_with_margin, decode_image, probe_jpeg
 from segmentation.models.yolo_segmentor import DetectOptions
 
 app = FastAPI(
@@ -166,7 +166,7 @@ class Router:
         timeout_ms: Timeout = None,
     ) -> dict[str, Any]:
         """Instances with boxes, scores, classes and COCO RLE masks."""
-        frame = await self._decode(await read_image(request, self.args.max_body_bytes))
+        frame = await self._decode_for_yolo(await read_image(request, self.args.max_body_bytes))
         result: dict[str, Any] = await self._call(
             self.yolo.segment, frame, options, deadline_of(timeout_ms)
         )
@@ -225,10 +225,10 @@ class Router:
         deadline = deadline_of(timeout_ms)
 
         async def one(data: bytes) -> Any:
-            frame = await self._decode(data)
             if task == "segment":
-                return await self._call(self.yolo.segment, frame, options, deadline)
-            return await self._cutout(frame, output, deadline)
+                image = await self._decode_for_yolo(data)
+                return await self._call(self.yolo.segment, image, options, deadline)
+            return await self._cutout(await self._decode(data), output, deadline)
 
         with self.budget.admit(len(files)):
             results = await asyncio.gather(*(one(f) for f in files), return_exceptions=True)
@@ -250,6 +250,15 @@ class Router:
     async def _decode(self, data: bytes) -> np.ndarray:
         """Decode and validate one image in the codec pool (413/415/400 on bad input)."""
         return await self._encode(decode_image, data, max_pixels=self.args.max_pixels)
+
+    async def _decode_for_yolo(self, data: bytes) -> np.ndarray | EncodedJPEG:
+        """Plain JPEGs go to the YOLO replica undecoded (nvJPEG there, when enabled);
+        anything else is decoded here."""
+        if self.args.device_jpeg_decode:
+            jpeg = await self._encode(probe_jpeg, data, max_pixels=self.args.max_pixels)
+            if jpeg is not None:
+                return jpeg
+        return await self._decode(data)
 
     async def _cutout(self, frame: np.ndarray, output: str, deadline: float | None) -> bytes:
         """RMBG-2.0 matte of ``frame``, encoded as an RGBA cutout or a grayscale mask PNG."""

@@ -10,6 +10,7 @@ from ray import serve
 from deployments.config import SegmentorArgs
 from deployments.replica import Pending, SegmentorReplica
 from segmentation.config import Settings
+from segmentation.imaging import EncodedJPEG, decode_jpegs_on
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.models.yolo_segmentor import DetectOptions, YoloSegmentor
 
@@ -69,19 +70,28 @@ class YoloDeployment(SegmentorReplica):
     def warmup_options(self) -> DetectOptions:
         return DetectOptions()
 
-    def run_model(self, items: list[Pending]) -> list[dict[str, Any]]:
+    def run_model(self, items: list[Pending]) -> list[Any]:
+        """Detections per item; JPEGs sent undecoded are decoded here, on the model's device,
+        and one that fails to decode gets its own error without failing the batch."""
+        frames: list[Any] = [item.frame for item in items]
+        encoded = [i for i, frame in enumerate(frames) if isinstance(frame, EncodedJPEG)]
+        if encoded:
+            decoded = decode_jpegs_on(self.device, [frames[i] for i in encoded])
+            for index, frame in zip(encoded, decoded, strict=True):
+                frames[index] = frame
+        results: list[Any] = [f if isinstance(f, Exception) else None for f in frames]
+        good = [i for i, f in enumerate(frames) if not isinstance(f, Exception)]
         detections = self.segmentor.predict(
-            [item.frame for item in items], [item.options for item in items]
+            [frames[i] for i in good], [items[i].options for i in good]
         )
-        return [
-            {
+        for index, d in zip(good, detections, strict=True):
+            results[index] = {
                 "width": d.width,
                 "height": d.height,
                 "model": self.segmentor.source,
                 "instances": [inst.as_dict() for inst in d.instances],
             }
-            for d in detections
-        ]
+        return results
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=64)
     async def batched(self, items: list[Pending]) -> list[Any]:
@@ -89,7 +99,7 @@ class YoloDeployment(SegmentorReplica):
 
     async def segment(
         self,
-        image: bytes | np.ndarray,
+        image: bytes | np.ndarray | EncodedJPEG,
         options: DetectOptions | None = None,
         deadline: float | None = None,
     ) -> dict[str, Any]:

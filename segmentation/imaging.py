@@ -12,8 +12,11 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from segmentation.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
@@ -113,3 +116,58 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+@dataclass(frozen=True)
+class EncodedJPEG:
+    """A JPEG whose header was validated, to be decoded next to the model (nvJPEG on a GPU).
+
+    Only plain RGB or grayscale JPEGs with no EXIF rotation qualify, so the device decoder
+    gives exactly what :func:`decode_image` would; everything else is decoded on the CPU.
+    """
+
+    data: bytes
+    width: int
+    height: int
+
+
+def probe_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> EncodedJPEG | None:
+    """Validate the header of ``data``; an :class:`EncodedJPEG` when the device can decode it.
+
+    Raises the same errors as :func:`decode_image` for bodies that are not images or are too
+    large; returns ``None`` for valid images that must be decoded on the CPU.
+    """
+    if not data:
+        raise InvalidImageError("empty body: send the image bytes")
+    try:
+        image = _pil_open()(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except Exception:
+        return None  # decode_image gives the precise error
+    width, height = image.size
+    if width * height > max_pixels:
+        raise PayloadTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
+    orientation = image.getexif().get(0x0112, 1)
+    if image.format != "JPEG" or image.mode not in ("RGB", "L") or orientation != 1:
+        return None
+    return EncodedJPEG(data, width, height)
+
+
+def decode_jpegs_on(device: torch.device, jpegs: Sequence[EncodedJPEG]) -> list[Any]:
+    """Decode on ``device`` (nvJPEG on CUDA, libjpeg on CPU): a ``3xHxW`` uint8 tensor per
+    image, or an :class:`InvalidImageError` for one that fails, without failing the others."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
+    try:
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        pass  # one bad image fails the whole call: decode one at a time
+    results: list[Any] = []
+    for tensor in tensors:
+        try:
+            results.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError as exc:
+            results.append(InvalidImageError(f"corrupt or truncated image: {exc}"))
+    return results

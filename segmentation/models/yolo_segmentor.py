@@ -138,7 +138,7 @@ class YoloSegmentor:
     @torch.inference_mode()
     def predict(
         self,
-        frames: Sequence[np.ndarray],
+        frames: Sequence[Frame],
         options: DetectOptions | Sequence[DetectOptions] | None = None,
     ) -> list[Detections]:
         """Instances per frame; boxes and masks at each frame's original size.
@@ -156,29 +156,31 @@ class YoloSegmentor:
         preds, protos = self.forward(batch)
         return self.postprocess(preds, protos, boxes, options)
 
-    def preprocess(self, frames: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[_Letterbox]]:
-        """Letterbox on the device. Same-size frames get the smallest stride-aligned rectangle."""
-        for frame in frames:
-            if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-                raise ValueError(
-                    f"expected a uint8 HxWx3 RGB frame, got {frame.dtype} {frame.shape}"
-                )
-        same = all(f.shape == frames[0].shape for f in frames)
-        if same:
-            out_h, out_w = self._rect_shape(*frames[0].shape[:2])
+    def preprocess(self, frames: Sequence[Frame]) -> tuple[torch.Tensor, list[_Letterbox]]:
+        """Letterbox on the device. Same-size frames get the smallest stride-aligned rectangle.
+
+        A frame is a uint8 ``HxWx3`` RGB array, or a uint8 ``3xHxW`` tensor already decoded
+        on a device (nvJPEG), which then never passes through host memory.
+        """
+        sizes = [_frame_size(frame) for frame in frames]
+        if all(size == sizes[0] for size in sizes):
+            out_h, out_w = self._rect_shape(*sizes[0])
         else:
             out_h = out_w = self.imgsz
         pin = self.device.type == "cuda"
         batch = torch.full((len(frames), 3, out_h, out_w), PAD_VALUE, device=self.device)
         boxes: list[_Letterbox] = []
-        for index, frame in enumerate(frames):
-            height, width = frame.shape[:2]
+        for index, (frame, (height, width)) in enumerate(zip(frames, sizes, strict=True)):
             scale = min(out_h / height, out_w / width)
             new_h, new_w = max(round(height * scale), 1), max(round(width * scale), 1)
             top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
-            host = torch.from_numpy(frame if frame.flags.writeable else frame.copy())
-            image = (host.pin_memory() if pin else host).to(self.device, non_blocking=pin)
-            image = image.permute(2, 0, 1)[None].float().div_(255.0)
+            if isinstance(frame, torch.Tensor):
+                chw = frame.to(self.device, non_blocking=True)
+            else:
+                host = torch.from_numpy(frame if frame.flags.writeable else frame.copy())
+                chw = (host.pin_memory() if pin else host).to(self.device, non_blocking=pin)
+                chw = chw.permute(2, 0, 1)
+            image = chw[None].float().div_(255.0)
             if (new_h, new_w) != (height, width):
                 image = F.interpolate(
                     image, size=(new_h, new_w), mode="bilinear", align_corners=False
@@ -279,6 +281,22 @@ class YoloSegmentor:
             binary = ((part > 0) & inside).to(torch.uint8).cpu().numpy()
             encoded.extend(encode_rle(mask) for mask in binary)
         return encoded
+
+
+Frame = np.ndarray | torch.Tensor
+
+
+def _frame_size(frame: Frame) -> tuple[int, int]:
+    """(height, width) of an ``HxWx3`` uint8 array or a ``3xHxW`` uint8 tensor."""
+    if isinstance(frame, torch.Tensor):
+        if frame.ndim != 3 or frame.shape[0] != 3 or frame.dtype != torch.uint8:
+            raise ValueError(
+                f"expected a uint8 3xHxW tensor, got {frame.dtype} {tuple(frame.shape)}"
+            )
+        return int(frame.shape[1]), int(frame.shape[2])
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 RGB frame, got {frame.dtype} {frame.shape}")
+    return int(frame.shape[0]), int(frame.shape[1])
 
 
 def _load_ultralytics(path: str) -> torch.nn.Module:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def apps(cluster: Cluster) -> Iterator[dict[str, str]]:
     """Two more applications beside the demo: one with OOM injected above batch 1, one whose
-    router takes a single frame at a time."""
+    router holds at most 3 frames at a time and sends JPEGs undecoded to the YOLO replica."""
     config = cluster.app_config()
     demo = config["applications"][0]
 
@@ -51,10 +51,10 @@ def apps(cluster: Cluster) -> Iterator[dict[str, str]]:
             {"rmbg": {"fault_oom_above_batch": 1}},
             {"max_batch_size": 4, "batch_wait_timeout_s": 0.2, "oom_recover_after": 1000},
         ),
-        variant("tight", {"router": {"max_inflight_frames": 1}}, {}),
+        variant("edge", {"router": {"max_inflight_frames": 3, "device_jpeg_decode": True}}, {}),
     ]
     cluster.deploy(config, "resilience.yaml")
-    urls = {name: f"{cluster.url}/{name}" for name in ("oom", "tight")}
+    urls = {name: f"{cluster.url}/{name}" for name in ("oom", "edge")}
     try:
         for url in urls.values():
             cluster.wait_ready_at(url)
@@ -101,7 +101,7 @@ def test_injected_oom_splits_batches_and_every_frame_is_answered_correctly(
 
 def test_overload_gets_503_with_retry_after_and_nothing_is_lost(apps: dict[str, str]) -> None:
     bodies = [encode(product_frame(320, 240, seed=i), "PNG") for i in range(16)]
-    responses = asyncio.run(_burst(apps["tight"], bodies))
+    responses = asyncio.run(_burst(apps["edge"], bodies))
     statuses = [r.status_code for r in responses]
     assert len(statuses) == 16 and set(statuses) <= {200, 503}
     assert 503 in statuses and 200 in statuses
@@ -109,3 +109,32 @@ def test_overload_gets_503_with_retry_after_and_nothing_is_lost(apps: dict[str, 
         if response.status_code == 503:
             assert response.headers["Retry-After"] == "1"
             assert response.json()["error"]["code"] == "overloaded"
+
+
+def test_jpegs_decoded_next_to_the_model_and_a_corrupt_one_fails_alone(
+    apps: dict[str, str],
+) -> None:
+    good = encode(product_frame(200, 120, seed=7), "JPEG", quality=95)
+    corrupt = good[: len(good) // 3]  # a valid header, truncated data: fails in the replica
+    files = [
+        ("frames", ("0.jpg", good, "image/jpeg")),
+        ("frames", ("1.jpg", corrupt, "image/jpeg")),
+        ("frames", ("2.png", encode(product_frame(90, 60), "PNG"), "image/png")),
+    ]
+    response = httpx.post(
+        f"{apps['edge']}/v1/frames", params={"task": "segment"}, files=files, timeout=120
+    )
+    assert response.status_code == 200
+    frames = response.json()["frames"]
+    assert (frames[0]["width"], frames[0]["height"]) == (200, 120)
+    assert frames[0]["instances"]
+    assert frames[1]["error"]["code"] == "invalid_image"
+    assert (frames[2]["width"], frames[2]["height"]) == (90, 60)
+    single = httpx.post(
+        f"{apps['edge']}/v1/segment",
+        content=good,
+        headers={"Content-Type": "image/jpeg"},
+        timeout=120,
+    )
+    assert single.status_code == 200
+    assert (single.json()["width"], single.json()["height"]) == (200, 120)

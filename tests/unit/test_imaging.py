@@ -134,3 +134,60 @@ def test_bad_bytes_never_reach_the_ultralytics_open_patch() -> None:
         decode_image(b"garbage bytes")
     with pytest.raises(UnsupportedMediaTypeError, match="GIF"):
         decode_image(_save(Image.new("RGB", (4, 4)), "GIF"))
+
+
+def test_probe_jpeg_passes_plain_jpegs_to_the_device() -> None:
+    from segmentation.imaging import EncodedJPEG, probe_jpeg
+
+    data = encode(product_frame(64, 48), "JPEG")
+    assert probe_jpeg(data) == EncodedJPEG(data, 64, 48)
+    gray = _save(Image.new("L", (9, 7), 50), "JPEG")
+    assert probe_jpeg(gray) == EncodedJPEG(gray, 9, 7)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: encode(product_frame(16, 16), "PNG"),
+        lambda: _save(Image.new("CMYK", (8, 8)), "JPEG"),
+        lambda: _save(Image.fromarray(product_frame(40, 20)), "JPEG", exif=_rotated_exif()),
+        lambda: b"not an image",
+    ],
+    ids=["png", "cmyk", "exif-rotated", "garbage"],
+)
+def test_probe_jpeg_leaves_other_images_to_the_cpu(make: object) -> None:
+    from segmentation.imaging import probe_jpeg
+
+    assert probe_jpeg(make()) is None  # type: ignore[operator]
+
+
+def _rotated_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif
+
+
+def test_probe_jpeg_enforces_limits_from_the_header() -> None:
+    from segmentation.imaging import probe_jpeg
+
+    with pytest.raises(PayloadTooLargeError):
+        probe_jpeg(encode(product_frame(100, 100), "JPEG"), max_pixels=5000)
+    with pytest.raises(InvalidImageError, match="empty body"):
+        probe_jpeg(b"")
+
+
+def test_device_decode_matches_cpu_decode_and_isolates_bad_images() -> None:
+    import torch
+
+    from segmentation.imaging import EncodedJPEG, decode_jpegs_on
+
+    good = encode(product_frame(64, 48, seed=3), "JPEG")
+    truncated = good[: len(good) // 3]
+    out = decode_jpegs_on(
+        torch.device("cpu"),
+        [EncodedJPEG(good, 64, 48), EncodedJPEG(truncated, 64, 48), EncodedJPEG(good, 64, 48)],
+    )
+    assert isinstance(out[1], InvalidImageError)
+    assert out[0].shape == (3, 48, 64) and out[0].dtype == torch.uint8
+    reference = decode_image(good)
+    assert np.abs(out[0].permute(1, 2, 0).numpy().astype(int) - reference.astype(int)).max() <= 2

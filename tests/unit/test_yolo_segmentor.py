@@ -144,3 +144,13 @@ def test_missing_weights_file_is_a_clear_error(tmp_path: object) -> None:
 def test_detection_only_checkpoint_is_refused() -> None:
     with pytest.raises(ModelLoadError, match="not a segmentation model"):
         YoloSegmentor("yolo11n.yaml", device="cpu")
+
+
+def test_device_tensors_give_the_same_detections_as_arrays(segmentor: YoloSegmentor) -> None:
+    frame = product_frame(320, 200, seed=5)
+    from_array = segmentor.predict([frame])[0]
+    from_tensor = segmentor.predict([torch.from_numpy(frame).permute(2, 0, 1).contiguous()])[0]
+    assert (from_tensor.width, from_tensor.height) == (320, 200)
+    assert [i.box for i in from_tensor.instances] == [i.box for i in from_array.instances]
+    with pytest.raises(ValueError, match="3xHxW"):
+        segmentor.predict([torch.zeros(200, 320, 3, dtype=torch.uint8)])
