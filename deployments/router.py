@@ -191,7 +191,7 @@ class Router:
         )
         cutouts = await asyncio.gather(
             *(
-                self._encode(rgba_png, crop, alpha)
+                self._run_codec(rgba_png, crop, alpha)
                 for (crop, _), alpha in zip(crops, mattes, strict=True)
             )
         )
@@ -249,13 +249,13 @@ class Router:
 
     async def _decode(self, data: bytes) -> np.ndarray:
         """Decode and validate one image in the codec pool (413/415/400 on bad input)."""
-        return await self._encode(decode_image, data, max_pixels=self.args.max_pixels)
+        return await self._run_codec(decode_image, data, max_pixels=self.args.max_pixels)
 
     async def _decode_for_yolo(self, data: bytes) -> np.ndarray | EncodedJPEG:
         """Plain JPEGs go to the YOLO replica undecoded (nvJPEG there, when enabled);
         anything else is decoded here."""
         if self.args.device_jpeg_decode:
-            jpeg = await self._encode(probe_jpeg, data, max_pixels=self.args.max_pixels)
+            jpeg = await self._run_codec(probe_jpeg, data, max_pixels=self.args.max_pixels)
             if jpeg is not None:
                 return jpeg
         return await self._decode(data)
@@ -264,10 +264,10 @@ class Router:
         """RMBG-2.0 matte of ``frame``, encoded as an RGBA cutout or a grayscale mask PNG."""
         alpha = await self._call(self.rmbg.remove_background, frame, deadline)
         if output == "mask":
-            return await self._encode(mask_png, alpha)
-        return await self._encode(rgba_png, frame, alpha)
+            return await self._run_codec(mask_png, alpha)
+        return await self._run_codec(rgba_png, frame, alpha)
 
-    async def _encode(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _run_codec(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a codec off the event loop; its time is reported per function."""
         started = time.perf_counter()
         try:
