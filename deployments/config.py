@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from segmentation.imaging import DEFAULT_MAX_PIXELS
 
@@ -100,9 +100,9 @@ class AppArgs(_Strict):
     yolo: SegmentorArgs = Field(default_factory=SegmentorArgs)
     router: RouterArgs = Field(default_factory=RouterArgs)
 
-    @model_validator(mode="after")
-    def _input_sizes(self) -> AppArgs:
-        size = self.yolo.input_size
-        if size is not None and size % 32:
-            raise ValueError(f"yolo.input_size must be a multiple of 32, got {size}")
-        return self
+    @field_validator("yolo")
+    @classmethod
+    def _yolo_stride(cls, yolo: SegmentorArgs) -> SegmentorArgs:
+        if yolo.input_size is not None and yolo.input_size % 32:
+            raise ValueError(f"input_size must be a multiple of 32, got {yolo.input_size}")
+        return yolo

@@ -41,6 +41,7 @@ class Cluster:
     config: dict[str, Any]
     workdir: Path
     env: dict[str, str]
+    metrics_url: str = ""
 
     def deploy(self, config: dict[str, Any], name: str = "config.yaml") -> None:
         path = self.workdir / name
@@ -122,7 +123,7 @@ def running_cluster(
         "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         **(extra_env or {}),
     }
-    dashboard_port, http_port = free_port(), free_port()
+    dashboard_port, http_port, metrics_port = free_port(), free_port(), free_port()
     subprocess.run(
         [
             *_tool("ray"),
@@ -139,6 +140,8 @@ def running_cluster(
             "--include-dashboard",
             "true",
             "--disable-usage-stats",
+            "--metrics-export-port",
+            str(metrics_port),
         ],
         check=True,
         env=env,
@@ -154,6 +157,7 @@ def running_cluster(
         config=config,
         workdir=workdir,
         env=env,
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
     )
     try:
         cluster.deploy(config)
