@@ -32,6 +32,9 @@ PAD_VALUE = 114 / 255.0
 #: 32 Mi elements = 128 MiB of float32, whatever the frame size or instance count.
 MASK_ELEMENT_BUDGET = 32 * 1024 * 1024
 
+#: A uint8 ``HxWx3`` RGB array, or a uint8 ``3xHxW`` tensor already decoded on a device.
+Frame = np.ndarray | torch.Tensor
+
 
 @dataclass(frozen=True)
 class Instance:
@@ -281,9 +284,6 @@ class YoloSegmentor:
             binary = ((part > 0) & inside).to(torch.uint8).cpu().numpy()
             encoded.extend(encode_rle(mask) for mask in binary)
         return encoded
-
-
-Frame = np.ndarray | torch.Tensor
 
 
 def _frame_size(frame: Frame) -> tuple[int, int]:
