@@ -45,9 +45,11 @@ class RMBGDeployment(SegmentorReplica):
         return await self.process_batch(items)
 
     async def remove_background(
-        self, image: bytes | np.ndarray, deadline: float | None = None
+        self, image: bytes | np.ndarray | EncodedJPEG, deadline: float | None = None
     ) -> np.ndarray:
         """The uint8 alpha matte (``HxW``) of one image: decoded RGB array or encoded bytes."""
+        if isinstance(image, EncodedJPEG):  # decoded on the CPU: the cutout needs its pixels
+            image = image.data
         frame = await self.decode(image)
         alpha: np.ndarray = await self.submit(frame, None, deadline)
         return alpha
