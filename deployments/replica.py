@@ -1,8 +1,8 @@
 """What both segmentor deployments share: loading, batching, OOM safety, warm-up, health.
 
-Each request is decoded and validated on its own (codec thread pool) before it joins a batch,
-so a corrupt image fails only its own request. Batches run on a single GPU thread, so the
-event loop stays free and the next batch forms while the GPU works.
+Frames arrive decoded and validated (the router decodes each request on its own, so a
+corrupt image fails only its own request). Batches run on a single GPU thread, so the event
+loop stays free and the next batch forms while the GPU works.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +29,6 @@ from segmentation.imaging import EncodedJPEG, decode_image
 from segmentation.models.base import gpu_memory
 
 logger = logging.getLogger("ray.serve")
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -190,32 +188,22 @@ class SegmentorReplica:
         """A frame ready for batching: arrays and device-decodable JPEGs pass through."""
         if isinstance(image, (np.ndarray, EncodedJPEG)):
             return image
-        try:
-            return await self._timed(
-                self._decoder, "decode", decode_image, image, max_pixels=self.args.max_pixels
-            )
-        except SegmentationError as exc:
-            self.metrics.reject(exc.code)
-            raise
-
-    async def _timed(
-        self, pool: ThreadPoolExecutor, stage: str, fn: Callable[..., T], *args: Any, **kw: Any
-    ) -> T:
-        """Run ``fn`` in ``pool``; record the wait for a thread and the work separately."""
         submitted = time.perf_counter()
         started: list[float] = []
 
-        def work() -> T:
+        def work() -> np.ndarray:
             started.append(time.perf_counter())
-            return fn(*args, **kw)
+            return decode_image(image, max_pixels=self.args.max_pixels)
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, work)
+            return await asyncio.get_running_loop().run_in_executor(self._decoder, work)
+        except SegmentationError as exc:
+            self.metrics.reject(exc.code)
+            raise
         finally:
-            done = time.perf_counter()
-            if started:
-                self.metrics.stage(f"{stage}_wait", started[0] - submitted)
-                self.metrics.stage(stage, done - started[0])
+            if started:  # time waiting for a thread and decoding, apart
+                self.metrics.stage("decode_wait", started[0] - submitted)
+                self.metrics.stage("decode", time.perf_counter() - started[0])
 
     async def submit(self, frame: np.ndarray, options: Any, deadline: float | None) -> Any:
         """Queue one decoded frame for batching; raise its error, if it got one."""
