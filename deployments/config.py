@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -59,6 +59,18 @@ class SegmentorArgs(_Strict):
         description="Resilience testing only: model calls on more frames than this raise a CUDA "
         "out-of-memory error, as a full card would. Never set in production.",
     )
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`segmentation.factory.build_segmentor`."""
+        return {
+            "model": self.model,
+            "device": self.device,
+            "use_fp16": self.use_fp16,
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+            "input_size": self.input_size,
+            "load_format": self.load_format,
+        }
 
 
 class RouterArgs(_Strict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from ray import serve
@@ -10,6 +10,7 @@ from ray import serve
 from deployments.config import SegmentorArgs
 from deployments.replica import Pending, SegmentorReplica
 from segmentation.config import Settings
+from segmentation.factory import build_segmentor
 from segmentation.imaging import EncodedJPEG, decode_jpegs_on
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.models.yolo_segmentor import DetectOptions, YoloSegmentor
@@ -22,20 +23,7 @@ class RMBGDeployment(SegmentorReplica):
     name = "rmbg-2.0"
 
     def load(self, args: SegmentorArgs, settings: Settings) -> RMBG20Segmentor:
-        return RMBG20Segmentor(
-            args.model or settings.rmbg_model,
-            device=args.device or settings.device,
-            use_fp16=settings.use_fp16 if args.use_fp16 is None else args.use_fp16,
-            revision=args.revision or settings.rmbg_revision,
-            trust_remote_code=(
-                settings.rmbg_trust_remote_code
-                if args.trust_remote_code is None
-                else args.trust_remote_code
-            ),
-            token=settings.hf_token,
-            load_format=args.load_format,
-            input_size=args.input_size or settings.rmbg_input_size,
-        )
+        return cast(RMBG20Segmentor, build_segmentor("rmbg", settings, **args.model_overrides()))
 
     def run_model(self, items: list[Pending]) -> list[np.ndarray]:
         return self.segmentor.predict([item.frame for item in items])
@@ -62,12 +50,7 @@ class YoloDeployment(SegmentorReplica):
     name = "yolo11-seg"
 
     def load(self, args: SegmentorArgs, settings: Settings) -> YoloSegmentor:
-        return YoloSegmentor(
-            args.model or settings.yolo_model,
-            device=args.device or settings.device,
-            use_fp16=settings.use_fp16 if args.use_fp16 is None else args.use_fp16,
-            imgsz=args.input_size or settings.yolo_imgsz,
-        )
+        return cast(YoloSegmentor, build_segmentor("yolo", settings, **args.model_overrides()))
 
     def warmup_options(self) -> DetectOptions:
         return DetectOptions()

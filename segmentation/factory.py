@@ -1,0 +1,49 @@
+"""Build a segmentor from settings plus per-caller overrides (service, CLI and batch jobs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from segmentation.config import Settings
+from segmentation.models.rmbg20_segmentor import LoadFormat, RMBG20Segmentor
+from segmentation.models.yolo_segmentor import YoloSegmentor
+
+ModelKind = Literal["rmbg", "yolo"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("rmbg", "yolo")
+
+
+def build_segmentor(
+    kind: ModelKind,
+    settings: Settings,
+    *,
+    model: str | None = None,
+    device: str | None = None,
+    use_fp16: bool | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool | None = None,
+    input_size: int | None = None,
+    load_format: LoadFormat = "auto",
+) -> RMBG20Segmentor | YoloSegmentor:
+    """The ``kind`` segmentor; each argument left as None takes its value from ``settings``."""
+    fp16 = settings.use_fp16 if use_fp16 is None else use_fp16
+    if kind == "rmbg":
+        return RMBG20Segmentor(
+            model or settings.rmbg_model,
+            device=device or settings.device,
+            use_fp16=fp16,
+            revision=revision or settings.rmbg_revision,
+            trust_remote_code=(
+                settings.rmbg_trust_remote_code if trust_remote_code is None else trust_remote_code
+            ),
+            token=settings.hf_token,
+            load_format=load_format,
+            input_size=input_size or settings.rmbg_input_size,
+        )
+    if kind == "yolo":
+        return YoloSegmentor(
+            model or settings.yolo_model,
+            device=device or settings.device,
+            use_fp16=fp16,
+            imgsz=input_size or settings.yolo_imgsz,
+        )
+    raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
