@@ -82,44 +82,15 @@ class ServiceMatter:
 
 @dataclass
 class LocalMatter:
-    """Mattes from a segmentor in this process, ``chunk`` frames per batch, OOM-safe."""
+    """Mattes from a segmentor in this process, ``chunk`` frames per batch (OOM-safe)."""
 
-    segmentor: Any
-    model: ModelKind
-    detect: dict[str, Any] = field(default_factory=dict)
+    segmenter: Any  # LocalSegmenter
     chunk: int = 8
     window: int = 2
 
-    def __post_init__(self) -> None:
-        from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner
-
-        self._runner = OOMSafeRunner(self._run, AdaptiveBatchCap(self.chunk))
-
-    def _run(self, frames: list[np.ndarray]) -> list[np.ndarray]:
-        if self.model == "rmbg":
-            mattes: list[np.ndarray] = self.segmentor.predict(frames)
-            return mattes
-        from segmentation.models.yolo_segmentor import DetectOptions
-
-        options = DetectOptions(**self.detect)
-        found = self.segmentor.predict(frames, [options] * len(frames))
-        return [_union(d.width, d.height, d.instances) for d in found]
-
     async def mattes(self, frames: list[np.ndarray]) -> list[np.ndarray]:
-        results, _ = await asyncio.to_thread(self._runner, frames)
-        for result in results:
-            if isinstance(result, Exception):  # a single frame larger than the GPU
-                raise result
-        return [r for r in results if not isinstance(r, Exception)]
-
-
-def _union(width: int, height: int, instances: Sequence[Any]) -> np.ndarray:
-    from segmentation.encoders import decode_rle
-
-    union = np.zeros((height, width), dtype=np.uint8)
-    for instance in instances:
-        union[decode_rle(instance.mask).astype(bool)] = 255
-    return union
+        outputs = await asyncio.to_thread(self.segmenter, frames)
+        return [output.alpha for output in outputs]
 
 
 async def segment_frames(
@@ -261,17 +232,22 @@ def build_matter(args: argparse.Namespace) -> tuple[Matter, Callable[[], Awaitab
         return ServiceMatter(client, args.model, detect, window=args.concurrency), client.close
     from segmentation.config import load_settings
     from segmentation.factory import build_segmentor
+    from segmentation.local import LocalSegmenter
+    from segmentation.models.yolo_segmentor import DetectOptions
 
-    segmentor = build_segmentor(
-        args.model, load_settings(), model=args.model_path, device=args.device
-    )
     if "classes" in detect:
         detect["classes"] = tuple(detect["classes"])
+    segmenter = LocalSegmenter(
+        args.model,
+        build_segmentor(args.model, load_settings(), model=args.model_path, device=args.device),
+        batch_size=args.batch_size,
+        detect=DetectOptions(**detect),
+    )
 
     async def nothing() -> None:
         return None
 
-    return LocalMatter(segmentor, args.model, detect, chunk=args.batch_size), nothing
+    return LocalMatter(segmenter, chunk=args.batch_size), nothing
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import av
 import numpy as np
@@ -48,10 +48,10 @@ class VideoInfo:
 class VideoReader:
     """Decoded uint8 RGB frames of the first video stream, in presentation order."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = str(path)
+    def __init__(self, source: str | os.PathLike[str] | BinaryIO, name: str | None = None) -> None:
+        self.path = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<stream>")
         try:
-            self._container: Any = av.open(self.path)
+            self._container: Any = av.open(source)
         except (av.FFmpegError, OSError) as exc:
             raise VideoError(f"cannot read {self.path!r}: {_reason(exc)}") from None
         if not self._container.streams.video:

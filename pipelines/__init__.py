@@ -1,0 +1,1 @@
+"""Offline batch jobs on Ray Data, built from the same segmentors as the service."""

@@ -1,0 +1,65 @@
+"""A segmentor in this process for scripts and batch jobs: frames in, mattes out, OOM-safe."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner
+from segmentation.encoders import decode_rle
+from segmentation.factory import ModelKind
+from segmentation.models.yolo_segmentor import DetectOptions
+
+
+@dataclass(frozen=True)
+class FrameOutput:
+    """One frame's result: a uint8 ``HxW`` alpha matte, plus the instances for YOLO."""
+
+    alpha: np.ndarray
+    instances: list[dict[str, Any]] | None = None
+
+
+class LocalSegmenter:
+    """Runs ``segmentor`` on batches of at most ``batch_size`` frames, halving them on CUDA OOM.
+
+    RMBG-2.0's matte is its alpha; for YOLO11-seg the alpha is the union of the instance
+    masks (255 inside any object), and the instances come along. A single frame that does not
+    fit the GPU raises :class:`segmentation.errors.OverloadedError`.
+    """
+
+    def __init__(
+        self,
+        kind: ModelKind,
+        segmentor: Any,
+        *,
+        batch_size: int = 8,
+        detect: DetectOptions | None = None,
+    ) -> None:
+        self.kind = kind
+        self.segmentor = segmentor
+        self.detect = detect or DetectOptions()
+        self._runner = OOMSafeRunner(self._run, AdaptiveBatchCap(batch_size))
+
+    def __call__(self, frames: Sequence[np.ndarray]) -> list[FrameOutput]:
+        results, _ = self._runner(list(frames))
+        outputs: list[FrameOutput] = []
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+            outputs.append(result)
+        return outputs
+
+    def _run(self, frames: list[np.ndarray]) -> list[FrameOutput]:
+        if self.kind == "rmbg":
+            return [FrameOutput(alpha) for alpha in self.segmentor.predict(frames)]
+        found = self.segmentor.predict(frames, [self.detect] * len(frames))
+        outputs = []
+        for detections in found:
+            union = np.zeros((detections.height, detections.width), dtype=np.uint8)
+            for instance in detections.instances:
+                union[decode_rle(instance.mask).astype(bool)] = 255
+            outputs.append(FrameOutput(union, [i.as_dict() for i in detections.instances]))
+        return outputs
