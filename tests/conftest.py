@@ -48,3 +48,20 @@ def encode(frame: np.ndarray, fmt: str = "JPEG", **params: object) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(frame).save(buffer, format=fmt, **params)
     return buffer.getvalue()
+
+
+def write_video(
+    path: Path, frames: list[np.ndarray], fps: int = 25, codec: str = "png"
+) -> list[np.ndarray]:
+    """Write ``frames`` as a video (``png`` in .mov is lossless) and return them as decoded."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "rgb24" if codec == "png" else "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]

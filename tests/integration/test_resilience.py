@@ -138,3 +138,28 @@ def test_jpegs_decoded_next_to_the_model_and_a_corrupt_one_fails_alone(
     )
     assert single.status_code == 200
     assert (single.json()["width"], single.json()["height"]) == (200, 120)
+
+
+def test_client_retries_overload_until_every_frame_is_answered(apps: dict[str, str]) -> None:
+    """The router admits 3 frames at a time; a client with 16 in flight gets 503s, waits as
+    Retry-After says, and ends with every matte, correct and in order."""
+    from segmentation.client import AsyncSegmentorClient, RetryPolicy
+
+    frames = [product_frame(160, 120, seed=200 + i) for i in range(16)]
+
+    async def run() -> tuple[list[np.ndarray], int]:
+        retry = RetryPolicy(attempts=30, max_wait_s=2.0)
+        async with AsyncSegmentorClient(
+            apps["edge"], max_concurrency=16, retry=retry, frame_format="png"
+        ) as client:
+            mattes = await asyncio.gather(
+                *(client.remove_background(f, output="mask") for f in frames)
+            )
+            return [m.to_array() for m in mattes], client.retries
+
+    mattes, retries = asyncio.run(run())
+    assert retries > 0, "the router never pushed back; the test proves nothing"
+    reference = RMBG20Segmentor(standins.RMBG_STANDIN, device="cpu", input_size=256)
+    for matte, frame in zip(mattes, frames, strict=True):
+        expected = reference.predict([frame])[0]
+        assert np.abs(matte.astype(int) - expected.astype(int)).max() <= 2

@@ -1,0 +1,129 @@
+"""The Python client and segment-video against the running demo app (stand-ins on the CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from segmentation import standins
+from segmentation.client import (
+    AsyncSegmentorClient,
+    FrameError,
+    Image,
+    Segmentation,
+    SegmentorClient,
+    ServiceError,
+)
+from segmentation.imaging import decode_image
+from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
+from segmentation.segment_video import main as segment_video
+from tests.conftest import encode, product_frame, write_video
+from tests.serve_cluster import Cluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def rmbg() -> RMBG20Segmentor:
+    """The stand-in the demo serves, in-process: the expected answers."""
+    return RMBG20Segmentor(standins.RMBG_STANDIN, device="cpu", input_size=256)
+
+
+def test_sync_client_typed_results(cluster: Cluster, rmbg: RMBG20Segmentor) -> None:
+    frame = product_frame(160, 120, seed=3)
+    with SegmentorClient(cluster.url, frame_format="png") as client:
+        cutout = client.remove_background(frame)
+        pixels = cutout.to_array()
+        assert pixels.shape == (120, 160, 4) and np.array_equal(pixels[..., :3], frame)
+        expected = rmbg.predict([frame])[0]
+        assert np.abs(cutout.alpha().astype(int) - expected.astype(int)).max() <= 2
+        matte = client.remove_background(frame, output="mask")
+        assert matte.to_array().shape == (120, 160)
+
+        found = client.segment(frame, conf=0.25, classes=[0], max_det=5)
+        assert isinstance(found, Segmentation) and (found.width, found.height) == (160, 120)
+        assert 0 < len(found.instances) <= 5
+        assert all(
+            i.class_name == "person" and i.mask().shape == (120, 160) for i in found.instances
+        )
+
+        products = client.products(frame, margin=0.0)
+        assert len(products.products) > 0
+        first = products.products[0]
+        x1, y1, x2, y2 = first.crop_box
+        assert first.cutout.to_array().shape == (y2 - y1, x2 - x1, 4)
+
+        # Many frames in one request, in order; a broken frame fails alone.
+        frames = [product_frame(64, 48, seed=i) for i in range(3)]
+        results = client.frames([frames[0], b"\xff\xd8broken", frames[2]])
+        assert isinstance(results[1], FrameError) and results[1].index == 1
+        for result, source in zip([results[0], results[2]], [frames[0], frames[2]], strict=True):
+            assert isinstance(result, Image)
+            assert np.array_equal(result.to_array()[..., :3], source)
+
+        # Order is kept with requests in flight at once.
+        mattes = client.map(lambda f: client.remove_background(f, output="mask").to_array(), frames)
+        for got, source in zip(mattes, frames, strict=True):
+            assert np.abs(got.astype(int) - rmbg.predict([source])[0].astype(int)).max() <= 2
+
+        with pytest.raises(ServiceError) as error:
+            client.remove_background(b"GIF89a not supported")
+        assert error.value.status in (400, 415) and error.value.code
+        assert client.retries == 0
+
+
+def test_async_client(cluster: Cluster) -> None:
+    frames = [product_frame(96, 64, seed=20 + i) for i in range(6)]
+
+    async def run() -> list[Segmentation]:
+        async with AsyncSegmentorClient(cluster.url, max_concurrency=3) as client:
+            return await asyncio.gather(*(client.segment(f) for f in frames))
+
+    results = asyncio.run(run())
+    assert [(r.width, r.height) for r in results] == [(96, 64)] * 6
+
+
+def test_segment_video_through_the_service(
+    cluster: Cluster, tmp_path: Path, rmbg: RMBG20Segmentor
+) -> None:
+    frames = write_video(
+        tmp_path / "clip.mov", [product_frame(128, 96, seed=40 + i) for i in range(10)], fps=30
+    )
+    out = tmp_path / "seq"
+    code = segment_video(
+        [str(tmp_path / "clip.mov"), "-o", str(out), "--server", cluster.url, "--no-progress"]
+    )
+    assert code == 0
+    written = sorted(out.glob("frame_*.png"))
+    assert len(written) == 10
+    for png, frame in zip(written, frames, strict=True):
+        pixels = np.asarray(PILImage.open(png))
+        assert np.array_equal(pixels[..., :3], frame)  # count and order kept
+        # The client sent a JPEG (quality 95): the matte is the model's answer for that JPEG.
+        sent = decode_image(encode(frame, "JPEG", quality=95))
+        expected = rmbg.predict([sent])[0]
+        assert np.abs(pixels[..., 3].astype(int) - expected.astype(int)).max() <= 2
+
+    video = tmp_path / "objects.mov"
+    code = segment_video(
+        [str(tmp_path / "clip.mov"), "-o", str(video), "--server", cluster.url, "--model", "yolo"]
+    )
+    assert code == 0
+    import av
+
+    with av.open(str(video)) as container:
+        assert container.streams.video[0].average_rate == 30
+        assert sum(1 for _ in container.decode(video=0)) == 10
+
+
+def test_segment_video_reports_an_unreachable_server(tmp_path: Path, capsys) -> None:
+    write_video(tmp_path / "clip.mov", [product_frame(32, 32)], fps=5)
+    code = segment_video(
+        [str(tmp_path / "clip.mov"), "-o", str(tmp_path / "o"), "--server", "http://127.0.0.1:9"]
+    )
+    assert code == 1
+    assert "ConnectError" in capsys.readouterr().err
