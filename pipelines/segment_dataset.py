@@ -155,6 +155,8 @@ class WriteOutputs:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
 
+        from segmentation.encoders import cutout_rgba
+
         filesystem, root = _filesystem(self.output)
         written = []
         for name, frame, image, alpha, instances, error in zip(
@@ -172,7 +174,7 @@ class WriteOutputs:
             stem = str(PurePosixPath(root) / PurePosixPath(str(name)).with_suffix(""))
             target = f"{stem}/frame_{int(frame):06d}" if int(frame) >= 0 else stem
             filesystem.create_dir(str(PurePosixPath(target).parent), recursive=True)
-            pixels = np.dstack((image, alpha)) if self.kind == "cutout" else alpha
+            pixels = cutout_rgba(image, alpha) if self.kind == "cutout" else alpha
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
             with filesystem.open_output_stream(target + ".png") as out:

@@ -21,6 +21,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from segmentation.encoders import cutout_rgba
+
 #: Container suffix -> (encoder, pixel format with alpha, encoder options).
 ALPHA_CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
     ".webm": ("libvpx-vp9", "yuva420p", {"crf": "30", "b:v": "0", "row-mt": "1"}),
@@ -92,13 +94,6 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc)
 
 
-def rgba(frame: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """``HxWx4`` uint8 from an RGB frame and its ``HxW`` matte."""
-    if frame.shape[:2] != alpha.shape:
-        raise ValueError(f"matte {alpha.shape} does not match frame {frame.shape[:2]}")
-    return np.dstack((frame, alpha))
-
-
 class PngSequenceWriter:
     """``frame_000000.png``... in ``directory``; writes run in a thread pool, in any order.
 
@@ -142,7 +137,7 @@ class PngSequenceWriter:
         return self.path_of(index).exists()
 
     def submit(self, index: int, frame: np.ndarray, alpha: np.ndarray) -> Future[None]:
-        return self._pool.submit(self._write, index, rgba(frame, alpha))
+        return self._pool.submit(self._write, index, cutout_rgba(frame, alpha))
 
     def _write(self, index: int, pixels: np.ndarray) -> None:
         final = self.path_of(index)
@@ -186,7 +181,7 @@ class AlphaVideoWriter:
         return False
 
     def submit(self, index: int, frame: np.ndarray, alpha: np.ndarray) -> Future[None]:
-        return self._pool.submit(self._encode, index, rgba(frame, alpha))
+        return self._pool.submit(self._encode, index, cutout_rgba(frame, alpha))
 
     def _encode(self, index: int, pixels: np.ndarray) -> None:
         if index != self._next:

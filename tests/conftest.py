@@ -65,3 +65,13 @@ def write_video(
         container.mux(stream.encode(None))
     with av.open(str(path)) as container:
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def assert_cutout(rgba: np.ndarray, frame: np.ndarray) -> None:
+    """``rgba`` is ``frame``'s cutout: its pixels where the alpha is not 0, (0, 0, 0) where it
+    is (fully transparent pixels are stored black)."""
+    assert rgba.shape == (*frame.shape[:2], 4), rgba.shape
+    visible = rgba[..., 3] > 0
+    assert visible.any(), "the matte hides every pixel; the comparison would prove nothing"
+    assert np.array_equal(rgba[..., :3][visible], frame[visible])
+    assert not rgba[..., :3][~visible].any()

@@ -31,6 +31,8 @@ PAD_VALUE = 114 / 255.0
 #: Upper bound on float elements materialised at once when upsampling masks to frame size:
 #: 32 Mi elements = 128 MiB of float32, whatever the frame size or instance count.
 MASK_ELEMENT_BUDGET = 32 * 1024 * 1024
+#: The same bound for frames being letterboxed: 64 Mi elements, ten 1080p frames at a time.
+PREPROCESS_ELEMENT_BUDGET = 64 * 1024 * 1024
 
 #: A uint8 ``HxWx3`` RGB array, or a uint8 ``3xHxW`` tensor already decoded on a device.
 Frame = np.ndarray | torch.Tensor
@@ -170,27 +172,45 @@ class YoloSegmentor:
             out_h, out_w = self._rect_shape(*sizes[0])
         else:
             out_h = out_w = self.imgsz
-        pin = self.device.type == "cuda"
         batch = torch.full((len(frames), 3, out_h, out_w), PAD_VALUE, device=self.device)
         boxes: list[_Letterbox] = []
-        for index, (frame, (height, width)) in enumerate(zip(frames, sizes, strict=True)):
+        # Runs of same-size frames are uploaded, resized and placed a few at a time: a batch of
+        # 64 video frames costs a handful of kernel launches, not a few hundred, while the
+        # float copies stay within PREPROCESS_ELEMENT_BUDGET.
+        start = 0
+        for stop in range(1, len(frames) + 1):
+            if (
+                stop < len(frames)
+                and sizes[stop] == sizes[start]
+                and stop - start < _chunk(sizes[start])
+            ):
+                continue
+            height, width = sizes[start]
             scale = min(out_h / height, out_w / width)
             new_h, new_w = max(round(height * scale), 1), max(round(width * scale), 1)
             top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
-            if isinstance(frame, torch.Tensor):
-                chw = frame.to(self.device, non_blocking=True)
-            else:
-                host = torch.from_numpy(frame if frame.flags.writeable else frame.copy())
-                chw = (host.pin_memory() if pin else host).to(self.device, non_blocking=pin)
-                chw = chw.permute(2, 0, 1)
-            image = chw[None].float().div_(255.0)
+            images = self._upload(frames[start:stop]).float().div_(255.0)
             if (new_h, new_w) != (height, width):
-                image = F.interpolate(
-                    image, size=(new_h, new_w), mode="bilinear", align_corners=False
+                images = F.interpolate(
+                    images, size=(new_h, new_w), mode="bilinear", align_corners=False
                 )
-            batch[index, :, top : top + new_h, left : left + new_w] = image[0]
-            boxes.append(_Letterbox(scale, left, top, height, width, out_h))
+            batch[start:stop, :, top : top + new_h, left : left + new_w] = images
+            boxes.extend([_Letterbox(scale, left, top, height, width, out_h)] * (stop - start))
+            start = stop
         return batch.to(self.dtype), boxes
+
+    def _upload(self, frames: Sequence[Frame]) -> torch.Tensor:
+        """Same-size frames as one uint8 ``[N, 3, H, W]`` tensor on the device."""
+        tensors = [f for f in frames if isinstance(f, torch.Tensor)]
+        if len(tensors) == len(frames):
+            return torch.stack([t.to(self.device, non_blocking=True) for t in tensors])
+        arrays = [
+            f.permute(1, 2, 0).cpu().numpy() if isinstance(f, torch.Tensor) else f for f in frames
+        ]
+        host = torch.from_numpy(np.stack(arrays))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
 
     def _rect_shape(self, height: int, width: int) -> tuple[int, int]:
         scale = min(self.imgsz / height, self.imgsz / width)
@@ -218,18 +238,31 @@ class YoloSegmentor:
         from ultralytics.utils.nms import non_max_suppression
 
         preds = preds.float()
-        results = []
-        for index, (proto, box, opts) in enumerate(zip(protos, boxes, options, strict=True)):
-            (det,) = non_max_suppression(
-                preds[index : index + 1],
+        # One NMS call per distinct set of thresholds (usually one for the whole batch).
+        groups: dict[DetectOptions, list[int]] = {}
+        for index, opts in enumerate(options):
+            groups.setdefault(opts, []).append(index)
+        kept: list[torch.Tensor | None] = [None] * len(options)
+        for opts, indices in groups.items():
+            selected = preds if len(indices) == len(options) else preds[indices]
+            found = non_max_suppression(
+                selected,
                 opts.conf,
                 opts.iou,
                 classes=list(opts.classes) if opts.classes is not None else None,
                 max_det=opts.max_det,
                 nc=len(self.names),
+                # The default limit (0.05 s per image) silently drops detections when the
+                # process is busy; a served batch must not lose objects to a timer.
+                max_time_img=10.0,
             )
-            results.append(self._frame_result(det, proto.float(), box))
-        return results
+            for index, det in zip(indices, found, strict=True):
+                kept[index] = det
+        return [
+            self._frame_result(det, proto.float(), box)
+            for det, proto, box in zip(kept, protos, boxes, strict=True)
+            if det is not None
+        ]
 
     def _frame_result(self, det: torch.Tensor, proto: torch.Tensor, lb: _Letterbox) -> Detections:
         if det.shape[0] == 0:
@@ -284,6 +317,11 @@ class YoloSegmentor:
             binary = ((part > 0) & inside).to(torch.uint8).cpu().numpy()
             encoded.extend(encode_rle(mask) for mask in binary)
         return encoded
+
+
+def _chunk(size: tuple[int, int]) -> int:
+    """Frames of this size whose float copies fit PREPROCESS_ELEMENT_BUDGET."""
+    return max(1, PREPROCESS_ELEMENT_BUDGET // (3 * size[0] * size[1]))
 
 
 def _frame_size(frame: Frame) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from segmentation.client import (
     sniff_content_type,
 )
 from segmentation.encoders import b64, encode_rle, rgba_png
-from tests.conftest import encode, product_frame
+from tests.conftest import assert_cutout, encode, product_frame
 
 
 def test_retry_after_seconds_and_http_dates() -> None:
@@ -80,7 +80,7 @@ def test_typed_answers_parse_from_the_service_json() -> None:
         }
     )
     assert isinstance(cutouts[0], Image)
-    assert np.array_equal(cutouts[0].to_array()[..., :3], frame)
+    assert_cutout(cutouts[0].to_array(), frame)
     assert np.array_equal(cutouts[0].alpha(), alpha)
 
 

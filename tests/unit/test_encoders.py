@@ -14,7 +14,11 @@ def test_rgba_png_carries_frame_and_alpha() -> None:
     image = Image.open(io.BytesIO(rgba_png(frame, alpha)))
     assert image.format == "PNG" and image.mode == "RGBA" and image.size == (30, 20)
     pixels = np.asarray(image)
-    assert (pixels[..., :3] == frame).all() and (pixels[..., 3] == alpha).all()
+    assert (pixels[..., 3] == alpha).all()
+    hidden = alpha == 0
+    assert hidden.sum() == 3  # 0, 256 and 512 wrap to 0
+    assert (pixels[~hidden][:, :3] == frame[~hidden]).all()  # visible: the frame's pixels
+    assert (pixels[hidden] == 0).all()  # fully transparent: stored black
 
 
 def test_rgba_png_rejects_mismatched_alpha() -> None:

@@ -154,3 +154,23 @@ def test_device_tensors_give_the_same_detections_as_arrays(segmentor: YoloSegmen
     assert [i.box for i in from_tensor.instances] == [i.box for i in from_array.instances]
     with pytest.raises(ValueError, match="3xHxW"):
         segmentor.predict([torch.zeros(200, 320, 3, dtype=torch.uint8)])
+
+
+def test_a_batch_answers_each_frame_as_if_it_were_alone(
+    segmentor: YoloSegmentor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames letterboxed in groups, NMS once per set of thresholds: same answers per frame,
+    with per-frame thresholds kept, across a preprocessing chunk boundary."""
+    monkeypatch.setattr(yolo_segmentor, "PREPROCESS_ELEMENT_BUDGET", 3 * 200 * 320 * 3)
+    frames = [product_frame(320, 200, seed=60 + i) for i in range(7)]
+    options = [DetectOptions(max_det=1) if i % 3 == 1 else DetectOptions() for i in range(7)]
+    batched = segmentor.predict(frames, options)
+    for frame, opts, got in zip(frames, options, batched, strict=True):
+        alone = segmentor.predict([frame], opts)[0]
+        assert (got.width, got.height) == (320, 200)
+        assert len(got.instances) == len(alone.instances) > 0
+        if opts.max_det == 1:
+            assert len(got.instances) == 1
+        assert sorted(i.score for i in got.instances) == pytest.approx(
+            sorted(i.score for i in alone.instances), abs=1e-4
+        )
