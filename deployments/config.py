@@ -92,6 +92,13 @@ class RouterArgs(_Strict):
     max_frames_per_request: int = Field(
         256, ge=1, le=4096, description="Most frames in one /v1/frames request."
     )
+    frames_per_call: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Frames of a /v1/frames request sent to a model replica in one call (its "
+        "interpreter handles one call where it would handle this many).",
+    )
     api_key_env: str | None = Field(
         None,
         description="Name of an environment variable holding the API key; when it is set and "

@@ -77,6 +77,8 @@ class SegmentorReplica:
         self.oom_splits = 0
         self._fp32_reported = 0
         self.largest_batch = 0
+        #: Seconds per model step of the batch on the GPU thread (filled by ``run_model``).
+        self.step_timings: dict[str, float] | None = None
         info = self.segmentor.info()
         logger.info(
             "%s ready: source=%s precision=%s (%s) device=%s%s",
@@ -215,6 +217,18 @@ class SegmentorReplica:
             raise result
         return result
 
+    async def submit_each(
+        self, images: list[Any], options: Any, deadline: float | None
+    ) -> list[Any]:
+        """Queue every image of one call for batching: one result, or the error it got, per
+        image, in order. One handle call carries many frames, so the replica's interpreter
+        handles one request where it would handle dozens."""
+
+        async def one(image: Any) -> Any:
+            return await self.submit(await self.decode(image), options, deadline)
+
+        return list(await asyncio.gather(*(one(i) for i in images), return_exceptions=True))
+
     async def process_batch(self, items: list[Pending]) -> list[Any]:
         """Body of the ``@serve.batch`` method: hand the batch to the GPU queue.
 
@@ -270,10 +284,17 @@ class SegmentorReplica:
         if live:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            outputs, report = await loop.run_in_executor(
-                self._gpu, self.runner, [items[i] for i in live]
-            )
+            steps: dict[str, float] = {}
+            self.step_timings = steps
+            try:
+                outputs, report = await loop.run_in_executor(
+                    self._gpu, self.runner, [items[i] for i in live]
+                )
+            finally:
+                self.step_timings = None
             self.metrics.stage("model", time.perf_counter() - started)
+            for step, seconds in steps.items():
+                self.metrics.stage(f"model:{step}", seconds)
             self.metrics.batch_size.observe(float(len(live)))
             self.batches_run += 1
             self.largest_batch = max(self.largest_batch, report.largest_run)

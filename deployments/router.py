@@ -223,15 +223,11 @@ class Router:
             request, "frames", self.args.max_body_bytes, self.args.max_frames_per_request
         )
         deadline = deadline_of(timeout_ms)
-
-        async def one(data: bytes) -> Any:
-            if task == "segment":
-                image = await self._decode_for_yolo(data)
-                return await self._call(self.yolo.segment, image, options, deadline)
-            return await self._cutout(await self._decode(data), output, deadline)
-
         with self.budget.admit(len(files)):
-            results = await asyncio.gather(*(one(f) for f in files), return_exceptions=True)
+            if task == "segment":
+                results = await self._segment_each(files, options, deadline)
+            else:
+                results = await self._cutout_each(files, output, deadline)
         entries: list[dict[str, Any]] = []
         for index, result in enumerate(results):
             if isinstance(result, SegmentationError):
@@ -245,6 +241,51 @@ class Router:
         failed = sum("error" in e for e in entries)
         return JSONResponse(
             {"task": task, "count": len(entries), "failed": failed, "frames": entries}
+        )
+
+    async def _in_calls(self, method: Any, frames: list[Any], *args: Any) -> list[Any]:
+        """``method`` on ``frames`` in calls of ``frames_per_call``; frames that failed before
+        (an exception in their place) are not sent and keep their error."""
+        good = [i for i, frame in enumerate(frames) if not isinstance(frame, BaseException)]
+        size = self.args.frames_per_call
+        chunks = [good[start : start + size] for start in range(0, len(good), size)]
+        answers = await asyncio.gather(
+            *(self._call(method, [frames[i] for i in chunk], *args) for chunk in chunks),
+            return_exceptions=True,
+        )
+        results = list(frames)
+        for chunk, answer in zip(chunks, answers, strict=True):
+            if isinstance(answer, SegmentationError):  # e.g. the replica's queue was full
+                answer = [answer] * len(chunk)
+            elif isinstance(answer, BaseException):
+                raise answer
+            for index, result in zip(chunk, answer, strict=True):
+                results[index] = result
+        return results
+
+    async def _segment_each(
+        self, files: list[bytes], options: DetectOptions, deadline: float | None
+    ) -> list[Any]:
+        frames = await asyncio.gather(
+            *(self._decode_for_yolo(f) for f in files), return_exceptions=True
+        )
+        return await self._in_calls(self.yolo.segment_each, frames, options, deadline)
+
+    async def _cutout_each(
+        self, files: list[bytes], output: str, deadline: float | None
+    ) -> list[Any]:
+        frames = await asyncio.gather(*(self._decode(f) for f in files), return_exceptions=True)
+        mattes = await self._in_calls(self.rmbg.remove_background_each, frames, deadline)
+
+        async def encode(frame: Any, alpha: Any) -> Any:
+            if isinstance(alpha, BaseException):
+                return alpha
+            if output == "mask":
+                return await self._run_codec(mask_png, alpha)
+            return await self._run_codec(rgba_png, frame, alpha)
+
+        return await asyncio.gather(
+            *(encode(f, a) for f, a in zip(frames, mattes, strict=True)), return_exceptions=True
         )
 
     async def _decode(self, data: bytes) -> np.ndarray:

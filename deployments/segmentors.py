@@ -12,6 +12,7 @@ from deployments.replica import Pending, SegmentorReplica
 from segmentation.config import Settings
 from segmentation.factory import build_segmentor
 from segmentation.imaging import EncodedJPEG, decode_jpegs_on
+from segmentation.models.base import StageClock
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.models.yolo_segmentor import DetectOptions, YoloSegmentor
 
@@ -26,7 +27,7 @@ class RMBGDeployment(SegmentorReplica):
         return cast(RMBG20Segmentor, build_segmentor("rmbg", settings, **args.model_overrides()))
 
     def run_model(self, items: list[Pending]) -> list[np.ndarray]:
-        return self.segmentor.predict([item.frame for item in items])
+        return self.segmentor.predict([item.frame for item in items], self.step_timings)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=64)
     async def batched(self, items: list[Pending]) -> list[Any]:
@@ -41,6 +42,12 @@ class RMBGDeployment(SegmentorReplica):
         frame = await self.decode(image)
         alpha: np.ndarray = await self.submit(frame, None, deadline)
         return alpha
+
+    async def remove_background_each(
+        self, images: list[np.ndarray], deadline: float | None = None
+    ) -> list[np.ndarray | BaseException]:
+        """Mattes of many decoded frames; a frame that fails gets its error in its place."""
+        return await self.submit_each(images, None, deadline)
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
@@ -61,13 +68,15 @@ class YoloDeployment(SegmentorReplica):
         frames: list[Any] = [item.frame for item in items]
         encoded = [i for i, frame in enumerate(frames) if isinstance(frame, EncodedJPEG)]
         if encoded:
+            clock = StageClock(self.device, self.step_timings)
             decoded = decode_jpegs_on(self.device, [frames[i] for i in encoded])
+            clock.lap("jpeg_decode")
             for index, frame in zip(encoded, decoded, strict=True):
                 frames[index] = frame
         results: list[Any] = [f if isinstance(f, Exception) else None for f in frames]
         good = [i for i, f in enumerate(frames) if not isinstance(f, Exception)]
         detections = self.segmentor.predict(
-            [frames[i] for i in good], [items[i].options for i in good]
+            [frames[i] for i in good], [items[i].options for i in good], self.step_timings
         )
         for index, d in zip(good, detections, strict=True):
             results[index] = {
@@ -92,3 +101,12 @@ class YoloDeployment(SegmentorReplica):
         frame = await self.decode(image)
         result: dict[str, Any] = await self.submit(frame, options or DetectOptions(), deadline)
         return result
+
+    async def segment_each(
+        self,
+        images: list[np.ndarray | EncodedJPEG],
+        options: DetectOptions | None = None,
+        deadline: float | None = None,
+    ) -> list[dict[str, Any] | BaseException]:
+        """Instances of many frames; a frame that fails gets its error in its place."""
+        return await self.submit_each(images, options or DetectOptions(), deadline)

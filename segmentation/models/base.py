@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,3 +47,24 @@ def gpu_memory(device: torch.device) -> dict[str, int]:
         "reserved_bytes": torch.cuda.memory_reserved(device),
         "peak_bytes": torch.cuda.max_memory_allocated(device),
     }
+
+
+class StageClock:
+    """Seconds per step of a model call, added into ``timings`` (a no-op when it is None).
+
+    On a GPU each lap waits for the device, so a step's kernels count for that step.
+    """
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None) -> None:
+        self.device = device
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from segmentation.config import DEFAULT_RMBG_MODEL
-from segmentation.models.base import ModelInfo
+from segmentation.models.base import ModelInfo, StageClock
 from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
 
@@ -97,15 +97,26 @@ class RMBG20Segmentor:
         )
 
     @torch.inference_mode()
-    def predict(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Alpha mattes (uint8 ``HxW``, each at its frame's own size) for uint8 RGB frames."""
+    def predict(
+        self, frames: Sequence[np.ndarray], timings: dict[str, float] | None = None
+    ) -> list[np.ndarray]:
+        """Alpha mattes (uint8 ``HxW``, each at its frame's own size) for uint8 RGB frames.
+
+        ``timings``, when given, receives the seconds spent in each step (``preprocess``,
+        ``forward``, ``postprocess``).
+        """
         if not frames:
             return []
+        clock = StageClock(self.device, timings)
         batch = self.preprocess(frames)
+        clock.lap("preprocess")
         logits = self.forward(batch)
         if logits.dtype == torch.float16:
             logits = self._recompute_non_finite(batch, logits)
-        return self.postprocess(logits, [frame.shape[:2] for frame in frames])
+        clock.lap("forward")
+        mattes = self.postprocess(logits, [frame.shape[:2] for frame in frames])
+        clock.lap("postprocess")
+        return mattes
 
     def _recompute_non_finite(self, batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Recompute in FP32 the frames whose FP16 logits overflowed (inf/NaN).

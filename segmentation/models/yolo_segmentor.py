@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from segmentation.config import DEFAULT_YOLO_MODEL
 from segmentation.encoders import encode_rle
 from segmentation.errors import ModelLoadError
-from segmentation.models.base import ModelInfo
+from segmentation.models.base import ModelInfo, StageClock
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -145,11 +145,13 @@ class YoloSegmentor:
         self,
         frames: Sequence[Frame],
         options: DetectOptions | Sequence[DetectOptions] | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[Detections]:
         """Instances per frame; boxes and masks at each frame's original size.
 
         ``options`` is one set of thresholds for all frames, or one per frame (frames of
-        different requests share a batch).
+        different requests share a batch). ``timings``, when given, receives the seconds
+        spent in each step (``preprocess``, ``forward``, ``postprocess``).
         """
         if not frames:
             return []
@@ -157,9 +159,14 @@ class YoloSegmentor:
             options = [options or DetectOptions()] * len(frames)
         if len(options) != len(frames):
             raise ValueError(f"{len(options)} options for {len(frames)} frames")
+        clock = StageClock(self.device, timings)
         batch, boxes = self.preprocess(frames)
+        clock.lap("preprocess")
         preds, protos = self.forward(batch)
-        return self.postprocess(preds, protos, boxes, options)
+        clock.lap("forward")
+        results = self.postprocess(preds, protos, boxes, options)
+        clock.lap("postprocess")
+        return results
 
     def preprocess(self, frames: Sequence[Frame]) -> tuple[torch.Tensor, list[_Letterbox]]:
         """Letterbox on the device. Same-size frames get the smallest stride-aligned rectangle.

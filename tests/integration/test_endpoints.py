@@ -286,3 +286,16 @@ def test_router_reports_time_per_route(client: httpx.Client) -> None:
     requests = client.get("/v1/models").json()["router"]["requests"]
     assert requests["/healthz"]["count"] >= 1
     assert requests["/healthz"]["mean_ms"] >= 0
+
+
+def test_replicas_report_time_per_model_step(client: httpx.Client) -> None:
+    files = [
+        ("frames", (f"{i}.png", encode(product_frame(96, 64, seed=70 + i), "PNG"), "image/png"))
+        for i in range(20)  # more than one call's worth (frames_per_call 16)
+    ]
+    body = client.post("/v1/frames", params={"task": "segment"}, files=files).json()
+    assert body["count"] == 20 and body["failed"] == 0
+    for model in client.get("/v1/models").json()["models"]:
+        stages = model["stages"]
+        for step in ("model", "model:preprocess", "model:forward", "model:postprocess"):
+            assert stages[step]["count"] >= 1 and stages[step]["mean_ms"] > 0, (model, step)
