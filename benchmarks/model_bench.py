@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from segmentation.imaging import EncodedJPEG, decode_jpegs_on
 from segmentation.models.rmbg20_segmentor import IMAGENET_MEAN, IMAGENET_STD, RMBG20Segmentor
 from segmentation.models.yolo_segmentor import DetectOptions, YoloSegmentor
 
@@ -155,6 +156,11 @@ def _bench_rmbg_fp16(
 def bench_yolo(names: list[str], batches: list[int]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     frames = frames_1080p(max(batches))
+    from benchmarks.load_test import synthetic_jpeg
+
+    jpegs = [
+        EncodedJPEG(synthetic_jpeg(1920, 1080, seed), 1920, 1080) for seed in range(max(batches))
+    ]
     options = DetectOptions()
     for name in names:
         for fp16 in (False, True):
@@ -175,8 +181,56 @@ def bench_yolo(names: list[str], batches: list[int]) -> list[dict[str, Any]]:
                     }
                 )
                 print(rows[-1], flush=True)
+            if fp16:
+                rows.extend(_yolo_steps_and_jpeg(model, name, frames, jpegs, batches, options))
             del model
             torch.cuda.empty_cache()
+    return rows
+
+
+def _yolo_steps_and_jpeg(
+    model: YoloSegmentor,
+    name: str,
+    frames: list[np.ndarray],
+    jpegs: list[EncodedJPEG],
+    batches: list[int],
+    options: DetectOptions,
+) -> list[dict[str, Any]]:
+    """Where a batch's time goes, and the JPEG path the service uses (nvJPEG, then predict)."""
+    rows: list[dict[str, Any]] = []
+    batch = max(batches)
+    steps: dict[str, float] = {}
+    for _ in range(3):
+        model.predict(frames[:batch], options, steps)
+    steps = {}
+    runs = 5
+    for _ in range(runs):
+        model.predict(frames[:batch], options, steps)
+    rows.append(
+        {
+            "model": name.removesuffix(".yaml"),
+            "path": "segmentor FP16, ms per step",
+            "batch": batch,
+            **{f"{k}_ms": round(v * 1000 / runs, 2) for k, v in steps.items()},
+        }
+    )
+    print(rows[-1], flush=True)
+    for label, fn in (
+        ("nvJPEG decode only", lambda b: decode_jpegs_on(model.device, jpegs[:b])),
+        (
+            "segmentor FP16 from JPEG (nvJPEG decode + predict)",
+            lambda b: model.predict(decode_jpegs_on(model.device, jpegs[:b]), options),
+        ),
+    ):
+        for b in (1, batch):
+            rows.append(
+                {
+                    "model": name.removesuffix(".yaml"),
+                    "path": label,
+                    **timed(lambda fn=fn, b=b: fn(b), b, min_frames=128),
+                }
+            )
+            print(rows[-1], flush=True)
     return rows
 
 

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             k: result[k]
             for k in (
                 "frames_per_s",
+                "client_cpu_per_wall_s",
                 "latency_ms",
                 "statuses",
                 "requests_sent",
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             load("frames-segment", concurrency=32, frames_per_request=16),
         )
         record("yolo11n-seg single-frame (128 clients)", load("segment", concurrency=128))
+        record(
+            "yolo11n-seg /v1/frames, 64x64 JPEGs, 16 frames/request (32 clients): the HTTP "
+            "path's per-frame cost without the bytes",
+            load("frames-segment", concurrency=32, frames_per_request=16, width=64, height=64),
+        )
         config = cluster.app_config()
         _set_models(config, args.rmbg_dir, "yolo11x-seg.yaml")
         cluster.deploy(config, "yolo-x.yaml")
