@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from segmentation.precision import Precision
@@ -68,3 +70,17 @@ class StageClock:
         now = time.perf_counter()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
         self.last = now
+
+
+def host_batch(arrays: Sequence[np.ndarray], pin: bool) -> torch.Tensor:
+    """Same-shape arrays stacked into one (page-locked, when ``pin``) host tensor.
+
+    Each frame is copied once, straight into the pinned buffer (PyTorch caches those), so
+    the upload that follows is a single asynchronous DMA; ``np.stack`` then ``pin_memory``
+    would copy every frame twice.
+    """
+    batch = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8, pin_memory=pin)
+    view = batch.numpy()
+    for index, array in enumerate(arrays):
+        np.copyto(view[index], array)
+    return batch

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from segmentation.config import DEFAULT_RMBG_MODEL
-from segmentation.models.base import ModelInfo, StageClock
+from segmentation.models.base import ModelInfo, StageClock, host_batch
 from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
 
@@ -182,10 +182,7 @@ def _upload_grouped(frames: Sequence[np.ndarray], device: torch.device) -> list[
         else:
             groups.append([frame])
     pin = device.type == "cuda"
-    tensors = []
-    for group in groups:
-        host = torch.from_numpy(np.stack(group))
-        if pin:
-            host = host.pin_memory()
-        tensors.append(host.to(device, non_blocking=pin).permute(0, 3, 1, 2).float())
-    return tensors
+    return [
+        host_batch(group, pin).to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
+        for group in groups
+    ]

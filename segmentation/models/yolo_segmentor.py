@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from segmentation.config import DEFAULT_YOLO_MODEL
 from segmentation.encoders import encode_rle
 from segmentation.errors import ModelLoadError
-from segmentation.models.base import ModelInfo, StageClock
+from segmentation.models.base import ModelInfo, StageClock, host_batch
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -214,9 +214,7 @@ class YoloSegmentor:
         arrays = [
             f.permute(1, 2, 0).cpu().numpy() if isinstance(f, torch.Tensor) else f for f in frames
         ]
-        host = torch.from_numpy(np.stack(arrays))
-        if self.device.type == "cuda":
-            host = host.pin_memory()
+        host = host_batch(arrays, pin=self.device.type == "cuda")
         return host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
 
     def _rect_shape(self, height: int, width: int) -> tuple[int, int]:
