@@ -22,7 +22,7 @@ import torch
 
 from deployments.config import BatchConfig, SegmentorArgs
 from deployments.metrics import SegmentorMetrics
-from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner
+from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner, batch_buckets
 from segmentation.config import Settings, load_settings
 from segmentation.errors import DeadlineExceededError, SegmentationError
 from segmentation.imaging import EncodedJPEG, decode_image
@@ -73,6 +73,7 @@ class SegmentorReplica:
         self.memory_fraction = self._limit_gpu_memory()
         self.memory_cap: int | None = None
         self.warmed_batch = 0
+        self._built_sizes: set[int] = set()
         self.batches_run = 0
         self.oom_splits = 0
         self._fp32_reported = 0
@@ -112,6 +113,7 @@ class SegmentorReplica:
         if config.max_batch_size > self.warmed_batch:
             self._warmup(config.max_batch_size)
         ceiling = min(config.max_batch_size, self.memory_cap or config.max_batch_size)
+        self._build_buckets(ceiling)
         self.cap.set_ceiling(ceiling)
         self.batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._sync_batch_size()
@@ -136,29 +138,31 @@ class SegmentorReplica:
             logger.info("%s limited to %.0f%% of GPU memory", self.name, fraction * 100)
         return fraction
 
+    def _warmup_run(self, n: int) -> int:
+        """Run the model on ``n`` copies of a warm-up frame; the peak GPU memory (0 on CPU)."""
+        height, width = self.args.warmup_size
+        frame = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        items = [Pending(frame, self.warmup_options(), time.monotonic(), None)] * n
+        self.run_model(items)
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device))
+
     def _warmup(self, batch_size: int) -> None:
         """Run the largest batch now, so a memory problem shows at deploy time.
 
         On a GPU, peak memory at batch 1 and at ``batch_size`` gives the per-frame activation
         cost, and the batch cap is set so weights + activations fit the replica's budget.
         """
-        height, width = self.args.warmup_size
-        frame = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
-
-        def run(n: int) -> int:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-            items = [Pending(frame, self.warmup_options(), time.monotonic(), None)] * n
-            self.run_model(items)
-            if self.device.type != "cuda":
-                return 0
-            torch.cuda.synchronize(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device))
-
         started = time.perf_counter()
-        peak_one = run(1)
-        peak_all = run(batch_size) if batch_size > 1 else peak_one
+        self.segmentor.batch_buckets = None  # measure at the sizes asked for
+        peak_one = self._warmup_run(1)
+        peak_all = self._warmup_run(batch_size) if batch_size > 1 else peak_one
+        self._built_sizes.update({1, batch_size})
         self.warmed_batch = batch_size
         if self.device.type == "cuda":
             per_frame = max(1, (peak_all - peak_one) // max(1, batch_size - 1))
@@ -178,12 +182,36 @@ class SegmentorReplica:
                 self.memory_cap,
             )
             self.metrics.memory(gpu_memory(self.device))
+        self.warmup_extra()
         logger.info(
             "%s warmed up at batch %d in %.1fs",
             self.name,
             batch_size,
             time.perf_counter() - started,
         )
+
+    def _build_buckets(self, ceiling: int) -> None:
+        """Run every bucket size up to ``ceiling`` once, then pad batches to those sizes.
+
+        The first call at a new batch size builds cuDNN plans (seconds on an H100); doing it
+        here keeps that cost off the requests.
+        """
+        started = time.perf_counter()
+        buckets = batch_buckets(ceiling)
+        for size in buckets:
+            if size not in self._built_sizes:
+                self._warmup_run(size)
+                self._built_sizes.add(size)
+        self.segmentor.batch_buckets = buckets
+        logger.info(
+            "%s batch sizes %s ready in %.1fs",
+            self.name,
+            ",".join(map(str, buckets)),
+            time.perf_counter() - started,
+        )
+
+    def warmup_extra(self) -> None:
+        """Subclass hook: anything else to initialise before traffic (e.g. a decoder)."""
 
     # -- request path -------------------------------------------------------------------
     async def decode(self, image: bytes | np.ndarray | EncodedJPEG) -> Any:
@@ -323,6 +351,7 @@ class SegmentorReplica:
                 **self.batch_config.model_dump(),
                 "live_cap": self.cap.value,
                 "memory_cap": self.memory_cap,
+                "batch_sizes": list(self.segmentor.batch_buckets or ()),
                 "batches_run": self.batches_run,
                 "largest_batch": self.largest_batch,
                 "fp32_recomputed_frames": self._fp32_reported,

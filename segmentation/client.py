@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 from PIL import Image as PILImage
 
-from segmentation.encoders import decode_rle
+from segmentation.encoders import decode_rle, jpeg
 
 T = TypeVar("T")
 #: What can be sent as an image: encoded bytes, a file path, a uint8 RGB array or a PIL image.
@@ -304,12 +304,11 @@ class _Base:
             return data, sniff_content_type(data)
         if isinstance(image, np.ndarray):
             image = PILImage.fromarray(image)
-        buffer = io.BytesIO()
         if self.frame_format == "png":
+            buffer = io.BytesIO()
             image.save(buffer, format="PNG", compress_level=1)
             return buffer.getvalue(), "image/png"
-        image.convert("RGB").save(buffer, format="JPEG", quality=self.jpeg_quality)
-        return buffer.getvalue(), "image/jpeg"
+        return jpeg(image, self.jpeg_quality), "image/jpeg"
 
     def _single(self, path: str, image: ImageInput, params: dict[str, Any]) -> _Request:
         data, content_type = self.encode(image)

@@ -66,5 +66,14 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(mask_utils.decode(coco))
 
 
+def jpeg(image: np.ndarray | Image.Image, quality: int = 95) -> bytes:
+    """JPEG of a uint8 RGB array or a PIL image (converted to RGB)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segmentation.batching import pad_to_bucket
 from segmentation.config import DEFAULT_RMBG_MODEL
 from segmentation.models.base import ModelInfo, StageClock, host_batch
 from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
@@ -78,6 +79,9 @@ class RMBG20Segmentor:
         self.model = model.to(self.device)
         #: Frames whose FP16 output had non-finite values and were recomputed in FP32.
         self.fp32_recomputed = 0
+        #: Batch sizes the model runs at (see :func:`segmentation.batching.batch_buckets`);
+        #: None runs every batch at its own size.
+        self.batch_buckets: tuple[int, ...] | None = None
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
 
@@ -150,9 +154,13 @@ class RMBG20Segmentor:
         return ((batch - self._mean) / self._std).to(self.dtype)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Full-resolution logits ``[B, 1, S, S]`` (the last of the model's four maps)."""
-        outputs = self.model(batch)
-        return outputs[-1] if isinstance(outputs, (list, tuple)) else outputs
+        """Full-resolution logits ``[B, 1, S, S]`` (the last of the model's four maps).
+
+        With ``batch_buckets`` set, the batch runs padded to the next bucket size.
+        """
+        outputs = self.model(pad_to_bucket(batch, self.batch_buckets))
+        logits = outputs[-1] if isinstance(outputs, (list, tuple)) else outputs
+        return logits[: batch.shape[0]]
 
     def postprocess(
         self, logits: torch.Tensor, sizes: Sequence[tuple[int, ...]]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segmentation.batching import pad_to_bucket
 from segmentation.config import DEFAULT_YOLO_MODEL
 from segmentation.encoders import encode_rle
 from segmentation.errors import ModelLoadError
@@ -124,6 +125,9 @@ class YoloSegmentor:
             model, choose_precision(self.device, use_fp16), success_message=FP16_MESSAGE
         )
         self.model = model.to(self.device)
+        #: Batch sizes the model runs at (see :func:`segmentation.batching.batch_buckets`);
+        #: None runs every batch at its own size.
+        self.batch_buckets: tuple[int, ...] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -227,10 +231,11 @@ class YoloSegmentor:
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw predictions ``[B, 4 + nc + 32, anchors]`` and mask prototypes ``[B, 32, h, w]``."""
-        out = self.model(batch)
+        size = batch.shape[0]
+        out = self.model(pad_to_bucket(batch, self.batch_buckets))
         head = out[0] if isinstance(out, (tuple, list)) else out
         if isinstance(head, (tuple, list)) and len(head) >= 2:
-            return head[0], head[1]
+            return head[0][:size], head[1][:size]
         raise RuntimeError(f"{self.source} is not a segmentation model (no mask prototypes)")
 
     def postprocess(

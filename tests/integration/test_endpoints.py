@@ -66,6 +66,9 @@ def test_models_report_stand_ins_precision_and_batching(client: httpx.Client) ->
         assert info["batch"]["max_batch_size"] >= 1
         assert set(info["gpu_memory"]) >= {"allocated_bytes", "reserved_bytes", "peak_bytes"}
     assert models["rmbg-2.0"]["source"] == standins.RMBG_STANDIN
+    # Batches run padded to these sizes, each run once at start-up (demo: max 4 and 8).
+    assert models["rmbg-2.0"]["batch"]["batch_sizes"] == [1, 2, 4]
+    assert models["yolo11-seg"]["batch"]["batch_sizes"] == [1, 2, 4, 8]
 
 
 def test_remove_background_rgba_matches_the_model(

@@ -115,3 +115,29 @@ def test_failed_attempt_memory_is_released_before_the_retry() -> None:
 
     OOMSafeRunner(model, AdaptiveBatchCap(2))([1, 2])
     assert alive and not any(alive)
+
+
+def test_batch_buckets_cover_every_size_with_little_padding() -> None:
+    from segmentation.batching import batch_buckets
+
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(16) == (1, 2, 4, 8, 12, 16)
+    assert batch_buckets(64) == (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+    assert batch_buckets(20) == (1, 2, 4, 8, 12, 16, 20)
+    for ceiling in range(1, 130):
+        buckets = batch_buckets(ceiling)
+        assert buckets[-1] == ceiling
+        for size in range(9, ceiling + 1):  # above 8, at most a third of a batch is padding
+            bucket = next(b for b in buckets if b >= size)
+            assert (bucket - size) / bucket <= 1 / 3
+
+
+def test_pad_to_bucket_appends_zero_frames() -> None:
+    from segmentation.batching import pad_to_bucket
+
+    batch = torch.ones(5, 3, 4, 4)
+    padded = pad_to_bucket(batch, (1, 2, 4, 8))
+    assert padded.shape == (8, 3, 4, 4)
+    assert torch.equal(padded[:5], batch) and not padded[5:].any()
+    assert pad_to_bucket(batch, None) is batch
+    assert pad_to_bucket(batch, (1, 2, 4)) is batch  # larger than every bucket: as it is

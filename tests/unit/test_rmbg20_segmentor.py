@@ -275,3 +275,15 @@ def test_non_finite_fp16_output_is_recomputed_in_fp32(fake_gpu: None) -> None:
     assert (mattes[0] == clean[0]).all()  # the finite frame kept its FP16 result
     assert np.abs(mattes[1].astype(int) - reference[1].astype(int)).max() <= 1
     assert all(p.dtype == torch.float16 for p in segmentor.model.parameters())
+
+
+def test_padding_to_a_bucket_changes_no_matte() -> None:
+    segmentor = _segmentor()
+    frames = [product_frame(64, 48, seed=s) for s in range(3)]
+    plain = segmentor.predict(frames)
+    segmentor.batch_buckets = (1, 4)
+    timings: dict[str, float] = {}
+    padded = segmentor.predict(frames, timings)
+    for a, b in zip(plain, padded, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert set(timings) == {"preprocess", "forward", "postprocess"}

@@ -174,3 +174,17 @@ def test_a_batch_answers_each_frame_as_if_it_were_alone(
         assert sorted(i.score for i in got.instances) == pytest.approx(
             sorted(i.score for i in alone.instances), abs=1e-4
         )
+
+
+def test_padding_to_a_bucket_changes_no_answer(segmentor: YoloSegmentor) -> None:
+    frames = [product_frame(320, 200, seed=80 + i) for i in range(3)]
+    plain = segmentor.predict(frames)
+    segmentor.batch_buckets = (1, 2, 8)
+    try:
+        padded = segmentor.predict(frames)  # runs as a batch of 8
+    finally:
+        segmentor.batch_buckets = None
+    for a, b in zip(plain, padded, strict=True):
+        assert sorted(i.score for i in a.instances) == pytest.approx(
+            sorted(i.score for i in b.instances), abs=1e-4
+        )
