@@ -71,6 +71,7 @@ async def run_load(
     latencies: list[float] = []
     frames_ok = 0
     sent = 0
+    completions: list[tuple[float, int]] = []  # (monotonic time, frames) of each 200
     stop_at = time.monotonic() + duration_s
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"X-Request-Timeout-Ms": str(timeout_ms)} if timeout_ms else {}
@@ -101,9 +102,11 @@ async def run_load(
         if response.status_code == 200:
             if multi:
                 body = response.json()
-                frames_ok += body["count"] - body["failed"]
+                count = body["count"] - body["failed"]
             else:
-                frames_ok += 1
+                count = 1
+            frames_ok += count
+            completions.append((time.monotonic(), count))
 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         started = time.monotonic()
@@ -132,6 +135,7 @@ async def run_load(
                 await asyncio.sleep(1.0 / rate)
             await asyncio.gather(*tasks)
         elapsed = time.monotonic() - started
+        ramp = min(3.0, duration_s / 4)
         # Near 1.0 the load generator itself (one Python process) is the bound, not the service.
         client_cpu = (time.process_time() - cpu_started) / elapsed
         listing = (await http.get("/v1/models")).json()
@@ -153,6 +157,14 @@ async def run_load(
         ),
         "frames_ok": frames_ok,
         "frames_per_s": round(frames_ok / elapsed, 2),
+        # Frames answered between the end of the ramp-up and the end of sending, per second:
+        # the rate the service sustains, without the start and the drain of the last requests.
+        "steady_frames_per_s": round(
+            sum(n for t, n in completions if started + ramp <= t <= stop_at)
+            / max(1e-9, stop_at - started - ramp),
+            2,
+        ),
+        "steady_window_s": round(stop_at - started - ramp, 2),
         "client_cpu_per_wall_s": round(client_cpu, 2),
         "latency_ms": {
             "p50": round(percentile(latencies, 50) * 1000, 1),

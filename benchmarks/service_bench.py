@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             k: result[k]
             for k in (
                 "frames_per_s",
+                "steady_frames_per_s",
                 "client_cpu_per_wall_s",
                 "latency_ms",
                 "statuses",
