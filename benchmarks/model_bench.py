@@ -183,8 +183,54 @@ def bench_yolo(names: list[str], batches: list[int]) -> list[dict[str, Any]]:
                 print(rows[-1], flush=True)
             if fp16:
                 rows.extend(_yolo_steps_and_jpeg(model, name, frames, jpegs, batches, options))
+                rows.extend(_yolo_graphs(model, name, frames, max(batches)))
             del model
             torch.cuda.empty_cache()
+    return rows
+
+
+def _yolo_graphs(
+    model: YoloSegmentor, name: str, frames: list[np.ndarray], batch: int
+) -> list[dict[str, Any]]:
+    """Forward eager vs CUDA-graph replay, alone and beside a busy Python thread (what a
+    serving process is: request handling holds the interpreter lock between kernel launches)."""
+    import threading
+
+    with torch.inference_mode():
+        x = model.preprocess(frames[:batch])[0]
+    rows: list[dict[str, Any]] = []
+
+    def measure(label: str) -> None:
+        with torch.inference_mode():
+            rows.append(
+                {
+                    "model": name.removesuffix(".yaml"),
+                    "path": label,
+                    **timed(lambda: model.forward(x), batch, min_frames=8 * batch),
+                }
+            )
+        print(rows[-1], flush=True)
+
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            sum(range(2000))
+
+    for graphs in (False, True):
+        if graphs:
+            model.batch_buckets = (batch,)
+            model.capture_graphs((1080, 1920), (batch,))
+        kind = "CUDA graph" if graphs else "eager"
+        measure(f"forward FP16 {kind}")
+        thread = threading.Thread(target=busy, daemon=True)
+        thread.start()
+        try:
+            measure(f"forward FP16 {kind}, one busy Python thread beside it")
+        finally:
+            stop.set()
+            thread.join()
+            stop.clear()
     return rows
 
 

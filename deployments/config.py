@@ -44,6 +44,12 @@ class SegmentorArgs(_Strict):
     warmup_size: tuple[int, int] = Field(
         (1080, 1920), description="(height, width) of the frames used to warm up at start-up."
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="YOLO on a GPU: replay CUDA graphs of the model at each batch size for "
+        "frames of warmup_size (one launch per batch instead of hundreds). Other frame sizes "
+        "run eagerly. Ignored on CPU and by RMBG-2.0.",
+    )
     gpu_memory_fraction: float | None = Field(
         None,
         gt=0.0,

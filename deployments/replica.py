@@ -203,6 +203,8 @@ class SegmentorReplica:
                 self._warmup_run(size)
                 self._built_sizes.add(size)
         self.segmentor.batch_buckets = buckets
+        # On the GPU thread: a capture must not overlap another thread's kernels.
+        self._gpu.submit(self.prepare_graphs, buckets).result()
         logger.info(
             "%s batch sizes %s ready in %.1fs",
             self.name,
@@ -212,6 +214,9 @@ class SegmentorReplica:
 
     def warmup_extra(self) -> None:
         """Subclass hook: anything else to initialise before traffic (e.g. a decoder)."""
+
+    def prepare_graphs(self, batch_sizes: tuple[int, ...]) -> None:
+        """Subclass hook: capture CUDA graphs at these batch sizes, where the model gains."""
 
     # -- request path -------------------------------------------------------------------
     async def decode(self, image: bytes | np.ndarray | EncodedJPEG) -> Any:
@@ -352,6 +357,7 @@ class SegmentorReplica:
                 "live_cap": self.cap.value,
                 "memory_cap": self.memory_cap,
                 "batch_sizes": list(self.segmentor.batch_buckets or ()),
+                "cuda_graph_batch_sizes": getattr(self.segmentor, "graph_batch_sizes", []),
                 "batches_run": self.batches_run,
                 "largest_batch": self.largest_batch,
                 "fp32_recomputed_frames": self._fp32_reported,

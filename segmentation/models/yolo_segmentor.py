@@ -128,6 +128,12 @@ class YoloSegmentor:
         #: Batch sizes the model runs at (see :func:`segmentation.batching.batch_buckets`);
         #: None runs every batch at its own size.
         self.batch_buckets: tuple[int, ...] | None = None
+        self._graphs: Any = None  # GraphedForward, once capture_graphs succeeded
+
+    @property
+    def graph_batch_sizes(self) -> list[int]:
+        """Batch sizes replayed from CUDA graphs (empty: every batch runs eagerly)."""
+        return [shape[0] for shape in self._graphs.shapes] if self._graphs is not None else []
 
     @property
     def dtype(self) -> torch.dtype:
@@ -230,13 +236,56 @@ class YoloSegmentor:
         )
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw predictions ``[B, 4 + nc + 32, anchors]`` and mask prototypes ``[B, 32, h, w]``."""
+        """Raw predictions ``[B, 4 + nc + 32, anchors]`` and mask prototypes ``[B, 32, h, w]``.
+
+        Padded to the next of ``batch_buckets``; replayed from a CUDA graph where one was
+        captured for the shape (:meth:`capture_graphs`).
+        """
         size = batch.shape[0]
-        out = self.model(pad_to_bucket(batch, self.batch_buckets))
-        head = out[0] if isinstance(out, (tuple, list)) else out
-        if isinstance(head, (tuple, list)) and len(head) >= 2:
-            return head[0][:size], head[1][:size]
-        raise RuntimeError(f"{self.source} is not a segmentation model (no mask prototypes)")
+        padded = pad_to_bucket(batch, self.batch_buckets)
+        if self._graphs is not None:
+            preds, protos = self._graphs(padded)
+        else:
+            preds, protos = _split_heads(self.model(padded))
+        return preds[:size], protos[:size]
+
+    def capture_graphs(self, frame_size: tuple[int, int], batch_sizes: Sequence[int]) -> bool:
+        """Capture CUDA graphs of the model for frames of ``frame_size`` (height, width) at
+        each batch size. False (and eager runs, as before) where that is not possible."""
+        if self.device.type != "cuda":
+            return False
+        from segmentation.graphs import GraphedForward
+
+        out_h, out_w = self._rect_shape(*frame_size)
+        layers: Any = getattr(self.model, "model", None)
+        head = layers[-1] if layers is not None else None
+
+        def anchors() -> object:  # the Detect head caches anchors per input shape
+            return (getattr(head, "anchors", None), getattr(head, "strides", None))
+
+        graphs = GraphedForward(self.model, _split_heads, self.device, keep=anchors)
+        examples = [
+            torch.zeros((n, 3, out_h, out_w), dtype=self.dtype, device=self.device)
+            for n in batch_sizes
+        ]
+        try:
+            with torch.inference_mode():
+                graphs.capture(examples)
+        except Exception as exc:
+            logger.warning("CUDA graphs unavailable for %s (%s); running eagerly", self.source, exc)
+            return False
+        finally:
+            if head is not None and hasattr(head, "shape"):
+                head.shape = None  # eager calls recompute anchors into memory of their own
+        self._graphs = graphs
+        logger.info(
+            "%s: CUDA graphs captured for %d batch sizes at %dx%d",
+            self.source,
+            len(batch_sizes),
+            out_w,
+            out_h,
+        )
+        return True
 
     def postprocess(
         self,
@@ -327,6 +376,14 @@ class YoloSegmentor:
             binary = ((part > 0) & inside).to(torch.uint8).cpu().numpy()
             encoded.extend(encode_rle(mask) for mask in binary)
         return encoded
+
+
+def _split_heads(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, mask prototypes) out of an Ultralytics segmentation model's output."""
+    head = out[0] if isinstance(out, (tuple, list)) else out
+    if isinstance(head, (tuple, list)) and len(head) >= 2:
+        return head[0], head[1]
+    raise RuntimeError("not a segmentation model (no mask prototypes)")
 
 
 def _chunk(size: tuple[int, int]) -> int:
