@@ -46,9 +46,10 @@ class SegmentorArgs(_Strict):
     )
     cuda_graphs: bool = Field(
         True,
-        description="YOLO on a GPU: replay CUDA graphs of the model at each batch size for "
-        "frames of warmup_size (one launch per batch instead of hundreds). Other frame sizes "
-        "run eagerly. Ignored on CPU and by RMBG-2.0.",
+        description="On a GPU, replay CUDA graphs of the model at each batch size (one launch "
+        "per batch instead of hundreds). YOLO: for frames of warmup_size; other sizes run "
+        "eagerly. RMBG-2.0: every frame (inputs are always input_size square); its graphs "
+        "hold the activation memory of the largest batch. Ignored on CPU.",
     )
     gpu_memory_fraction: float | None = Field(
         None,

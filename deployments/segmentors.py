@@ -30,6 +30,10 @@ class RMBGDeployment(SegmentorReplica):
     def run_model(self, items: list[Pending]) -> list[np.ndarray]:
         return self.segmentor.predict([item.frame for item in items], self.step_timings)
 
+    def prepare_graphs(self, batch_sizes: tuple[int, ...]) -> None:
+        if self.args.cuda_graphs:
+            self.segmentor.capture_graphs(batch_sizes)
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=64)
     async def batched(self, items: list[Pending]) -> list[Any]:
         return await self.process_batch(items)

@@ -25,7 +25,7 @@ class GraphedForward:
 
     Graphs share one memory pool (they never run at the same time: one GPU thread runs the
     model), and outputs are copied out after each replay, so the next replay cannot overwrite
-    them. An input whose shape has no graph runs eagerly.
+    them. An input whose shape or dtype has no graph runs eagerly.
     """
 
     def __init__(
@@ -41,16 +41,20 @@ class GraphedForward:
         self.select = select
         self.device = device
         self.keep = keep
-        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Outputs]] = {}
+        self._graphs: dict[
+            tuple[tuple[int, ...], torch.dtype], tuple[torch.cuda.CUDAGraph, torch.Tensor, Outputs]
+        ] = {}
         self._kept: list[object] = []
         self._pool: Any = None
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
-        return sorted(self._graphs)
+        return sorted(shape for shape, _ in self._graphs)
 
     def capture(self, examples: Sequence[torch.Tensor]) -> None:
         """Capture one graph per example's shape, largest first (they size the shared pool)."""
+        # Blocks cached by earlier eager runs would sit beside the graphs' own pool.
+        torch.cuda.empty_cache()
         for example in sorted(examples, key=lambda t: t.numel(), reverse=True):
             static_in = example.clone()
             side = torch.cuda.Stream(self.device)
@@ -63,12 +67,12 @@ class GraphedForward:
             with torch.cuda.graph(graph, pool=self._pool):
                 static_out = self.select(self.module(static_in))
             self._pool = graph.pool()
-            self._graphs[tuple(static_in.shape)] = (graph, static_in, static_out)
+            self._graphs[(tuple(static_in.shape), static_in.dtype)] = (graph, static_in, static_out)
             if self.keep is not None:
                 self._kept.append(self.keep())
 
     def __call__(self, batch: torch.Tensor) -> Outputs:
-        entry = self._graphs.get(tuple(batch.shape))
+        entry = self._graphs.get((tuple(batch.shape), batch.dtype))
         if entry is None:
             return self.select(self.module(batch))
         graph, static_in, static_out = entry

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -82,6 +83,7 @@ class RMBG20Segmentor:
         #: Batch sizes the model runs at (see :func:`segmentation.batching.batch_buckets`);
         #: None runs every batch at its own size.
         self.batch_buckets: tuple[int, ...] | None = None
+        self._graphs: Any = None  # GraphedForward, once capture_graphs succeeded
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
 
@@ -125,19 +127,17 @@ class RMBG20Segmentor:
     def _recompute_non_finite(self, batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Recompute in FP32 the frames whose FP16 logits overflowed (inf/NaN).
 
-        The weights are cast up for the call and back down after it (FP16 -> FP32 -> FP16 is
-        exact); only the GPU thread touches the model, so nothing else sees the FP32 weights.
+        The weights are cast up for the call, then the model gets its own FP16 tensors back
+        (CUDA graphs captured on them stay valid); only the GPU thread touches the model, so
+        nothing else sees the FP32 weights.
         """
         bad = ~torch.isfinite(logits).flatten(1).all(dim=1)
         if not bool(bad.any()):
             return logits
         count = int(bad.sum())
         logger.warning("FP16 output of %d frame(s) was not finite; recomputing in FP32", count)
-        self.model.float()
-        try:
-            fixed = self.forward(batch[bad].float())
-        finally:
-            self.model.half()
+        with _in_fp32(self.model):
+            fixed = self.forward(batch[bad].float())  # FP32 input: never a (FP16) graph
         logits = logits.float()
         logits[bad] = fixed
         self.fp32_recomputed += count
@@ -158,9 +158,40 @@ class RMBG20Segmentor:
 
         With ``batch_buckets`` set, the batch runs padded to the next bucket size.
         """
-        outputs = self.model(pad_to_bucket(batch, self.batch_buckets))
-        logits = outputs[-1] if isinstance(outputs, (list, tuple)) else outputs
+        padded = pad_to_bucket(batch, self.batch_buckets)
+        if self._graphs is not None:
+            (logits,) = self._graphs(padded)
+        else:
+            (logits,) = _last_map(self.model(padded))
         return logits[: batch.shape[0]]
+
+    def capture_graphs(self, batch_sizes: Sequence[int]) -> bool:
+        """Capture CUDA graphs of the model at each batch size (inputs are always
+        ``input_size`` square). False (and eager runs, as before) where that is not possible."""
+        if self.device.type != "cuda":
+            return False
+        from segmentation.graphs import GraphedForward
+
+        size = self.input_size
+        graphs = GraphedForward(self.model, _last_map, self.device)
+        examples = [
+            torch.zeros((n, 3, size, size), dtype=self.dtype, device=self.device)
+            for n in batch_sizes
+        ]
+        try:
+            with torch.inference_mode():
+                graphs.capture(examples)
+        except Exception as exc:
+            logger.warning("CUDA graphs unavailable for %s (%s); running eagerly", self.source, exc)
+            return False
+        self._graphs = graphs
+        logger.info("%s: CUDA graphs captured for batch sizes %s", self.source, list(batch_sizes))
+        return True
+
+    @property
+    def graph_batch_sizes(self) -> list[int]:
+        """Batch sizes replayed from CUDA graphs (empty: every batch runs eagerly)."""
+        return [shape[0] for shape in self._graphs.shapes] if self._graphs is not None else []
 
     def postprocess(
         self, logits: torch.Tensor, sizes: Sequence[tuple[int, ...]]
@@ -177,6 +208,32 @@ class RMBG20Segmentor:
             )
             mattes.append(alpha.mul_(255.0).round_().to(torch.uint8)[0, 0].cpu().numpy())
         return mattes
+
+
+def _last_map(outputs: Any) -> tuple[torch.Tensor]:
+    """The full-resolution logits: the last of BiRefNet's maps in eval mode."""
+    return (outputs[-1] if isinstance(outputs, (list, tuple)) else outputs,)
+
+
+@contextmanager
+def _in_fp32(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in FP32 inside the block, then with its own FP16 tensors again (the same
+    storage, not a copy: graphs captured on it read that memory)."""
+    params = [(param, param.data) for param in model.parameters()]
+    buffers = [
+        (module, name, buffer)
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    ]
+    model.float()
+    try:
+        yield
+    finally:
+        for param, data in params:
+            param.data = data
+        for module, name, buffer in buffers:
+            module._buffers[name] = buffer
 
 
 def _upload_grouped(frames: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:

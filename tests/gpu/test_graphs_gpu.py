@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from segmentation.batching import batch_buckets
+from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
-from tests.conftest import product_frame
+from tests.conftest import RMBG_ARCH_DIR, product_frame
 
 pytestmark = pytest.mark.gpu
 
@@ -35,3 +36,31 @@ def test_graph_replay_matches_eager_and_other_sizes_still_run() -> None:
             torch.testing.assert_close(preds, eager_other[0], atol=1e-2, rtol=1e-2)
     found = model.predict(frames[:5])
     assert [(d.width, d.height) for d in found] == [(1920, 1080)] * 5
+
+
+@pytest.mark.skipif(
+    not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
+)
+def test_rmbg_graph_replay_matches_eager_and_survives_an_fp32_recompute() -> None:
+    torch.manual_seed(0)
+    model = RMBG20Segmentor(
+        str(RMBG_ARCH_DIR.resolve()), device="cuda", trust_remote_code=True, load_format="dummy"
+    )
+    frames = [product_frame(1920, 1080, seed=i) for i in range(3)]
+    model.batch_buckets = (1, 2, 4)
+    with torch.inference_mode():
+        batch = model.preprocess(frames)
+        eager = model.forward(batch)
+    assert model.capture_graphs(model.batch_buckets)
+    assert model.graph_batch_sizes == [1, 2, 4]
+    with torch.inference_mode():
+        graphed = model.forward(batch)
+        torch.testing.assert_close(graphed, eager, atol=2e-2, rtol=2e-2)
+        broken = graphed.clone()
+        broken[1] = float("inf")  # as if FP16 had overflowed on frame 1
+        fixed = model._recompute_non_finite(batch, broken)
+        assert torch.isfinite(fixed).all() and model.fp32_recomputed == 1
+        torch.testing.assert_close(fixed[1], eager[1].float(), atol=2e-2, rtol=2e-2)
+        # The FP16 weights came back in the same memory: the graphs still answer right.
+        torch.testing.assert_close(model.forward(batch), eager, atol=2e-2, rtol=2e-2)
+    assert next(model.model.parameters()).dtype == torch.float16
