@@ -63,6 +63,10 @@ class GraphedForward:
                 for _ in range(2):  # lazy initialisation must happen outside the capture
                     self.select(self.module(static_in))
             torch.cuda.current_stream(self.device).wait_stream(side)
+            # Release what those runs cached: the graph's pool needs the same memory again
+            # (a replica with half a card cannot hold RMBG-2.0's batch-16 activations twice).
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 static_out = self.select(self.module(static_in))
