@@ -358,6 +358,7 @@ class SegmentorReplica:
                 "memory_cap": self.memory_cap,
                 "batch_sizes": list(self.segmentor.batch_buckets or ()),
                 "cuda_graph_batch_sizes": getattr(self.segmentor, "graph_batch_sizes", []),
+                "cuda_graph_error": getattr(self.segmentor, "graph_error", None),
                 "batches_run": self.batches_run,
                 "largest_batch": self.largest_batch,
                 "fp32_recomputed_frames": self._fp32_reported,

@@ -84,6 +84,8 @@ class RMBG20Segmentor:
         #: None runs every batch at its own size.
         self.batch_buckets: tuple[int, ...] | None = None
         self._graphs: Any = None  # GraphedForward, once capture_graphs succeeded
+        #: Why the last capture failed (None: it did not, or none was tried).
+        self.graph_error: str | None = None
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
 
@@ -183,6 +185,7 @@ class RMBG20Segmentor:
                 graphs.capture(examples)
         except Exception as exc:
             logger.warning("CUDA graphs unavailable for %s (%s); running eagerly", self.source, exc)
+            self.graph_error = f"{type(exc).__name__}: {exc}"[:500]
             return False
         self._graphs = graphs
         logger.info("%s: CUDA graphs captured for batch sizes %s", self.source, list(batch_sizes))

@@ -129,6 +129,8 @@ class YoloSegmentor:
         #: None runs every batch at its own size.
         self.batch_buckets: tuple[int, ...] | None = None
         self._graphs: Any = None  # GraphedForward, once capture_graphs succeeded
+        #: Why the last capture failed (None: it did not, or none was tried).
+        self.graph_error: str | None = None
 
     @property
     def graph_batch_sizes(self) -> list[int]:
@@ -273,6 +275,7 @@ class YoloSegmentor:
                 graphs.capture(examples)
         except Exception as exc:
             logger.warning("CUDA graphs unavailable for %s (%s); running eagerly", self.source, exc)
+            self.graph_error = f"{type(exc).__name__}: {exc}"[:500]
             return False
         finally:
             if head is not None and hasattr(head, "shape"):
