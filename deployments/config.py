@@ -44,12 +44,13 @@ class SegmentorArgs(_Strict):
     warmup_size: tuple[int, int] = Field(
         (1080, 1920), description="(height, width) of the frames used to warm up at start-up."
     )
-    cuda_graphs: bool = Field(
-        True,
+    cuda_graphs: bool | None = Field(
+        None,
         description="On a GPU, replay CUDA graphs of the model at each batch size (one launch "
-        "per batch instead of hundreds). YOLO: for frames of warmup_size; other sizes run "
-        "eagerly. RMBG-2.0: every frame (inputs are always input_size square); its graphs "
-        "hold the activation memory of the largest batch. Ignored on CPU.",
+        "per batch instead of hundreds). None: on for YOLO (for frames of warmup_size; other "
+        "sizes run eagerly), off for RMBG-2.0, whose capture needs more memory than half an "
+        "H100 (measured: out of memory at batch 16 in a 0.5 share). A capture that fails "
+        "falls back to eager runs and is reported in /v1/models. Ignored on CPU.",
     )
     gpu_memory_fraction: float | None = Field(
         None,

@@ -31,7 +31,7 @@ class RMBGDeployment(SegmentorReplica):
         return self.segmentor.predict([item.frame for item in items], self.step_timings)
 
     def prepare_graphs(self, batch_sizes: tuple[int, ...]) -> None:
-        if self.args.cuda_graphs:
+        if self.args.cuda_graphs:  # off unless asked for: see SegmentorArgs.cuda_graphs
             self.segmentor.capture_graphs(batch_sizes)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=64)
@@ -68,7 +68,7 @@ class YoloDeployment(SegmentorReplica):
         return DetectOptions()
 
     def prepare_graphs(self, batch_sizes: tuple[int, ...]) -> None:
-        if self.args.cuda_graphs:
+        if self.args.cuda_graphs is not False:  # on unless turned off
             self.segmentor.capture_graphs(self.args.warmup_size, batch_sizes)
 
     def warmup_extra(self) -> None:

@@ -270,16 +270,23 @@ class YoloSegmentor:
             torch.zeros((n, 3, out_h, out_w), dtype=self.dtype, device=self.device)
             for n in batch_sizes
         ]
+        error = None
         try:
             with torch.inference_mode():
                 graphs.capture(examples)
-        except Exception as exc:
-            logger.warning("CUDA graphs unavailable for %s (%s); running eagerly", self.source, exc)
-            self.graph_error = f"{type(exc).__name__}: {exc}"[:500]
-            return False
+        except Exception as exc:  # e.g. out of memory: run eagerly instead
+            error = f"{type(exc).__name__}: {exc}"[:500]
         finally:
             if head is not None and hasattr(head, "shape"):
                 head.shape = None  # eager calls recompute anchors into memory of their own
+        if error is not None:
+            del graphs  # its graphs and their memory pool go with it
+            torch.cuda.empty_cache()
+            logger.warning(
+                "CUDA graphs unavailable for %s (%s); running eagerly", self.source, error
+            )
+            self.graph_error = error
+            return False
         self._graphs = graphs
         logger.info(
             "%s: CUDA graphs captured for %d batch sizes at %dx%d",
