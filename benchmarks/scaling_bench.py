@@ -170,9 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         ):
             for scenario in args.scenarios.split(","):
                 processes = max(1, args.client_processes_per_gpu * max(1, gpus))
-                size = (
-                    tuple(int(v) for v in args.frame_size.split("x")) if args.frame_size else None
-                )
                 result = drive(cluster.url, scenario, gpus, processes, args.duration, frame_size)
                 result.update(gpus=gpus, replicas=placement(cluster.url))
                 report["runs"].append(result)
