@@ -51,6 +51,10 @@ class GraphedForward:
     def shapes(self) -> list[tuple[int, ...]]:
         return sorted(shape for shape, _ in self._graphs)
 
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [shape[0] for shape in self.shapes]
+
     def capture(self, examples: Sequence[torch.Tensor]) -> None:
         """Capture one graph per example's shape, largest first (they size the shared pool)."""
         # Blocks cached by earlier eager runs would sit beside the graphs' own pool.
@@ -83,3 +87,34 @@ class GraphedForward:
         static_in.copy_(batch)
         graph.replay()
         return tuple(t.clone() for t in static_out)
+
+
+def try_capture(
+    name: str,
+    module: torch.nn.Module,
+    select: Callable[[object], Outputs],
+    examples: Sequence[torch.Tensor],
+    keep: Callable[[], object] | None = None,
+) -> tuple[GraphedForward | None, str | None]:
+    """Graphs of ``module`` for each example's shape, or None and why they could not be
+    captured (e.g. out of memory: the caller then runs eagerly, as before)."""
+    device = examples[0].device
+    graphs = GraphedForward(module, select, device, keep=keep)
+    error = None
+    try:
+        with torch.inference_mode():
+            graphs.capture(examples)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+    if error is not None:
+        del graphs  # its graphs and their memory pool go with it
+        torch.cuda.empty_cache()
+        logger.warning("CUDA graphs unavailable for %s (%s); running eagerly", name, error)
+        return None, error
+    logger.info(
+        "%s: CUDA graphs captured for batch sizes %s at %s",
+        name,
+        graphs.batch_sizes,
+        "x".join(map(str, examples[0].shape[1:])),
+    )
+    return graphs, None

@@ -172,36 +172,23 @@ class RMBG20Segmentor:
         ``input_size`` square). False (and eager runs, as before) where that is not possible."""
         if self.device.type != "cuda":
             return False
-        from segmentation.graphs import GraphedForward
+        from segmentation.graphs import try_capture
 
         size = self.input_size
-        graphs = GraphedForward(self.model, _last_map, self.device)
         examples = [
             torch.zeros((n, 3, size, size), dtype=self.dtype, device=self.device)
             for n in batch_sizes
         ]
-        error = None
-        try:
-            with torch.inference_mode():
-                graphs.capture(examples)
-        except Exception as exc:  # e.g. out of memory: run eagerly instead
-            error = f"{type(exc).__name__}: {exc}"[:500]
-        if error is not None:
-            del graphs  # its graphs and their memory pool go with it
-            torch.cuda.empty_cache()
-            logger.warning(
-                "CUDA graphs unavailable for %s (%s); running eagerly", self.source, error
-            )
-            self.graph_error = error
+        graphs, self.graph_error = try_capture(self.source, self.model, _last_map, examples)
+        if graphs is None:
             return False
         self._graphs = graphs
-        logger.info("%s: CUDA graphs captured for batch sizes %s", self.source, list(batch_sizes))
         return True
 
     @property
     def graph_batch_sizes(self) -> list[int]:
         """Batch sizes replayed from CUDA graphs (empty: every batch runs eagerly)."""
-        return [shape[0] for shape in self._graphs.shapes] if self._graphs is not None else []
+        return self._graphs.batch_sizes if self._graphs is not None else []
 
     def postprocess(
         self, logits: torch.Tensor, sizes: Sequence[tuple[int, ...]]

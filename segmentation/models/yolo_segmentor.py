@@ -135,7 +135,7 @@ class YoloSegmentor:
     @property
     def graph_batch_sizes(self) -> list[int]:
         """Batch sizes replayed from CUDA graphs (empty: every batch runs eagerly)."""
-        return [shape[0] for shape in self._graphs.shapes] if self._graphs is not None else []
+        return self._graphs.batch_sizes if self._graphs is not None else []
 
     @property
     def dtype(self) -> torch.dtype:
@@ -256,7 +256,7 @@ class YoloSegmentor:
         each batch size. False (and eager runs, as before) where that is not possible."""
         if self.device.type != "cuda":
             return False
-        from segmentation.graphs import GraphedForward
+        from segmentation.graphs import try_capture
 
         out_h, out_w = self._rect_shape(*frame_size)
         layers: Any = getattr(self.model, "model", None)
@@ -265,36 +265,19 @@ class YoloSegmentor:
         def anchors() -> object:  # the Detect head caches anchors per input shape
             return (getattr(head, "anchors", None), getattr(head, "strides", None))
 
-        graphs = GraphedForward(self.model, _split_heads, self.device, keep=anchors)
         examples = [
             torch.zeros((n, 3, out_h, out_w), dtype=self.dtype, device=self.device)
             for n in batch_sizes
         ]
-        error = None
         try:
-            with torch.inference_mode():
-                graphs.capture(examples)
-        except Exception as exc:  # e.g. out of memory: run eagerly instead
-            error = f"{type(exc).__name__}: {exc}"[:500]
+            graphs, error = try_capture(self.source, self.model, _split_heads, examples, anchors)
         finally:
             if head is not None and hasattr(head, "shape"):
                 head.shape = None  # eager calls recompute anchors into memory of their own
-        if error is not None:
-            del graphs  # its graphs and their memory pool go with it
-            torch.cuda.empty_cache()
-            logger.warning(
-                "CUDA graphs unavailable for %s (%s); running eagerly", self.source, error
-            )
+        if graphs is None:
             self.graph_error = error
             return False
         self._graphs = graphs
-        logger.info(
-            "%s: CUDA graphs captured for %d batch sizes at %dx%d",
-            self.source,
-            len(batch_sizes),
-            out_w,
-            out_h,
-        )
         return True
 
     def postprocess(
