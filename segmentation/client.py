@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 from PIL import Image as PILImage
 
-from segmentation.encoders import decode_rle, jpeg
+from segmentation.encoders import decode_rle, jpeg, union_matte
 
 T = TypeVar("T")
 #: What can be sent as an image: encoded bytes, a file path, a uint8 RGB array or a PIL image.
@@ -107,10 +107,7 @@ class Segmentation:
 
     def union_mask(self) -> np.ndarray:
         """uint8 ``HxW``: 255 where any instance is, 0 elsewhere."""
-        union = np.zeros((self.height, self.width), dtype=np.uint8)
-        for instance in self.instances:
-            union[instance.mask().astype(bool)] = 255
-        return union
+        return union_matte(self.height, self.width, (i.rle for i in self.instances))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Segmentation:

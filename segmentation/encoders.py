@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterable
 from typing import Any
 
 import cv2
@@ -64,6 +65,14 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
         "counts": counts.encode() if isinstance(counts, str) else counts,
     }
     return np.ascontiguousarray(mask_utils.decode(coco))
+
+
+def union_matte(height: int, width: int, rles: Iterable[dict[str, Any]]) -> np.ndarray:
+    """uint8 ``HxW`` matte: 255 where any of the RLE masks is, 0 elsewhere."""
+    union = np.zeros((height, width), dtype=np.uint8)
+    for rle in rles:
+        union[decode_rle(rle).astype(bool)] = 255
+    return union
 
 
 def jpeg(image: np.ndarray | Image.Image, quality: int = 95) -> bytes:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner
-from segmentation.encoders import decode_rle
+from segmentation.encoders import union_matte
 from segmentation.factory import ModelKind
 from segmentation.models.yolo_segmentor import DetectOptions
 
@@ -58,8 +58,8 @@ class LocalSegmenter:
         found = self.segmentor.predict(frames, [self.detect] * len(frames))
         outputs = []
         for detections in found:
-            union = np.zeros((detections.height, detections.width), dtype=np.uint8)
-            for instance in detections.instances:
-                union[decode_rle(instance.mask).astype(bool)] = 255
-            outputs.append(FrameOutput(union, [i.as_dict() for i in detections.instances]))
+            matte = union_matte(
+                detections.height, detections.width, (i.mask for i in detections.instances)
+            )
+            outputs.append(FrameOutput(matte, [i.as_dict() for i in detections.instances]))
         return outputs
