@@ -138,10 +138,14 @@ class SegmentorReplica:
             logger.info("%s limited to %.0f%% of GPU memory", self.name, fraction * 100)
         return fraction
 
+    def warmup_frame(self) -> np.ndarray:
+        """A random uint8 RGB frame of ``warmup_size``."""
+        height, width = self.args.warmup_size
+        return np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
     def _warmup_run(self, n: int) -> int:
         """Run the model on ``n`` copies of a warm-up frame; the peak GPU memory (0 on CPU)."""
-        height, width = self.args.warmup_size
-        frame = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        frame = self.warmup_frame()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

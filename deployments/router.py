@@ -280,9 +280,7 @@ class Router:
         async def encode(frame: Any, alpha: Any) -> Any:
             if isinstance(alpha, BaseException):
                 return alpha
-            if output == "mask":
-                return await self._run_codec(mask_png, alpha)
-            return await self._run_codec(rgba_png, frame, alpha)
+            return await self._encode_matte(frame, alpha, output)
 
         return await asyncio.gather(
             *(encode(f, a) for f, a in zip(frames, mattes, strict=True)), return_exceptions=True
@@ -304,6 +302,10 @@ class Router:
     async def _cutout(self, frame: np.ndarray, output: str, deadline: float | None) -> bytes:
         """RMBG-2.0 matte of ``frame``, encoded as an RGBA cutout or a grayscale mask PNG."""
         alpha = await self._call(self.rmbg.remove_background, frame, deadline)
+        return await self._encode_matte(frame, alpha, output)
+
+    async def _encode_matte(self, frame: np.ndarray, alpha: np.ndarray, output: str) -> bytes:
+        """An RGBA cutout PNG (``output="rgba"``) or a grayscale matte PNG (``"mask"``)."""
         if output == "mask":
             return await self._run_codec(mask_png, alpha)
         return await self._run_codec(rgba_png, frame, alpha)

@@ -76,9 +76,8 @@ class YoloDeployment(SegmentorReplica):
         on an H100), which would otherwise land on the first requests."""
         if self.device.type != "cuda":
             return
-        height, width = self.args.warmup_size
-        frame = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
-        jpeg = probe_jpeg(encoders.jpeg(frame, quality=90), max_pixels=self.args.max_pixels)
+        data = encoders.jpeg(self.warmup_frame(), quality=90)
+        jpeg = probe_jpeg(data, max_pixels=self.args.max_pixels)
         if jpeg is not None:
             decode_jpegs_on(self.device, [jpeg])
 
