@@ -253,6 +253,16 @@ def _retry_after(response: httpx.Response | None) -> str | None:
     return None if response is None else response.headers.get("retry-after")
 
 
+def _image(response: httpx.Response) -> Image:
+    return Image(response.content, response.headers.get("content-type", "image/png"))
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    _raise_for_error(response)
+    result: dict[str, Any] = response.json()
+    return result
+
+
 def _raise_for_error(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
@@ -266,18 +276,29 @@ def _raise_for_error(response: httpx.Response) -> None:
 
 
 class _Base:
-    """What the sync and async clients share: request building and answer parsing."""
+    """What the sync and async clients share: settings, request building, answer parsing.
+
+    Args:
+        base_url: where the service listens, e.g. ``http://localhost:8000``.
+        api_key: sent as ``Authorization: Bearer`` when the service requires one.
+        max_concurrency: requests in flight at once from this client.
+        retry: retry policy for 503/429 answers and connection failures.
+        timeout_s: per-request timeout.
+        frame_format: how arrays and PIL images are encoded for upload (JPEG is ~10x faster
+            to encode and upload than PNG; PNG is lossless).
+        jpeg_quality: JPEG quality of those uploads.
+    """
 
     def __init__(
         self,
         base_url: str,
         *,
-        api_key: str | None,
-        max_concurrency: int,
-        retry: RetryPolicy | None,
-        timeout_s: float,
-        frame_format: Literal["jpeg", "png"],
-        jpeg_quality: int,
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        frame_format: Literal["jpeg", "png"] = "jpeg",
+        jpeg_quality: int = 95,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -290,6 +311,11 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         #: Answers that asked to retry (503/429) or failed to connect, over the client's life.
         self.retries = 0
+        self._open(httpx.Limits(max_connections=max_concurrency))
+
+    def _open(self, limits: httpx.Limits) -> None:
+        """Create the HTTP client and the in-flight bound (sync or async flavour)."""
+        raise NotImplementedError
 
     def encode(self, image: ImageInput) -> tuple[bytes, str]:
         """Encoded bytes and content type of any accepted image input."""
@@ -349,42 +375,13 @@ def sniff_content_type(data: bytes) -> str:
 
 class SegmentorClient(_Base):
     """Blocking client; safe to share between threads (at most ``max_concurrency`` in flight).
+    Arguments: see :class:`_Base`."""
 
-    Args:
-        base_url: where the service listens, e.g. ``http://localhost:8000``.
-        api_key: sent as ``Authorization: Bearer`` when the service requires one.
-        max_concurrency: requests in flight at once from this client.
-        retry: retry policy for 503/429 answers and connection failures.
-        timeout_s: per-request timeout.
-        frame_format: how arrays and PIL images are encoded for upload (JPEG is ~10x faster
-            to encode and upload than PNG; PNG is lossless).
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        max_concurrency: int = 8,
-        retry: RetryPolicy | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        frame_format: Literal["jpeg", "png"] = "jpeg",
-        jpeg_quality: int = 95,
-    ) -> None:
-        super().__init__(
-            base_url,
-            api_key=api_key,
-            max_concurrency=max_concurrency,
-            retry=retry,
-            timeout_s=timeout_s,
-            frame_format=frame_format,
-            jpeg_quality=jpeg_quality,
-        )
-        limits = httpx.Limits(max_connections=max_concurrency)
+    def _open(self, limits: httpx.Limits) -> None:
         self._http = httpx.Client(
-            base_url=self.base_url, headers=self.headers, timeout=timeout_s, limits=limits
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout_s, limits=limits
         )
-        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)
 
     def __enter__(self) -> SegmentorClient:
         return self
@@ -415,7 +412,7 @@ class SegmentorClient(_Base):
     def remove_background(self, image: ImageInput, output: Output = "rgba") -> Image:
         """RGBA cutout (``output="rgba"``) or grayscale matte (``"mask"``) as PNG."""
         response = self._send(self._single("/v1/remove-background", image, {"output": output}))
-        return Image(response.content, response.headers.get("content-type", "image/png"))
+        return _image(response)
 
     def segment(
         self,
@@ -467,40 +464,17 @@ class SegmentorClient(_Base):
             return list(pool.map(fn, items))
 
     def models(self) -> dict[str, Any]:
-        response = self._http.get("/v1/models")
-        _raise_for_error(response)
-        result: dict[str, Any] = response.json()
-        return result
+        return _json(self._http.get("/v1/models"))
 
 
 class AsyncSegmentorClient(_Base):
     """asyncio client; the same methods as :class:`SegmentorClient`, awaited."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        max_concurrency: int = 8,
-        retry: RetryPolicy | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        frame_format: Literal["jpeg", "png"] = "jpeg",
-        jpeg_quality: int = 95,
-    ) -> None:
-        super().__init__(
-            base_url,
-            api_key=api_key,
-            max_concurrency=max_concurrency,
-            retry=retry,
-            timeout_s=timeout_s,
-            frame_format=frame_format,
-            jpeg_quality=jpeg_quality,
-        )
-        limits = httpx.Limits(max_connections=max_concurrency)
+    def _open(self, limits: httpx.Limits) -> None:
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=timeout_s, limits=limits
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout_s, limits=limits
         )
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._slots = asyncio.Semaphore(self.max_concurrency)
 
     async def __aenter__(self) -> AsyncSegmentorClient:
         return self
@@ -537,7 +511,7 @@ class AsyncSegmentorClient(_Base):
             lambda: self._single("/v1/remove-background", image, {"output": output})
         )
         response = await self._send(request)
-        return Image(response.content, response.headers.get("content-type", "image/png"))
+        return _image(response)
 
     async def segment(
         self,
@@ -582,7 +556,4 @@ class AsyncSegmentorClient(_Base):
         return parse_frames((await self._send(request)).json())
 
     async def models(self) -> dict[str, Any]:
-        response = await self._http.get("/v1/models")
-        _raise_for_error(response)
-        result: dict[str, Any] = response.json()
-        return result
+        return _json(await self._http.get("/v1/models"))
