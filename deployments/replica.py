@@ -200,8 +200,10 @@ class SegmentorReplica:
         The first call at a new batch size builds cuDNN plans (seconds on an H100); doing it
         here keeps that cost off the requests.
         """
-        started = time.perf_counter()
         buckets = batch_buckets(ceiling)
+        if buckets == self.segmentor.batch_buckets:
+            return  # built and captured already (e.g. only the batch wait changed)
+        started = time.perf_counter()
         for size in buckets:
             if size not in self._built_sizes:
                 self._warmup_run(size)

@@ -141,3 +141,16 @@ def test_pad_to_bucket_appends_zero_frames() -> None:
     assert torch.equal(padded[:5], batch) and not padded[5:].any()
     assert pad_to_bucket(batch, None) is batch
     assert pad_to_bucket(batch, (1, 2, 4)) is batch  # larger than every bucket: as it is
+
+
+def test_graph_capture_that_cannot_happen_falls_back_with_the_reason() -> None:
+    """Without CUDA the capture fails; the caller gets no graphs and a readable reason."""
+    from segmentation.graphs import try_capture
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device would capture")
+    graphs, error = try_capture(
+        "linear", torch.nn.Linear(2, 2), lambda out: (out,), [torch.zeros(4, 2)]
+    )
+    assert graphs is None
+    assert error == "ValueError: Expected a cuda device, but got: cpu"
