@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segmentation.imaging import EncodedJPEG, decode_jpegs_on
+from segmentation.device_decode import decode_jpegs_on
+from segmentation.imaging import EncodedJPEG
 from segmentation.models.rmbg20_segmentor import IMAGENET_MEAN, IMAGENET_STD, RMBG20Segmentor
-from segmentation.models.yolo_segmentor import DetectOptions, YoloSegmentor
+from segmentation.models.yolo_segmentor import YoloSegmentor
+from segmentation.options import DetectOptions
 
 GiB = 2**30
 

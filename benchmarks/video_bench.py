@@ -23,8 +23,8 @@ from benchmarks.model_bench import frames_1080p
 from segmentation.config import Settings
 from segmentation.factory import build_segmentor
 from segmentation.local import LocalSegmenter
-from segmentation.segment_video import LocalMatter, open_writer, segment_frames
-from segmentation.video import VideoReader
+from segmentation_client.segment_video import LocalMatter, open_writer, segment_frames
+from segmentation_client.video import VideoReader
 from tests.conftest import write_video
 
 

@@ -2,7 +2,7 @@
 
 Plain PyTorch, no Ray: the serving layer and offline jobs share it. A batch that runs out of
 memory is split in halves and retried down to single frames; only a single frame that still
-cannot run fails, with :class:`OverloadedError` (a 503 with Retry-After). Each OOM lowers an
+cannot run fails, with :class:`OverloadedError` (retryable). Each OOM lowers an
 adaptive cap on the batch size, which recovers slowly after sustained success.
 """
 
@@ -119,7 +119,9 @@ class OOMSafeRunner(Generic[In, Out]):
             self.cap.on_oom(len(chunk))
             if len(chunk) == 1:
                 report.failed_frames += 1
-                logger.warning("a single frame ran out of GPU memory; answering 503")
+                logger.warning(
+                    "a single frame ran out of GPU memory; it fails as overloaded (retryable)"
+                )
                 return [OverloadedError("GPU out of memory for this frame; retry later", 2)]
             report.oom_splits += 1
             half = len(chunk) // 2

@@ -1,16 +1,17 @@
-"""Typed errors with the HTTP status they map to.
+"""Typed errors of the library: what went wrong, in words a caller can act on.
 
-Arguments are plain strings and ints so the exceptions pickle across Ray handles; the router
-maps every one of them to ``{"error": {"code", "message"}}`` in a single exception handler.
+Each error has a stable ``code`` and, when retrying can succeed, ``retry_after_s``. The library
+knows nothing of HTTP: the service maps these classes to status codes in one place
+(``segmentation_service.errors``). Arguments are plain strings and ints so the exceptions
+pickle across Ray handles intact.
 """
 
 from __future__ import annotations
 
 
 class SegmentationError(Exception):
-    """Base class: a request could not be served, for a reason the client should know."""
+    """Base class: a frame could not be segmented, for a reason the caller should know."""
 
-    status_code = 500
     code = "internal_error"
 
     def __init__(self, message: str, retry_after_s: int | None = None) -> None:
@@ -23,44 +24,32 @@ class SegmentationError(Exception):
 
 
 class InvalidImageError(SegmentationError):
-    """The body is not a decodable image (corrupt, truncated, empty, not an image)."""
+    """The bytes are not a decodable image (corrupt, truncated, empty, not an image)."""
 
-    status_code = 400
     code = "invalid_image"
 
 
 class InvalidRequestError(SegmentationError):
-    """A query parameter or form field has a value that is not accepted."""
+    """An option has a value that is not accepted."""
 
-    status_code = 422
     code = "invalid_request"
 
 
 class UnsupportedMediaTypeError(SegmentationError):
-    """The content type or image format is not one the service decodes."""
+    """The content type or image format is not one the library decodes."""
 
-    status_code = 415
     code = "unsupported_media_type"
 
 
 class PayloadTooLargeError(SegmentationError):
-    """The body or the decoded image is over a configured limit."""
+    """The data or the decoded image is over a configured limit."""
 
-    status_code = 413
     code = "payload_too_large"
 
 
-class UnauthorizedError(SegmentationError):
-    """The API key is missing or wrong."""
-
-    status_code = 401
-    code = "unauthorized"
-
-
 class OverloadedError(SegmentationError):
-    """The service cannot take the request now; retry after ``retry_after_s``."""
+    """The frame cannot run now (no GPU memory, a full queue); retry after ``retry_after_s``."""
 
-    status_code = 503
     code = "overloaded"
 
     def __init__(self, message: str, retry_after_s: int | None = 1) -> None:
@@ -68,9 +57,8 @@ class OverloadedError(SegmentationError):
 
 
 class DeadlineExceededError(SegmentationError):
-    """The request's deadline passed before it reached the GPU."""
+    """The frame's deadline passed before it reached the model."""
 
-    status_code = 504
     code = "deadline_exceeded"
 
 

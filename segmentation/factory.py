@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from segmentation.config import Settings
 from segmentation.models.rmbg20_segmentor import LoadFormat, RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
-
-ModelKind = Literal["rmbg", "yolo"]
-MODEL_KINDS: tuple[ModelKind, ...] = ("rmbg", "yolo")
+from segmentation.options import MODEL_KINDS, ModelKind
 
 
 def build_segmentor(

@@ -8,15 +8,12 @@ stops decompression bombs.
 from __future__ import annotations
 
 import io
-import math
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from segmentation.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
@@ -89,21 +86,6 @@ def _sniff_format(data: bytes) -> str | None:
         return None
 
 
-def crop_with_margin(
-    frame: np.ndarray, box: Sequence[float], margin: float
-) -> tuple[np.ndarray, list[int]]:
-    """The part of ``frame`` inside ``box`` (xyxy) grown by ``margin`` x its size on each side,
-    clipped to the frame; returns the crop and its integer box."""
-    height, width = frame.shape[:2]
-    x1, y1, x2, y2 = box
-    pad_x, pad_y = (x2 - x1) * margin, (y2 - y1) * margin
-    left = min(width - 1, max(0, int(x1 - pad_x)))
-    top = min(height - 1, max(0, int(y1 - pad_y)))
-    right = min(width, max(left + 1, math.ceil(x2 + pad_x)))
-    bottom = min(height, max(top + 1, math.ceil(y2 + pad_y)))
-    return np.ascontiguousarray(frame[top:bottom, left:right]), [left, top, right, bottom]
-
-
 def to_rgb_array(image: Image.Image) -> np.ndarray:
     """Convert any PIL mode to uint8 RGB, keeping the full range of 16-bit images."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -152,22 +134,3 @@ def probe_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> EncodedJ
     if image.format != "JPEG" or image.mode not in ("RGB", "L") or orientation != 1:
         return None
     return EncodedJPEG(data, width, height)
-
-
-def decode_jpegs_on(device: torch.device, jpegs: Sequence[EncodedJPEG]) -> list[Any]:
-    """Decode on ``device`` (nvJPEG on CUDA, libjpeg on CPU): a ``3xHxW`` uint8 tensor per
-    image, or an :class:`InvalidImageError` for one that fails, without failing the others."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    tensors = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
-    try:
-        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        pass  # one bad image fails the whole call: decode one at a time
-    results: list[Any] = []
-    for tensor in tensors:
-        try:
-            results.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError as exc:
-            results.append(InvalidImageError(f"corrupt or truncated image: {exc}"))
-    return results

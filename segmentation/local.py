@@ -10,8 +10,7 @@ import numpy as np
 
 from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner
 from segmentation.encoders import union_matte
-from segmentation.factory import ModelKind
-from segmentation.models.yolo_segmentor import DetectOptions
+from segmentation.options import DetectOptions, ModelKind
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ class RMBG20Segmentor:
 
     Args:
         model_path: hub repo id (with a pinned ``revision``), a local model directory, or a
-            stand-in name from :mod:`segmentation.standins`.
+            stand-in name from :mod:`segmentation_standins`.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         use_fp16: run in FP16 where the GPU supports it; FP32 elsewhere.
         load_format: ``auto`` loads the weights; ``dummy`` keeps random weights (benchmarks).
@@ -53,7 +53,7 @@ class RMBG20Segmentor:
         load_format: LoadFormat = "auto",
         input_size: int = 1024,
     ) -> None:
-        from segmentation import standins
+        import segmentation_standins as standins
 
         self.device = resolve_device(device)
         self.source = model_path

@@ -23,6 +23,7 @@ from segmentation.config import DEFAULT_YOLO_MODEL
 from segmentation.encoders import encode_rle
 from segmentation.errors import ModelLoadError
 from segmentation.models.base import ModelInfo, StageClock, host_batch
+from segmentation.options import DetectOptions
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -69,24 +70,6 @@ class Detections:
 
 
 @dataclass(frozen=True)
-class DetectOptions:
-    """Per-call thresholds, validated."""
-
-    conf: float = 0.25
-    iou: float = 0.7
-    classes: tuple[int, ...] | None = None
-    max_det: int = 300
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.conf <= 1.0:
-            raise ValueError(f"conf must be between 0 and 1, got {self.conf}")
-        if not 0.0 <= self.iou <= 1.0:
-            raise ValueError(f"iou must be between 0 and 1, got {self.iou}")
-        if not 1 <= self.max_det <= 1000:
-            raise ValueError(f"max_det must be between 1 and 1000, got {self.max_det}")
-
-
-@dataclass(frozen=True)
 class _Letterbox:
     scale: float
     pad_left: float
@@ -109,7 +92,7 @@ class YoloSegmentor:
         *,
         imgsz: int = 640,
     ) -> None:
-        from segmentation import standins
+        import segmentation_standins as standins
 
         self.device = resolve_device(device)
         self.source = model_path

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from segmentation import standins
-from segmentation.client import (
+import segmentation_standins as standins
+from segmentation.imaging import decode_image
+from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
+from segmentation_client.client import (
     AsyncSegmentorClient,
     FrameError,
     Image,
@@ -18,9 +20,7 @@ from segmentation.client import (
     SegmentorClient,
     ServiceError,
 )
-from segmentation.imaging import decode_image
-from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
-from segmentation.segment_video import main as segment_video
+from segmentation_client.segment_video import main as segment_video
 from tests.conftest import assert_cutout, encode, product_frame, write_video
 from tests.serve_cluster import Cluster
 

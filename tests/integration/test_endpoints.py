@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation import standins
+import segmentation_standins as standins
 from segmentation.encoders import decode_rle
 from segmentation.imaging import decode_image
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor

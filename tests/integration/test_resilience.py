@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation import standins
+import segmentation_standins as standins
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from tests.conftest import encode, product_frame
 from tests.serve_cluster import Cluster
@@ -143,7 +143,7 @@ def test_jpegs_decoded_next_to_the_model_and_a_corrupt_one_fails_alone(
 def test_client_retries_overload_until_every_frame_is_answered(apps: dict[str, str]) -> None:
     """The router admits 3 frames at a time; a client with 16 in flight gets 503s, waits as
     Retry-After says, and ends with every matte, correct and in order."""
-    from segmentation.client import AsyncSegmentorClient, RetryPolicy
+    from segmentation_client.client import AsyncSegmentorClient, RetryPolicy
 
     frames = [product_frame(160, 120, seed=200 + i) for i in range(16)]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation import standins
+import segmentation_standins as standins
 from tests.conftest import REPO_ROOT, assert_cutout, product_frame, write_video
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,7 @@ def test_dataset_of_images_and_videos(tmp_path: Path, standin_cache: Path) -> No
     command = [
         sys.executable,
         "-m",
-        "pipelines.segment_dataset",
+        "segmentation_pipelines.segment_dataset",
         str(source),
         str(out),
         "--model",

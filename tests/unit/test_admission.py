@@ -1,7 +1,8 @@
 import pytest
 
-from deployments.admission import FrameBudget
 from segmentation.errors import OverloadedError
+from segmentation_service.admission import FrameBudget
+from segmentation_service.errors import http_status
 
 
 def test_admits_up_to_the_limit_then_refuses_with_retry_after() -> None:
@@ -10,7 +11,7 @@ def test_admits_up_to_the_limit_then_refuses_with_retry_after() -> None:
         assert budget.in_flight == 3
         with pytest.raises(OverloadedError) as info, budget.admit(1):
             pass
-        assert info.value.status_code == 503 and info.value.retry_after_s == 2
+        assert http_status(info.value) == 503 and info.value.retry_after_s == 2
         assert "limit 3" in info.value.message
     assert budget.in_flight == 0 and budget.rejected == 1
 

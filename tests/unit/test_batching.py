@@ -52,7 +52,7 @@ def test_a_single_frame_that_cannot_run_gets_overloaded_others_succeed() -> None
     results, report = OOMSafeRunner(PickyModel(), AdaptiveBatchCap(8))([10, 11, 12, 13, 14])
     assert results[:3] == [11, 12, 13] and results[4] == 15
     assert isinstance(results[3], OverloadedError)
-    assert results[3].status_code == 503 and results[3].retry_after_s
+    assert results[3].code == "overloaded" and results[3].retry_after_s
     assert report.failed_frames == 1
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from segmentation.client import (
+from segmentation.encoders import b64, encode_rle, rgba_png
+from segmentation_client.client import (
     FrameError,
     Image,
     RetryPolicy,
@@ -20,7 +21,6 @@ from segmentation.client import (
     parse_retry_after,
     sniff_content_type,
 )
-from segmentation.encoders import b64, encode_rle, rgba_png
 from tests.conftest import assert_cutout, encode, product_frame
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.app import AppConfigError, build_app
-from deployments.config import AppArgs, BatchConfig
 from segmentation.config import ENV_VARS, load_settings
+from segmentation_service.app import AppConfigError, build_app
+from segmentation_service.config import AppArgs, BatchConfig
 from tests.conftest import REPO_ROOT
 
 CONFIGS = [REPO_ROOT / "serve_config.yaml", *sorted((REPO_ROOT / "configs").glob("*.yaml"))]
@@ -19,7 +19,7 @@ CONFIGS = [REPO_ROOT / "serve_config.yaml", *sorted((REPO_ROOT / "configs").glob
 def test_shipped_config_validates(path: Path) -> None:
     config = yaml.safe_load(path.read_text())
     (app,) = config["applications"]
-    assert app["import_path"] == "deployments.app:build_app"
+    assert app["import_path"] == "segmentation_service.app:build_app"
     AppArgs.model_validate(app["args"])
     env = app["runtime_env"]["env_vars"]
     assert set(env) <= set(ENV_VARS) | {"HF_HUB_OFFLINE", "YOLO_OFFLINE"}

@@ -179,7 +179,8 @@ def test_probe_jpeg_enforces_limits_from_the_header() -> None:
 def test_device_decode_matches_cpu_decode_and_isolates_bad_images() -> None:
     import torch
 
-    from segmentation.imaging import EncodedJPEG, decode_jpegs_on
+    from segmentation.device_decode import decode_jpegs_on
+    from segmentation.imaging import EncodedJPEG
 
     good = encode(product_frame(64, 48, seed=3), "JPEG")
     truncated = good[: len(good) // 3]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from segmentation import precision, standins
+import segmentation_standins as standins
+from segmentation import precision
 from segmentation.errors import ModelLoadError
 from segmentation.models.rmbg20_loader import WEIGHTS_FILE, build_model, resolve_model_dir
 from segmentation.models.rmbg20_segmentor import FP16_MESSAGE, RMBG20Segmentor

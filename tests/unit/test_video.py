@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation import standins
+import segmentation_standins as standins
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
-from segmentation.segment_video import main
-from segmentation.video import AlphaVideoWriter, PngSequenceWriter, VideoError, VideoReader
+from segmentation_client.segment_video import main
+from segmentation_client.video import AlphaVideoWriter, PngSequenceWriter, VideoError, VideoReader
 from tests.conftest import assert_cutout, product_frame, write_video
 
 FRAMES = 12

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from segmentation import precision, standins
+import segmentation_standins as standins
+from segmentation import precision
 from segmentation.encoders import decode_rle
 from segmentation.errors import ModelLoadError
 from segmentation.models import yolo_segmentor
-from segmentation.models.yolo_segmentor import FP16_MESSAGE, DetectOptions, YoloSegmentor
+from segmentation.models.yolo_segmentor import FP16_MESSAGE, YoloSegmentor
+from segmentation.options import DetectOptions
 from tests.conftest import product_frame
 
 

@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from deployments.config import BatchConfig, SegmentorArgs
-from deployments.metrics import SegmentorMetrics
 from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner, batch_buckets
 from segmentation.config import Settings, load_settings
 from segmentation.errors import DeadlineExceededError, SegmentationError
 from segmentation.imaging import EncodedJPEG, decode_image
 from segmentation.models.base import gpu_memory
+from segmentation_service.config import BatchConfig, SegmentorArgs
+from segmentation_service.metrics import SegmentorMetrics
 
 logger = logging.getLogger("ray.serve")
 

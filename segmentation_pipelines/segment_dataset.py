@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from segmentation.factory import MODEL_KINDS, ModelKind
+from segmentation.options import MODEL_KINDS, ModelKind
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def load_frames(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """
     from segmentation.errors import SegmentationError
     from segmentation.imaging import decode_image
-    from segmentation.video import VideoError, VideoReader
+    from segmentation_client.video import VideoError, VideoReader
 
     filesystem, _ = _filesystem(item["uri"])
     name = item["name"]
@@ -120,7 +120,7 @@ class SegmentBatch:
         from segmentation.config import load_settings
         from segmentation.factory import build_segmentor
         from segmentation.local import LocalSegmenter
-        from segmentation.models.yolo_segmentor import DetectOptions
+        from segmentation.options import DetectOptions
 
         segmentor = build_segmentor(model, load_settings(), model=model_path, device=device)
         self.segmenter = LocalSegmenter(

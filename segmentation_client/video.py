@@ -21,7 +21,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from segmentation.encoders import cutout_rgba
+from segmentation_client.wire import cutout_rgba
 
 #: Container suffix -> (encoder, pixel format with alpha, encoder options).
 ALPHA_CODECS: dict[str, tuple[str, str, dict[str, str]]] = {

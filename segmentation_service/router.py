@@ -14,16 +14,17 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.admission import FrameBudget
-from deployments.config import RouterArgs
-from deployments.errors import error_body, install_handlers, unwrap
-from deployments.inputs import read_form_files, read_image
-from deployments.metrics import StageTotals
-from deployments.status import replica_counts
 from segmentation.encoders import b64, mask_png, rgba_png
-from segmentation.errors import InvalidRequestError, SegmentationError, UnauthorizedError
-from segmentation.imaging import EncodedJPEG, crop_with_margin, decode_image, probe_jpeg
-from segmentation.models.yolo_segmentor import DetectOptions
+from segmentation.errors import InvalidRequestError, SegmentationError
+from segmentation.imaging import EncodedJPEG, decode_image, probe_jpeg
+from segmentation.options import DetectOptions
+from segmentation_service.admission import FrameBudget
+from segmentation_service.config import RouterArgs
+from segmentation_service.crops import crop_with_margin
+from segmentation_service.errors import UnauthorizedError, error_body, install_handlers, unwrap
+from segmentation_service.inputs import read_form_files, read_image
+from segmentation_service.metrics import StageTotals
+from segmentation_service.status import replica_counts
 
 app = FastAPI(
     title="product-segmentor",

@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 from PIL import Image as PILImage
 
-from segmentation.encoders import decode_rle, jpeg, union_matte
+from segmentation_client.wire import decode_rle, jpeg, union_matte
 
 T = TypeVar("T")
 #: What can be sent as an image: encoded bytes, a file path, a uint8 RGB array or a PIL image.

@@ -10,9 +10,44 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from segmentation.errors import OverloadedError, SegmentationError
+from segmentation.errors import (
+    DeadlineExceededError,
+    InvalidImageError,
+    InvalidRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+    SegmentationError,
+    UnsupportedMediaTypeError,
+)
 
 logger = logging.getLogger("ray.serve")
+
+
+class UnauthorizedError(SegmentationError):
+    """The API key is missing or wrong."""
+
+    code = "unauthorized"
+
+
+#: The HTTP status of each typed error; a subclass takes its nearest listed ancestor's.
+HTTP_STATUS: dict[type[SegmentationError], int] = {
+    InvalidImageError: 400,
+    UnauthorizedError: 401,
+    PayloadTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    InvalidRequestError: 422,
+    OverloadedError: 503,
+    DeadlineExceededError: 504,
+    SegmentationError: 500,
+}
+
+
+def http_status(exc: SegmentationError) -> int:
+    """The status code ``exc`` is answered with."""
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -38,7 +73,7 @@ def error_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, SegmentationError):
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
         return JSONResponse(
-            error_body(exc.code, exc.message), status_code=exc.status_code, headers=headers
+            error_body(exc.code, exc.message), status_code=http_status(exc), headers=headers
         )
     logger.exception("unexpected error", exc_info=exc)
     return JSONResponse(error_body("internal_error", "internal error"), status_code=500)

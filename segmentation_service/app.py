@@ -7,9 +7,9 @@ from typing import Any, cast
 from pydantic import ValidationError
 from ray.serve import Application, Deployment
 
-from deployments.config import AppArgs
-from deployments.router import Router
-from deployments.segmentors import RMBGDeployment, YoloDeployment
+from segmentation_service.config import AppArgs
+from segmentation_service.router import Router
+from segmentation_service.segmentors import RMBGDeployment, YoloDeployment
 
 
 class AppConfigError(ValueError):

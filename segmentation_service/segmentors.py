@@ -7,15 +7,17 @@ from typing import Any, cast
 import numpy as np
 from ray import serve
 
-from deployments.config import SegmentorArgs
-from deployments.replica import Pending, SegmentorReplica
 from segmentation import encoders
 from segmentation.config import Settings
+from segmentation.device_decode import decode_jpegs_on
 from segmentation.factory import build_segmentor
-from segmentation.imaging import EncodedJPEG, decode_jpegs_on, probe_jpeg
+from segmentation.imaging import EncodedJPEG, probe_jpeg
 from segmentation.models.base import StageClock
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
-from segmentation.models.yolo_segmentor import DetectOptions, YoloSegmentor
+from segmentation.models.yolo_segmentor import YoloSegmentor
+from segmentation.options import DetectOptions
+from segmentation_service.config import SegmentorArgs
+from segmentation_service.replica import Pending, SegmentorReplica
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)

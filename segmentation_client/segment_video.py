@@ -24,19 +24,21 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
-from segmentation.factory import MODEL_KINDS, ModelKind
-from segmentation.video import (
+from segmentation_client.video import (
     ALPHA_CODECS,
     AlphaVideoWriter,
     PngSequenceWriter,
     VideoError,
     VideoReader,
 )
+
+ModelKind = Literal["rmbg", "yolo"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("rmbg", "yolo")
 
 #: Most frame writes (PNG encodes) waiting at once; bounds the memory held by decoded frames.
 MAX_PENDING_WRITES = 32
@@ -224,16 +226,23 @@ def build_matter(args: argparse.Namespace) -> tuple[Matter, Callable[[], Awaitab
     """The matter for ``args`` and a coroutine function that releases it."""
     detect = {k: v for k, v in (("conf", args.conf), ("classes", args.classes)) if v is not None}
     if args.server:
-        from segmentation.client import AsyncSegmentorClient
+        from segmentation_client.client import AsyncSegmentorClient
 
         client = AsyncSegmentorClient(
             args.server, api_key=args.api_key, max_concurrency=args.concurrency
         )
         return ServiceMatter(client, args.model, detect, window=args.concurrency), client.close
-    from segmentation.config import load_settings
-    from segmentation.factory import build_segmentor
-    from segmentation.local import LocalSegmenter
-    from segmentation.models.yolo_segmentor import DetectOptions
+    try:
+        from segmentation.config import load_settings
+        from segmentation.factory import build_segmentor
+        from segmentation.local import LocalSegmenter
+        from segmentation.options import DetectOptions
+    except ImportError as exc:
+        raise VideoError(
+            f"running the model in this process needs the model libraries ({exc.name} is "
+            "missing): pip install 'product-segmentor[serve]', or send the frames to a "
+            "running service with --server URL"
+        ) from None
 
     if "classes" in detect:
         detect["classes"] = tuple(detect["classes"])

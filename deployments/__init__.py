@@ -1,1 +1,0 @@
-"""Ray Serve deployments wrapping the segmentation library; ``deployments.app:build_app``."""

@@ -1,0 +1,1 @@
+"""The Ray Serve application: segmentors, router, admission (``app:build_app``)."""
