@@ -13,6 +13,6 @@ def replica_counts() -> dict[str, int]:
         return {}
     counts: dict[str, int] = {}
     for application in status.applications.values():
-        for name, deployment in application.segmentation_service.items():
+        for name, deployment in application.deployments.items():
             counts[name] = deployment.replica_states.get("RUNNING", 0)
     return counts

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,29 +128,48 @@ def running_cluster(
         **(extra_env or {}),
     }
     dashboard_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    subprocess.run(
+    # Every port and the temp dir are this cluster's own, so it runs beside a developer's
+    # `serve run` (or another test session) without touching it; a short path keeps Ray's
+    # unix sockets under the 107-byte limit.
+    temp_dir = tempfile.mkdtemp(prefix="ps-ray-", dir="/tmp")
+    head = subprocess.Popen(
         [
             *_tool("ray"),
             "start",
             "--head",
+            "--block",
             "--num-cpus",
             str(num_cpus),
             "--num-gpus",
             str(num_gpus),
+            "--temp-dir",
+            temp_dir,
             "--port",
+            str(free_port()),
+            "--node-manager-port",
+            str(free_port()),
+            "--object-manager-port",
+            str(free_port()),
+            "--ray-client-server-port",
             str(free_port()),
             "--dashboard-port",
             str(dashboard_port),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--dashboard-agent-grpc-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(metrics_port),
             "--include-dashboard",
             "true",
             "--disable-usage-stats",
-            "--metrics-export-port",
-            str(metrics_port),
         ],
-        check=True,
         env=env,
-        capture_output=True,
-        timeout=180,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: stopped below, and only it
     )
     config = load_config(config_path, http_port)
     if edit is not None:
@@ -160,8 +183,39 @@ def running_cluster(
         metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
     )
     try:
+        _wait_for_dashboard(cluster.dashboard, head)
         cluster.deploy(config)
         cluster.wait_ready()
         yield cluster
     finally:
-        subprocess.run([*_tool("ray"), "stop", "--force"], env=env, capture_output=True)
+        stop_process_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(url: str, head: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}")
+        try:
+            if httpx.get(f"{url}/api/version", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"the Ray dashboard at {url} did not come up in {timeout_s:.0f}s")
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 20) -> None:
+    """SIGTERM to the process group this test started (Ray's head and every worker it
+    spawned), SIGKILL after ``grace_s``: never ``ray stop``, which stops every Ray on the
+    machine."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
