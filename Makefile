@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install serve demo test test-unit test-integration test-gpu lint typecheck format bench check
+.PHONY: install serve demo test test-unit test-integration test-gpu lint typecheck format bench check client-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +49,14 @@ format: install
 	$(BIN)/ruff check --fix .
 
 check: lint typecheck test
+
+## The client layer alone: a fresh virtualenv with only `pip install '.[video]'` (no torch, no
+## Ray) runs segment-video against the demo app.
+client-check: install
+	rm -rf .venv-client
+	$(PYTHON) -m venv .venv-client
+	.venv-client/bin/pip install --quiet --upgrade pip
+	.venv-client/bin/pip install --quiet '.[video]'
+	@if .venv-client/bin/pip list 2>/dev/null | grep -iE '^(torch|ray|ultralytics|transformers) '; then \
+		echo "the client install pulled in server packages"; exit 1; fi
+	CLIENT_PYTHON=$(CURDIR)/.venv-client/bin/python $(BIN)/python -m pytest tests/integration/test_client_layer.py
