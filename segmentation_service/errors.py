@@ -51,12 +51,24 @@ def http_status(exc: SegmentationError) -> int:
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """The error a remote replica raised, out of Ray's ``RayTaskError`` wrapper."""
-    from ray.exceptions import RayTaskError
-    from ray.serve.exceptions import BackPressureError
+    """The error a remote replica raised, out of Ray's ``RayTaskError`` wrapper.
+
+    A replica that died or cannot be reached (its process was killed, its node went away)
+    loses the frames it held, but Serve starts a new one: those frames are answered 503 with
+    a retry delay of a replica's restart, never 500. A full queue is the same, sooner.
+    """
+    from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+    from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
     if isinstance(exc, BackPressureError):
         return OverloadedError("the model's request queue is full; retry shortly", 1)
+    if isinstance(exc, (RayActorError, WorkerCrashedError, ReplicaUnavailableError)):
+        # Serve notices the death within a second and starts a replacement; 2 s is about
+        # a stand-in's restart, and the client's retries span a real model's 10-30 s reload.
+        return OverloadedError(
+            "the model replica holding this frame stopped; it is being restarted, retry shortly",
+            2,
+        )
     if isinstance(exc, RayTaskError):
         cause = getattr(exc, "cause", None)
         if isinstance(cause, BaseException):
