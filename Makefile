@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install serve demo test test-unit test-integration test-gpu lint typecheck format bench check client-check
+.PHONY: install protos serve demo test test-unit test-integration test-gpu lint typecheck format bench check client-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## Regenerate the gRPC stubs in segmentation_client/proto/ (tests/unit/test_proto.py checks them).
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+		segmentation_client/proto/segmentor.proto
 
 ## Run the service with the real models (serve_config.yaml).
 serve: install
