@@ -1,9 +1,18 @@
-"""Run a batch so that no frame is lost to a CUDA out-of-memory error.
+"""Run a batch so that no frame is lost to a CUDA out-of-memory error or to another frame.
 
 Plain PyTorch, no Ray: the serving layer and offline jobs share it. A batch that runs out of
 memory is split in halves and retried down to single frames; only a single frame that still
 cannot run fails, with :class:`OverloadedError` (retryable). Each OOM lowers an
 adaptive cap on the batch size, which recovers slowly after sustained success.
+
+Any other exception of the model is split the same way, because one frame the model cannot
+take (a shape it rejects, a value that breaks a kernel) would otherwise fail every frame
+merged with it: up to 63 innocent frames per bad one at batch 64. Halving finds the culprit in
+``2 * log2(n)`` extra calls and every other frame gets its result. The frame that still fails
+alone gets an error of its own: :class:`FrameRejectedError` (the caller's frame: a 4xx in the
+service) where the model refused its input (``ValueError``, ``IndexError``), a plain
+:class:`SegmentationError` (a server fault) for anything else. Such errors do not lower the
+cap: they say nothing about memory.
 """
 
 from __future__ import annotations
@@ -11,12 +20,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import torch
 
-from segmentation.errors import OverloadedError
+from segmentation.errors import InvalidImageError, OverloadedError, SegmentationError
 
 logger = logging.getLogger(__name__)
 
@@ -79,25 +88,58 @@ class AdaptiveBatchCap:
                 self._successes = 0
 
 
+class FrameRejectedError(InvalidImageError):
+    """The model could not take this frame (its shape or content); the others in its batch ran."""
+
+    code = "frame_rejected"
+
+
+#: Exceptions of a model that say the input, not the server, is wrong.
+BAD_INPUT_ERRORS: tuple[type[Exception], ...] = (ValueError, IndexError)
+
+
+def frame_error(exc: Exception) -> SegmentationError:
+    """The error one frame that failed alone gets: its own if typed, else by the kind of fault."""
+    if isinstance(exc, SegmentationError):
+        return exc
+    detail = f"{type(exc).__name__}: {exc}"[:300]
+    if isinstance(exc, BAD_INPUT_ERRORS):
+        return FrameRejectedError(f"the model cannot take this frame ({detail})")
+    return SegmentationError(f"the model failed on this frame ({detail})")
+
+
 @dataclass
 class BatchReport:
     """What happened to one submitted batch."""
 
     oom_splits: int = 0
+    #: Frames that failed alone for lack of GPU memory (answered :class:`OverloadedError`).
     failed_frames: int = 0
     largest_run: int = 0
+    #: Batches split because the model raised something else than an OOM.
+    error_splits: int = 0
+    #: Frames the model refused alone (answered :class:`FrameRejectedError`).
+    rejected_frames: int = 0
+    #: Frames that failed alone for a server fault (answered :class:`SegmentationError`).
+    error_frames: int = 0
+    #: Every model call, in order: the batch sizes the runner tried.
+    calls: list[int] = field(default_factory=list)
 
 
 class OOMSafeRunner(Generic[In, Out]):
-    """Calls ``run(items)`` in pieces no larger than the cap, splitting further on OOM."""
+    """Calls ``run(items)`` in pieces no larger than the cap, splitting further on a failure.
+
+    Returns one entry per item, in order: its output, or the :class:`SegmentationError` it got
+    (see the module docstring); never raises for a model error.
+    """
 
     def __init__(self, run: Callable[[list[In]], list[Out]], cap: AdaptiveBatchCap) -> None:
         self._run = run
         self.cap = cap
 
-    def __call__(self, items: Sequence[In]) -> tuple[list[Out | OverloadedError], BatchReport]:
+    def __call__(self, items: Sequence[In]) -> tuple[list[Out | SegmentationError], BatchReport]:
         report = BatchReport()
-        results: list[Out | OverloadedError] = []
+        results: list[Out | SegmentationError] = []
         pending = list(items)
         while pending:
             size = min(len(pending), max(1, self.cap.value))
@@ -105,33 +147,56 @@ class OOMSafeRunner(Generic[In, Out]):
             results.extend(self._run_split(chunk, report))
         return results, report
 
-    def _run_split(self, chunk: list[In], report: BatchReport) -> list[Out | OverloadedError]:
+    def _run_split(self, chunk: list[In], report: BatchReport) -> list[Out | SegmentationError]:
+        report.calls.append(len(chunk))
+        failure: SegmentationError | None = None
+        oom = False
+        outputs: list[Out | SegmentationError] = []
         try:
-            outputs = self._run(chunk)
+            outputs = list(self._run(chunk))
         except Exception as exc:
-            if not is_oom(exc):
-                raise
-            outputs = None
-        if outputs is None:
-            # Retry only after the except block: until then the exception's traceback keeps
-            # the failed attempt's activations alive, and the halves would OOM on them too.
+            oom = is_oom(exc)
+            if len(chunk) == 1 and not oom:
+                logger.warning("the model failed on a single frame", exc_info=True)
+            failure = frame_error(exc)  # a new exception: the traceback is not kept
+        if failure is None:
+            report.largest_run = max(report.largest_run, len(chunk))
+            self.cap.on_success(len(chunk))
+            return outputs
+        # Retry only after the except block: until then the exception's traceback keeps
+        # the failed attempt's activations alive, and the halves would OOM on them too.
+        if oom:
             free_cached_memory()
             self.cap.on_oom(len(chunk))
-            if len(chunk) == 1:
+        if len(chunk) == 1:
+            if oom:
                 report.failed_frames += 1
                 logger.warning(
                     "a single frame ran out of GPU memory; it fails as overloaded (retryable)"
                 )
                 return [OverloadedError("GPU out of memory for this frame; retry later", 2)]
+            if isinstance(failure, InvalidImageError):
+                report.rejected_frames += 1
+            else:
+                report.error_frames += 1
+            return [failure]
+        half = len(chunk) // 2
+        if oom:
             report.oom_splits += 1
-            half = len(chunk) // 2
             logger.warning(
                 "GPU OOM at batch %d: retrying as %d + %d", len(chunk), half, len(chunk) - half
             )
-            return self._run_split(chunk[:half], report) + self._run_split(chunk[half:], report)
-        report.largest_run = max(report.largest_run, len(chunk))
-        self.cap.on_success(len(chunk))
-        return list(outputs)
+        else:
+            report.error_splits += 1
+            logger.warning(
+                "model error at batch %d (%s): retrying as %d + %d to find the frame",
+                len(chunk),
+                failure,
+                half,
+                len(chunk) - half,
+            )
+        del failure
+        return self._run_split(chunk[:half], report) + self._run_split(chunk[half:], report)
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:

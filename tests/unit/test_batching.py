@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner, is_oom
-from segmentation.errors import OverloadedError
+from segmentation.batching import AdaptiveBatchCap, FrameRejectedError, OOMSafeRunner, is_oom
+from segmentation.errors import InvalidImageError, OverloadedError, SegmentationError
 
 
 class ToyModel:
@@ -29,9 +29,12 @@ def test_oom_splits_until_batches_fit_and_nothing_is_lost() -> None:
     cap = AdaptiveBatchCap(16)
     results, report = OOMSafeRunner(model, cap)(list(range(16)))
     assert results == [2 * x for x in range(16)]
-    assert report.failed_frames == 0 and report.oom_splits >= 2
-    assert max(n for n in model.calls if n <= 3) <= 3
-    assert cap.value <= 8  # dropped after the OOMs
+    # 16 fails, its halves fail down to pairs, which fit: depth-first, in frame order
+    halves = [8, 4, 2, 2, 4, 2, 2]
+    assert model.calls == [16, *halves, *halves]
+    assert report.calls == model.calls
+    assert report.failed_frames == 0 and report.oom_splits == 7 and report.largest_run == 2
+    assert cap.value == 2  # halved by each OOM, down to what failed last (4) // 2
 
 
 def test_runtime_error_alloc_failures_count_as_oom() -> None:
@@ -56,12 +59,63 @@ def test_a_single_frame_that_cannot_run_gets_overloaded_others_succeed() -> None
     assert report.failed_frames == 1
 
 
-def test_other_errors_are_not_swallowed() -> None:
+class PoisonedModel:
+    """Adds one to each frame; the whole call raises ``error`` if it holds frame ``poison``."""
+
+    def __init__(self, poison: int, error: Exception) -> None:
+        self.poison = poison
+        self.error = error
+        self.calls: list[list[int]] = []
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.calls.append(list(items))
+        if self.poison in items:
+            raise self.error
+        return [x + 1 for x in items]
+
+
+def test_a_frame_the_model_refuses_fails_alone_and_the_seven_others_get_their_outputs() -> None:
+    model = PoisonedModel(13, ValueError("expected 3 channels, got 4"))
+    cap = AdaptiveBatchCap(8)
+    results, report = OOMSafeRunner(model, cap)(list(range(10, 18)))
+    assert results[:3] == [11, 12, 13] and results[4:] == [15, 16, 17, 18]
+    error = results[3]
+    assert isinstance(error, FrameRejectedError) and isinstance(error, InvalidImageError)
+    assert error.code == "frame_rejected" and error.retry_after_s is None
+    assert "ValueError: expected 3 channels, got 4" in error.message
+    # halves that hold 13 are split again, depth-first; the others run whole
+    assert [len(c) for c in model.calls] == [8, 4, 2, 2, 1, 1, 4]
+    assert model.calls[4:] == [[12], [13], [14, 15, 16, 17]]
+    assert report.rejected_frames == 1 and report.error_splits == 3
+    assert report.error_frames == 0 and report.failed_frames == 0 and report.oom_splits == 0
+    assert cap.value == 8  # not a memory problem: the cap stays
+
+
+def test_a_server_fault_on_one_frame_is_an_internal_error_of_that_frame_only() -> None:
+    model = PoisonedModel(3, RuntimeError("CUDA error: an illegal memory access"))
+    results, report = OOMSafeRunner(model, AdaptiveBatchCap(4))([0, 1, 2, 3])
+    assert results[:3] == [1, 2, 3]
+    error = results[3]
+    assert type(error) is SegmentationError and error.code == "internal_error"
+    assert "illegal memory access" in error.message
+    assert report.error_frames == 1 and report.rejected_frames == 0
+
+
+def test_a_typed_error_of_the_model_reaches_its_frame_as_it_is() -> None:
+    model = PoisonedModel(1, InvalidImageError("not a frame"))
+    results, report = OOMSafeRunner(model, AdaptiveBatchCap(2))([0, 1])
+    assert results[0] == 1
+    assert type(results[1]) is InvalidImageError and results[1].message == "not a frame"
+    assert report.rejected_frames == 1
+
+
+def test_a_model_that_fails_on_everything_answers_each_frame_with_an_error() -> None:
     def broken(items: list[int]) -> list[int]:
         raise ValueError("bad tensor shape")
 
-    with pytest.raises(ValueError, match="bad tensor shape"):
-        OOMSafeRunner(broken, AdaptiveBatchCap(4))([1, 2])
+    results, report = OOMSafeRunner(broken, AdaptiveBatchCap(4))([1, 2])
+    assert len(results) == 2 and all(isinstance(r, FrameRejectedError) for r in results)
+    assert report.calls == [2, 1, 1] and report.rejected_frames == 2
 
 
 def test_cap_recovers_slowly_after_sustained_success() -> None:
