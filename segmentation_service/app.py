@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from ray.serve import Application, Deployment
 
 from segmentation_service.config import AppArgs
-from segmentation_service.router import Router
+from segmentation_service.grpc_ingress import IngressRouter
 from segmentation_service.segmentors import RMBGDeployment, YoloDeployment
 
 
@@ -17,7 +17,8 @@ class AppConfigError(ValueError):
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Validate ``args`` and bind both segmentors and the router into one application."""
+    """Validate ``args`` and bind both segmentors and the router into one application; the
+    router is its ingress for HTTP and, where ``grpc_options`` lists the servicer, gRPC."""
     try:
         app_args = AppArgs.model_validate(args or {})
     except ValidationError as exc:
@@ -28,4 +29,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # serve.deployment turns each class into a Deployment; mypy still sees the class.
     rmbg = cast(Deployment, RMBGDeployment).bind(app_args.rmbg.model_dump())
     yolo = cast(Deployment, YoloDeployment).bind(app_args.yolo.model_dump())
-    return cast(Deployment, Router).bind(rmbg, yolo, app_args.router.model_dump())
+    return IngressRouter.bind(rmbg, yolo, app_args.router.model_dump())

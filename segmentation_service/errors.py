@@ -50,6 +50,29 @@ def http_status(exc: SegmentationError) -> int:
     return 500
 
 
+#: The gRPC status code name of each typed error (see segmentor.proto): too large is
+#: RESOURCE_EXHAUSTED without a retry delay, as gRPC itself answers an oversized message;
+#: overloaded is RESOURCE_EXHAUSTED with ``retry-after`` in the trailing metadata.
+GRPC_STATUS: dict[type[SegmentationError], str] = {
+    InvalidImageError: "INVALID_ARGUMENT",
+    UnauthorizedError: "UNAUTHENTICATED",
+    PayloadTooLargeError: "RESOURCE_EXHAUSTED",
+    UnsupportedMediaTypeError: "INVALID_ARGUMENT",
+    InvalidRequestError: "INVALID_ARGUMENT",
+    OverloadedError: "RESOURCE_EXHAUSTED",
+    DeadlineExceededError: "DEADLINE_EXCEEDED",
+    SegmentationError: "INTERNAL",
+}
+
+
+def grpc_status(exc: SegmentationError) -> str:
+    """The name of the ``grpc.StatusCode`` that ``exc`` is answered with."""
+    for cls in type(exc).__mro__:
+        if cls in GRPC_STATUS:
+            return GRPC_STATUS[cls]
+    return "INTERNAL"
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The error a remote replica raised, out of Ray's ``RayTaskError`` wrapper.
 

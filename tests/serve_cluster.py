@@ -46,6 +46,7 @@ class Cluster:
     workdir: Path
     env: dict[str, str]
     metrics_url: str = ""
+    grpc_target: str = ""
 
     def deploy(self, config: dict[str, Any], name: str = "config.yaml") -> None:
         path = self.workdir / name
@@ -102,10 +103,12 @@ class Cluster:
         raise RuntimeError(f"the application did not become ready: {last}; {self.status()}")
 
 
-def load_config(path: Path, port: int) -> dict[str, Any]:
+def load_config(path: Path, port: int, grpc_port: int | None = None) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(path.read_text())
     config["http_options"]["port"] = port
     config["http_options"]["host"] = "127.0.0.1"
+    if grpc_port is not None and "grpc_options" in config:
+        config["grpc_options"]["port"] = grpc_port
     return config
 
 
@@ -128,6 +131,7 @@ def running_cluster(
         **(extra_env or {}),
     }
     dashboard_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    grpc_port = free_port()
     # Every port and the temp dir are this cluster's own, so it runs beside a developer's
     # `serve run` (or another test session) without touching it; a short path keeps Ray's
     # unix sockets under the 107-byte limit.
@@ -171,7 +175,7 @@ def running_cluster(
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: stopped below, and only it
     )
-    config = load_config(config_path, http_port)
+    config = load_config(config_path, http_port, grpc_port)
     if edit is not None:
         edit(config)
     cluster = Cluster(
@@ -181,6 +185,7 @@ def running_cluster(
         workdir=workdir,
         env=env,
         metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+        grpc_target=f"127.0.0.1:{grpc_port}",
     )
     try:
         _wait_for_dashboard(cluster.dashboard, head)
