@@ -27,6 +27,12 @@ class LocalSegmenter:
     RMBG-2.0's matte is its alpha; for YOLO11-seg the alpha is the union of the instance
     masks (255 inside any object), and the instances come along. A single frame that does not
     fit the GPU raises :class:`segmentation.errors.OverloadedError`.
+
+    On CUDA a batch smaller than the current cap (a video's last one) runs padded to the cap:
+    cuDNN builds its plans per batch size, 1.6-2.7 s for each new one on an H100 (see
+    :func:`segmentation.batching.batch_buckets`), so a run builds them once, on its first
+    batch, and needs no warm-up of its own. Nothing else is built ahead: no other batch
+    sizes, no CUDA graphs.
     """
 
     def __init__(
@@ -52,6 +58,11 @@ class LocalSegmenter:
         return outputs
 
     def _run(self, frames: list[np.ndarray]) -> list[FrameOutput]:
+        if (
+            getattr(self.segmentor, "device", None) is not None
+            and self.segmentor.device.type == "cuda"
+        ):
+            self.segmentor.batch_buckets = (self._runner.cap.value,)
         if self.kind == "rmbg":
             return [FrameOutput(alpha) for alpha in self.segmentor.predict(frames)]
         found = self.segmentor.predict(frames, [self.detect] * len(frames))

@@ -1,6 +1,6 @@
 """``segment-video``: cut every frame of a video out of its background.
 
-    segment-video INPUT -o OUTPUT [--model rmbg|yolo] [--server URL]
+    segment-video INPUT -o OUTPUT [--model rmbg|yolo] [--server URL] [--encode fast|balanced|small]
 
 OUTPUT is a directory (RGBA PNG sequence ``frame_000000.png``..., resumable) or a ``.webm``
 (VP9 with alpha) / ``.mov`` (ProRes 4444) file. With ``--server`` the frames go to a running
@@ -8,6 +8,12 @@ service (bounded concurrency, retries on 503/429); without it the segmentor runs
 process, on the GPU when there is one, configured by the same environment variables as the
 service. ``--model rmbg`` keeps RMBG-2.0's alpha matte; ``--model yolo`` keeps the pixels of
 the objects YOLO11-seg finds (the union of their instance masks). Audio is not copied.
+
+Decoding, the model and encoding run at the same time (a decode thread, one model thread, a
+pool of encoder threads, bounded queues between them, frame order kept), so the slowest of
+them sets the pace. Every run ends with a summary: frames/s and the time to the first frame
+written; ``--profile-startup`` adds where the first seconds went (imports, model build,
+first batch) and each stage's busy seconds; ``--report FILE`` writes them as JSON.
 
 Exit status: 0 done, 1 the frames could not be segmented (service error, model error),
 2 bad arguments or unreadable input.
@@ -17,12 +23,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import queue
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -31,8 +41,12 @@ from tqdm import tqdm
 
 from segmentation_client.video import (
     ALPHA_CODECS,
+    DEFAULT_ENCODE,
+    ENCODE_PRESETS,
     AlphaVideoWriter,
+    EncodePreset,
     PngSequenceWriter,
+    StageTimer,
     VideoError,
     VideoReader,
 )
@@ -42,6 +56,8 @@ MODEL_KINDS: tuple[ModelKind, ...] = ("rmbg", "yolo")
 
 #: Most frame writes (PNG encodes) waiting at once; bounds the memory held by decoded frames.
 MAX_PENDING_WRITES = 32
+#: Decoded frames the decode thread may hold ahead of the model (a 1080p frame is 6 MiB).
+DECODE_AHEAD = 32
 
 
 class Matter(Protocol):
@@ -84,15 +100,104 @@ class ServiceMatter:
 
 @dataclass
 class LocalMatter:
-    """Mattes from a segmentor in this process, ``chunk`` frames per batch (OOM-safe)."""
+    """Mattes from a segmentor in this process, ``chunk`` frames per batch (OOM-safe).
+
+    Batches run one at a time on a thread of their own (``window`` of them queued), so the
+    next batch is ready the moment the GPU finishes one. ``timer`` gets the model's busy
+    seconds; ``first_call`` the seconds of the first batch (cuDNN plans, lazy loading).
+    """
 
     segmenter: Any  # LocalSegmenter
     chunk: int = 8
     window: int = 2
+    timer: StageTimer = field(default_factory=StageTimer)
+    first_call: float | None = None
+    _thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="model"), repr=False
+    )
 
     async def mattes(self, frames: list[np.ndarray]) -> list[np.ndarray]:
-        outputs = await asyncio.to_thread(self.segmenter, frames)
+        future = self._thread.submit(self._run, frames)
+        return await asyncio.wrap_future(future)
+
+    def _run(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        started = time.perf_counter()
+        outputs = self.segmenter(frames)
+        elapsed = time.perf_counter() - started
+        self.timer.add("model", elapsed)
+        if self.first_call is None:
+            self.first_call = elapsed
         return [output.alpha for output in outputs]
+
+    async def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class SegmentStats:
+    """What :func:`segment_frames` did; ``first_written`` is a ``time.perf_counter()``."""
+
+    processed: int = 0
+    skipped: int = 0
+    first_written: float | None = None
+
+
+class _DecodeFailed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_DONE = object()
+
+
+class DecodeAhead:
+    """Frames of ``frames`` decoded on a thread of their own, at most ``depth`` ahead, in order.
+
+    The thread stops when the consumer closes it (its ``put`` waits at most 0.1 s at a time),
+    so the reader is never used after its caller closes it.
+    """
+
+    def __init__(self, frames: Iterator[np.ndarray], depth: int, timer: StageTimer) -> None:
+        self._frames = frames
+        self._queue: queue.Queue[object] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._timer = timer
+        self._thread = threading.Thread(target=self._produce, name="decode", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        item: object
+        while True:
+            try:
+                with self._timer.timed("decode"):
+                    item = next(self._frames, _DONE)
+            except BaseException as exc:
+                item = _DecodeFailed(exc)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item is _DONE or isinstance(item, _DecodeFailed) or self._stop.is_set():
+                return
+
+    async def next(self) -> np.ndarray | None:
+        """The next frame, or None after the last."""
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            item = await asyncio.to_thread(self._queue.get)
+        if isinstance(item, _DecodeFailed):
+            raise item.error
+        if item is _DONE:
+            return None
+        assert isinstance(item, np.ndarray)
+        return item
+
+    async def close(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join)
 
 
 async def segment_frames(
@@ -100,26 +205,34 @@ async def segment_frames(
     matter: Matter,
     writer: Writer,
     progress: Callable[[int], Any] = lambda n: None,
-) -> tuple[int, int]:
+    timer: StageTimer | None = None,
+) -> SegmentStats:
     """Matte and write every frame in order; frames the writer already has are skipped.
 
-    Up to ``matter.window`` calls are in flight and up to ``MAX_PENDING_WRITES`` writes are
-    pending, so memory stays bounded however long the video. Returns the frames segmented
-    and the frames skipped.
+    Frames are decoded up to ``DECODE_AHEAD`` ahead on a thread, up to ``matter.window``
+    calls are in flight and up to ``MAX_PENDING_WRITES`` writes are pending, so memory stays
+    bounded however long the video and each stage works while the others do. ``timer``
+    gets the decode thread's busy seconds.
     """
     in_flight: deque[tuple[list[int], list[np.ndarray], Awaitable[list[np.ndarray]]]] = deque()
     writes: deque[Future[None]] = deque()
-    processed = skipped = 0
+    stats = SegmentStats()
+
+    def first_written(_: Future[None]) -> None:
+        if stats.first_written is None:
+            stats.first_written = time.perf_counter()
 
     async def settle_oldest() -> None:
-        nonlocal processed
         indices, batch, call = in_flight.popleft()
         mattes = await call
         for index, frame, alpha in zip(indices, batch, mattes, strict=True):
-            writes.append(writer.submit(index, frame, alpha))
+            write = writer.submit(index, frame, alpha)
+            if stats.first_written is None:
+                write.add_done_callback(first_written)
+            writes.append(write)
             while len(writes) > MAX_PENDING_WRITES:
                 await asyncio.wrap_future(writes.popleft())
-        processed += len(indices)
+        stats.processed += len(indices)
         progress(len(indices))
 
     def dispatch(indices: list[int], batch: list[np.ndarray]) -> None:
@@ -128,33 +241,90 @@ async def segment_frames(
     indices: list[int] = []
     batch: list[np.ndarray] = []
     index = 0
-    done = object()
-    while (frame := await asyncio.to_thread(next, frames, done)) is not done:
-        assert isinstance(frame, np.ndarray)
-        if writer.has(index):
-            skipped += 1
-            progress(1)
-        else:
-            indices.append(index)
-            batch.append(frame)
-            if len(batch) == matter.chunk:
-                dispatch(indices, batch)
-                indices, batch = [], []
-            while len(in_flight) >= matter.window:
-                await settle_oldest()
-        index += 1
-    if batch:
-        dispatch(indices, batch)
+    decoded = DecodeAhead(frames, DECODE_AHEAD, timer or StageTimer())
     try:
+        while (frame := await decoded.next()) is not None:
+            if writer.has(index):
+                stats.skipped += 1
+                progress(1)
+            else:
+                indices.append(index)
+                batch.append(frame)
+                if len(batch) == matter.chunk:
+                    dispatch(indices, batch)
+                    indices, batch = [], []
+                while len(in_flight) >= matter.window:
+                    await settle_oldest()
+            index += 1
+        if batch:
+            dispatch(indices, batch)
         while in_flight:
             await settle_oldest()
         while writes:
             await asyncio.wrap_future(writes.popleft())
     finally:
+        await decoded.close()
         for _, _, call in in_flight:
             if isinstance(call, asyncio.Future):
                 call.cancel()
-    return processed, skipped
+    return stats
+
+
+@dataclass
+class RunReport:
+    """One run, as the final summary and ``--report`` show it (seconds unless named)."""
+
+    input: str
+    output: str
+    model: str
+    mode: str
+    encode: str
+    frames: int
+    skipped: int
+    width: int
+    height: int
+    seconds: float
+    frames_per_s: float
+    #: From process start to the first output frame written.
+    time_to_first_frame: float | None
+    #: Where the first seconds went: process start, model libraries, model build, first batch.
+    startup: dict[str, float]
+    #: Busy seconds of each stage (threads overlap, so they can add up to more than wall).
+    stages: dict[str, float]
+
+    def summary(self, profile: bool = False) -> str:
+        first = (
+            f", first frame after {self.time_to_first_frame:.1f} s"
+            if self.time_to_first_frame is not None
+            else ""
+        )
+        note = f" ({self.skipped} were already done)" if self.skipped else ""
+        lines = [
+            f"segment-video: {self.frames + self.skipped} frames -> {self.output}{note}: "
+            f"{self.frames_per_s:.1f} frames/s{first}"
+        ]
+        if profile:
+            lines.append(
+                "segment-video: start-up "
+                + ", ".join(f"{k} {v:.2f} s" for k, v in self.startup.items())
+            )
+            lines.append(
+                "segment-video: busy "
+                + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(self.stages.items()))
+                + f" over {self.seconds:.2f} s"
+            )
+        return "\n".join(lines)
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux ``/proc``; 0.0 where it cannot tell)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - started)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -197,6 +367,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace frames an earlier run wrote"
     )
+    parser.add_argument(
+        "--encode",
+        choices=ENCODE_PRESETS,
+        default=DEFAULT_ENCODE,
+        help=f"encoder effort (default {DEFAULT_ENCODE}: keeps up with a GPU; balanced and "
+        "small give smaller files, slower: VP9 up to 4x smaller, PNG about 10%%)",
+    )
+    parser.add_argument(
+        "--profile-startup",
+        action="store_true",
+        help="print where the first seconds went and each stage's busy time",
+    )
+    parser.add_argument("--report", help="write the run's summary as JSON to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.batch_size < 1:
@@ -208,18 +391,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def open_writer(output: str, reader: VideoReader, manifest: dict[str, Any], overwrite: bool) -> Any:
+def open_writer(
+    output: str,
+    reader: VideoReader,
+    manifest: dict[str, Any],
+    overwrite: bool,
+    *,
+    preset: EncodePreset = DEFAULT_ENCODE,
+    timer: StageTimer | None = None,
+) -> AlphaVideoWriter | PngSequenceWriter:
     path = Path(output)
     if path.suffix.lower() in ALPHA_CODECS:
         if path.exists() and not overwrite:
             raise VideoError(f"{output} exists; pass --overwrite to replace it")
-        return AlphaVideoWriter(path, reader.info)
+        return AlphaVideoWriter(path, reader.info, preset=preset, timer=timer)
     if path.suffix and not path.is_dir():
         raise VideoError(
             f"cannot write {path.name!r}: use a directory (PNG sequence) or a "
             f"{' / '.join(ALPHA_CODECS)} file (MP4 has no alpha channel)"
         )
-    return PngSequenceWriter(path, manifest, overwrite=overwrite)
+    return PngSequenceWriter(path, manifest, overwrite=overwrite, preset=preset, timer=timer)
+
+
+def _import_model_libraries() -> None:
+    """Import torch and the segmentation library now, so the start-up profile can tell the
+    import time apart from the model build (``build_matter`` reports a missing one)."""
+    try:
+        import segmentation.factory
+        import segmentation.local  # noqa: F401
+    except ImportError:
+        pass
 
 
 def build_matter(args: argparse.Namespace) -> tuple[Matter, Callable[[], Awaitable[None]]]:
@@ -259,7 +460,10 @@ def build_matter(args: argparse.Namespace) -> tuple[Matter, Callable[[], Awaitab
     return LocalMatter(segmenter, chunk=args.batch_size), nothing
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace) -> RunReport:
+    startup = {"process_start": round(process_age(), 3)}
+    began = time.perf_counter() - startup["process_start"]
+    timer = StageTimer()
     with VideoReader(args.input) as reader:
         manifest = {
             "input": os.path.basename(args.input),
@@ -269,26 +473,56 @@ async def run(args: argparse.Namespace) -> int:
             "height": reader.info.height,
             "fps": str(reader.info.fps),
         }
-        writer = open_writer(args.output, reader, manifest, args.overwrite)
+        writer = open_writer(
+            args.output, reader, manifest, args.overwrite, preset=args.encode, timer=timer
+        )
+        if not args.server:
+            mark = time.perf_counter()
+            await asyncio.to_thread(_import_model_libraries)
+            startup["model_libraries"] = round(time.perf_counter() - mark, 3)
+        mark = time.perf_counter()
         matter, release = build_matter(args)
+        startup["model_build"] = round(time.perf_counter() - mark, 3)
+        if isinstance(matter, LocalMatter):
+            matter.timer = timer
         bar = tqdm(
             total=reader.info.frames, unit="frame", disable=args.no_progress, file=sys.stderr
         )
+        started = time.perf_counter()
         try:
-            processed, skipped = await segment_frames(iter(reader), matter, writer, bar.update)
+            stats = await segment_frames(iter(reader), matter, writer, bar.update, timer)
         finally:
             bar.close()
             await release()
+            if isinstance(matter, LocalMatter):
+                await matter.close()
             writer.close()
-    note = f" ({skipped} were already done)" if skipped else ""
-    print(f"segment-video: {processed + skipped} frames -> {args.output}{note}", file=sys.stderr)
-    return 0
+        elapsed = time.perf_counter() - started
+    if isinstance(matter, LocalMatter) and matter.first_call is not None:
+        startup["first_batch"] = round(matter.first_call, 3)
+    first = stats.first_written
+    return RunReport(
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        mode="server" if args.server else "in-process",
+        encode=args.encode,
+        frames=stats.processed,
+        skipped=stats.skipped,
+        width=reader.info.width,
+        height=reader.info.height,
+        seconds=round(elapsed, 3),
+        frames_per_s=round(stats.processed / elapsed, 2) if elapsed > 0 else 0.0,
+        time_to_first_frame=round(first - began, 3) if first is not None else None,
+        startup=startup,
+        stages={k: round(v, 3) for k, v in timer.seconds.items()},
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return asyncio.run(run(args))
+        report = asyncio.run(run(args))
     except VideoError as exc:
         print(f"segment-video: error: {exc}", file=sys.stderr)
         return 2
@@ -298,6 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         print(f"segment-video: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    print(report.summary(profile=args.profile_startup), file=sys.stderr)
+    if args.report:
+        Path(args.report).write_text(json.dumps(asdict(report), indent=2))
+    return 0
 
 
 if __name__ == "__main__":
