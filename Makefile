@@ -20,12 +20,15 @@ protos: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
 		segmentation_client/proto/segmentor.proto
 
-## Run the service with the real models (serve_config.yaml).
+## Run the service with the real models (serve_config.yaml), after checking in seconds that
+## the GPUs and weights it needs are here (exit 2 with the cause and the fix when not).
 serve: install
+	$(BIN)/python -m segmentation_service.preflight serve_config.yaml
 	$(BIN)/serve run serve_config.yaml
 
 ## Run the whole application on a CPU with stand-in models: no GPU, no weights, no network.
 demo: install
+	$(BIN)/python -m segmentation_service.preflight configs/demo.yaml
 	$(BIN)/serve run configs/demo.yaml
 
 ## Unit and integration tests (CPU). GPU tests are skipped without CUDA.
