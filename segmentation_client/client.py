@@ -9,7 +9,13 @@ An overloaded service answers 503 (or 429) with ``Retry-After``; the client wait
 (or backs off exponentially, with jitter, when the header is missing) and sends the frame
 again, so a burst never loses a frame. Any other 4xx raises :class:`ServiceError` at once with
 the service's own error code and message. ``max_concurrency`` bounds the requests in flight
-from one client, whatever the number of threads or tasks using it.
+from one client, whatever the number of threads or tasks using it. ``timeout_s`` bounds each
+call as a whole, retries and waits included; the service is told the time left
+(``X-Request-Timeout-Ms``) so it drops frames nobody waits for any more.
+
+A ``grpc://host:9000`` URL uses the gRPC API instead (the ``grpc`` extra): the same methods,
+results, retries and errors (``ServiceError.status`` is then the gRPC code name, e.g.
+``INVALID_ARGUMENT``); ``products`` and ``models`` are HTTP-only.
 """
 
 from __future__ import annotations
@@ -23,13 +29,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 import numpy as np
 from PIL import Image as PILImage
 
 from segmentation_client.wire import decode_rle, jpeg, union_matte
+
+if TYPE_CHECKING:
+    from segmentation_client.grpc_transport import AsyncGrpcTransport, GrpcTransport
 
 T = TypeVar("T")
 #: What can be sent as an image: encoded bytes, a file path, a uint8 RGB array or a PIL image.
@@ -44,7 +53,7 @@ DEFAULT_TIMEOUT_S = 120.0
 class ServiceError(Exception):
     """An error answer of the service (or a request that ran out of retries)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int | str, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
@@ -279,11 +288,12 @@ class _Base:
     """What the sync and async clients share: settings, request building, answer parsing.
 
     Args:
-        base_url: where the service listens, e.g. ``http://localhost:8000``.
+        base_url: where the service listens, e.g. ``http://localhost:8000``, or
+            ``grpc://localhost:9000`` for the gRPC API.
         api_key: sent as ``Authorization: Bearer`` when the service requires one.
         max_concurrency: requests in flight at once from this client.
         retry: retry policy for 503/429 answers and connection failures.
-        timeout_s: per-request timeout.
+        timeout_s: the longest a call may take, all its retries and waits included.
         frame_format: how arrays and PIL images are encoded for upload (JPEG is ~10x faster
             to encode and upload than PNG; PNG is lossless).
         jpeg_quality: JPEG quality of those uploads.
@@ -308,14 +318,48 @@ class _Base:
         self.timeout_s = timeout_s
         self.frame_format = frame_format
         self.jpeg_quality = jpeg_quality
+        self.api_key = api_key
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         #: Answers that asked to retry (503/429) or failed to connect, over the client's life.
         self.retries = 0
         self._open(httpx.Limits(max_connections=max_concurrency))
 
+    @property
+    def uses_grpc(self) -> bool:
+        return self.base_url.startswith("grpc://")
+
+    def _http_only(self, what: str) -> None:
+        if self.uses_grpc:
+            raise ValueError(f"{what} is not in the gRPC API: use the service's http:// URL")
+
+    def _attempt(self, request: _Request, deadline: float) -> tuple[dict[str, Any], float]:
+        """Keyword arguments of one try, with the time left of ``deadline``; raises when
+        none is left."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise httpx.TimeoutException(
+                f"no answer within the client's timeout of {self.timeout_s} s"
+            )
+        kwargs = request.send_kwargs()
+        ms = str(max(1, int(remaining * 1000)))
+        kwargs["headers"] = {**kwargs["headers"], "X-Request-Timeout-Ms": ms}
+        kwargs["timeout"] = remaining
+        return kwargs, remaining
+
+    def _wait(self, attempt: int, response: httpx.Response | None, deadline: float) -> float:
+        """Seconds before the next try, or -1 when it would start past ``deadline``."""
+        wait = self.retry.wait(attempt, _retry_after(response))
+        return -1.0 if time.monotonic() + wait >= deadline else wait
+
     def _open(self, limits: httpx.Limits) -> None:
         """Create the HTTP client and the in-flight bound (sync or async flavour)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _grpc_output(output: Output) -> Any:
+        from segmentation_client.grpc_transport import OUTPUTS
+
+        return OUTPUTS[output]
 
     def encode(self, image: ImageInput) -> tuple[bytes, str]:
         """Encoded bytes and content type of any accepted image input."""
@@ -362,6 +406,21 @@ def _detect_params(
     return {"conf": conf, "iou": iou, "classes": classes, "max_det": max_det}
 
 
+def pb() -> Any:
+    """The generated messages, imported on first use (grpc:// clients only)."""
+    from segmentation_client.proto import segmentor_pb2
+
+    return segmentor_pb2
+
+
+def _grpc_options(
+    conf: float | None, iou: float | None, classes: Sequence[int] | None, max_det: int | None
+) -> Any:
+    from segmentation_client.grpc_transport import detect_options
+
+    return detect_options(conf, iou, classes, max_det)
+
+
 def sniff_content_type(data: bytes) -> str:
     """The image type of encoded bytes by their signature (the service checks it too)."""
     if data.startswith(b"\xff\xd8"):
@@ -378,8 +437,16 @@ class SegmentorClient(_Base):
     Arguments: see :class:`_Base`."""
 
     def _open(self, limits: httpx.Limits) -> None:
+        self._grpc: GrpcTransport | None = None
+        if self.uses_grpc:
+            from segmentation_client.grpc_transport import GrpcTransport
+
+            self._grpc = GrpcTransport(self)
+            base_url = "http://" + self.base_url.removeprefix("grpc://")  # never used
+        else:
+            base_url = self.base_url
         self._http = httpx.Client(
-            base_url=self.base_url, headers=self.headers, timeout=self.timeout_s, limits=limits
+            base_url=base_url, headers=self.headers, timeout=self.timeout_s, limits=limits
         )
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
 
@@ -391,26 +458,37 @@ class SegmentorClient(_Base):
 
     def close(self) -> None:
         self._http.close()
+        if self._grpc is not None:
+            self._grpc.close()
 
     def _send(self, request: _Request) -> httpx.Response:
+        deadline = time.monotonic() + self.timeout_s
         for attempt in range(1, self.retry.attempts + 1):
             response: httpx.Response | None = None
+            kwargs, _ = self._attempt(request, deadline)
             with self._slots:
                 try:
-                    response = self._http.post(request.path, **request.send_kwargs())
+                    response = self._http.post(request.path, **kwargs)
                 except httpx.TransportError:
-                    if attempt == self.retry.attempts:
+                    if attempt == self.retry.attempts or self._wait(attempt, None, deadline) < 0:
                         raise
             if not _retryable(response) or attempt == self.retry.attempts:
                 break
+            wait = self._wait(attempt, response, deadline)
+            if wait < 0:
+                break
             self.retries += 1
-            time.sleep(self.retry.wait(attempt, _retry_after(response)))
+            time.sleep(wait)
         assert response is not None  # the loop either breaks with a response or raises
         _raise_for_error(response)
         return response
 
     def remove_background(self, image: ImageInput, output: Output = "rgba") -> Image:
         """RGBA cutout (``output="rgba"``) or grayscale matte (``"mask"``) as PNG."""
+        if self._grpc is not None:
+            data, _ = self.encode(image)
+            request = pb().ImageRequest(image=data, output=self._grpc_output(output))
+            return self._grpc.image(self._grpc.call("RemoveBackground", request))
         response = self._send(self._single("/v1/remove-background", image, {"output": output}))
         return _image(response)
 
@@ -423,6 +501,11 @@ class SegmentorClient(_Base):
         classes: Sequence[int] | None = None,
         max_det: int | None = None,
     ) -> Segmentation:
+        if self._grpc is not None:
+            data, _ = self.encode(image)
+            options = _grpc_options(conf, iou, classes, max_det)
+            reply = self._grpc.call("Segment", pb().SegmentRequest(image=data, options=options))
+            return self._grpc.segmentation(reply)
         params = _detect_params(conf, iou, classes, max_det)
         response = self._send(self._single("/v1/segment", image, params))
         return Segmentation.from_json(response.json())
@@ -437,6 +520,7 @@ class SegmentorClient(_Base):
         max_det: int | None = None,
         margin: float | None = None,
     ) -> Products:
+        self._http_only("products")
         params = {**_detect_params(conf, iou, classes, max_det), "margin": margin}
         response = self._send(self._single("/v1/products", image, params))
         return Products.from_json(response.json())
@@ -453,6 +537,14 @@ class SegmentorClient(_Base):
         max_det: int | None = None,
     ) -> list[FrameResult]:
         """Many frames in one request; results in input order, a bad frame as FrameError."""
+        if self._grpc is not None:
+            request = self._grpc.frames_request(
+                [self.encode(i)[0] for i in images],
+                task,
+                output,
+                _grpc_options(conf, iou, classes, max_det),
+            )
+            return [self._grpc.frame(r) for r in self._grpc.call("Frames", request).frames]
         params = {"task": task, "output": output, **_detect_params(conf, iou, classes, max_det)}
         return parse_frames(self._send(self._frames(images, params)).json())
 
@@ -464,6 +556,7 @@ class SegmentorClient(_Base):
             return list(pool.map(fn, items))
 
     def models(self) -> dict[str, Any]:
+        self._http_only("models")
         return _json(self._http.get("/v1/models"))
 
 
@@ -471,8 +564,16 @@ class AsyncSegmentorClient(_Base):
     """asyncio client; the same methods as :class:`SegmentorClient`, awaited."""
 
     def _open(self, limits: httpx.Limits) -> None:
+        self._grpc: AsyncGrpcTransport | None = None
+        if self.uses_grpc:
+            from segmentation_client.grpc_transport import AsyncGrpcTransport
+
+            self._grpc = AsyncGrpcTransport(self)
+            base_url = "http://" + self.base_url.removeprefix("grpc://")  # never used
+        else:
+            base_url = self.base_url
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=self.timeout_s, limits=limits
+            base_url=base_url, headers=self.headers, timeout=self.timeout_s, limits=limits
         )
         self._slots = asyncio.Semaphore(self.max_concurrency)
 
@@ -484,20 +585,27 @@ class AsyncSegmentorClient(_Base):
 
     async def close(self) -> None:
         await self._http.aclose()
+        if self._grpc is not None:
+            await self._grpc.close()
 
     async def _send(self, request: _Request) -> httpx.Response:
+        deadline = time.monotonic() + self.timeout_s
         for attempt in range(1, self.retry.attempts + 1):
             response: httpx.Response | None = None
+            kwargs, _ = self._attempt(request, deadline)
             async with self._slots:
                 try:
-                    response = await self._http.post(request.path, **request.send_kwargs())
+                    response = await self._http.post(request.path, **kwargs)
                 except httpx.TransportError:
-                    if attempt == self.retry.attempts:
+                    if attempt == self.retry.attempts or self._wait(attempt, None, deadline) < 0:
                         raise
             if not _retryable(response) or attempt == self.retry.attempts:
                 break
+            wait = self._wait(attempt, response, deadline)
+            if wait < 0:
+                break
             self.retries += 1
-            await asyncio.sleep(self.retry.wait(attempt, _retry_after(response)))
+            await asyncio.sleep(wait)
         assert response is not None  # the loop either breaks with a response or raises
         _raise_for_error(response)
         return response
@@ -507,6 +615,10 @@ class AsyncSegmentorClient(_Base):
         return await asyncio.to_thread(build)
 
     async def remove_background(self, image: ImageInput, output: Output = "rgba") -> Image:
+        if self._grpc is not None:
+            data, _ = await asyncio.to_thread(self.encode, image)
+            message = pb().ImageRequest(image=data, output=self._grpc_output(output))
+            return self._grpc.image(await self._grpc.call("RemoveBackground", message))
         request = await self._encoded(
             lambda: self._single("/v1/remove-background", image, {"output": output})
         )
@@ -522,6 +634,11 @@ class AsyncSegmentorClient(_Base):
         classes: Sequence[int] | None = None,
         max_det: int | None = None,
     ) -> Segmentation:
+        if self._grpc is not None:
+            data, _ = await asyncio.to_thread(self.encode, image)
+            options = _grpc_options(conf, iou, classes, max_det)
+            message = pb().SegmentRequest(image=data, options=options)
+            return self._grpc.segmentation(await self._grpc.call("Segment", message))
         params = _detect_params(conf, iou, classes, max_det)
         request = await self._encoded(lambda: self._single("/v1/segment", image, params))
         return Segmentation.from_json((await self._send(request)).json())
@@ -536,6 +653,7 @@ class AsyncSegmentorClient(_Base):
         max_det: int | None = None,
         margin: float | None = None,
     ) -> Products:
+        self._http_only("products")
         params = {**_detect_params(conf, iou, classes, max_det), "margin": margin}
         request = await self._encoded(lambda: self._single("/v1/products", image, params))
         return Products.from_json((await self._send(request)).json())
@@ -551,9 +669,16 @@ class AsyncSegmentorClient(_Base):
         classes: Sequence[int] | None = None,
         max_det: int | None = None,
     ) -> list[FrameResult]:
+        if self._grpc is not None:
+            data = await asyncio.to_thread(lambda: [self.encode(i)[0] for i in images])
+            options = _grpc_options(conf, iou, classes, max_det)
+            message = self._grpc.frames_request(data, task, output, options)
+            reply = await self._grpc.call("Frames", message)
+            return [self._grpc.frame(r) for r in reply.frames]
         params = {"task": task, "output": output, **_detect_params(conf, iou, classes, max_det)}
         request = await self._encoded(lambda: self._frames(images, params))
         return parse_frames((await self._send(request)).json())
 
     async def models(self) -> dict[str, Any]:
+        self._http_only("models")
         return _json(await self._http.get("/v1/models"))

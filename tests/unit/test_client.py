@@ -17,6 +17,7 @@ from segmentation_client.client import (
     RetryPolicy,
     Segmentation,
     SegmentorClient,
+    ServiceError,
     parse_frames,
     parse_retry_after,
     sniff_content_type,
@@ -99,3 +100,138 @@ def test_inputs_are_encoded_by_type(tmp_path) -> None:
     client.close()
     with pytest.raises(ValueError):
         SegmentorClient("http://localhost:1", max_concurrency=0)
+
+
+# -- overall deadline and the gRPC transport, against local fakes (faults only) ----------------
+def _http_client(handler, timeout_s: float):  # type: ignore[no-untyped-def]
+    import httpx
+
+    from segmentation_client.client import SegmentorClient
+
+    client = SegmentorClient("http://segmentor.test", timeout_s=timeout_s)
+    client._http = httpx.Client(base_url=client.base_url, transport=httpx.MockTransport(handler))
+    return client
+
+
+def test_the_timeout_bounds_all_retries_and_is_sent_as_the_remaining_time() -> None:
+    import httpx
+
+    sent: list[int] = []
+
+    def overloaded(request: httpx.Request) -> httpx.Response:
+        sent.append(int(request.headers["X-Request-Timeout-Ms"]))
+        return httpx.Response(503, headers={"Retry-After": "1"}, json={"error": {}})
+
+    client = _http_client(overloaded, timeout_s=1.5)
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as error:
+        client.remove_background(b"\x89PNG")
+    assert error.value.status == 503
+    assert time.monotonic() - started < 1.5
+    # One wait of at least a second fits in 1.5 s at most once: two tries, not ten.
+    assert 1 <= len(sent) <= 2 and sent[0] <= 1500
+    assert sent == sorted(sent, reverse=True)
+
+
+def test_read_timeouts_are_not_retried_past_the_overall_deadline() -> None:
+    import httpx
+
+    tries = 0
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal tries
+        tries += 1
+        time.sleep(0.15)
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    client = _http_client(slow, timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):
+        client.remove_background(b"\x89PNG")
+    assert time.monotonic() - started < 1.0
+    assert tries < 4
+
+
+class _FakeSegmentor:
+    """A gRPC servicer that is overloaded ``overloaded`` times, then answers."""
+
+    Segment = Frames = StreamFrames = None  # not called by these tests
+
+    def __init__(self, overloaded: int) -> None:
+        self.overloaded = overloaded
+        self.retry_after = "0"
+        self.metadata: list[dict[str, str]] = []
+
+    def RemoveBackground(self, request, context):  # type: ignore[no-untyped-def]
+        import grpc
+
+        from segmentation_client.proto import segmentor_pb2 as pb
+
+        self.metadata.append(dict(context.invocation_metadata()))
+        if request.image == b"junk":
+            context.set_trailing_metadata((("error-code", "invalid_image"),))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not an image")
+        if self.overloaded > 0:
+            self.overloaded -= 1
+            context.set_trailing_metadata(
+                (("retry-after", self.retry_after), ("error-code", "overloaded"))
+            )
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
+        png = encode(np.full((2, 3), 200, np.uint8), "PNG")
+        return pb.ImageReply(format=pb.MATTE_PNG, data=png, width=3, height=2)
+
+
+@pytest.fixture
+def fake_grpc():  # type: ignore[no-untyped-def]
+    pytest.importorskip("grpc")
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from segmentation_client.proto.segmentor_pb2_grpc import add_SegmentorServicer_to_server
+
+    servicer = _FakeSegmentor(overloaded=2)
+    server = grpc.server(ThreadPoolExecutor(2))
+    add_SegmentorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"grpc://127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_grpc_client_retries_resource_exhausted_with_a_retry_delay(fake_grpc) -> None:  # type: ignore[no-untyped-def]
+    from segmentation_client.client import SegmentorClient
+
+    servicer, url = fake_grpc
+    with SegmentorClient(url, api_key="k", timeout_s=30) as client:
+        matte = client.remove_background(b"\x89PNG", output="mask")
+        assert client.retries == 2
+        with pytest.raises(ServiceError) as error:
+            client.remove_background(b"junk")
+    assert matte.alpha().tolist() == [[200, 200, 200], [200, 200, 200]]
+    assert (error.value.status, error.value.code) == ("INVALID_ARGUMENT", "invalid_image")
+    first = servicer.metadata[0]
+    assert first["authorization"] == "Bearer k"
+    assert 0 < int(first["x-request-timeout-ms"]) <= 30000
+
+
+def test_async_grpc_client_gives_up_at_its_deadline(fake_grpc) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from segmentation_client.client import AsyncSegmentorClient, RetryPolicy
+
+    servicer, url = fake_grpc
+    servicer.overloaded, servicer.retry_after = 1000, "1"
+
+    async def run() -> None:
+        retry = RetryPolicy(backoff_s=0.2)
+        async with AsyncSegmentorClient(url, timeout_s=1.0, retry=retry) as client:
+            await client.remove_background(b"\x89PNG")
+
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as error:
+        asyncio.run(run())
+    assert error.value.status == "RESOURCE_EXHAUSTED"
+    # Waiting the asked second would end past the 1 s deadline: no second try.
+    assert time.monotonic() - started < 1.0
+    assert len(servicer.metadata) == 1
