@@ -1,9 +1,30 @@
-"""segment-video's in-process pipeline on a GPU: decode (PyAV), RMBG-2.0 FP16, RGBA out.
+"""segment-video end to end: frames/s and time to first frame per output format and mode.
 
-Generates a 1080p H.264 clip, then runs the same code path as ``segment-video INPUT -o DIR``
-(and ``-o FILE.webm``) with the published RMBG-2.0 architecture and random weights:
+Generates an H.264 clip, then runs the ``segment-video`` command itself, in a fresh process
+per row (so the time to first frame counts imports, model build and the first batch), once
+per output: a PNG directory, ``.webm`` (VP9 + alpha) and ``.mov`` (ProRes 4444). Rows:
 
-    python -m benchmarks.video_bench --rmbg-dir third_party/rmbg20 --frames 96 --out video.json
+- ``model``: the model alone on the clip's decoded frames at ``--batch`` (steady state, after
+  one warm-up batch): the pace every other row is measured against (``vs_model``).
+- ``in-process``: ``segment-video CLIP -o OUT --batch-size B --encode P`` (the model in the
+  command's process).
+- ``server``: the same with ``--server URL`` (a service started elsewhere; no model row).
+- ``encode-only``: the command's decode / write pipeline with synthetic mattes (no model), at
+  every ``--encode`` preset: how fast each format and preset can go on this machine.
+
+Each row carries frames/s, time to first frame, the start-up breakdown and each stage's busy
+seconds (from ``segment-video --report``). On a GPU (H100: about 3 minutes, RMBG-2.0 with
+random weights from the published architecture in ``third_party/rmbg20``):
+
+    python -m benchmarks.video_bench --model-path third_party/rmbg20 --load-format dummy \\
+        --width 1920 --height 1080 --frames 120 --batch 16 --out video.json
+
+A smoke test on the CPU with the stand-in, at a small size (about 2 minutes on 2 cores):
+
+    python -m benchmarks.video_bench --model-path standin:tiny-birefnet --device cpu \\
+        --width 320 --height 240 --frames 16 --batch 4
+
+Through a running service: ``--server http://localhost:8000`` (server and encode-only rows).
 """
 
 from __future__ import annotations
@@ -11,67 +32,234 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from benchmarks.model_bench import frames_1080p
-from segmentation.config import Settings
-from segmentation.factory import build_segmentor
-from segmentation.local import LocalSegmenter
-from segmentation_client.segment_video import LocalMatter, open_writer, segment_frames
-from segmentation_client.video import VideoReader
-from tests.conftest import write_video
+from segmentation_client.segment_video import segment_frames
+from segmentation_client.video import DEFAULT_ENCODE, ENCODE_PRESETS, StageTimer, VideoReader
+
+OUTPUTS = {"png": "frames", "webm": "cutout.webm", "mov": "cutout.mov"}
+CHILD_FLAG = "--as-segment-video"
 
 
-def run_once(clip: Path, output: Path, segmenter: LocalSegmenter, batch: int) -> dict[str, Any]:
+def synthetic_clip(path: Path, width: int, height: int, frames: int) -> None:
+    """An H.264 clip of ``frames`` product-like frames (8 distinct ones, repeated)."""
+    import av
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    sources = []
+    for seed in range(8):
+        frame = rng.normal(200, 12, (height, width, 3)).clip(0, 255).astype(np.uint8)
+        cx = width / 2 + width / 10 * np.sin(seed)
+        inside = ((xx - cx) / (width / 5)) ** 2 + ((yy - height / 2) / (height / 3)) ** 2 <= 1
+        frame[inside] = (40 + 20 * seed, 90, 160)
+        sources.append(frame)
+    with av.open(str(path), mode="w") as container:
+        stream: Any = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            picture = av.VideoFrame.from_ndarray(sources[i % 8], format="rgb24")
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode(None))
+
+
+@dataclass
+class SyntheticMatter:
+    """Elliptic mattes with soft edges that move from frame to frame; no model."""
+
+    chunk: int = 8
+    window: int = 2
+
+    async def mattes(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for frame in frames:
+            height, width = frame.shape[:2]
+            yy, xx = np.ogrid[0:height, 0:width]
+            cx = width / 2 + width / 8 * np.sin(float(frame[0, 0, 0]))
+            r = ((xx - cx) / (width / 4)) ** 2 + ((yy - height / 2) / (height / 3)) ** 2
+            out.append(np.clip((1.2 - r) * 600, 0, 255).astype(np.uint8))
+        return out
+
+
+def encode_only(clip: Path, output: Path, preset: str, batch: int) -> dict[str, Any]:
+    from segmentation_client.segment_video import open_writer
+
+    timer = StageTimer()
     with VideoReader(clip) as reader:
-        writer = open_writer(str(output), reader, {"bench": True}, overwrite=True)
+        writer = open_writer(str(output), reader, {}, True, preset=preset, timer=timer)  # type: ignore[arg-type]
         started = time.perf_counter()
-        done, _ = asyncio.run(
-            segment_frames(iter(reader), LocalMatter(segmenter, chunk=batch), writer)
+        stats = asyncio.run(
+            segment_frames(iter(reader), SyntheticMatter(chunk=batch), writer, timer=timer)
         )
         writer.close()
         elapsed = time.perf_counter() - started
     return {
-        "output": output.suffix or "png-sequence",
-        "batch": batch,
-        "frames": done,
-        "seconds": round(elapsed, 2),
-        "frames_per_s": round(done / elapsed, 2),
+        "frames": stats.processed,
+        "seconds": round(elapsed, 3),
+        "frames_per_s": round(stats.processed / elapsed, 2),
+        "time_to_first_frame": round(stats.first_written - started, 3)
+        if stats.first_written
+        else None,
+        "stages": {k: round(v, 3) for k, v in timer.seconds.items()},
+        "bytes": _size(output),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rmbg-dir", default="third_party/rmbg20")
-    parser.add_argument("--frames", type=int, default=96)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    settings = Settings(rmbg_trust_remote_code=True)
+def model_alone(args: argparse.Namespace, clip: Path) -> dict[str, Any]:
+    """The model's own frames/s at ``--batch`` on the clip's frames (after one warm-up)."""
+    import torch
+
+    from segmentation.config import load_settings
+    from segmentation.factory import build_segmentor
+    from segmentation.local import LocalSegmenter
+
+    with VideoReader(clip) as reader:
+        frames = list(reader)
     segmentor = build_segmentor(
-        "rmbg", settings, model=str(Path(args.rmbg_dir).resolve()), load_format="dummy"
+        "rmbg",
+        load_settings(rmbg_trust_remote_code=True),
+        model=_model_path(args.model_path),
+        device=args.device,
+        load_format=args.load_format,
     )
     segmenter = LocalSegmenter("rmbg", segmentor, batch_size=args.batch)
-    rows = []
+    segmenter(frames[: args.batch])  # cuDNN plans for this batch size
+    sync = torch.cuda.synchronize if segmentor.device.type == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    for start in range(0, len(frames), args.batch):
+        segmenter(frames[start : start + args.batch])
+    sync()
+    elapsed = time.perf_counter() - started
+    row = {
+        "frames": len(frames),
+        "seconds": round(elapsed, 3),
+        "frames_per_s": round(len(frames) / elapsed, 2),
+        "precision": segmentor.precision.name,
+        "device": torch.cuda.get_device_name(0) if segmentor.device.type == "cuda" else "cpu",
+    }
+    del segmenter, segmentor
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def command(args: argparse.Namespace, clip: Path, output: Path, preset: str) -> dict[str, Any]:
+    """One ``segment-video`` run in a fresh process; its ``--report``."""
+    report = output.with_name(output.name + ".report.json")
+    argv = [str(clip), "-o", str(output), "--overwrite", "--no-progress", "--encode", preset]
+    argv += ["--report", str(report)]
+    if args.server:
+        argv += ["--server", args.server, "--concurrency", str(args.concurrency)]
+    else:
+        argv += ["--model-path", _model_path(args.model_path), "--batch-size", str(args.batch)]
+        if args.device:
+            argv += ["--device", args.device]
+    env = dict(os.environ, RMBG_TRUST_REMOTE_CODE="1")
+    child = [sys.executable, "-m", "benchmarks.video_bench", CHILD_FLAG, args.load_format]
+    done = subprocess.run([*child, *argv], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"segment-video {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    result = json.loads(report.read_text())
+    report.unlink()
+    keep = ("frames", "seconds", "frames_per_s", "time_to_first_frame", "startup", "stages")
+    return {**{k: result[k] for k in keep}, "bytes": _size(output)}
+
+
+def _as_segment_video(load_format: Any, argv: list[str]) -> int:
+    """``segment-video argv``, with ``load_format`` for the model (``dummy``: random weights,
+    so the published architecture can be timed without its licensed weights)."""
+    import functools
+
+    import segmentation.factory
+    from segmentation_client.segment_video import main
+
+    build = segmentation.factory.build_segmentor
+    dummy: Any = functools.partial(build, load_format=load_format)
+    segmentation.factory.build_segmentor = dummy
+    return main(argv)
+
+
+def _model_path(path: str) -> str:
+    return (
+        path
+        if path.startswith("standin:") or not Path(path).exists()
+        else str(Path(path).resolve())
+    )
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.glob("frame_*.png"))
+    return path.stat().st_size if path.exists() else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [CHILD_FLAG]:
+        return _as_segment_video(argv[1], argv[2:])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--model-path", default="third_party/rmbg20")
+    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--server", help="service URL: server and encode-only rows")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--width", type=int, default=1920)
+    parser.add_argument("--height", type=int, default=1080)
+    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--formats", default="png,webm,mov")
+    parser.add_argument(
+        "--presets",
+        default=",".join(ENCODE_PRESETS),
+        help="presets for the encode-only rows (the command rows use the default)",
+    )
+    parser.add_argument("--encode-frames", type=int, default=48)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    formats = args.formats.split(",")
+    rows: list[dict[str, Any]] = []
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "clip.mp4"
-        sources = frames_1080p(8)
-        write_video(clip, [sources[i % 8] for i in range(args.frames)], fps=30, codec="libx264")
-        segmenter(sources[: args.batch])  # warm-up
-        for output in (Path(tmp) / "frames", Path(tmp) / "cutout.webm", Path(tmp) / "cutout.mov"):
-            rows.append(run_once(clip, output, segmenter, args.batch))
-            print(rows[-1], flush=True)
+        synthetic_clip(clip, args.width, args.height, args.frames)
+        short = Path(tmp) / "short.mp4"
+        synthetic_clip(short, args.width, args.height, min(args.frames, args.encode_frames))
+        model_fps = None
+        if not args.server:
+            row = model_alone(args, clip)
+            model_fps = row["frames_per_s"]
+            add({"mode": "model", "output": None, "batch": args.batch, **row})
+        mode = "server" if args.server else "in-process"
+        for name in formats:
+            row = command(args, clip, Path(tmp) / OUTPUTS[name], DEFAULT_ENCODE)
+            if model_fps:
+                row["vs_model"] = round(row["frames_per_s"] / model_fps, 3)
+            add(
+                {"mode": mode, "output": name, "encode": DEFAULT_ENCODE, "batch": args.batch, **row}
+            )
+        for name in formats:
+            for preset in args.presets.split(","):
+                row = encode_only(short, Path(tmp) / OUTPUTS[name], preset, args.batch)
+                add({"mode": "encode-only", "output": name, "encode": preset, **row})
     result = {
-        "command": "python -m benchmarks.video_bench " + " ".join(argv or sys.argv[1:]),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "precision": segmentor.precision.name,
-        "runs": rows,
+        "command": "python -m benchmarks.video_bench " + " ".join(argv),
+        "size": [args.width, args.height],
+        "cores": len(os.sched_getaffinity(0)),
+        "rows": rows,
     }
     text = json.dumps(result, indent=2)
     if args.out:

@@ -63,7 +63,7 @@ def alpha_codec(
     per 256 pixels, a power of two) let every thread work on one frame, since libvpx encodes
     frames one after another (and the alpha plane as a second stream). ProRes 4444 has no
     speed setting: ``prores_ks`` runs slices on ``threads``; ``small`` uses the LT quantiser
-    matrix (about 30% smaller, visibly softer edges under magnification).
+    matrix (17% smaller on a 320x240 test clip, softer detail).
     """
     if suffix == ".webm":
         tiles = min(max(threads, 1).bit_length() - 1, max(width // 256, 1).bit_length() - 1, 6)
