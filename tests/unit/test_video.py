@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import random
+import threading
+import time
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -13,9 +18,16 @@ import pytest
 from PIL import Image
 
 import segmentation_standins as standins
+from segmentation.local import LocalSegmenter
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
-from segmentation_client.segment_video import main
-from segmentation_client.video import AlphaVideoWriter, PngSequenceWriter, VideoError, VideoReader
+from segmentation_client.segment_video import main, segment_frames
+from segmentation_client.video import (
+    ENCODE_PRESETS,
+    AlphaVideoWriter,
+    PngSequenceWriter,
+    VideoError,
+    VideoReader,
+)
 from tests.conftest import assert_cutout, product_frame, write_video
 
 FRAMES = 12
@@ -45,17 +57,25 @@ def test_reader_reports_size_rate_and_yields_frames_in_order(clip) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(decoded, frames, strict=True))
 
 
+def _band(frame: np.ndarray, index: int) -> np.ndarray:
+    """A matte whose opaque band grows one step per frame: each frame's alpha is its own."""
+    alpha = np.zeros(frame.shape[:2], np.uint8)
+    alpha[:, : 8 * (index + 1)] = 255
+    return alpha
+
+
+@pytest.mark.parametrize("preset", ENCODE_PRESETS)
 @pytest.mark.parametrize("suffix", [".webm", ".mov"])
-def test_alpha_video_keeps_count_rate_and_alpha(tmp_path: Path, clip, suffix: str) -> None:
+def test_alpha_video_keeps_count_rate_and_alpha(tmp_path: Path, clip, suffix: str, preset) -> None:
     path, frames = clip
     with VideoReader(path) as reader:
         info = reader.info
-    writer = AlphaVideoWriter(tmp_path / f"out{suffix}", info)
+    # Four converter threads: conversions finish out of order, the encoder must not.
+    writer = AlphaVideoWriter(tmp_path / f"out{suffix}", info, preset=preset, threads=4)
     for index, frame in enumerate(frames):
-        alpha = np.zeros(frame.shape[:2], np.uint8)
-        alpha[:, : 8 * (index + 1)] = 255  # the opaque band grows one step per frame
-        writer.submit(index, frame, alpha)
+        writer.submit(index, frame, _band(frame, index))
     writer.close()
+    assert writer.timer.seconds["encode"] > 0 and writer.timer.seconds["convert"] > 0
     with av.open(str(tmp_path / f"out{suffix}")) as container:
         stream = container.streams.video[0]
         assert stream.average_rate == 24
@@ -91,16 +111,141 @@ def test_png_sequence_refuses_to_mix_runs(tmp_path: Path) -> None:
     PngSequenceWriter(tmp_path, {"model": "yolo"}, overwrite=True).close()
 
 
+@pytest.mark.parametrize("preset", ENCODE_PRESETS)
+def test_png_sequence_keeps_every_frames_alpha_at_every_preset(
+    tmp_path: Path, clip, preset
+) -> None:
+    _, frames = clip
+    writer = PngSequenceWriter(tmp_path, {}, preset=preset, threads=4)
+    pending = [writer.submit(i, f, _band(f, i)) for i, f in enumerate(frames)]
+    for write in pending:
+        write.result()
+    writer.close()
+    for index, frame in enumerate(frames):
+        pixels = _png(tmp_path / f"frame_{index:06d}.png")
+        assert_cutout(pixels, frame)
+        assert np.array_equal(pixels[..., 3], _band(frame, index)), index
+
+
+def test_alpha_video_refuses_frames_out_of_order(tmp_path: Path, clip) -> None:
+    path, frames = clip
+    with VideoReader(path) as reader:
+        writer = AlphaVideoWriter(tmp_path / "out.webm", reader.info)
+    writer.submit(0, frames[0], _band(frames[0], 0)).result()
+    with pytest.raises(VideoError, match="frame 2 submitted out of order"):
+        writer.submit(2, frames[2], _band(frames[2], 2)).result()
+    writer.close()
+
+
+class _JitteryMatter:
+    """Mattes that arrive after random delays (calls overlap), each frame's band by its
+    first pixel's seed; records the largest number of calls in flight at once."""
+
+    def __init__(self, chunk: int, window: int) -> None:
+        self.chunk, self.window = chunk, window
+        self.active = self.most_active = 0
+
+    async def mattes(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        await asyncio.sleep(random.uniform(0, 0.02))
+        self.active -= 1
+        return [_band(f, int(f[0, 0, 0])) for f in frames]
+
+
+class _ShuffledWriter:
+    """Writes finish in random order on four threads, like the PNG pool."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(4)
+        self.written: dict[int, tuple[int, np.ndarray]] = {}
+        self.finish_order: list[int] = []
+        self.lock = threading.Lock()
+
+    def has(self, index: int) -> bool:
+        return index in (3, 4)  # written by an "earlier run"
+
+    def submit(self, index: int, frame: np.ndarray, alpha: np.ndarray):
+        def write() -> None:
+            time.sleep(random.uniform(0, 0.01))
+            with self.lock:
+                self.written[index] = (int(frame[0, 0, 0]), alpha)
+                self.finish_order.append(index)
+
+        return self.pool.submit(write)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def test_pipeline_keeps_frame_order_with_calls_and_writes_overlapping() -> None:
+    random.seed(1)
+    frames = [np.full((8, 96, 3), i, np.uint8) for i in range(23)]
+    matter, writer = _JitteryMatter(chunk=3, window=3), _ShuffledWriter()
+    stats = asyncio.run(segment_frames(iter(frames), matter, writer))
+    writer.close()
+    assert (stats.processed, stats.skipped) == (21, 2)
+    assert stats.first_written is not None
+    assert sorted(writer.written) == [i for i in range(23) if i not in (3, 4)]
+    for index, (seed, alpha) in writer.written.items():
+        assert seed == index  # frame i went to index i, and its own matte with it
+        assert np.array_equal(alpha, _band(frames[index], index))
+    assert matter.most_active == 3  # the window was used: calls overlapped
+    assert writer.finish_order != sorted(writer.finish_order)  # writes did finish out of order
+
+
+def test_a_decode_error_stops_the_run_and_its_decode_thread() -> None:
+    def frames():
+        yield np.zeros((8, 8, 3), np.uint8)
+        raise VideoError("cannot decode 'clip': corrupt packet")
+
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(VideoError, match="corrupt packet"):
+        asyncio.run(segment_frames(frames(), _JitteryMatter(1, 1), _ShuffledWriter()))
+    assert "decode" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_in_process_batches_pad_to_the_run_batch_size_on_cuda_only() -> None:
+    """cuDNN plans are per batch size: a video's short last batch runs at the run's size.
+    (No CUDA here: a recording segmentor stands in for the device.)"""
+    seen: list[tuple[int, tuple[int, ...] | None]] = []
+
+    class Recording:
+        def __init__(self, device: str) -> None:
+            self.device = SimpleNamespace(type=device)
+            self.batch_buckets: tuple[int, ...] | None = None
+
+        def predict(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+            seen.append((len(frames), self.batch_buckets))
+            return [np.zeros(f.shape[:2], np.uint8) for f in frames]
+
+    frames = [np.zeros((4, 4, 3), np.uint8)] * 11
+    LocalSegmenter("rmbg", Recording("cuda"), batch_size=4)(frames)
+    assert seen == [(4, (4,)), (4, (4,)), (3, (4,))]  # 3 frames, padded to 4 by forward
+    seen.clear()
+    LocalSegmenter("rmbg", Recording("cpu"), batch_size=4)(frames)
+    assert seen == [(4, None), (4, None), (3, None)]
+
+
 def _reference_mattes(frames: list[np.ndarray]) -> list[np.ndarray]:
     model = RMBG20Segmentor(standins.RMBG_STANDIN, device="cpu")
     return model.predict(frames)
 
 
-def test_segment_video_in_process_writes_every_frame_in_order(tmp_path: Path, clip) -> None:
+def test_segment_video_in_process_writes_every_frame_in_order(tmp_path: Path, clip, capsys) -> None:
     path, frames = clip
     out = tmp_path / "seq"
     args = [str(path), "-o", str(out), "--model-path", standins.RMBG_STANDIN, "--no-progress"]
-    assert main([*args, "--device", "cpu", "--batch-size", "5"]) == 0
+    report = tmp_path / "report.json"
+    code = main([*args, "--device", "cpu", "--batch-size", "5", "--report", str(report)])
+    assert code == 0
+    summary = json.loads(report.read_text())
+    assert (summary["frames"], summary["skipped"], summary["mode"]) == (FRAMES, 0, "in-process")
+    assert 0 < summary["startup"]["first_batch"] <= summary["time_to_first_frame"]
+    assert summary["time_to_first_frame"] >= summary["startup"]["model_build"]
+    assert {"decode", "model", "encode"} <= set(summary["stages"])
     written = sorted(out.glob("frame_*.png"))
     assert [p.name for p in written] == [f"frame_{i:06d}.png" for i in range(FRAMES)]
     mattes = _reference_mattes(frames)
@@ -116,8 +261,11 @@ def test_segment_video_in_process_writes_every_frame_in_order(tmp_path: Path, cl
     kept = {p.name: p.stat().st_mtime_ns for p in written[:7]}
     for p in written[7:]:
         p.unlink()
-    assert main([*args, "--device", "cpu"]) == 0
+    assert main([*args, "--device", "cpu", "--encode", "small", "--profile-startup"]) == 0
     assert len(list(out.glob("frame_*.png"))) == FRAMES
+    err = capsys.readouterr().err
+    assert f"{FRAMES} frames -> {out} (7 were already done)" in err
+    assert "first frame after" in err and "start-up process_start" in err
     assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("frame_*.png"))[:7]} == kept
     assert_cutout(_png(out / "frame_000011.png"), frames[11])
 
