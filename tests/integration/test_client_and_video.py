@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -94,10 +95,24 @@ def test_segment_video_through_the_service(
         tmp_path / "clip.mov", [product_frame(128, 96, seed=40 + i) for i in range(10)], fps=30
     )
     out = tmp_path / "seq"
+    report = tmp_path / "report.json"
     code = segment_video(
-        [str(tmp_path / "clip.mov"), "-o", str(out), "--server", cluster.url, "--no-progress"]
+        [
+            str(tmp_path / "clip.mov"),
+            "-o",
+            str(out),
+            "--server",
+            cluster.url,
+            "--no-progress",
+            "--report",
+            str(report),
+        ]
     )
     assert code == 0
+    summary = json.loads(report.read_text())
+    assert (summary["mode"], summary["frames"]) == ("server", 10)
+    assert "model_libraries" not in summary["startup"]  # no model in this process
+    assert summary["time_to_first_frame"] > 0 and summary["stages"]["encode"] > 0
     written = sorted(out.glob("frame_*.png"))
     assert len(written) == 10
     for png, frame in zip(written, frames, strict=True):
@@ -110,7 +125,17 @@ def test_segment_video_through_the_service(
 
     video = tmp_path / "objects.mov"
     code = segment_video(
-        [str(tmp_path / "clip.mov"), "-o", str(video), "--server", cluster.url, "--model", "yolo"]
+        [
+            str(tmp_path / "clip.mov"),
+            "-o",
+            str(video),
+            "--server",
+            cluster.url,
+            "--model",
+            "yolo",
+            "--encode",
+            "small",
+        ]
     )
     assert code == 0
     import av
