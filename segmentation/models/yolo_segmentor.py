@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -384,6 +385,14 @@ def _load_ultralytics(path: str) -> torch.nn.Module:
     """The ``nn.Module`` of an Ultralytics checkpoint, name or yaml, fused and in eval mode."""
     from ultralytics import YOLO
 
+    # Ultralytics would try to download a missing file named like one of its releases, even
+    # at an explicit path, and fail offline with a download error that hides the cause.
+    if os.sep in path and path.endswith(".pt") and not os.path.isfile(path):
+        raise ModelLoadError(
+            f"YOLO_MODEL={path!r}: no such file. Put the .pt file there (Ultralytics publishes "
+            "them at https://github.com/ultralytics/assets/releases), or set YOLO_MODEL to "
+            "another .pt path, or use a .yaml architecture for random weights"
+        )
     try:
         yolo = YOLO(path)
     except FileNotFoundError as exc:
