@@ -46,7 +46,7 @@ def test_two_deployments_share_one_gpu_in_fp16(gpu_cluster: Cluster) -> None:
     print(f"\nrmbg: {rmbg['gpu']} {rmbg['gpu_memory']}\nyolo: {yolo['gpu']} {yolo['gpu_memory']}")
     assert rmbg["precision"] == yolo["precision"] == "fp16"
     assert rmbg["gpu"]["uuid"] == yolo["gpu"]["uuid"]
-    assert rmbg["gpu_memory"]["fraction"] == 0.5 and yolo["gpu_memory"]["fraction"] == 0.25
+    assert rmbg["gpu_memory"]["fraction"] == 0.6 and yolo["gpu_memory"]["fraction"] == 0.3
     assert rmbg["gpu_memory"]["allocated_bytes"] > 0 and yolo["gpu_memory"]["allocated_bytes"] > 0
     assert rmbg["batch"]["memory_cap"] >= 1
 

@@ -55,13 +55,13 @@ def weights(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_the_shipped_config_needs_one_card_and_without_one_points_to_the_demo() -> None:
-    # RMBG 0.5 and YOLO 0.25 share a card: one card holds one replica of each.
+    # RMBG 0.6 and YOLO 0.3 share a card: one card holds one replica of each.
     config = _serve_config("standin:tiny-birefnet", "standin:yolo11n-seg")
     assert check_config(config, {}, gpus=1) == []
     (finding,) = check_config(config, {}, gpus=0)
     assert finding.subject == "GPU"
     assert "need 1 GPU(s)" in finding.cause and "this machine has no GPU" in finding.cause
-    assert "RMBGDeployment 1 x num_gpus 0.5" in finding.cause
+    assert "RMBGDeployment 1 x num_gpus 0.6" in finding.cause
     assert "make demo" in finding.fix
 
 
@@ -71,7 +71,8 @@ def test_replicas_that_do_not_share_a_card_need_a_card_each() -> None:
     assert cards_needed([1, 2, 0.5]) == 4
     assert cards_needed([]) == 0
     config = _serve_config("standin:tiny-birefnet", "standin:yolo11n-seg")
-    config["applications"][0]["deployments"][0]["autoscaling_config"]["min_replicas"] = 3
+    rmbg_scaling = config["applications"][0]["deployments"][0]["autoscaling_config"]
+    rmbg_scaling["min_replicas"] = rmbg_scaling["max_replicas"] = 2  # two 0.6 need two cards
     (finding,) = check_config(config, {}, gpus=1)
     assert "need 2 GPU(s)" in finding.cause and "has 1 GPU(s)" in finding.cause
     assert "make demo" not in finding.fix
