@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from segmentation.imaging import DEFAULT_MAX_PIXELS
 
@@ -95,10 +95,22 @@ class RouterArgs(_Strict):
     max_inflight_frames: int = Field(
         1024,
         ge=1,
-        description="Frames one router replica holds at once; beyond it, 503 with Retry-After.",
+        description="Frames one router replica holds at once (a /v1/frames request holds one "
+        "per frame, /v1/products 1 + one per object found); beyond it, 503 with Retry-After.",
     )
     max_frames_per_request: int = Field(
-        256, ge=1, le=4096, description="Most frames in one /v1/frames request."
+        256,
+        ge=1,
+        le=4096,
+        description="Most frames in one /v1/frames request (413 above); at most "
+        "max_inflight_frames.",
+    )
+    model_call_timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        le=3600.0,
+        description="Longest wait for one model call when the request set no shorter deadline "
+        "(X-Request-Timeout-Ms); past it, 504: a stuck replica cannot hold a request forever.",
     )
     frames_per_call: int = Field(
         16,
@@ -118,6 +130,16 @@ class RouterArgs(_Strict):
     product_margin: float = Field(
         0.1, ge=0.0, le=1.0, description="Margin added around each product box before RMBG."
     )
+
+    @model_validator(mode="after")
+    def _requests_fit_the_budget(self) -> RouterArgs:
+        if self.max_frames_per_request > self.max_inflight_frames:
+            raise ValueError(
+                f"max_frames_per_request={self.max_frames_per_request} is more than "
+                f"max_inflight_frames={self.max_inflight_frames}: a request that large could "
+                "never be admitted; lower max_frames_per_request or raise max_inflight_frames"
+            )
+        return self
 
 
 class AppArgs(_Strict):

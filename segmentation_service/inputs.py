@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import Message
 
@@ -31,8 +32,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_form_files(request: Request, field: str, limit: int, max_files: int) -> list[bytes]:
-    """Files of a multipart ``field``, the whole body bounded by ``limit`` bytes."""
+async def read_form_files(
+    request: Request, field: str, limit: int, max_files: int, max_files_setting: str = ""
+) -> list[bytes]:
+    """Files of a multipart ``field``, the whole body bounded by ``limit`` bytes and the files
+    by ``max_files`` (413 above it; ``max_files_setting`` names the setting in the message)."""
+    setting = f"{max_files_setting}=" if max_files_setting else ""
+    too_many = f"the limit is {setting}{max_files}"
     body = await read_body(request, limit)
     sent = False
 
@@ -47,13 +53,17 @@ async def read_form_files(request: Request, field: str, limit: int, max_files: i
         form = await Request(request.scope, receive=replay).form(
             max_files=max_files + 1, max_fields=max_files + 16
         )
+    except HTTPException as exc:  # Starlette's answer to a MultiPartException
+        if "Too many files" in str(exc.detail):
+            raise PayloadTooLargeError(f"too many files in {field!r}; {too_many}") from None
+        raise InvalidRequestError(f"malformed multipart body: {exc.detail}") from None
     except Exception as exc:
         raise InvalidRequestError(f"malformed multipart body: {exc}") from None
     files = [item for item in form.getlist(field) if isinstance(item, UploadFile)]
     if not files:
         raise InvalidRequestError(f"multipart body has no file field {field!r}")
     if len(files) > max_files:
-        raise PayloadTooLargeError(f"{len(files)} files in {field!r}; the limit is {max_files}")
+        raise PayloadTooLargeError(f"{len(files)} files in {field!r}; {too_many}")
     return [await item.read() for item in files]
 
 

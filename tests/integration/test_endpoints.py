@@ -56,6 +56,55 @@ def test_openapi_lists_every_endpoint(client: httpx.Client) -> None:
     assert client.get("/docs").status_code == 200
 
 
+def test_openapi_describes_bodies_answers_and_errors(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
+    assert {
+        "SegmentationResult",
+        "Instance",
+        "RLEMask",
+        "ProductsResult",
+        "Product",
+        "FramesResult",
+        "FrameError",
+        "ModelsInfo",
+        "ErrorBody",
+        "Error",
+    } <= set(schemas)
+    for path in ("/v1/remove-background", "/v1/segment", "/v1/products"):
+        operation = paths[path]["post"]
+        content = operation["requestBody"]["content"]
+        for media in ("image/jpeg", "image/png", "image/webp"):
+            assert content[media]["schema"] == {"type": "string", "format": "binary"}
+        assert "image" in content["multipart/form-data"]["schema"]["properties"]
+        names = {p["name"] for p in operation["parameters"]}
+        assert "X-Request-Timeout-Ms" in names
+        for status in ("400", "401", "413", "415", "422", "503", "504"):
+            error = operation["responses"][status]["content"]["application/json"]["schema"]
+            assert error == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
+        assert "Retry-After" in operation["responses"]["503"]["headers"]
+        assert operation["security"] == [{"APIKey": []}, {}]  # the demo runs without a key
+    assert "image/png" in paths["/v1/remove-background"]["post"]["responses"]["200"]["content"]
+    answers = {
+        "/v1/segment": "SegmentationResult",
+        "/v1/products": "ProductsResult",
+        "/v1/frames": "FramesResult",
+    }
+    for path, name in answers.items():
+        ok = paths[path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": f"#/components/schemas/{name}"}
+    frames = paths["/v1/frames"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert frames["schema"]["properties"]["frames"]["type"] == "array"
+    assert spec["components"]["securitySchemes"]["APIKey"]["scheme"] == "bearer"
+
+
+def test_a_wrong_method_is_405_with_allow(client: httpx.Client) -> None:
+    response = client.get("/v1/segment")
+    assert_error(response, 405, "method_not_allowed", "Method Not Allowed")
+    assert response.headers["Allow"] == "POST"
+    assert client.delete("/healthz").headers["Allow"] == "GET"
+
+
 def test_models_report_stand_ins_precision_and_batching(client: httpx.Client) -> None:
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert set(models) == {"rmbg-2.0", "yolo11-seg"}
@@ -284,11 +333,60 @@ def test_service_still_healthy_after_bad_input(client: httpx.Client) -> None:
     assert response.status_code == 200
 
 
-def test_router_reports_time_per_route(client: httpx.Client) -> None:
-    client.get("/healthz")
-    requests = client.get("/v1/models").json()["router"]["requests"]
-    assert requests["/healthz"]["count"] >= 1
-    assert requests["/healthz"]["mean_ms"] >= 0
+def _router(client: httpx.Client) -> dict[str, Any]:
+    response = client.get("/v1/models")
+    assert response.status_code == 200
+    router: dict[str, Any] = response.json()["router"]
+    return router
+
+
+def test_router_reports_requests_per_route_template(client: httpx.Client) -> None:
+    before = _router(client)["requests"]
+    for _ in range(3):
+        assert client.get("/healthz").status_code == 200
+    for _ in range(2):
+        response = client.post(
+            "/v1/segment",
+            params={"max_det": 1},
+            content=encode(product_frame(64, 48), "PNG"),
+            headers={"Content-Type": "image/png"},
+        )
+        assert response.status_code == 200
+    assert client.get("/v1/segment").status_code == 405  # its route, not "unmatched"
+    assert client.get("/no/such/path").status_code == 404
+    after = _router(client)["requests"]
+
+    def sent(key: str) -> int:
+        return int(after.get(key, {}).get("count", 0) - before.get(key, {}).get("count", 0))
+
+    assert sent("/healthz") == 3
+    assert sent("/v1/segment") == 3
+    assert sent("unmatched") == 1
+    assert sent("/v1/models") == 1  # the first /v1/models call, counted once it answered
+    assert not any(key.startswith("/no/") for key in after)
+
+
+def test_random_unknown_paths_share_one_entry(client: httpx.Client) -> None:
+    before = _router(client)["requests"]
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        path = "/" + "/".join(rng.choice(list("abcdefgh"), size=12).tolist())
+        assert client.get(path).status_code == 404
+    after = _router(client)["requests"]
+    assert after["unmatched"]["count"] - before.get("unmatched", {}).get("count", 0) == 300
+    assert set(after) - set(before) <= {"unmatched", "/v1/models"}
+
+
+def test_the_router_process_does_not_import_torch(client: httpx.Client) -> None:
+    router = _router(client)
+    assert router["torch_imported"] is False
+    assert router["pid"] not in {m["pid"] for m in client.get("/v1/models").json()["models"]}
+
+
+def test_frames_over_the_per_request_limit_are_413_naming_it(client: httpx.Client) -> None:
+    files = [("frames", (f"{i}.png", b"x", "image/png")) for i in range(257)]
+    response = client.post("/v1/frames", files=files)
+    assert_error(response, 413, "payload_too_large", "max_frames_per_request=256")
 
 
 def test_replicas_report_time_per_model_step(client: httpx.Client) -> None:

@@ -89,18 +89,28 @@ def test_decompression_bomb_is_refused_before_decoding(client: httpx.Client, pat
     assert "50000x50000" in response.json()["error"]["message"]
 
 
-def test_expired_deadline_is_dropped_before_the_gpu(client: httpx.Client) -> None:
+@pytest.mark.parametrize(
+    "path", ["/v1/remove-background", "/v1/segment", "/v1/products", "/v1/frames"]
+)
+def test_an_expired_deadline_is_504_and_no_deadline_still_succeeds(
+    client: httpx.Client, path: str
+) -> None:
+    """The deadline counts from the request's arrival: 1 ms expires before any model work,
+    wherever the router notices it (reading, decoding or calling a model)."""
     body = _save(Image.fromarray(product_frame(64, 48)), "PNG")
-    response = client.post(
-        "/v1/remove-background",
-        content=body,
-        headers={"Content-Type": "image/png", "X-Request-Timeout-Ms": "1"},
-    )
-    assert response.status_code == 504
-    assert response.json()["error"]["code"] == "deadline_exceeded"
-    relaxed = client.post(
-        "/v1/remove-background",
-        content=body,
-        headers={"Content-Type": "image/png", "X-Request-Timeout-Ms": "60000"},
-    )
-    assert relaxed.status_code == 200
+
+    def post(headers: dict[str, str]) -> httpx.Response:
+        if path == "/v1/frames":
+            return client.post(
+                path, files=[("frames", ("0.png", body, "image/png"))], headers=headers
+            )
+        return client.post(path, content=body, headers={"Content-Type": "image/png", **headers})
+
+    expired = post({"X-Request-Timeout-Ms": "1"})
+    assert expired.status_code == 504, expired.text
+    assert expired.json()["error"]["code"] == "deadline_exceeded"
+    assert "deadline" in expired.json()["error"]["message"]
+    relaxed = post({})
+    assert relaxed.status_code == 200, relaxed.text
+    generous = post({"X-Request-Timeout-Ms": "60000"})
+    assert generous.status_code == 200, generous.text

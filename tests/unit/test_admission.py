@@ -1,7 +1,9 @@
 import pytest
+from pydantic import ValidationError
 
-from segmentation.errors import OverloadedError
+from segmentation.errors import OverloadedError, PayloadTooLargeError
 from segmentation_service.admission import FrameBudget
+from segmentation_service.config import RouterArgs
 from segmentation_service.errors import http_status
 
 
@@ -25,8 +27,37 @@ def test_frames_are_released_when_the_request_fails() -> None:
         assert budget.in_flight == 4
 
 
-def test_a_request_larger_than_the_limit_is_refused_whole() -> None:
+def test_a_request_larger_than_the_whole_budget_is_413_naming_both_settings() -> None:
     budget = FrameBudget(limit=8)
-    with pytest.raises(OverloadedError), budget.admit(9):
+    with (
+        budget.admit(3),
+        pytest.raises(PayloadTooLargeError) as info,
+        budget.admit(9, too_large="send at most max_frames_per_request=8"),
+    ):
         pass
-    assert budget.in_flight == 0
+    assert http_status(info.value) == 413 and info.value.retry_after_s is None
+    assert "max_inflight_frames=8" in info.value.message
+    assert "max_frames_per_request=8" in info.value.message
+    assert budget.in_flight == 0 and budget.rejected == 0  # not an overload: never retryable
+
+
+def test_frames_a_request_already_holds_count_once_against_the_limit() -> None:
+    """/v1/products holds 1 frame for the detection, then 1 per object for the cutouts."""
+    budget = FrameBudget(limit=4)
+    with budget.admit(1):
+        with budget.admit(3, held=1):
+            assert budget.in_flight == 4
+        with pytest.raises(PayloadTooLargeError), budget.admit(4, held=1):
+            pass
+        with budget.admit(2), pytest.raises(OverloadedError), budget.admit(2, held=1):
+            pass  # fits the budget, not what is free now: 503, retryable
+    assert budget.in_flight == 0 and budget.rejected == 1
+
+
+def test_a_router_whose_largest_request_cannot_be_admitted_is_refused_at_deploy_time() -> None:
+    with pytest.raises(ValidationError) as info:
+        RouterArgs(max_frames_per_request=256, max_inflight_frames=192)
+    message = str(info.value)
+    assert "max_frames_per_request=256" in message and "max_inflight_frames=192" in message
+    args = RouterArgs(max_frames_per_request=192, max_inflight_frames=192)
+    assert args.max_frames_per_request == args.max_inflight_frames == 192

@@ -1,0 +1,77 @@
+"""The running demo application against its own OpenAPI document (Schemathesis).
+
+Every operation is called with generated requests (valid and invalid parameters, headers,
+bodies, wrong methods) and each answer is checked: no 5xx, a documented status, content type
+and headers, a body that matches the published schema, invalid input refused, 405 naming the
+allowed methods.
+
+One check is left out: ``positive_data_acceptance`` (a request that matches the schema must
+be accepted). The schema can only say an image body is a binary string; arbitrary bytes that
+match it are not a decodable image, and the service answers them 400, as it should. Raw image
+bodies are drawn from real images instead (``media_type`` below), so the 200 answers are
+exercised and checked against their schemas; multipart and octet-stream bodies stay
+arbitrary bytes and exercise the 400 and per-frame error paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+from schemathesis.config import SchemathesisConfig
+from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from tests.conftest import encode, product_frame
+from tests.serve_cluster import Cluster
+
+pytestmark = pytest.mark.integration
+
+_FRAMES = [product_frame(96, 64, seed=300 + i) for i in range(3)]
+for _media, _format in (
+    ("image/png", "PNG"),
+    ("image/jpeg", "JPEG"),
+    ("image/webp", "WEBP"),
+    ("image/bmp", "BMP"),
+    ("image/tiff", "TIFF"),
+):
+    schemathesis.openapi.media_type(
+        _media, st.sampled_from([encode(frame, _format) for frame in _FRAMES])
+    )
+
+
+def test_every_answer_matches_the_published_contract(cluster: Cluster) -> None:
+    """Each operation, valid then invalid requests, a fixed seed and a bounded number of
+    examples (a few minutes on two CPU cores)."""
+    # 504 is the documented answer to a deadline the client chose too short (generated
+    # X-Request-Timeout-Ms values of a few ms), not a server fault.
+    config = SchemathesisConfig.from_dict(
+        {"checks": {"not_a_server_error": {"expected-statuses": ["2XX", "3XX", "4XX", "504"]}}}
+    )
+    schema = schemathesis.openapi.from_url(f"{cluster.url}/openapi.json", config=config, timeout=60)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 6
+    for operation in operations:
+        raw = operation.definition.raw
+        takes_input = bool(raw.get("parameters") or raw.get("requestBody"))
+        # An operation without parameters or body (GET /healthz) has no invalid request.
+        modes = [GenerationMode.POSITIVE] + [GenerationMode.NEGATIVE] * takes_input
+        for mode in modes:
+
+            @seed(20261125)
+            @settings(
+                max_examples=10,
+                deadline=None,
+                derandomize=True,
+                database=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case: Any) -> None:
+                case.call_and_validate(timeout=120, excluded_checks=[positive_data_acceptance])
+
+            check()
