@@ -1,12 +1,24 @@
-"""Bounded HTTP load generator for a running product-segmentor.
+"""Bounded load generator for a running product-segmentor, over HTTP or gRPC.
 
 Drives one endpoint with a fixed number of concurrent clients (or a fixed request rate) for a
 fixed time, then reports requests sent and answered, status counts, latency percentiles,
-frames per second and GPU memory per replica (from ``/v1/models``). Every request is answered
-or counted as a client error: sent == answered + client_errors, always.
+frames per second (whole window and steady state) and the CPU this process used per second of
+wall time. Every request is answered or counted as a client error: sent == answered +
+client_errors, always.
+
+One process drives at most about 1,000 small frames/s before its own interpreter is the
+bound (``client_cpu_per_wall_s`` near 1.0 says so); ``benchmarks.fleet`` runs several of
+these at once and sums them. Clients are spread over every ``--url`` given (the Router
+replicas' own ports when there is no proxy in front of them).
 
     python -m benchmarks.load_test --url http://127.0.0.1:8000 --endpoint remove-background \\
         --concurrency 32 --duration 30 --out result.json
+    python -m benchmarks.load_test --transport grpc --url grpc://127.0.0.1:9000 \\
+        --endpoint frames-segment --frames-per-request 16 --concurrency 32 --duration 30
+
+gRPC uses the project's generated stubs (``segmentation_client/proto``, the ``[grpc]`` extra)
+on ``grpc.aio``; gRPC status codes are counted by name (``grpc:UNAVAILABLE`` is the 503 of
+gRPC). Where ``grpcio`` or the stubs are missing, ``--transport grpc`` exits 2 and says why.
 """
 
 from __future__ import annotations
@@ -18,7 +30,9 @@ import io
 import json
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -32,6 +46,12 @@ ENDPOINTS = {
     "frames-remove-background": "/v1/frames?task=remove-background",
     "frames-segment": "/v1/frames?task=segment",
 }
+TRANSPORTS = ("http", "grpc")
+#: gRPC answers that mean the service failed (UNAVAILABLE is its 503, with retry-after).
+SERVER_ERRORS = {"grpc:INTERNAL", "grpc:UNKNOWN", "grpc:DATA_LOSS"}
+
+#: One request: (index of the first image, frames in it) -> (status, frames answered).
+Call = Callable[[int, int], Awaitable[tuple[str, int]]]
 
 
 def synthetic_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
@@ -52,39 +72,37 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-async def run_load(
-    url: str,
-    endpoint: str,
-    *,
-    concurrency: int,
-    duration_s: float,
-    frames_per_request: int = 1,
-    rate: float | None = None,
-    width: int = 1920,
-    height: int = 1080,
-    timeout_ms: int | None = None,
-) -> dict[str, Any]:
-    images = [synthetic_jpeg(width, height, seed) for seed in range(8)]
+def grpc_unavailable() -> str | None:
+    """Why ``--transport grpc`` cannot run here, or None when it can."""
+    import importlib.util
+
+    for module in ("grpc", "segmentation_client.proto.segmentor_pb2_grpc"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return f"{module} is not installed: gRPC load needs the [grpc] extra and its stubs"
+    return None
+
+
+def _http_calls(
+    urls: list[str], endpoint: str, images: list[bytes], concurrency: int, headers: dict[str, str]
+) -> tuple[list[Call], list[httpx.AsyncClient]]:
+    """One call per worker, workers spread over ``urls`` round-robin; raw httpx, so the load
+    generator spends its CPU on the wire and not on decoding answers it does not need."""
     path = ENDPOINTS[endpoint]
     multi = endpoint.startswith("frames")
-    statuses: collections.Counter[str] = collections.Counter()
-    latencies: list[float] = []
-    frames_ok = 0
-    sent = 0
-    completions: list[tuple[float, int]] = []  # (monotonic time, frames) of each 200
-    stop_at = time.monotonic() + duration_s
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    headers = {"X-Request-Timeout-Ms": str(timeout_ms)} if timeout_ms else {}
+    per_url = max(1, -(-concurrency // len(urls)))
+    limits = httpx.Limits(max_connections=per_url, max_keepalive_connections=per_url)
+    clients = [httpx.AsyncClient(base_url=url, timeout=120, limits=limits) for url in urls]
 
-    async def one(http: httpx.AsyncClient, index: int) -> None:
-        nonlocal frames_ok, sent
-        sent += 1
-        started = time.perf_counter()
-        try:
+    def call_for(http: httpx.AsyncClient) -> Call:
+        async def call(index: int, frames: int) -> tuple[str, int]:
             if multi:
                 files = [
                     ("frames", (f"{i}.jpg", images[(index + i) % len(images)], "image/jpeg"))
-                    for i in range(frames_per_request)
+                    for i in range(frames)
                 ]
                 response = await http.post(path, files=files, headers=headers)
             else:
@@ -94,29 +112,123 @@ async def run_load(
                     headers={**headers, "Content-Type": "image/jpeg"},
                 )
             await response.aread()
-        except httpx.HTTPError as exc:
-            statuses[f"client_error:{type(exc).__name__}"] += 1
-            return
-        latencies.append(time.perf_counter() - started)
-        statuses[str(response.status_code)] += 1
-        if response.status_code == 200:
-            if multi:
-                body = response.json()
-                count = body["count"] - body["failed"]
-            else:
-                count = 1
-            frames_ok += count
-            completions.append((time.monotonic(), count))
+            if response.status_code != 200:
+                return str(response.status_code), 0
+            if not multi:
+                return "200", 1
+            body = response.json()
+            return "200", int(body["count"]) - int(body["failed"])
 
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        started = time.monotonic()
-        cpu_started = time.process_time()
+        return call
+
+    return [call_for(clients[i % len(clients)]) for i in range(concurrency)], clients
+
+
+def _grpc_calls(
+    urls: list[str], endpoint: str, images: list[bytes], concurrency: int
+) -> tuple[list[Call], list[Any]]:
+    """One call per worker on the project's generated stubs over ``grpc.aio`` channels (one
+    per URL): the answer's protobuf is parsed, its images are not decoded."""
+    import grpc
+
+    from segmentation_client.proto import segmentor_pb2 as pb
+    from segmentation_client.proto import segmentor_pb2_grpc as pb_grpc
+
+    options = [
+        ("grpc.max_send_message_length", 512 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 512 * 1024 * 1024),
+    ]
+    channels = [
+        grpc.aio.insecure_channel(url.removeprefix("grpc://"), options=options) for url in urls
+    ]
+    stubs = [pb_grpc.SegmentorStub(channel) for channel in channels]
+    task = pb.TASK_SEGMENT if endpoint.endswith("segment") else pb.TASK_REMOVE_BACKGROUND
+
+    def call_for(stub: Any) -> Call:
+        async def call(index: int, frames: int) -> tuple[str, int]:
+            image = images[index % len(images)]
+            try:
+                if endpoint.startswith("frames"):
+                    batch = [images[(index + i) % len(images)] for i in range(frames)]
+                    reply = await stub.Frames(pb.FramesRequest(frames=batch, task=task))
+                    return "200", int(reply.count) - int(reply.failed)
+                if endpoint == "remove-background":
+                    await stub.RemoveBackground(pb.ImageRequest(image=image))
+                elif endpoint == "segment":
+                    await stub.Segment(pb.SegmentRequest(image=image))
+                else:
+                    raise ValueError(f"{endpoint} has no gRPC method")
+                return "200", 1
+            except grpc.aio.AioRpcError as exc:
+                return f"grpc:{exc.code().name}", 0
+
+        return call
+
+    return [call_for(stubs[i % len(stubs)]) for i in range(concurrency)], channels
+
+
+async def run_load(
+    url: str | list[str],
+    endpoint: str,
+    *,
+    concurrency: int,
+    duration_s: float,
+    frames_per_request: int = 1,
+    rate: float | None = None,
+    width: int = 1920,
+    height: int = 1080,
+    timeout_ms: int | None = None,
+    transport: str = "http",
+    listing: bool = True,
+    keep_latencies: bool = False,
+) -> dict[str, Any]:
+    urls = [url] if isinstance(url, str) else list(url)
+    images = [synthetic_jpeg(width, height, seed) for seed in range(8)]
+    statuses: collections.Counter[str] = collections.Counter()
+    latencies: list[float] = []
+    completions: list[tuple[float, int]] = []  # (monotonic time, frames) of each 200
+    frames_ok = 0
+    sent = 0
+    lock = threading.Lock()
+    headers = {"X-Request-Timeout-Ms": str(timeout_ms)} if timeout_ms else {}
+    closers: list[Callable[[], Any]] = []  # each returns None or an awaitable
+    if transport == "grpc":
+        reason = grpc_unavailable()
+        if reason:
+            raise RuntimeError(reason)
+        calls, channels = _grpc_calls(urls, endpoint, images, concurrency)
+        closers = [channel.close for channel in channels]
+    else:
+        calls, http_clients = _http_calls(urls, endpoint, images, concurrency, headers)
+        closers = [client.aclose for client in http_clients]
+
+    async def one(worker: int, index: int) -> None:
+        nonlocal frames_ok, sent
+        sent += 1
+        started = time.perf_counter()
+        try:
+            status, frames = await calls[worker % len(calls)](index, frames_per_request)
+        except Exception as exc:  # any transport failure is counted, never raised
+            with lock:
+                statuses[f"client_error:{type(exc).__name__}"] += 1
+            return
+        with lock:
+            latencies.append(time.perf_counter() - started)
+            statuses[status] += 1
+            if frames:
+                frames_ok += frames
+                completions.append((time.monotonic(), frames))
+
+    started = time.monotonic()
+    stop_at = started + duration_s
+    cpu_started = time.process_time()
+    try:
         if rate is None:
 
             async def worker(worker_id: int) -> None:
                 index = worker_id
                 while time.monotonic() < stop_at:
-                    await one(http, index)
+                    await one(worker_id, index)
                     index += concurrency
 
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
@@ -127,7 +239,7 @@ async def run_load(
 
             async def paced(i: int) -> None:
                 async with semaphore:
-                    await one(http, i)
+                    await one(i, i)
 
             while time.monotonic() < stop_at:
                 tasks.append(asyncio.create_task(paced(index)))
@@ -135,15 +247,25 @@ async def run_load(
                 await asyncio.sleep(1.0 / rate)
             await asyncio.gather(*tasks)
         elapsed = time.monotonic() - started
-        ramp = min(3.0, duration_s / 4)
         # Near 1.0 the load generator itself (one Python process) is the bound, not the service.
         client_cpu = (time.process_time() - cpu_started) / elapsed
-        listing = (await http.get("/v1/models")).json()
-        models = listing["models"]
+        models: list[dict[str, Any]] = []
+        router = None
+        if listing and transport == "http":
+            listed = httpx.get(f"{urls[0]}/v1/models", timeout=60).json()
+            models, router = listed["models"], listed.get("router")
+    finally:
+        for close in closers:
+            closed = close()
+            if asyncio.iscoroutine(closed):
+                await closed
 
+    ramp = min(3.0, duration_s / 4)
     answered = sum(v for k, v in statuses.items() if not k.startswith("client_error"))
-    return {
+    result: dict[str, Any] = {
         "endpoint": endpoint,
+        "transport": transport,
+        "urls": urls,
         "concurrency": concurrency,
         "rate": rate,
         "frames_per_request": frames_per_request,
@@ -153,7 +275,7 @@ async def run_load(
         "responses_received": answered,
         "statuses": dict(statuses),
         "server_errors_other_than_503": sum(
-            v for k, v in statuses.items() if k.startswith("5") and k != "503"
+            v for k, v in statuses.items() if k in SERVER_ERRORS or (k[0] == "5" and k != "503")
         ),
         "frames_ok": frames_ok,
         "frames_per_s": round(frames_ok / elapsed, 2),
@@ -183,13 +305,20 @@ async def run_load(
             }
             for m in models
         ],
-        "router": listing.get("router"),
+        "router": router,
     }
+    if keep_latencies:
+        result["latencies_ms"] = [round(s * 1000, 2) for s in latencies]
+        result["window"] = {"started": started, "stop_at": stop_at}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument(
+        "--url", action="append", help="service URL; repeat to spread clients over several"
+    )
+    parser.add_argument("--transport", choices=TRANSPORTS, default="http")
     parser.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="remove-background")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=30.0)
@@ -198,11 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--timeout-ms", type=int, default=None)
+    parser.add_argument("--no-listing", action="store_true", help="skip /v1/models at the end")
+    parser.add_argument("--keep-latencies", action="store_true", help="every latency in --out")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.transport == "grpc" and (reason := grpc_unavailable()):
+        print(f"--transport grpc: {reason}", file=sys.stderr)
+        return 2
     result = asyncio.run(
         run_load(
-            args.url,
+            args.url or ["http://127.0.0.1:8000"],
             args.endpoint,
             concurrency=args.concurrency,
             duration_s=args.duration,
@@ -211,13 +345,17 @@ def main(argv: list[str] | None = None) -> int:
             width=args.width,
             height=args.height,
             timeout_ms=args.timeout_ms,
+            transport=args.transport,
+            listing=not args.no_listing,
+            keep_latencies=args.keep_latencies,
         )
     )
     text = json.dumps(result, indent=2)
-    print(text)
     if args.out:
         with open(args.out, "w") as handle:
             handle.write(text)
+    else:
+        print(text)
     lost = result["requests_sent"] - result["responses_received"]
     return 1 if lost or result["server_errors_other_than_503"] else 0
 

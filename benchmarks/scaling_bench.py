@@ -1,15 +1,40 @@
-"""Multi-GPU scaling: the same app and load at 1, 2, 4... GPUs of one host, side by side.
+"""Multi-GPU scaling under each ingress: the same app and load at N GPUs of one host.
 
-For each N, starts a Ray cluster with N GPUs, deploys ``--config`` with N replicas of each
-segmentor (or an autoscaling range 1..N with ``--autoscale``), ``--routers-per-gpu`` routers
-per GPU, then drives the saturating scenarios with ``--client-processes`` load generators per
-GPU (one Python process tops out near 1,000 small frames/s). Records frames/s, the scaling
-ratio against N=1, each replica's GPU (uuid) and where time goes (replica stage timings).
+Ready to run on nvidia-h100-x2 (the published RMBG-2.0 code in third_party/rmbg20); each
+command starts one cluster and warms its replicas once (estimated 3 minutes each, 9 for the
+three), prints a JSON line per run and writes its file:
 
-    NCCL_NVLS_ENABLE=0 python -m benchmarks.scaling_bench --gpus 1,2 --out scaling.json
+    export NCCL_NVLS_ENABLE=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 YOLO_OFFLINE=1
+    python -m benchmarks.scaling_bench --ingress default --gpus 2,1 \\
+        --transports http,grpc --duration 6 --out scaling-default.json
+    python -m benchmarks.scaling_bench --ingress haproxy --gpus 2,1 \\
+        --transports http,grpc --duration 6 --out scaling-haproxy.json
+    python -m benchmarks.scaling_bench --ingress haproxy-throughput --gpus 2,1 \\
+        --transports http,grpc --duration 6 --out scaling-haproxy-throughput.json
 
-RMBG-2.0 asks for 0.6 GPU per replica so that no two share a card (two at 0.5 would be
-packed together); its memory is still held to half a card by ``gpu_memory_fraction``.
+``--ingress default,haproxy,haproxy-throughput`` does the same in one command; ``throughput``
+(direct ingress without HAProxy: the load goes to the Router replicas' own ports) is the
+fourth variant.
+
+For each ingress variant (``benchmarks.ingress``: Ray Serve's own switches, set in the
+environment of ``ray start``) one Ray cluster with max(N) GPUs is started and ``--config``
+deployed with max(N) replicas of each segmentor; each scenario is driven over each transport;
+then the segmentors are scaled down to the next N by ``serve deploy`` (removing a replica is
+quick, warming one up is not) and measured again. Routers are sized to the CPU cores and stay
+the same for every N, so the scaling ratio says whether the GPUs scale, not the proxy.
+
+Scenarios: ``rmbg`` (1080p JPEG in, RGBA PNG out, one frame per request, 64 clients per GPU)
+and ``yolo-frames`` (``/v1/frames`` / gRPC ``Frames``, 16 1080p JPEGs per request, 32
+clients per GPU). Load comes from ``benchmarks.fleet`` (several processes; their CPU is
+reported beside frames/s, so a load-bound run shows as one). Each run records whole-window
+and steady-state frames/s, p50/p99, the mean batch each model ran (frames / batches during
+the window) and every replica's GPU (uuid from ``/v1/models``), and checks the placement:
+one RMBG-2.0 replica per card, YOLO beside it.
+
+Placement: RMBG-2.0 asks for 0.6 GPU and YOLO for 0.3, so no two RMBG-2.0 replicas share a
+card and each card holds one of each; ``RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY=1`` makes the
+controller place the larger GPU asks first, so YOLO replicas never take the room an RMBG-2.0
+replica needs.
 """
 
 from __future__ import annotations
@@ -17,176 +42,255 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from benchmarks.fleet import run_fleet
+from benchmarks.ingress import PACK_SCHEDULING, VARIANTS, direct_targets, ingress_env
 from tests.conftest import REPO_ROOT
-from tests.serve_cluster import running_cluster
+from tests.serve_cluster import Cluster, running_cluster
+
+SEGMENTORS = {"rmbg": "RMBGDeployment", "yolo": "YoloDeployment"}
+#: GPU share of each segmentor replica: one of each per card, never two RMBG-2.0 on one.
+GPU_SHARE = {"RMBGDeployment": 0.6, "YoloDeployment": 0.3}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    endpoint: str
+    model: str  # which segmentor does the work: "rmbg" or "yolo"
+    clients_per_gpu: int
+    frames_per_request: int
+
 
 SCENARIOS = {
-    # name: (endpoint, clients per GPU, frames per request, frame width, height)
-    "rmbg": ("remove-background", 64, 1, 1920, 1080),
-    "yolo-frames": ("frames-segment", 32, 16, 1920, 1080),
+    "rmbg": Scenario("remove-background", "rmbg", 64, 1),
+    "yolo-frames": Scenario("frames-segment", "yolo", 32, 16),
 }
 
 
 def scale_config(
-    config: dict[str, Any], gpus: int, routers_per_gpu: int, autoscale: bool, rmbg_dir: str
+    config: dict[str, Any], count: int, routers: int, rmbg_dir: str, on_gpus: bool = True
 ) -> None:
-    """N segmentor replicas (or autoscaling 1..N) and routers in proportion to the GPUs."""
+    """``count`` replicas of each segmentor (one of each per card) and ``routers`` routers."""
     app = config["applications"][0]
     if "rmbg" in app["args"] and rmbg_dir:
         app["args"]["rmbg"]["model"] = str(Path(rmbg_dir).resolve())
     for deployment in app["deployments"]:
+        deployment.pop("autoscaling_config", None)
         if deployment["name"] == "Router":
-            deployment["num_replicas"] = max(1, routers_per_gpu * max(1, gpus))
+            deployment["num_replicas"] = routers
             continue
-        if gpus and deployment["name"] == "RMBGDeployment":
-            deployment["ray_actor_options"]["num_gpus"] = 0.6
-            app["args"]["rmbg"]["gpu_memory_fraction"] = 0.5
-        if autoscale:
-            deployment.pop("num_replicas", None)
-            deployment["autoscaling_config"] = {
-                "min_replicas": 1,
-                "max_replicas": max(1, gpus),
-                "target_ongoing_requests": deployment.get("max_ongoing_requests", 64) // 2,
-            }
-        else:
-            deployment["num_replicas"] = max(1, gpus)
+        deployment["num_replicas"] = count
+        if on_gpus and deployment["name"] in GPU_SHARE:
+            deployment["ray_actor_options"]["num_gpus"] = GPU_SHARE[deployment["name"]]
 
 
-def placement(url: str, samples: int = 40) -> list[dict[str, Any]]:
-    """Each segmentor replica seen by ``/v1/models`` (calls are routed at random): pid, GPU."""
+def replicas(url: str, samples: int = 40) -> dict[tuple[str, int], dict[str, Any]]:
+    """Each segmentor replica seen by ``/v1/models`` (calls are routed at random), by
+    (model, pid): its GPU, batches run and CUDA-graph state."""
     seen: dict[tuple[str, int], dict[str, Any]] = {}
     for _ in range(samples):
         for model in httpx.get(f"{url}/v1/models", timeout=60).json()["models"]:
+            batch = model["batch"]
             seen[(model["name"], model["pid"])] = {
                 "model": model["name"],
                 "pid": model["pid"],
                 "gpu_uuid": (model.get("gpu") or {}).get("uuid"),
+                "batches_run": batch["batches_run"],
+                "largest_batch": batch["largest_batch"],
+                "max_batch_size": batch.get("max_batch_size"),
+                "cuda_graph_batch_sizes": batch.get("cuda_graph_batch_sizes"),
+                "cuda_graph_error": batch.get("cuda_graph_error"),
+                "gpu_memory": model.get("gpu_memory"),
                 "stages": model.get("stages"),
-                "largest_batch": model["batch"]["largest_batch"],
             }
-    return sorted(seen.values(), key=lambda r: (r["model"], r["pid"]))
+    return seen
 
 
-def drive(
-    url: str,
-    scenario: str,
+def model_of(name: str) -> str:
+    """``rmbg`` or ``yolo`` for a model name of ``/v1/models``."""
+    return "yolo" if "yolo" in name.lower() else "rmbg"
+
+
+def placement_problems(found: list[dict[str, Any]], gpus: int) -> list[str]:
+    """What differs from one RMBG-2.0 and one YOLO replica on each of ``gpus`` cards."""
+    problems = []
+    for model in SEGMENTORS:
+        on = [r["gpu_uuid"] for r in found if model_of(r["model"]) == model]
+        if len(on) != gpus:
+            problems.append(f"{model}: {len(on)} replicas seen, {gpus} asked for")
+        if len(set(on)) != len(on):
+            problems.append(f"{model}: two replicas share a card ({on})")
+    return problems
+
+
+def wait_for_replicas(cluster: Cluster, count: int, timeout_s: float = 300) -> None:
+    """Until each segmentor deployment runs exactly ``count`` replicas."""
+    deadline = time.monotonic() + timeout_s
+    states: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        app = cluster.status()["applications"]["product-segmentor"]
+        states = {
+            name: app["deployments"][name].get("replica_states", {}) for name in SEGMENTORS.values()
+        }
+        if all(s == {"RUNNING": count} for s in states.values()):
+            return
+        time.sleep(2)
+    raise RuntimeError(f"segmentors did not settle at {count} replicas: {states}")
+
+
+def measure(
+    cluster: Cluster,
+    variant: str,
     gpus: int,
-    processes: int,
-    duration: float,
-    frame_size: tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """Run ``processes`` load generators at once; frames/s summed over them."""
-    endpoint, clients, frames, width, height = SCENARIOS[scenario]
-    if frame_size:
-        width, height = frame_size
-    total_clients = clients * max(1, gpus)
-    per_process = max(1, total_clients // processes)
-    with tempfile.TemporaryDirectory() as tmp:
-        outs = [Path(tmp) / f"load-{i}.json" for i in range(processes)]
-        command = [
-            sys.executable,
-            "-m",
-            "benchmarks.load_test",
-            "--url",
-            url,
-            "--endpoint",
-            endpoint,
-            "--concurrency",
-            str(per_process),
-            "--duration",
-            str(duration),
-            "--frames-per-request",
-            str(frames),
-            "--width",
-            str(width),
-            "--height",
-            str(height),
-        ]
-        running = [
-            subprocess.Popen(
-                [*command, "--out", str(out)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL
-            )
-            for out in outs
-        ]
-        for process in running:
-            process.wait()
-        results = [json.loads(out.read_text()) for out in outs if out.exists()]
-    return {
-        "scenario": scenario,
-        "load_processes": processes,
-        "clients": per_process * processes,
-        "frames_per_s": round(sum(r["frames_per_s"] for r in results), 2),
-        "steady_frames_per_s": round(sum(r["steady_frames_per_s"] for r in results), 2),
-        "statuses": [r["statuses"] for r in results],
-        "p99_ms": max((r["latency_ms"]["p99"] for r in results), default=None),
-        "client_cpu_per_wall_s": [r["client_cpu_per_wall_s"] for r in results],
+    args: argparse.Namespace,
+    frame_size: tuple[int, int],
+) -> list[dict[str, Any]]:
+    """Every scenario over every transport at the deployed ``gpus`` replicas."""
+    targets = {
+        "http": [f"http://{t}" for t in direct_targets(cluster.dashboard, variant, "HTTP")]
+        or [cluster.url],
+        "grpc": [f"grpc://{t}" for t in direct_targets(cluster.dashboard, variant, "gRPC")]
+        or ([f"grpc://{cluster.grpc_target}"] if cluster.grpc_target else []),
     }
+    runs = []
+    for scenario_name in args.scenarios.split(","):
+        scenario = SCENARIOS[scenario_name]
+        for transport in args.transports.split(","):
+            if not targets[transport]:
+                runs.append({"skipped": f"{transport}: the config serves no {transport}"})
+                continue
+            before = replicas(cluster.url)
+            result = run_fleet(
+                targets[transport],
+                scenario.endpoint,
+                processes=max(1, args.load_processes_per_gpu * max(1, gpus)),
+                clients=(args.clients_per_gpu or scenario.clients_per_gpu) * max(1, gpus),
+                duration_s=args.duration,
+                frames_per_request=scenario.frames_per_request,
+                width=frame_size[0],
+                height=frame_size[1],
+                transport=transport,
+            )
+            after = replicas(cluster.url)
+            batches = sum(
+                r["batches_run"] - before.get(key, {"batches_run": 0})["batches_run"]
+                for key, r in after.items()
+                if model_of(r["model"]) == scenario.model
+            )
+            found = sorted(after.values(), key=lambda r: (r["model"], r["pid"]))
+            result.update(
+                ingress=variant,
+                scenario=scenario_name,
+                gpus=gpus,
+                mean_batch=round(result.get("frames_ok", 0) / batches, 1) if batches else None,
+                replicas=found,
+                placement_problems=[] if args.no_gpu else placement_problems(found, gpus),
+            )
+            runs.append(result)
+            brief = {k: v for k, v in result.items() if k not in ("replicas",)}
+            print(json.dumps(brief), flush=True)
+    return runs
+
+
+def routers_for(cpus: int, gpus: int, load_processes: int) -> int:
+    """Router replicas in proportion to the cores left once the segmentors (2 each), the
+    load generator and Ray itself (2) have theirs: routers decode, parse and encode images."""
+    return max(2, cpus - 4 * gpus - load_processes - 2)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "gpu-bench.yaml"))
     parser.add_argument("--rmbg-dir", default="third_party/rmbg20")
-    parser.add_argument("--gpus", default="1,2", help="GPU counts to run, e.g. 1,2,4")
+    parser.add_argument("--gpus", default="2,1", help="GPU counts, largest first, e.g. 4,2,1")
+    parser.add_argument("--ingress", default="default", help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--transports", default="http", help="http, grpc or http,grpc")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
-    parser.add_argument("--duration", type=float, default=15.0)
-    parser.add_argument("--routers-per-gpu", type=int, default=8)
-    parser.add_argument("--client-processes-per-gpu", type=int, default=2)
-    parser.add_argument("--autoscale", action="store_true", help="autoscale 1..N replicas")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--routers", type=int, default=None, help="default: from the cores")
+    parser.add_argument("--load-processes-per-gpu", type=int, default=3)
+    parser.add_argument("--clients-per-gpu", type=int, default=None, help="default: scenario's")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 8)
+    parser.add_argument("--no-gpu", action="store_true", help="CPU smoke test: GPUs count 0")
     parser.add_argument("--frame-size", help="WxH instead of 1920x1080 (smoke tests)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    frame_size = None
+    frame_size = (1920, 1080)
     if args.frame_size:
         width, height = (int(v) for v in args.frame_size.split("x"))
         frame_size = (width, height)
+    counts = sorted({int(n) for n in args.gpus.split(",")}, reverse=True)
+    most = counts[0]
+    routers = args.routers or routers_for(args.cpus, most, args.load_processes_per_gpu * most)
     report: dict[str, Any] = {
         "command": "python -m benchmarks.scaling_bench " + " ".join(argv or sys.argv[1:]),
+        "routers": routers,
         "runs": [],
     }
-    for gpus in [int(n) for n in args.gpus.split(",")]:
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            running_cluster(
+    for variant in args.ingress.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**PACK_SCHEDULING, **ingress_env(variant, Path(tmp))}
+            with running_cluster(
                 Path(args.config),
                 Path(tmp),
                 num_cpus=args.cpus,
-                num_gpus=gpus,
-                edit=lambda c, n=gpus: scale_config(
-                    c, n, args.routers_per_gpu, args.autoscale, args.rmbg_dir
-                ),
-            ) as cluster,
-        ):
-            for scenario in args.scenarios.split(","):
-                processes = max(1, args.client_processes_per_gpu * max(1, gpus))
-                result = drive(cluster.url, scenario, gpus, processes, args.duration, frame_size)
-                result.update(gpus=gpus, replicas=placement(cluster.url))
-                report["runs"].append(result)
-                print(json.dumps({k: v for k, v in result.items() if k != "replicas"}), flush=True)
-                time.sleep(2)
-    fewest = min(run["gpus"] for run in report["runs"])
-    for run in report["runs"]:
-        base = next(
-            r for r in report["runs"] if r["scenario"] == run["scenario"] and r["gpus"] == fewest
+                num_gpus=0 if args.no_gpu else most,
+                extra_env=env,
+                edit=lambda c: scale_config(c, most, routers, args.rmbg_dir, not args.no_gpu),
+            ) as cluster:
+                for index, gpus in enumerate(counts):
+                    if index:  # scale the segmentors down; the routers stay
+                        config = cluster.app_config()
+                        scale_config(config, gpus, routers, args.rmbg_dir, not args.no_gpu)
+                        cluster.deploy(config, f"n{gpus}.yaml")
+                        wait_for_replicas(cluster, gpus)
+                    report["runs"].extend(measure(cluster, variant, gpus, args, frame_size))
+    measured = [r for r in report["runs"] if "steady_frames_per_s" in r]
+    for run in measured:
+        base = min(
+            (
+                r
+                for r in measured
+                if all(r[k] == run[k] for k in ("ingress", "scenario", "transport"))
+            ),
+            key=lambda r: r["gpus"],
         )
         run["scaling_vs_fewest_gpus"] = round(
             run["steady_frames_per_s"] / max(1e-9, base["steady_frames_per_s"]), 2
         )
+    report["summary"] = [
+        {
+            k: run.get(k)
+            for k in (
+                "ingress",
+                "transport",
+                "scenario",
+                "gpus",
+                "frames_per_s",
+                "steady_frames_per_s",
+                "scaling_vs_fewest_gpus",
+                "latency_ms",
+                "mean_batch",
+                "load_cpu_cores",
+                "load_generator_saturated",
+                "placement_problems",
+            )
+        }
+        for run in measured
+    ]
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text)
-    print(text)
+    print(json.dumps(report["summary"], indent=1))
     return 0
 
 

@@ -1,11 +1,16 @@
-"""Service-level benchmark on one GPU: the Serve app under HTTP load, both models sharing it.
+"""Service-level benchmark on one GPU: the Serve app under load, both models sharing it.
 
-Starts a local Ray cluster, deploys ``--config`` (default configs/gpu-bench.yaml: random
-weights) with ``serve deploy``, then drives each scenario with ``benchmarks.load_test``:
-single-frame requests at saturation, the multi-frame endpoint, and an open-loop run at half
-the measured capacity for latency. YOLO is measured with n, then redeployed with x.
+Starts a local Ray cluster per ingress variant (``benchmarks.ingress``: Ray Serve's own
+switches, set in the environment of ``ray start``), deploys ``--config`` (default
+configs/gpu-bench.yaml: random weights) with ``serve deploy``, then drives each scenario over
+each transport from several load processes (``benchmarks.fleet``, their CPU reported beside
+frames/s): single-frame requests at saturation, the multi-frame endpoint / gRPC ``Frames``,
+and an open-loop run at half the measured capacity for latency. YOLO is then redeployed as
+yolo11x-seg and measured again (``--no-yolo-x`` skips it).
 
     python -m benchmarks.service_bench --rmbg-dir third_party/rmbg20 --out service.json
+    python -m benchmarks.service_bench --ingress default,haproxy-throughput \\
+        --transports http,grpc --duration 10 --out service-ingress.json
 """
 
 from __future__ import annotations
@@ -19,22 +24,57 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.fleet import run_fleet
+from benchmarks.ingress import VARIANTS, direct_targets, ingress_env
 from benchmarks.load_test import run_load
 from tests.conftest import REPO_ROOT
-from tests.serve_cluster import running_cluster
+from tests.serve_cluster import Cluster, running_cluster
+
+#: label: (endpoint, clients, frames per request, frame width, height)
+SCENARIOS = {
+    "rmbg": ("remove-background", 64, 1, 1920, 1080),
+    "rmbg-frames": ("frames-remove-background", 16, 8, 1920, 1080),
+    "yolo-frames": ("frames-segment", 32, 16, 1920, 1080),
+    "yolo-single": ("segment", 128, 1, 1920, 1080),
+    # the path's per-frame cost without the bytes
+    "yolo-frames-64px": ("frames-segment", 32, 16, 64, 64),
+}
 
 
 def _set_models(config: dict[str, Any], rmbg_dir: str, yolo: str) -> None:
     args = config["applications"][0]["args"]
-    args["rmbg"]["model"] = str(Path(rmbg_dir).resolve())
-    args["yolo"]["model"] = yolo
+    if rmbg_dir:
+        args["rmbg"]["model"] = str(Path(rmbg_dir).resolve())
+    if yolo:
+        args["yolo"]["model"] = yolo
+
+
+def _targets(cluster: Cluster, variant: str) -> dict[str, list[str]]:
+    """Where each transport connects: the proxy (or HAProxy) port, or the Router replicas'
+    own ports when the variant has no proxy on the node."""
+    http = direct_targets(cluster.dashboard, variant, "HTTP")
+    grpc = direct_targets(cluster.dashboard, variant, "gRPC")
+    return {
+        "http": [f"http://{t}" for t in http] or [cluster.url],
+        "grpc": [f"grpc://{t}" for t in grpc]
+        or ([f"grpc://{cluster.grpc_target}"] if cluster.grpc_target else []),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "gpu-bench.yaml"))
     parser.add_argument("--rmbg-dir", default="third_party/rmbg20")
+    parser.add_argument("--yolo", default="yolo11n-seg.yaml", help="'' keeps the config's")
+    parser.add_argument("--ingress", default="default", help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--transports", default="http", help="http, grpc or http,grpc")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--load-processes", type=int, default=4)
+    parser.add_argument("--cpus", type=int, default=16)
+    parser.add_argument("--gpus", type=int, default=1, help="0: CPU smoke test")
+    parser.add_argument("--frame-size", help="WxH for every scenario (smoke tests)")
+    parser.add_argument("--no-yolo-x", action="store_true", help="skip the yolo11x-seg run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     results: dict[str, Any] = {
@@ -42,77 +82,81 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
 
-    def record(label: str, result: dict[str, Any]) -> dict[str, Any]:
-        result["scenario"] = label
+    def record(result: dict[str, Any], **labels: Any) -> dict[str, Any]:
+        result.update(labels)
         results["runs"].append(result)
-        brief = {
-            k: result[k]
-            for k in (
-                "frames_per_s",
-                "steady_frames_per_s",
-                "client_cpu_per_wall_s",
-                "latency_ms",
-                "statuses",
-                "requests_sent",
-                "responses_received",
-                "router",
-            )
-        }
-        brief["replicas"] = [
-            {k: r[k] for k in ("model", "batch", "stages")} for r in result["replicas"]
-        ]
-        print(label, json.dumps(brief), flush=True)
+        print(json.dumps(result), flush=True)
         return result
 
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        running_cluster(
-            Path(args.config),
-            Path(tmp),
-            num_cpus=16,
-            num_gpus=1,
-            edit=lambda c: _set_models(c, args.rmbg_dir, "yolo11n-seg.yaml"),
-        ) as cluster,
-    ):
-        load = lambda endpoint, **kw: asyncio.run(  # noqa: E731
-            run_load(cluster.url, endpoint, **{"duration_s": args.duration, **kw})
-        )
-        load("remove-background", concurrency=32, duration_s=5)  # warm the HTTP path
-        rmbg = record(
-            "rmbg single-frame, saturating (64 clients)", load("remove-background", concurrency=64)
-        )
-        record(
-            "rmbg /v1/frames, 8 frames/request (16 clients)",
-            load("frames-remove-background", concurrency=16, frames_per_request=8),
-        )
-        capacity = rmbg["frames_per_s"]
-        record(
-            f"rmbg single-frame at half capacity ({capacity / 2:.1f} req/s, open loop)",
-            load("remove-background", concurrency=64, rate=max(1.0, capacity / 2)),
-        )
-        record(
-            "yolo11n-seg /v1/frames, 16 frames/request (32 clients)",
-            load("frames-segment", concurrency=32, frames_per_request=16),
-        )
-        record("yolo11n-seg single-frame (128 clients)", load("segment", concurrency=128))
-        record(
-            "yolo11n-seg /v1/frames, 64x64 JPEGs, 16 frames/request (32 clients): the HTTP "
-            "path's per-frame cost without the bytes",
-            load("frames-segment", concurrency=32, frames_per_request=16, width=64, height=64),
-        )
-        config = cluster.app_config()
-        _set_models(config, args.rmbg_dir, "yolo11x-seg.yaml")
-        cluster.deploy(config, "yolo-x.yaml")
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            status = cluster.status()["applications"]["product-segmentor"]["status"]
-            if status == "RUNNING":
-                break
-            time.sleep(3)
-        record(
-            "yolo11x-seg /v1/frames, 16 frames/request (32 clients)",
-            load("frames-segment", concurrency=32, frames_per_request=16),
-        )
+    def drive(targets: dict[str, list[str]], variant: str, scenario: str, label: str = "") -> None:
+        endpoint, clients, frames, width, height = SCENARIOS[scenario]
+        if args.frame_size:
+            width, height = (int(v) for v in args.frame_size.split("x"))
+        for transport in args.transports.split(","):
+            if not targets[transport]:
+                record({"skipped": f"the config serves no {transport}"}, scenario=scenario)
+                continue
+            result = run_fleet(
+                targets[transport],
+                endpoint,
+                processes=args.load_processes,
+                clients=clients,
+                duration_s=args.duration,
+                frames_per_request=frames,
+                width=width,
+                height=height,
+                transport=transport,
+            )
+            record(result, ingress=variant, scenario=label or scenario)
+
+    scenarios = args.scenarios.split(",")
+    for variant in args.ingress.split(","):
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            running_cluster(
+                Path(args.config),
+                Path(tmp),
+                num_cpus=args.cpus,
+                num_gpus=args.gpus,
+                extra_env=ingress_env(variant, Path(tmp)),
+                edit=lambda c: _set_models(c, args.rmbg_dir, args.yolo),
+            ) as cluster,
+        ):
+            targets = _targets(cluster, variant)
+            for scenario in scenarios:
+                drive(targets, variant, scenario)
+            if "rmbg" in scenarios:
+                capacity = max(
+                    (
+                        r.get("frames_per_s", 0.0)
+                        for r in results["runs"]
+                        if r.get("ingress") == variant and r.get("scenario") == "rmbg"
+                    ),
+                    default=0.0,
+                )
+                rate = max(1.0, capacity / 2)
+                half = asyncio.run(
+                    run_load(
+                        targets["http"],
+                        "remove-background",
+                        concurrency=64,
+                        duration_s=args.duration,
+                        rate=rate,
+                        listing=False,
+                    )
+                )
+                record(half, ingress=variant, scenario=f"rmbg at half capacity ({rate:.1f}/s)")
+            if not args.no_yolo_x:
+                config = cluster.app_config()
+                _set_models(config, "", "yolo11x-seg.yaml")
+                cluster.deploy(config, "yolo-x.yaml")
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:
+                    app = cluster.status()["applications"]["product-segmentor"]
+                    if app["status"] == "RUNNING":
+                        break
+                    time.sleep(3)
+                drive(targets, variant, "yolo-frames", "yolo11x-seg frames")
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)
