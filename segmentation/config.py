@@ -64,6 +64,12 @@ class Settings(BaseModel):
     rmbg_input_size: int = Field(
         1024, ge=64, le=4096, description="Square model input size in pixels (RMBG_INPUT_SIZE)."
     )
+    rmbg_optimized: bool = Field(
+        True,
+        description="Run RMBG-2.0 through its fast inference path (fused window attention, "
+        "gathered windows, leaner decoder); false runs the published eager code, the "
+        "reference (RMBG_OPTIMIZED).",
+    )
     yolo_model: str = Field(
         DEFAULT_YOLO_MODEL,
         description="Ultralytics weights: a .pt file, a model name, or a .yaml architecture "
@@ -101,11 +107,12 @@ ENV_VARS: dict[str, str] = {
     "RMBG_REVISION": "rmbg_revision",
     "RMBG_TRUST_REMOTE_CODE": "rmbg_trust_remote_code",
     "RMBG_INPUT_SIZE": "rmbg_input_size",
+    "RMBG_OPTIMIZED": "rmbg_optimized",
     "YOLO_MODEL": "yolo_model",
     "YOLO_IMGSZ": "yolo_imgsz",
     "HF_TOKEN": "hf_token",
 }
-_BOOL_FIELDS = {"use_fp16", "rmbg_trust_remote_code"}
+_BOOL_FIELDS = {"use_fp16", "rmbg_trust_remote_code", "rmbg_optimized"}
 
 
 class SettingsError(ValueError):

@@ -34,6 +34,7 @@ def build_segmentor(
             token=settings.hf_token,
             load_format=load_format,
             input_size=input_size or settings.rmbg_input_size,
+            optimized=settings.rmbg_optimized,
         )
     if kind == "yolo":
         return YoloSegmentor(

@@ -56,21 +56,26 @@ class GraphedForward:
         return [shape[0] for shape in self.shapes]
 
     def capture(self, examples: Sequence[torch.Tensor]) -> None:
-        """Capture one graph per example's shape, largest first (they size the shared pool)."""
-        # Blocks cached by earlier eager runs would sit beside the graphs' own pool.
-        torch.cuda.empty_cache()
-        for example in sorted(examples, key=lambda t: t.numel(), reverse=True):
-            static_in = example.clone()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+        """Capture one graph per example's shape, largest first (they size the shared pool).
+
+        Every shape is warmed up before the first capture: a warm-up run after a capture
+        would need a second set of activations beside the pool's (a replica with half a card
+        cannot hold RMBG-2.0's batch-16 activations twice), and the smaller graphs then
+        capture inside the blocks the largest one left in the shared pool.
+        """
+        ordered = sorted(examples, key=lambda t: t.numel(), reverse=True)
+        statics = [example.clone() for example in ordered]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for static_in in statics:
                 for _ in range(2):  # lazy initialisation must happen outside the capture
                     self.select(self.module(static_in))
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            # Release what those runs cached: the graph's pool needs the same memory again
-            # (a replica with half a card cannot hold RMBG-2.0's batch-16 activations twice).
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        # Release what those runs cached: the graphs' pool needs the same memory again.
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        for static_in in statics:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 static_out = self.select(self.module(static_in))

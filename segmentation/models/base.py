@@ -24,6 +24,8 @@ class ModelInfo:
     precision_reason: str
     device: str
     stand_in: bool
+    #: How the forward runs, e.g. ``eager`` or ``sdpa+windows+decoder+graphs``.
+    inference_path: str = "eager"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

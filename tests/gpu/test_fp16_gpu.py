@@ -40,8 +40,10 @@ def rmbg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def _load(path: Path, fp16: bool) -> RMBG20Segmentor:
-    return RMBG20Segmentor(str(path), device="cuda", use_fp16=fp16, trust_remote_code=True)
+def _load(path: Path, fp16: bool, optimized: bool = True) -> RMBG20Segmentor:
+    return RMBG20Segmentor(
+        str(path), device="cuda", use_fp16=fp16, trust_remote_code=True, optimized=optimized
+    )
 
 
 def _peak(fn: Callable[[], object]) -> int:
@@ -58,6 +60,7 @@ def _peak(fn: Callable[[], object]) -> int:
 def test_rmbg_activations_are_fp16_inside_the_model(rmbg_dir: Path) -> None:
     segmentor = _load(rmbg_dir, fp16=True)
     assert segmentor.precision.name == "fp16"
+    assert segmentor.info().inference_path == "sdpa+windows+decoder"
     dtypes: dict[str, set[torch.dtype]] = {}
 
     def record(module: torch.nn.Module, args: tuple, output: object) -> None:
@@ -81,8 +84,8 @@ def test_rmbg_activations_are_fp16_inside_the_model(rmbg_dir: Path) -> None:
 def test_rmbg_fp16_peak_memory_at_most_55_percent_of_fp32(rmbg_dir: Path) -> None:
     frames = [product_frame(1920, 1080, seed=i) for i in range(4)]
     peaks = {}
-    for fp16 in (False, True):
-        segmentor = _load(rmbg_dir, fp16)
+    for fp16 in (False, True):  # the eager FP32 reference against the fast FP16 path
+        segmentor = _load(rmbg_dir, fp16, optimized=fp16)
         segmentor.predict(frames[:1])
         weights = torch.cuda.memory_allocated()
         peak = _peak(lambda s=segmentor: s.predict(frames))
@@ -102,8 +105,8 @@ def test_rmbg_fp16_peak_memory_at_most_55_percent_of_fp32(rmbg_dir: Path) -> Non
 def test_rmbg_fp16_output_close_to_fp32(rmbg_dir: Path) -> None:
     frames = [product_frame(1280, 720, seed=i) for i in range(2)]
     outputs = {}
-    for fp16 in (False, True):
-        segmentor = _load(rmbg_dir, fp16)
+    for fp16 in (False, True):  # the eager FP32 reference against the fast FP16 path
+        segmentor = _load(rmbg_dir, fp16, optimized=fp16)
         with torch.inference_mode():
             batch = segmentor.preprocess(frames)
             outputs[fp16] = segmentor.forward(batch).float().sigmoid().cpu()
@@ -111,8 +114,35 @@ def test_rmbg_fp16_output_close_to_fp32(rmbg_dir: Path) -> None:
         torch.cuda.empty_cache()
     diff = (outputs[True] - outputs[False]).abs()
     print(f"\nFP16 vs FP32 sigmoid: max abs {diff.max():.2e}, mean {diff.mean():.2e}")
-    assert float(diff.max()) < 2e-2
+    assert float(diff.max()) <= 2 / 255
     assert float(diff.mean()) < 1e-3
+
+
+@needs_arch
+@pytest.mark.parametrize("steps", [("sdpa",), ("sdpa", "windows"), ("decoder",)])
+def test_rmbg_each_fast_step_in_fp16_stays_within_2_of_255_of_eager_fp32(
+    rmbg_dir: Path, steps: tuple[str, ...]
+) -> None:
+    frames = [product_frame(1024, 1024, seed=7 + i) for i in range(2)]
+    probs = {}
+    for name, fp16, optimized in (("fp32", False, False), ("fast", True, steps)):
+        segmentor = RMBG20Segmentor(
+            str(rmbg_dir),
+            device="cuda",
+            use_fp16=fp16,
+            trust_remote_code=True,
+            optimized=optimized,
+        )
+        assert segmentor.fast_steps == (steps if fp16 else ())
+        with torch.inference_mode():
+            logits = segmentor.forward(segmentor.preprocess(frames))
+            assert logits.dtype == (torch.float16 if fp16 else torch.float32)
+            probs[name] = logits.float().sigmoid().cpu()
+        del segmentor
+        torch.cuda.empty_cache()
+    diff = (probs["fast"] - probs["fp32"]).abs()
+    print(f"\n{'+'.join(steps)} FP16 vs eager FP32: max {diff.max() * 255:.2f}/255")
+    assert float(diff.max()) <= 2 / 255
 
 
 @pytest.mark.parametrize("name", ["yolo11n-seg.yaml", "yolo11x-seg.yaml"])

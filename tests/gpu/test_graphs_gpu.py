@@ -53,6 +53,7 @@ def test_rmbg_graph_replay_matches_eager_and_survives_an_fp32_recompute() -> Non
         eager = model.forward(batch)
     assert model.capture_graphs(model.batch_buckets)
     assert model.graph_batch_sizes == [1, 2, 4]
+    assert model.info().inference_path == "sdpa+windows+decoder+graphs"
     with torch.inference_mode():
         graphed = model.forward(batch)
         torch.testing.assert_close(graphed, eager, atol=2e-2, rtol=2e-2)
@@ -64,3 +65,29 @@ def test_rmbg_graph_replay_matches_eager_and_survives_an_fp32_recompute() -> Non
         # The FP16 weights came back in the same memory: the graphs still answer right.
         torch.testing.assert_close(model.forward(batch), eager, atol=2e-2, rtol=2e-2)
     assert next(model.model.parameters()).dtype == torch.float16
+
+
+@pytest.mark.skipif(
+    not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
+)
+def test_rmbg_graphs_at_the_service_buckets_fit_in_half_a_card() -> None:
+    """Every bucket up to 16 captured in one pool within half of the card (a replica's share)."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(0.5)
+    try:
+        torch.manual_seed(0)
+        model = RMBG20Segmentor(
+            str(RMBG_ARCH_DIR.resolve()),
+            device="cuda",
+            trust_remote_code=True,
+            load_format="dummy",
+        )
+        model.batch_buckets = batch_buckets(16)
+        assert model.capture_graphs(model.batch_buckets), model.graph_error
+        assert model.graph_batch_sizes == [1, 2, 4, 8, 12, 16]
+        frames = [product_frame(1920, 1080, seed=i) for i in range(16)]
+        mattes = model.predict(frames)
+        print(f"\npeak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB of {total / 2**30:.0f}")
+        assert len(mattes) == 16 and mattes[15].shape == (1080, 1920)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)

@@ -288,3 +288,116 @@ def test_padding_to_a_bucket_changes_no_matte() -> None:
     for a, b in zip(plain, padded, strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     assert set(timings) == {"preprocess", "forward", "postprocess"}
+
+
+@pytest.fixture(scope="module")
+def published() -> torch.nn.Module:
+    """The published architecture with random weights (fixed seed), eager, FP32, on the CPU."""
+    if not (RMBG_ARCH_DIR / "birefnet.py").exists():
+        pytest.skip("published RMBG-2.0 code absent")
+    torch.manual_seed(0)
+    return build_model(RMBG_ARCH_DIR, load_weights=False)
+
+
+@pytest.mark.parametrize(
+    "steps", [("sdpa",), ("sdpa", "windows"), ("decoder",), ("sdpa", "windows", "decoder")]
+)
+def test_each_fast_step_gives_the_published_models_outputs(
+    published: torch.nn.Module, steps: tuple[str, ...]
+) -> None:
+    """At 128x128 every Swin stage pads (32 -> 36 ... 4 -> 12) and shifts, and the decoder
+    cuts 4x4 to 32x32 patches: the geometry of 1024x1024, smaller."""
+    import copy
+
+    from segmentation.models import rmbg20_fast
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.inference_mode():
+        reference = published(x)
+        fast = copy.deepcopy(published)
+        assert rmbg20_fast.optimize(fast, steps) == steps
+        outputs = fast(x)
+    assert [o.shape for o in outputs] == [r.shape for r in reference]
+    for out, ref in zip(outputs, reference, strict=True):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert reference[-1].std() > 1e-3  # a map that a wrong token order would change
+
+
+def test_published_architecture_reports_its_fast_path() -> None:
+    if not (RMBG_ARCH_DIR / "birefnet.py").exists():
+        pytest.skip("published RMBG-2.0 code absent")
+    kwargs = dict(device="cpu", trust_remote_code=True, load_format="dummy", input_size=128)
+    fast = RMBG20Segmentor(str(RMBG_ARCH_DIR), **kwargs)  # type: ignore[arg-type]
+    assert fast.info().inference_path == "sdpa+windows+decoder"
+    assert fast.info().as_dict()["inference_path"] == "sdpa+windows+decoder"
+    eager = RMBG20Segmentor(str(RMBG_ARCH_DIR), optimized=False, **kwargs)  # type: ignore[arg-type]
+    assert eager.info().inference_path == "eager" and eager.fast_steps == ()
+
+
+def test_stand_in_has_no_published_modules_and_runs_eager() -> None:
+    segmentor = _segmentor()
+    assert segmentor.fast_steps == () and segmentor.info().inference_path == "eager"
+
+
+def test_unknown_fast_step_is_refused() -> None:
+    from segmentation.models import rmbg20_fast
+
+    with pytest.raises(ValueError, match="unknown optimization steps"):
+        rmbg20_fast.optimize(torch.nn.Linear(2, 2), ("turbo",))
+
+
+def test_concurrent_predicts_stay_right_while_one_recomputes_in_fp32(fake_gpu: None) -> None:
+    """One thread's FP16 output overflows (injected) and is recomputed in FP32 while its
+    weights are swapped; a second thread predicting all the while must neither see FP32
+    weights (a dtype error) nor get anything but its own FP16 result."""
+    import threading
+    import time
+
+    frames_a = [product_frame(90, 60, seed=1), product_frame(90, 60, seed=2)]
+    frames_b = [product_frame(80, 50, seed=3)]
+    reference_a = _segmentor(use_fp16=False).predict(frames_a)
+    segmentor = _segmentor(use_fp16=True)
+    clean_b = segmentor.predict(frames_b)[0]
+
+    def overflow_in_thread_a(module: torch.nn.Module, args: tuple, output: object) -> object:
+        assert isinstance(output, list)
+        if threading.current_thread().name == "a":
+            if output[-1].dtype == torch.float16:
+                output[-1][1] = float("inf")
+            else:
+                time.sleep(0.3)  # hold the FP32 weights long enough for "b" to run into them
+        return output
+
+    handle = segmentor.model.register_forward_hook(overflow_in_thread_a)
+    results: dict[str, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def run_a() -> None:
+        try:
+            results["a"] = segmentor.predict(frames_a)
+        except BaseException as exc:  # reported by the assertions below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    def run_b() -> None:
+        try:
+            while not done.is_set():
+                results.setdefault("b", []).append(segmentor.predict(frames_b)[0])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run_b, name="b"), threading.Thread(target=run_a, name="a")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    handle.remove()
+    assert not errors
+    assert segmentor.fp32_recomputed == 1
+    assert np.abs(results["a"][1].astype(int) - reference_a[1].astype(int)).max() <= 1
+    assert len(results["b"]) >= 2
+    assert all((matte == clean_b).all() for matte in results["b"])
+    assert all(p.dtype == torch.float16 for p in segmentor.model.parameters())

@@ -1,0 +1,397 @@
+"""A faster inference path for the published RMBG-2.0 code (BiRefNet, Swin-L), set up at load time.
+
+The model's own code (birefnet.py) stays untouched: :func:`optimize` replaces the ``forward``
+of the loaded module *instances* whose classes it recognises, and leaves every other module
+(and any class it does not know, such as the test stand-in's) as it was. Each step gives the
+same function of the weights as the published code, up to floating-point rounding; the
+tests compare each one with the eager FP32 model on the same weights.
+
+Where the time went (``torch.profiler``, FP16, batch 8, H100, see docs/benchmarks.md): bilinear
+upsampling 14%, copies (~580 per forward: Swin window partition/reverse, rolls, padding) 14%,
+elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math. The steps:
+
+``sdpa``
+    Swin window attention through ``F.scaled_dot_product_attention`` (one fused kernel
+    instead of ``q@k``, ``+bias``, ``+mask``, softmax and ``@v``, each a pass over the
+    ``[windows, heads, 144, 144]`` scores). The relative position bias is gathered once per
+    module and dtype instead of at every call; for shifted windows it is added to the shift
+    mask once, and the windows are folded into the head dimension (``[B, nW*nH, N, D]``) so
+    that one ``[1, nW*nH, N, N]`` bias broadcasts over the batch with a zero stride.
+``windows``
+    Swin blocks move tokens into and out of windows with one precomputed gather each way
+    (pad + roll + partition, and reverse + roll + crop, were five or six copies), and the
+    shifted-window mask is built once per layer size instead of at every call.
+``decoder``
+    The decoder's image patches come from one reshape instead of a Python loop of thousands
+    of ``split``/``cat`` per frame, their ``F.interpolate`` to the size they already have
+    (an exact identity) is skipped, and the output 1x1 convolution is applied before the
+    last upsampling rather than after it: both are linear and bilinear weights sum to one,
+    so ``conv1x1(up(a)) == up(conv1x1(a))``; this upsamples 1 channel to 1024x1024 instead of
+    192 (400 MB of FP16 writes per frame) and folds the 48-channel input branch into its
+    last convolution.
+``compile``
+    Optional: ``torch.compile`` (Inductor, static shapes) of the Swin block body, one
+    function shared by every block, so each distinct shape compiles once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import types
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+SDPA = "sdpa"
+WINDOWS = "windows"
+DECODER = "decoder"
+COMPILE = "compile"
+#: The steps :func:`optimize` applies unless told otherwise (compile is opt-in: see
+#: docs/benchmarks.md for its cold start).
+DEFAULT_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER)
+ALL_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, COMPILE)
+
+_Cache = dict[tuple[Any, ...], Any]
+
+
+def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tuple[str, ...]:
+    """Apply the named steps to ``model``'s recognised modules; return those that applied.
+
+    Call it after the weights are loaded and the model has its serving dtype: derived
+    tensors (position biases, folded convolutions) are built lazily from the live weights
+    and cached for that dtype only (an FP32 recompute builds them per call, uncached).
+    """
+    wanted = set(steps)
+    unknown = wanted - set(ALL_STEPS)
+    if unknown:
+        raise ValueError(f"unknown optimization steps {sorted(unknown)}; known: {ALL_STEPS}")
+    if WINDOWS in wanted or COMPILE in wanted:
+        wanted.add(SDPA)  # the window gather hands the attention its prebuilt bias
+    dtype = next(model.parameters()).dtype
+    applied: dict[str, int] = {step: 0 for step in ALL_STEPS}
+    for module in model.modules():
+        kind = type(module).__name__
+        if SDPA in wanted and kind == "WindowAttention" and _is_swin_attention(module):
+            _patch(module, _window_attention, _fast_dtype=dtype)
+            applied[SDPA] += 1
+        elif WINDOWS in wanted and kind == "SwinTransformerBlock" and _is_swin_block(module):
+            _patch(module, _swin_block, _fast_dtype=dtype, _fast_body=_swin_block_body)
+            applied[WINDOWS] += 1
+        elif WINDOWS in wanted and kind == "BasicLayer" and _is_swin_layer(module):
+            _patch(module, _basic_layer)
+        elif DECODER in wanted and kind == "Decoder" and _is_birefnet_decoder(module):
+            _patch(module, _decoder, _fast_dtype=dtype)
+            applied[DECODER] += 1
+    if COMPILE in wanted and applied[WINDOWS]:
+        compiled = _compiled_block_body()
+        for module in model.modules():
+            if getattr(module, "_fast_body", None) is _swin_block_body:
+                _patch(module, _swin_block, _fast_body=compiled)
+        applied[COMPILE] = applied[WINDOWS]
+    done = tuple(step for step in ALL_STEPS if applied[step])
+    logger.info("RMBG-2.0 fast path: %s", {k: v for k, v in applied.items() if v} or "none")
+    return done
+
+
+def path_name(steps: Iterable[str], graphs: bool) -> str:
+    """How ``/v1/models`` names the path that runs: ``eager``, or the steps joined by ``+``."""
+    names = [*steps, *(["graphs"] if graphs else [])]
+    return "+".join(names) if names else "eager"
+
+
+def _patch(module: torch.nn.Module, forward: Callable[..., Any], **attributes: Any) -> None:
+    """Give this instance (not its class) a new ``forward`` and the attributes it reads."""
+    attributes["forward"] = types.MethodType(forward, module)
+    for name, value in attributes.items():
+        setattr(module, name, value)
+
+
+# --- recognising the published modules --------------------------------------------------------
+
+
+def _is_swin_attention(module: torch.nn.Module) -> bool:
+    return all(
+        hasattr(module, name)
+        for name in ("relative_position_bias_table", "relative_position_index", "qkv", "proj")
+    )
+
+
+def _is_swin_block(module: torch.nn.Module) -> bool:
+    attn = getattr(module, "attn", None)
+    return (
+        attn is not None
+        and _is_swin_attention(attn)
+        and all(hasattr(module, n) for n in ("norm1", "norm2", "mlp", "window_size", "shift_size"))
+    )
+
+
+def _is_swin_layer(module: torch.nn.Module) -> bool:
+    blocks = getattr(module, "blocks", None)
+    return blocks is not None and all(
+        type(b).__name__ == "SwinTransformerBlock" and _is_swin_block(b) for b in blocks
+    )
+
+
+def _is_birefnet_decoder(module: torch.nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return (
+        config is not None
+        and getattr(config, "dec_ipt", False)
+        and getattr(module, "split", False)
+        and getattr(config, "ms_supervision", False)
+        and getattr(config, "out_ref", False)
+        and hasattr(module, "get_patches_batch")
+        and len(getattr(module, "conv_out1", ())) == 1
+    )
+
+
+def _cached(module: torch.nn.Module, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    """``build()`` cached on ``module`` under ``key`` when ``key[0]`` is the module's serving
+    dtype; built afresh otherwise (an FP32 recompute must not leave FP32 copies behind)."""
+    if key[0] != getattr(module, "_fast_dtype", None):
+        return build()
+    cache: _Cache = module.__dict__.setdefault("_fast_cache", {})
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+    return value
+
+
+# --- sdpa: window attention -------------------------------------------------------------------
+
+
+def _position_bias(attn: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The relative position bias ``[nH, N, N]`` (what the published forward gathers per call)."""
+
+    def build() -> torch.Tensor:
+        n = attn.window_size[0] * attn.window_size[1]
+        table = attn.relative_position_bias_table
+        bias = table[attn.relative_position_index.reshape(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).to(device=device, dtype=dtype).contiguous()
+
+    return _cached(attn, (dtype, device, "position"), build)
+
+
+def _attention_bias(
+    attn: Any, mask: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Position bias plus shift mask as one additive ``attn_mask``: ``[1, nH, N, N]``
+    without a mask, ``[1, nW*nH, N, N]`` with one (windows folded into heads)."""
+    bias = _position_bias(attn, dtype, device)
+    if mask is None:
+        return bias.unsqueeze(0)
+    combined = bias.unsqueeze(0) + mask.to(dtype).unsqueeze(1)  # nW, nH, N, N
+    return combined.reshape(1, -1, *combined.shape[-2:])
+
+
+def _window_attention(
+    self: Any,
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    attn_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``WindowAttention.forward`` through one fused attention kernel.
+
+    ``mask`` is the published (0/-100) shift mask ``[nW, N, N]``; ``attn_bias`` instead is the
+    bias prebuilt by :func:`_attention_bias` (the Swin block's fast path passes it).
+    """
+    windows, tokens, channels = x.shape
+    heads = self.num_heads
+    if attn_bias is None:
+        attn_bias = _attention_bias(self, mask, x.dtype, x.device)
+    qkv = self.qkv(x)
+    groups = attn_bias.shape[1] // heads
+    if groups == 1:
+        q, k, v = qkv.view(windows, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        out = out.transpose(1, 2).reshape(windows, tokens, channels)
+    else:
+        batch = windows // groups
+        q, k, v = (
+            qkv.view(batch, groups, tokens, 3, heads, -1)
+            .permute(3, 0, 1, 4, 2, 5)
+            .reshape(3, batch, groups * heads, tokens, -1)
+            .unbind(0)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        out = out.view(batch, groups, heads, tokens, -1).transpose(2, 3)
+        out = out.reshape(windows, tokens, channels)
+    return self.proj_drop(self.proj(out))
+
+
+# --- windows: Swin blocks ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WindowPlan:
+    """Where each token goes for one block geometry."""
+
+    padded: tuple[int, int]  # Hp, Wp
+    to_windows: torch.Tensor  # [Hp*Wp]: padded flat index of each windowed token
+    from_windows: torch.Tensor  # [H*W]: windowed index of each original token
+    bias: torch.Tensor  # attention bias, see _attention_bias
+
+
+def _shift_mask(hp: int, wp: int, size: int, shift: int, device: torch.device) -> torch.Tensor:
+    """The published shifted-window mask ``[nW, N, N]`` (0 / -100), as ``BasicLayer`` builds it."""
+    img = torch.zeros((hp, wp), device=device)
+    label = 0
+    for h in (slice(0, -size), slice(-size, -shift), slice(-shift, None)):
+        for w in (slice(0, -size), slice(-size, -shift), slice(-shift, None)):
+            img[h, w] = label
+            label += 1
+    windows = img.view(hp // size, size, wp // size, size).permute(0, 2, 1, 3).reshape(-1, size**2)
+    diff = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+def _window_plan(block: Any, height: int, width: int, x: torch.Tensor) -> _WindowPlan:
+    size, shift = block.window_size, block.shift_size
+    hp, wp = math.ceil(height / size) * size, math.ceil(width / size) * size
+
+    def build() -> _WindowPlan:
+        device = x.device
+        rows = (torch.arange(hp, device=device) + shift) % hp
+        cols = (torch.arange(wp, device=device) + shift) % wp
+        grid = rows[:, None] * wp + cols[None, :]  # padded index at each shifted position
+        to_windows = grid.view(hp // size, size, wp // size, size).permute(0, 2, 1, 3).reshape(-1)
+        inverse = torch.empty_like(to_windows)
+        inverse[to_windows] = torch.arange(hp * wp, device=device)
+        from_windows = inverse.view(hp, wp)[:height, :width].reshape(-1)
+        mask = _shift_mask(hp, wp, size, shift, device) if shift > 0 else None
+        bias = _attention_bias(block.attn, mask, x.dtype, device)
+        return _WindowPlan((hp, wp), to_windows, from_windows, bias)
+
+    return _cached(block, (x.dtype, x.device, height, width), build)
+
+
+def _swin_block_body(
+    block: Any,
+    x: torch.Tensor,
+    height: int,
+    width: int,
+    padded: tuple[int, int],
+    to_windows: torch.Tensor,
+    from_windows: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """The arithmetic of ``SwinTransformerBlock.forward``, tokens moved by two gathers."""
+    batch, _, channels = x.shape
+    hp, wp = padded
+    tokens = block.norm1(x)
+    if (hp, wp) != (height, width):
+        tokens = F.pad(
+            tokens.view(batch, height, width, channels), (0, 0, 0, wp - width, 0, hp - height)
+        )
+    windows = tokens.reshape(batch, hp * wp, channels).index_select(1, to_windows)
+    size = block.window_size
+    attended = block.attn(windows.view(-1, size * size, channels), attn_bias=bias)
+    x = x + block.drop_path(attended.view(batch, hp * wp, channels).index_select(1, from_windows))
+    return x + block.drop_path(block.mlp(block.norm2(x)))
+
+
+def _swin_block(self: Any, x: torch.Tensor, mask_matrix: Any = None) -> torch.Tensor:
+    """``SwinTransformerBlock.forward``; the shift mask comes from the block's own plan."""
+    height, width = self.H, self.W
+    plan = _window_plan(self, height, width, x)
+    return self._fast_body(
+        self, x, height, width, plan.padded, plan.to_windows, plan.from_windows, plan.bias
+    )
+
+
+def _basic_layer(self: Any, x: torch.Tensor, H: int, W: int) -> tuple[Any, ...]:
+    """``BasicLayer.forward`` without building the shift mask (each block has its own)."""
+    for blk in self.blocks:
+        blk.H, blk.W = H, W
+        x = blk(x, None)
+    if self.downsample is not None:
+        return x, H, W, self.downsample(x, H, W), (H + 1) // 2, (W + 1) // 2
+    return x, H, W, x, H, W
+
+
+def _compiled_block_body() -> Callable[..., torch.Tensor]:
+    """``_swin_block_body`` through Inductor, static shapes: one compiled graph per distinct
+    block geometry (8 per backbone pass size), shared by every block of that geometry."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(_swin_block_body, dynamic=False)
+
+
+# --- decoder ----------------------------------------------------------------------------------
+
+
+def _patches(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``Decoder.get_patches_batch(x, like)`` as one reshape: the image cut into tiles of
+    ``like``'s size, stacked on channels column by column (the published loop's order)."""
+    batch, channels, height, width = x.shape
+    h, w = like.shape[2:]
+    rows, cols = height // h, width // w
+    tiles = x.view(batch, channels, rows, h, cols, w).permute(0, 4, 2, 1, 3, 5)
+    return tiles.reshape(batch, cols * rows * channels, h, w)
+
+
+def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=like.shape[2:], mode="bilinear", align_corners=True)
+
+
+def _gradient_attention(stage: torch.Tensor, convs: Any, attn: Any) -> torch.Tensor:
+    return stage * attn(convs(stage)).sigmoid()
+
+
+def _output_head(self: Any, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``conv_out1`` split for the decoder's last stage: the weights that apply to the
+    decoder features, and ``ipt_blk1.conv_out`` folded with the ones for the input branch."""
+
+    def build() -> tuple[torch.Tensor, ...]:
+        head = self.conv_out1[0]
+        branch = self.ipt_blk1.conv_out
+        weight = head.weight.double()[:, :, 0, 0]  # 1, Cdec + Cipt
+        split = weight.shape[1] - branch.out_channels
+        features_weight = head.weight[:, :split]
+        w_ipt = weight[:, split:]  # 1, Cipt
+        folded = torch.einsum("oc,cikl->oikl", w_ipt, branch.weight.double())
+        bias = w_ipt @ branch.bias.double() + head.bias.double()
+        return (
+            features_weight.to(device=device, dtype=dtype).contiguous(),
+            folded.to(device=device, dtype=dtype).contiguous(),
+            bias.to(device=device, dtype=dtype),
+        )
+
+    return _cached(self, (dtype, device, "head"), build)
+
+
+def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``Decoder.forward`` in eval mode (training runs the published code)."""
+    if self.training:
+        return type(self).forward(self, features)
+    x, x1, x2, x3, x4 = features
+    x4 = torch.cat((x4, self.ipt_blk5(_patches(x, x4))), 1)
+    p4 = self.decoder_block4(x4)
+    m4 = self.conv_ms_spvn_4(p4)
+    p4 = _gradient_attention(p4, self.gdt_convs_4, self.gdt_convs_attn_4)
+    p3 = _up(p4, x3) + self.lateral_block4(x3)
+    p3 = torch.cat((p3, self.ipt_blk4(_patches(x, p3))), 1)
+    p3 = self.decoder_block3(p3)
+    m3 = self.conv_ms_spvn_3(p3)
+    p3 = _gradient_attention(p3, self.gdt_convs_3, self.gdt_convs_attn_3)
+    p2 = _up(p3, x2) + self.lateral_block3(x2)
+    p2 = torch.cat((p2, self.ipt_blk3(_patches(x, p2))), 1)
+    p2 = self.decoder_block2(p2)
+    m2 = self.conv_ms_spvn_2(p2)
+    p2 = _gradient_attention(p2, self.gdt_convs_2, self.gdt_convs_attn_2)
+    p1 = _up(p2, x1) + self.lateral_block2(x1)
+    p1 = torch.cat((p1, self.ipt_blk2(_patches(x, p1))), 1)
+    p1 = self.decoder_block1(p1)
+    # conv_out1(cat(up(p1), ipt_blk1(x))): the 1x1 convolution first, then the upsampling.
+    features_weight, folded, bias = _output_head(self, p1.dtype, p1.device)
+    logits = _up(F.conv2d(p1, features_weight), x)
+    logits = logits + F.conv2d(self.ipt_blk1.conv1(x), folded, bias, padding=1)
+    return [m4, m3, m2, logits]
