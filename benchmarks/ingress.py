@@ -79,15 +79,21 @@ def ingress_env(variant: str, workdir: Path) -> dict[str, str]:
     return env
 
 
-def direct_targets(dashboard: str, variant: str, protocol: str = "HTTP") -> list[str]:
+def direct_targets(
+    dashboard: str, variant: str, protocol: str = "HTTP", host: str | None = "127.0.0.1"
+) -> list[str]:
     """Where clients connect without a proxy: the Router replicas' own ``host:port`` (direct
-    ingress without HAProxy); empty when the variant keeps a proxy on every node."""
+    ingress without HAProxy); empty when the variant keeps a proxy on every node.
+
+    The controller names each replica by its node's IP, but a replica binds its server to
+    ``http_options.host``, which the single-host benchmarks set to 127.0.0.1: ``host``
+    replaces the IP (None keeps it, for clients on another machine)."""
     env = VARIANTS[variant]
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" or not env:
         return []
     details: dict[str, Any] = httpx.get(f"{dashboard}/api/serve/applications/", timeout=30).json()
     return [
-        f"{target['ip']}:{target['port']}"
+        f"{host or target['ip']}:{target['port']}"
         for group in details.get("target_groups", [])
         if group.get("protocol") == protocol
         for target in group.get("targets", [])

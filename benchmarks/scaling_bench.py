@@ -140,7 +140,9 @@ def wait_for_replicas(cluster: Cluster, count: int, timeout_s: float = 300) -> N
         states = {
             name: app["deployments"][name].get("replica_states", {}) for name in SEGMENTORS.values()
         }
-        if all(s == {"RUNNING": count} for s in states.values()):
+        # Stopped replicas may be listed a while longer (kept for their logs); ignore them.
+        live = [{k: v for k, v in s.items() if k != "STOPPED"} for s in states.values()]
+        if all(s == {"RUNNING": count} for s in live):
             return
         time.sleep(2)
     raise RuntimeError(f"segmentors did not settle at {count} replicas: {states}")

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--load-processes", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=None, help="default: each scenario's")
     parser.add_argument("--cpus", type=int, default=16)
     parser.add_argument("--gpus", type=int, default=1, help="0: CPU smoke test")
     parser.add_argument("--frame-size", help="WxH for every scenario (smoke tests)")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 targets[transport],
                 endpoint,
                 processes=args.load_processes,
-                clients=clients,
+                clients=args.clients or clients,
                 duration_s=args.duration,
                 frames_per_request=frames,
                 width=width,
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     run_load(
                         targets["http"],
                         "remove-background",
-                        concurrency=64,
+                        concurrency=args.clients or 64,
                         duration_s=args.duration,
                         rate=rate,
                         listing=False,
