@@ -14,6 +14,10 @@ from ray.serve import metrics
 _LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 _BATCH = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128]
 
+#: Outcome tags of ``segmentor_frames_total``: a result; the frame's own fault (4xx); no GPU
+#: memory for it alone; its deadline passed in the queue; a server fault; the queue was full.
+OUTCOMES = ("ok", "bad_input", "oom", "deadline", "error", "overloaded")
+
 
 class StageTotals:
     """Running count and total time per stage, for ``/v1/models`` (where time goes)."""
@@ -42,8 +46,12 @@ class SegmentorMetrics:
         tags = ("model",)
         self._tags = {"model": model}
         self.frames = metrics.Counter(
-            "segmentor_frames_total", "Frames answered, by outcome.", tag_keys=(*tags, "outcome")
+            "segmentor_frames_total",
+            "Frames answered, by outcome: " + ", ".join(OUTCOMES) + ".",
+            tag_keys=(*tags, "outcome"),
         )
+        self._outcomes = dict.fromkeys(OUTCOMES, 0)
+        self._outcomes_lock = threading.Lock()
         self.batch_size = metrics.Histogram(
             "segmentor_batch_size", "Frames per model call.", boundaries=_BATCH, tag_keys=tags
         )
@@ -87,6 +95,19 @@ class SegmentorMetrics:
     def stage(self, stage: str, seconds: float) -> None:
         self.stage_ms.observe(seconds * 1000.0, tags={"stage": stage})
         self.totals.add(stage, seconds)
+
+    def answered(self, outcome: str, count: int = 1) -> None:
+        """``count`` frames answered with ``outcome`` (one of :data:`OUTCOMES`)."""
+        if count <= 0:
+            return
+        with self._outcomes_lock:
+            self._outcomes[outcome] = self._outcomes.get(outcome, 0) + count
+        self.frames.inc(count, tags={"outcome": outcome})
+
+    def outcomes(self) -> dict[str, int]:
+        """Frames answered by this replica so far, by outcome (for ``/v1/models``)."""
+        with self._outcomes_lock:
+            return dict(self._outcomes)
 
     def reject(self, reason: str) -> None:
         self.rejected.inc(tags={"reason": reason})

@@ -1,31 +1,64 @@
 """What both segmentor deployments share: loading, batching, OOM safety, warm-up, health.
 
 Frames arrive decoded and validated (the router decodes each request on its own, so a
-corrupt image fails only its own request). Batches run on a single GPU thread, so the event
-loop stays free and the next batch forms while the GPU works.
+corrupt image fails only its own request).
+
+**One batching path.** Each frame is put on one queue the replica owns, with a future for its
+answer; one task forms batches from it and runs them, one at a time, on a single GPU thread.
+A batch is formed when the GPU thread is free: it takes every waiting frame up to the live cap
+at once, and waits for more only while fewer than the cap are queued and the oldest frame has
+waited less than ``batch_wait_timeout_s``. Frames that arrive while a batch runs are simply
+queued, so the next batch is as full as the arrivals allow, whatever their pattern.
+
+Why not ``@serve.batch``: it cuts a batch when its window closes, not when the GPU is free,
+and forms the next one while the previous runs. Under a model slower than the window it
+emitted many small batches that then waited in line for the GPU thread; the replica had to
+merge them again behind it (a second queue), and the two queues disagreed on the cap and on
+what a deadline or a full queue meant. One queue has one cap (the OOM-adaptive one), drops
+frames whose deadline passed at the moment their batch forms, skips frames whose caller went
+away, and answers ``OverloadedError`` (503, Retry-After) when ``max_queued_frames`` wait.
+
+**Failures stay with their frame.** The runner (:class:`segmentation.batching.OOMSafeRunner`)
+splits a batch that fails, on OOM or any other model error, down to the frame that fails; that
+frame gets its own typed error, the others their results. ``frames_total`` counts every frame
+by outcome.
+
+**Live reconfigure.** Warm-up at a new batch size, building the bucket sizes and capturing CUDA
+graphs run as one job on the GPU thread, between two batches: no batch runs beside them (so a
+peak-memory measurement is the warm-up's own) and the model is never run from another thread.
+The new config is installed in one step on the event loop only once that job succeeded; a
+failure leaves the old config, buckets and graphs in place and is raised, so ``serve status``
+shows it. A change of the wait or of ``oom_recover_after`` alone keeps the cap an OOM lowered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner, batch_buckets
+from segmentation.batching import AdaptiveBatchCap, BatchReport, OOMSafeRunner, batch_buckets
 from segmentation.config import Settings, load_settings
-from segmentation.errors import DeadlineExceededError, SegmentationError
+from segmentation.errors import (
+    DeadlineExceededError,
+    OverloadedError,
+    SegmentationError,
+)
 from segmentation.imaging import EncodedJPEG, decode_image
 from segmentation.models.base import gpu_memory
 from segmentation_service.config import BatchConfig, SegmentorArgs
+from segmentation_service.errors import http_status
+from segmentation_service.faults import with_faults
 from segmentation_service.metrics import SegmentorMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -33,16 +66,27 @@ logger = logging.getLogger("ray.serve")
 
 @dataclass
 class Pending:
-    """A decoded frame waiting for a batch."""
+    """A decoded frame waiting for a batch, and where its answer goes."""
 
     frame: Any  # uint8 HxWx3 array, or an EncodedJPEG decoded on the model's device
     options: Any
     enqueued: float
     deadline: float | None
+    #: Resolved with the frame's output or its error (None for warm-up frames).
+    answer: asyncio.Future[Any] | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What a reconfigure's GPU job measured and built, installed only if it all succeeded."""
+
+    memory_cap: int | None
+    warmed_batch: int
+    ceiling: int
 
 
 class SegmentorReplica:
-    """Base class of the segmentor deployments; subclasses add the ``@serve.batch`` method."""
+    """Base class of the segmentor deployments; subclasses load the model and run a batch."""
 
     name = "segmentor"
 
@@ -52,20 +96,16 @@ class SegmentorReplica:
         self.segmentor = self.load(self.args, settings)
         self.device = self.segmentor.device
         self.batch_config = BatchConfig()
-        self.cap = AdaptiveBatchCap(self.batch_config.max_batch_size)
-        run = self.run_model
-        if self.args.fault_oom_above_batch is not None:
-            run = _oom_above(run, self.args.fault_oom_above_batch)
-            logger.warning(
-                "%s: fault injection on, OOM above batch %d",
-                self.name,
-                self.args.fault_oom_above_batch,
-            )
-        self.runner = OOMSafeRunner(run, self.cap)
+        self.cap = AdaptiveBatchCap(
+            self.batch_config.max_batch_size, self.batch_config.oom_recover_after
+        )
+        self.runner = OOMSafeRunner(with_faults(self.run_model, self.args, self.name), self.cap)
         self.metrics = SegmentorMetrics(self.name)
         self._gpu = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-gpu")
-        self._waiting: deque[tuple[list[Pending], asyncio.Future[list[Any]]]] = deque()
-        self._drain_task: asyncio.Task[None] | None = None
+        self._queue: deque[Pending] = deque()
+        self._wake = asyncio.Event()
+        self._batcher: asyncio.Task[None] | None = None
+        self._reconfiguring = asyncio.Lock()
         # The router decodes and encodes images; this pool only serves callers that send
         # encoded bytes through a handle. Few threads: codec threads in the GPU process
         # contend for the GIL with kernel launches.
@@ -76,11 +116,17 @@ class SegmentorReplica:
         self._built_sizes: set[int] = set()
         self.batches_run = 0
         self.oom_splits = 0
+        self.error_splits = 0
         self._fp32_reported = 0
         self.largest_batch = 0
+        #: Largest batch that ran since the current batch config was installed.
+        self.largest_batch_since_config = 0
+        #: Model calls per batch size (every call the runner made, splits included).
+        self.call_sizes: Counter[int] = Counter()
         #: Seconds per model step of the batch on the GPU thread (filled by ``run_model``).
         self.step_timings: dict[str, float] | None = None
         info = self.segmentor.info()
+        self.weights_sha256 = _weights_sha256(info.source)
         logger.info(
             "%s ready: source=%s precision=%s (%s) device=%s%s",
             self.name,
@@ -96,32 +142,69 @@ class SegmentorReplica:
         raise NotImplementedError
 
     def run_model(self, items: list[Pending]) -> list[Any]:
-        raise NotImplementedError
-
-    async def batched(self, item: Pending) -> Any:
+        """Outputs of one batch, one per item (an exception in an item's place fails it
+        alone). Runs on the GPU thread only."""
         raise NotImplementedError
 
     def warmup_options(self) -> Any:
         return None
 
-    # -- configuration ------------------------------------------------------------------
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply a new ``user_config`` live: batch size and wait, no restart."""
-        config = BatchConfig.model_validate(user_config)
-        self.batch_config = config
-        self.cap.recover_after = config.oom_recover_after
-        if config.max_batch_size > self.warmed_batch:
-            self._warmup(config.max_batch_size)
-        ceiling = min(config.max_batch_size, self.memory_cap or config.max_batch_size)
-        self._build_buckets(ceiling)
-        self.cap.set_ceiling(ceiling)
-        self.batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
-        self._sync_batch_size()
-        logger.info("%s batch config: %s (cap %d)", self.name, config.model_dump(), self.cap.value)
+    def warmup_extra(self) -> None:
+        """Subclass hook: anything else to initialise before traffic (e.g. a decoder)."""
 
-    def _sync_batch_size(self) -> None:
-        self.batched.set_max_batch_size(max(1, self.cap.value))  # type: ignore[attr-defined]
+    def prepare_graphs(self, batch_sizes: tuple[int, ...]) -> None:
+        """Subclass hook: capture CUDA graphs at these batch sizes, where the model gains.
+        A failed capture must leave the graphs that were there."""
+
+    # -- configuration ------------------------------------------------------------------
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new ``user_config`` live: batch size, wait and OOM recovery, no restart.
+
+        Serve awaits this on the replica's event loop, so the work runs on the GPU thread
+        (between two batches) and only the final swap happens here. On failure the previous
+        config stays and the error is raised: Serve reports it as the deployment's error.
+        """
+        config = BatchConfig.model_validate(user_config)
+        async with self._reconfiguring:
+            loop = asyncio.get_running_loop()
+            try:
+                prepared = await loop.run_in_executor(self._gpu, self._prepare, config)
+            except Exception as exc:
+                message = (
+                    f"{self.name}: batch config {config.model_dump()} could not be applied "
+                    f"({type(exc).__name__}: {exc}); still running "
+                    f"{self.batch_config.model_dump()}"
+                )
+                logger.error(message)
+                raise RuntimeError(message) from exc
+            self._install(config, prepared)
+
+    def _prepare(self, config: BatchConfig) -> _Prepared:
+        """On the GPU thread: warm up at a larger batch, build the batch sizes of the new
+        ceiling and capture their graphs. Live state changes only where all of it worked."""
+        memory_cap, warmed = self.memory_cap, self.warmed_batch
+        if config.max_batch_size > warmed:
+            memory_cap = self._measure(config.max_batch_size)
+            warmed = config.max_batch_size
+            if self.warmed_batch == 0:
+                self.warmup_extra()
+        ceiling = min(config.max_batch_size, memory_cap or config.max_batch_size)
+        self._build_buckets(batch_buckets(ceiling))
+        return _Prepared(memory_cap, warmed, ceiling)
+
+    def _install(self, config: BatchConfig, prepared: _Prepared) -> None:
+        """Swap in a prepared config; no ``await`` here, so no batch forms half-way."""
+        self.batch_config = config
+        self.memory_cap = prepared.memory_cap
+        self.warmed_batch = prepared.warmed_batch
+        self.cap.recover_after = config.oom_recover_after
+        if prepared.ceiling != self.cap.ceiling:
+            self.cap.set_ceiling(prepared.ceiling)  # a new maximum applies at once
+        # else: only the wait or the recovery changed; a cap lowered by an OOM stays
+        self.largest_batch_since_config = 0
         self.metrics.batch_cap.set(float(self.cap.value))
+        self._wake.set()  # a batch window may have changed
+        logger.info("%s batch config: %s (cap %d)", self.name, config.model_dump(), self.cap.value)
 
     def _limit_gpu_memory(self) -> float | None:
         """Hold this process to its share of the card: Ray does not isolate GPU memory."""
@@ -144,30 +227,36 @@ class SegmentorReplica:
         return np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
 
     def _warmup_run(self, n: int) -> int:
-        """Run the model on ``n`` copies of a warm-up frame; the peak GPU memory (0 on CPU)."""
+        """Run the model on ``n`` copies of a warm-up frame; the peak GPU memory (0 on CPU).
+
+        GPU thread only: the peak is reset here, which is the warm-up's own only because no
+        batch can run beside it.
+        """
         frame = self.warmup_frame()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         items = [Pending(frame, self.warmup_options(), time.monotonic(), None)] * n
         self.run_model(items)
+        self._built_sizes.add(n)
         if self.device.type != "cuda":
             return 0
         torch.cuda.synchronize(self.device)
         return int(torch.cuda.max_memory_allocated(self.device))
 
-    def _warmup(self, batch_size: int) -> None:
-        """Run the largest batch now, so a memory problem shows at deploy time.
+    def _measure(self, batch_size: int) -> int | None:
+        """Run batches of 1 and ``batch_size`` frames, so a memory problem shows at deploy time;
+        the memory cap in frames (None on CPU).
 
-        On a GPU, peak memory at batch 1 and at ``batch_size`` gives the per-frame activation
-        cost, and the batch cap is set so weights + activations fit the replica's budget.
+        Both run at their own size with the live batch sizes in place: 1 is always one of them
+        and ``batch_size`` is larger than any (they never exceed a batch warmed before). On a
+        GPU the two peaks give the per-frame activation cost, and the cap is set so weights +
+        activations fit the replica's budget.
         """
         started = time.perf_counter()
-        self.segmentor.batch_buckets = None  # measure at the sizes asked for
         peak_one = self._warmup_run(1)
         peak_all = self._warmup_run(batch_size) if batch_size > 1 else peak_one
-        self._built_sizes.update({1, batch_size})
-        self.warmed_batch = batch_size
+        memory_cap = None
         if self.device.type == "cuda":
             per_frame = max(1, (peak_all - peak_one) // max(1, batch_size - 1))
             budget = int(
@@ -176,53 +265,50 @@ class SegmentorReplica:
                 * 0.92
             )
             weights = torch.cuda.memory_allocated(self.device)
-            self.memory_cap = max(1, (budget - weights) // per_frame)
+            memory_cap = max(1, (budget - weights) // per_frame)
             logger.info(
                 "%s warm-up: batch %d peak %.2f GiB, %.3f GiB per frame, memory cap %d frames",
                 self.name,
                 batch_size,
                 peak_all / 2**30,
                 per_frame / 2**30,
-                self.memory_cap,
+                memory_cap,
             )
             self.metrics.memory(gpu_memory(self.device))
-        self.warmup_extra()
         logger.info(
             "%s warmed up at batch %d in %.1fs",
             self.name,
             batch_size,
             time.perf_counter() - started,
         )
+        return memory_cap
 
-    def _build_buckets(self, ceiling: int) -> None:
-        """Run every bucket size up to ``ceiling`` once, then pad batches to those sizes.
+    def _build_buckets(self, buckets: tuple[int, ...]) -> None:
+        """On the GPU thread: run every bucket size once, capture graphs, then pad batches to
+        those sizes; on any failure the previous sizes stay.
 
         The first call at a new batch size builds cuDNN plans (seconds on an H100); doing it
         here keeps that cost off the requests.
         """
-        buckets = batch_buckets(ceiling)
-        if buckets == self.segmentor.batch_buckets:
+        previous = self.segmentor.batch_buckets
+        if buckets == previous:
             return  # built and captured already (e.g. only the batch wait changed)
         started = time.perf_counter()
-        for size in buckets:
-            if size not in self._built_sizes:
-                self._warmup_run(size)
-                self._built_sizes.add(size)
-        self.segmentor.batch_buckets = buckets
-        # On the GPU thread: a capture must not overlap another thread's kernels.
-        self._gpu.submit(self.prepare_graphs, buckets).result()
+        self.segmentor.batch_buckets = buckets  # each size below runs as itself, unpadded
+        try:
+            for size in buckets:
+                if size not in self._built_sizes:
+                    self._warmup_run(size)
+            self.prepare_graphs(buckets)
+        except BaseException:
+            self.segmentor.batch_buckets = previous
+            raise
         logger.info(
             "%s batch sizes %s ready in %.1fs",
             self.name,
             ",".join(map(str, buckets)),
             time.perf_counter() - started,
         )
-
-    def warmup_extra(self) -> None:
-        """Subclass hook: anything else to initialise before traffic (e.g. a decoder)."""
-
-    def prepare_graphs(self, batch_sizes: tuple[int, ...]) -> None:
-        """Subclass hook: capture CUDA graphs at these batch sizes, where the model gains."""
 
     # -- request path -------------------------------------------------------------------
     async def decode(self, image: bytes | np.ndarray | EncodedJPEG) -> Any:
@@ -240,18 +326,33 @@ class SegmentorReplica:
             return await asyncio.get_running_loop().run_in_executor(self._decoder, work)
         except SegmentationError as exc:
             self.metrics.reject(exc.code)
+            self.metrics.answered(_outcome(exc))
             raise
         finally:
             if started:  # time waiting for a thread and decoding, apart
                 self.metrics.stage("decode_wait", started[0] - submitted)
                 self.metrics.stage("decode", time.perf_counter() - started[0])
 
-    async def submit(self, frame: np.ndarray, options: Any, deadline: float | None) -> Any:
-        """Queue one decoded frame for batching; raise its error, if it got one."""
+    async def submit(self, frame: Any, options: Any, deadline: float | None) -> Any:
+        """Queue one decoded frame for batching; its output, or raise the error it got."""
         if deadline is not None and time.time() > deadline:
             self.metrics.reject("deadline")
+            self.metrics.answered("deadline")
             raise DeadlineExceededError("the request deadline passed before it was queued")
-        result = await self.batched(Pending(frame, options, time.monotonic(), deadline))
+        if len(self._queue) >= self.args.max_queued_frames:
+            self.metrics.reject("queue_full")
+            self.metrics.answered("overloaded")
+            raise OverloadedError(
+                f"{self.args.max_queued_frames} frames are waiting for this model; retry shortly",
+                1,
+            )
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._queue.append(Pending(frame, options, time.monotonic(), deadline, answer))
+        self._wake.set()
+        if self._batcher is None or self._batcher.done():
+            self._batcher = loop.create_task(self._form_batches())
+        result = await answer
         if isinstance(result, BaseException):
             raise result
         return result
@@ -268,96 +369,112 @@ class SegmentorReplica:
 
         return list(await asyncio.gather(*(one(i) for i in images), return_exceptions=True))
 
-    async def process_batch(self, items: list[Pending]) -> list[Any]:
-        """Body of the ``@serve.batch`` method: hand the batch to the GPU queue.
+    async def _form_batches(self) -> None:
+        """The one batch-forming loop: take up to the live cap when the GPU thread is free."""
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            await self._fill_window()
+            batch: list[Pending] = []
+            while self._queue and len(batch) < max(1, self.cap.value):
+                item = self._queue.popleft()
+                if item.answer is None or not item.answer.done():  # done: the caller left
+                    batch.append(item)
+            if batch:
+                await self._run_batch(batch)
 
-        ``@serve.batch`` forms its next batch while the previous one still runs, so under a
-        model slower than the batch window it emits many small batches that then wait in
-        line. Batches waiting here are merged (up to the live cap) before each GPU call, so
-        the model sees full batches however the window was cut.
-        """
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((items, future))
-        if self._drain_task is None:
-            self._drain_task = asyncio.create_task(self._drain())
-        return await future
+    async def _fill_window(self) -> None:
+        """Wait while fewer frames than the cap are queued and the oldest is younger than
+        ``batch_wait_timeout_s`` (frames that waited for the GPU do not wait again)."""
+        while self._queue and len(self._queue) < max(1, self.cap.value):
+            remaining = (
+                self._queue[0].enqueued + self.batch_config.batch_wait_timeout_s - time.monotonic()
+            )
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
 
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                groups = [self._waiting.popleft()]
-                count = len(groups[0][0])
-                while self._waiting and count + len(self._waiting[0][0]) <= max(1, self.cap.value):
-                    groups.append(self._waiting.popleft())
-                    count += len(groups[-1][0])
-                merged = [item for group, _ in groups for item in group]
-                try:
-                    results = await self._run_merged(merged)
-                except Exception as exc:
-                    for _, future in groups:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                offset = 0
-                for group, future in groups:
-                    if not future.done():
-                        future.set_result(results[offset : offset + len(group)])
-                    offset += len(group)
-        finally:
-            self._drain_task = None
-
-    async def _run_merged(self, items: list[Pending]) -> list[Any]:
-        """Drop expired frames, run the rest OOM-safely on the GPU thread."""
+    async def _run_batch(self, items: list[Pending]) -> None:
+        """Drop expired frames, run the rest OOM-safely on the GPU thread, answer each."""
         now, wall = time.monotonic(), time.time()
-        results: list[Any] = [None] * len(items)
-        live: list[int] = []
-        for index, item in enumerate(items):
+        live: list[Pending] = []
+        for item in items:
             self.metrics.stage("queue", now - item.enqueued)
             if item.deadline is not None and wall > item.deadline:
                 self.metrics.reject("deadline")
-                results[index] = DeadlineExceededError(
-                    "the request deadline passed while it waited for the GPU"
+                self._answer(
+                    item,
+                    DeadlineExceededError(
+                        "the request deadline passed while it waited for the GPU"
+                    ),
                 )
             else:
-                live.append(index)
-        if live:
-            started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            steps: dict[str, float] = {}
-            self.step_timings = steps
-            try:
-                outputs, report = await loop.run_in_executor(
-                    self._gpu, self.runner, [items[i] for i in live]
-                )
-            finally:
-                self.step_timings = None
-            self.metrics.stage("model", time.perf_counter() - started)
-            for step, seconds in steps.items():
-                self.metrics.stage(f"model:{step}", seconds)
-            self.metrics.batch_size.observe(float(len(live)))
-            self.batches_run += 1
-            self.largest_batch = max(self.largest_batch, report.largest_run)
-            if report.oom_splits:
-                self.metrics.oom_splits.inc(report.oom_splits)
-                self.oom_splits += report.oom_splits
-            if report.failed_frames:
-                self.metrics.reject("oom")
-            for index, output in zip(live, outputs, strict=True):
-                results[index] = output
-            self.metrics.frames.inc(len(live) - report.failed_frames, tags={"outcome": "ok"})
-            recomputed = getattr(self.segmentor, "fp32_recomputed", 0)
-            if recomputed > self._fp32_reported:
-                self.metrics.fp32_fallbacks.inc(recomputed - self._fp32_reported)
-                self._fp32_reported = recomputed
-            self.metrics.memory(gpu_memory(self.device))
-            self._sync_batch_size()
-        return results
+                live.append(item)
+        if not live:
+            return
+        started = time.perf_counter()
+        steps: dict[str, float] = {}
+        try:
+            outputs, report = await asyncio.get_running_loop().run_in_executor(
+                self._gpu, self._run_on_gpu, live, steps
+            )
+        except Exception as exc:  # the runner answers model errors per frame: this is a bug
+            logger.exception("%s: batch of %d failed outside the model", self.name, len(live))
+            for item in live:
+                self._answer(item, SegmentationError(f"internal error ({type(exc).__name__})"))
+            return
+        self.metrics.stage("model", time.perf_counter() - started)
+        for step, seconds in steps.items():
+            self.metrics.stage(f"model:{step}", seconds)
+        self._record(report)
+        for item, output in zip(live, outputs, strict=True):
+            self._answer(item, output)
+
+    def _run_on_gpu(
+        self, items: list[Pending], steps: dict[str, float]
+    ) -> tuple[list[Any], BatchReport]:
+        self.step_timings = steps  # set here: a reconfigure's warm-up must not write into it
+        try:
+            return self.runner(items)
+        finally:
+            self.step_timings = None
+
+    def _record(self, report: BatchReport) -> None:
+        self.batches_run += 1
+        for size in report.calls:
+            self.metrics.batch_size.observe(float(size))
+        self.call_sizes.update(report.calls)
+        self.largest_batch = max(self.largest_batch, report.largest_run)
+        self.largest_batch_since_config = max(self.largest_batch_since_config, report.largest_run)
+        if report.oom_splits:
+            self.metrics.oom_splits.inc(report.oom_splits)
+            self.oom_splits += report.oom_splits
+        self.error_splits += report.error_splits
+        if report.failed_frames:
+            self.metrics.reject("oom")
+        recomputed = getattr(self.segmentor, "fp32_recomputed", 0)
+        if recomputed > self._fp32_reported:
+            self.metrics.fp32_fallbacks.inc(recomputed - self._fp32_reported)
+            self._fp32_reported = recomputed
+        self.metrics.memory(gpu_memory(self.device))
+        self.metrics.batch_cap.set(float(self.cap.value))
+
+    def _answer(self, item: Pending, result: Any) -> None:
+        self.metrics.answered(_outcome(result))
+        if item.answer is not None and not item.answer.done():
+            item.answer.set_result(result)
 
     # -- introspection ------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Model source, precision, batch settings and memory of this replica."""
         return {
             **self.segmentor.info().as_dict(),
+            "weights_sha256": self.weights_sha256,
             "batch": {
                 **self.batch_config.model_dump(),
                 "live_cap": self.cap.value,
@@ -367,9 +484,14 @@ class SegmentorReplica:
                 "cuda_graph_error": getattr(self.segmentor, "graph_error", None),
                 "batches_run": self.batches_run,
                 "largest_batch": self.largest_batch,
+                "largest_batch_since_config": self.largest_batch_since_config,
+                "model_calls_by_size": {str(k): v for k, v in sorted(self.call_sizes.items())},
+                "queued_frames": len(self._queue),
                 "fp32_recomputed_frames": self._fp32_reported,
                 "oom_splits": self.oom_splits,
+                "error_splits": self.error_splits,
             },
+            "frames": self.metrics.outcomes(),
             "stages": self.metrics.totals.summary(),
             "gpu_memory": {**gpu_memory(self.device), "fraction": self.memory_fraction},
             "gpu": _gpu_identity(self.device),
@@ -377,7 +499,12 @@ class SegmentorReplica:
         }
 
     async def check_health(self) -> None:
-        """Touch the model's device: a broken CUDA context fails the health check."""
+        """Touch the model's device: a broken CUDA context fails the health check, and so does
+        a batch loop that died."""
+        if self._batcher is not None and self._batcher.done() and not self._batcher.cancelled():
+            error = self._batcher.exception()
+            if error is not None:
+                raise RuntimeError(f"the batch loop stopped: {error!r}")
 
         def touch() -> None:
             probe = torch.ones(8, device=self.device).sum()
@@ -387,6 +514,32 @@ class SegmentorReplica:
                 raise RuntimeError(f"device {self.device} returned a wrong result")
 
         await asyncio.get_running_loop().run_in_executor(self._gpu, touch)
+
+
+def _outcome(result: Any) -> str:
+    """The ``frames_total`` outcome tag of one answer."""
+    if not isinstance(result, BaseException):
+        return "ok"
+    if isinstance(result, DeadlineExceededError):
+        return "deadline"
+    if isinstance(result, OverloadedError):
+        return "oom"  # the runner's only overload: no GPU memory for the frame alone
+    if isinstance(result, SegmentationError) and http_status(result) < 500:
+        return "bad_input"
+    return "error"
+
+
+def _weights_sha256(source: str) -> str | None:
+    """sha256 of a local model's weights (``model.safetensors`` of a directory, or a ``.pt``
+    file); None for a hub id, whose pinned revision says which weights it is."""
+    import segmentation_standins as standins
+
+    path = standins.materialize(source) if standins.is_standin(source) else Path(source)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if weights.suffix not in (".safetensors", ".pt") or not weights.is_file():
+        return None
+    with weights.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _gpu_identity(device: torch.device) -> dict[str, str | None]:
@@ -399,16 +552,3 @@ def _gpu_identity(device: torch.device) -> dict[str, str | None]:
         "uuid": str(getattr(props, "uuid", "")),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
-
-
-def _oom_above(run: Callable[[list[Pending]], list[Any]], limit: int) -> Callable[..., list[Any]]:
-    """``run`` that fails like a full GPU on batches larger than ``limit`` (fault injection)."""
-
-    def faulty(items: list[Pending]) -> list[Any]:
-        if len(items) > limit:
-            raise torch.OutOfMemoryError(
-                f"CUDA out of memory (injected: batch {len(items)} > {limit})"
-            )
-        return run(items)
-
-    return faulty

@@ -1,4 +1,8 @@
-"""The two segmentor deployments. Resources, replicas and ``user_config`` come from config."""
+"""The two segmentor deployments. Resources, replicas and ``user_config`` come from config.
+
+Each loads its model and says how to run one batch; queueing, batching, OOM and failure
+isolation, warm-up and reconfigure are :class:`SegmentorReplica`'s.
+"""
 
 from __future__ import annotations
 
@@ -35,10 +39,6 @@ class RMBGDeployment(SegmentorReplica):
     def prepare_graphs(self, batch_sizes: tuple[int, ...]) -> None:
         if self.args.cuda_graphs:  # off unless asked for: see SegmentorArgs.cuda_graphs
             self.segmentor.capture_graphs(batch_sizes)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=64)
-    async def batched(self, items: list[Pending]) -> list[Any]:
-        return await self.process_batch(items)
 
     async def remove_background(
         self, image: bytes | np.ndarray | EncodedJPEG, deadline: float | None = None
@@ -107,10 +107,6 @@ class YoloDeployment(SegmentorReplica):
                 "instances": [inst.as_dict() for inst in d.instances],
             }
         return results
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=64)
-    async def batched(self, items: list[Pending]) -> list[Any]:
-        return await self.process_batch(items)
 
     async def segment(
         self,

@@ -1,0 +1,264 @@
+"""The replica's one batching path, per-frame failures and live reconfigure, with a toy model
+(no Ray Serve): frames are tiny uniform arrays and the toy answers twice their value."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import torch
+
+from segmentation.batching import FrameRejectedError
+from segmentation.config import Settings
+from segmentation.errors import DeadlineExceededError, OverloadedError
+from segmentation.models.base import ModelInfo
+from segmentation_service.config import SegmentorArgs
+from segmentation_service.errors import http_status
+from segmentation_service.replica import Pending, SegmentorReplica, _weights_sha256
+
+T = TypeVar("T")
+WARMUP = -1  # what the toy answers for a warm-up frame
+
+
+class ToySegmentor:
+    """Doubles each frame's value; counts calls running at once and records each call."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.batch_buckets: tuple[int, ...] | None = None
+        self.delay_s = 0.0
+        self.fail_warmup_at: int | None = None
+        self.calls: list[tuple[str, list[int]]] = []  # (thread name, values)
+        self.active = 0
+        self.most_active = 0
+        self.graphs_for: tuple[int, ...] | None = None
+        self._lock = threading.Lock()
+
+    def info(self) -> ModelInfo:
+        return ModelInfo("toy", "toy/hub-id", None, "fp32", "toy", "cpu", False)
+
+    def predict(self, frames: list[np.ndarray]) -> list[int]:
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            values = [int(f[0, 0, 0]) if f.shape[0] == 2 else WARMUP for f in frames]
+            self.calls.append((threading.current_thread().name, values))
+            time.sleep(self.delay_s)
+            if values[0] == WARMUP and len(values) == self.fail_warmup_at:
+                raise RuntimeError(f"warm-up at batch {len(values)} failed")
+            return [2 * v for v in values]
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def request_calls(self) -> list[list[int]]:
+        return [values for _, values in self.calls if values[0] != WARMUP]
+
+
+class ToyReplica(SegmentorReplica):
+    name = "toy"
+    segmentor: ToySegmentor
+
+    def load(self, args: SegmentorArgs, settings: Settings) -> ToySegmentor:
+        return ToySegmentor()
+
+    def run_model(self, items: list[Pending]) -> list[Any]:
+        return list(self.segmentor.predict([item.frame for item in items]))
+
+    def prepare_graphs(self, batch_sizes: tuple[int, ...]) -> None:
+        self.segmentor.graphs_for = batch_sizes
+
+
+def replica(**args: Any) -> ToyReplica:
+    return ToyReplica({"warmup_size": (4, 4), **args})
+
+
+def frame(value: int) -> np.ndarray:
+    return np.full((2, 2, 3), value, dtype=np.uint8)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+async def submit_all(rep: ToyReplica, values: list[int], deadline: float | None = None) -> list:
+    return await rep.submit_each([frame(v) for v in values], None, deadline)
+
+
+def test_frames_arriving_while_the_model_runs_form_full_batches_at_the_cap() -> None:
+    rep = replica()
+
+    async def scenario() -> tuple[Any, list[Any]]:
+        await rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.0})
+        rep.segmentor.delay_s = 0.1
+        first = asyncio.ensure_future(rep.submit(frame(1), None, None))
+        await asyncio.sleep(0.03)  # the model is busy with frame 1 now
+        rest = await submit_all(rep, list(range(10, 18)))
+        return await first, rest
+
+    first, rest = run(scenario())
+    assert first == 2 and rest == [2 * v for v in range(10, 18)]
+    assert rep.segmentor.request_calls() == [[1], list(range(10, 14)), list(range(14, 18))]
+    info = rep.info()
+    assert info["batch"]["batches_run"] == 3 and info["batch"]["largest_batch"] == 4
+    assert info["frames"]["ok"] == 9
+
+
+def test_fewer_frames_than_the_cap_wait_for_the_window_then_run_together() -> None:
+    rep = replica()
+
+    async def scenario() -> list[Any]:
+        await rep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.2})
+        early = asyncio.ensure_future(submit_all(rep, [1, 2]))
+        await asyncio.sleep(0.05)  # inside the window of frames 1 and 2
+        late = await submit_all(rep, [3])
+        return [*(await early), *late]
+
+    assert run(scenario()) == [2, 4, 6]
+    assert rep.segmentor.request_calls() == [[1, 2, 3]]
+
+
+def test_one_bad_frame_in_a_merged_batch_fails_alone_with_a_400() -> None:
+    rep = replica(fault_fail_frame_value=7)
+
+    async def scenario() -> list[Any]:
+        await rep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.5})
+        return await submit_all(rep, [3, 4, 5, 6, 7, 8, 9, 10])
+
+    results = run(scenario())
+    assert results[:4] == [6, 8, 10, 12] and results[5:] == [16, 18, 20]
+    assert isinstance(results[4], FrameRejectedError) and http_status(results[4]) == 400
+    assert "value 7" in results[4].message
+    # one batch of 8 (the fault raises before the model sees it), split down to frame 7
+    assert rep.segmentor.request_calls() == [[3, 4, 5, 6], [8], [9, 10]]
+    info = rep.info()
+    assert info["frames"]["ok"] == 7 and info["frames"]["bad_input"] == 1
+    assert info["batch"]["error_splits"] == 3 and info["batch"]["batches_run"] == 1
+
+
+def test_a_frame_whose_deadline_passes_in_the_queue_never_reaches_the_model() -> None:
+    rep = replica()
+
+    async def scenario() -> list[Any]:
+        await rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.0})
+        rep.segmentor.delay_s = 0.2
+        busy = asyncio.ensure_future(submit_all(rep, [1]))
+        await asyncio.sleep(0.05)
+        late = await submit_all(rep, [2], deadline=time.time() + 0.05)
+        return [*(await busy), *late]
+
+    results = run(scenario())
+    assert results[0] == 2 and isinstance(results[1], DeadlineExceededError)
+    assert rep.segmentor.request_calls() == [[1]]
+    assert rep.info()["frames"]["deadline"] == 1
+
+
+def test_a_full_queue_answers_overloaded_with_retry_after() -> None:
+    rep = replica(max_queued_frames=2)
+
+    async def scenario() -> list[Any]:
+        await rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.0})
+        rep.segmentor.delay_s = 0.2
+        busy = asyncio.ensure_future(submit_all(rep, [1]))
+        await asyncio.sleep(0.05)  # frame 1 left the queue for the model
+        queued = await submit_all(rep, [2, 3, 4])
+        return [*(await busy), *queued]
+
+    results = run(scenario())
+    assert results[:3] == [2, 4, 6]
+    assert isinstance(results[3], OverloadedError) and results[3].retry_after_s == 1
+    assert rep.info()["frames"]["overloaded"] == 1
+    assert rep.segmentor.request_calls() == [[1], [2, 3]]
+
+
+@pytest.mark.parametrize("failing_size", [16, 12], ids=["warm-up", "bucket-build"])
+def test_a_reconfigure_whose_warm_up_fails_keeps_the_old_config_and_buckets(
+    failing_size: int,
+) -> None:
+    rep = replica()
+
+    async def scenario() -> None:
+        await rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.01})
+        rep.segmentor.fail_warmup_at = failing_size
+        with pytest.raises(RuntimeError, match=r"could not be applied.*still running"):
+            await rep.reconfigure({"max_batch_size": 16, "batch_wait_timeout_s": 0.3})
+
+    run(scenario())
+    assert rep.batch_config.max_batch_size == 4 and rep.batch_config.batch_wait_timeout_s == 0.01
+    assert rep.segmentor.batch_buckets == (1, 2, 4)
+    assert rep.segmentor.graphs_for == (1, 2, 4)
+    assert rep.cap.value == 4 and rep.warmed_batch == 4
+    assert rep.info()["batch"]["batch_sizes"] == [1, 2, 4]
+
+
+def test_a_wait_only_change_keeps_the_cap_an_oom_lowered() -> None:
+    rep = replica(fault_oom_above_batch=2)
+
+    async def scenario() -> list[Any]:
+        await rep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.5})
+        results = await submit_all(rep, list(range(8)))
+        assert rep.cap.value == 2  # 8 and 4 ran out of memory
+        await rep.reconfigure(
+            {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "oom_recover_after": 7}
+        )
+        return results
+
+    assert run(scenario()) == [2 * v for v in range(8)]
+    assert rep.cap.value == 2 and rep.cap.recover_after == 7
+    assert rep.batch_config.batch_wait_timeout_s == 0.05
+    run(rep.reconfigure({"max_batch_size": 6}))  # a new maximum applies at once
+    assert rep.cap.value == 6
+
+
+def test_reconfigure_during_a_running_batch_never_runs_the_model_beside_it() -> None:
+    rep = replica()
+
+    async def scenario() -> tuple[list[Any], int]:
+        await rep.reconfigure({"max_batch_size": 2, "batch_wait_timeout_s": 0.0})
+        rep.segmentor.delay_s = 0.05
+        batches = asyncio.ensure_future(submit_all(rep, list(range(6))))
+        await asyncio.sleep(0.02)  # the first batch is running
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.ensure_future(ticker())
+        await rep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
+        ticking.cancel()
+        return await batches, ticks
+
+    results, ticks = run(scenario())
+    assert results == [2 * v for v in range(6)]
+    assert rep.segmentor.most_active == 1
+    threads = {thread for thread, _ in rep.segmentor.calls}
+    assert threads and all(t.startswith("toy-gpu") for t in threads)
+    # warm-ups: 1 and 2, then 1 and 8 (peaks) and 4 (the one new bucket size), all on it
+    warmups = [len(v) for _, v in rep.segmentor.calls if v[0] == WARMUP]
+    assert warmups == [1, 2, 1, 8, 4]
+    assert rep.segmentor.batch_buckets == (1, 2, 4, 8) and rep.cap.value == 8
+    assert ticks >= 3, "the event loop was blocked during the reconfigure"
+
+
+def test_weights_sha256_of_local_models_and_none_for_hub_ids(tmp_path: Path) -> None:
+    model_dir = tmp_path / "rmbg"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    checkpoint = tmp_path / "yolo.pt"
+    checkpoint.write_bytes(b"checkpoint")
+    assert _weights_sha256(str(model_dir)) == hashlib.sha256(b"weights").hexdigest()
+    assert _weights_sha256(str(checkpoint)) == hashlib.sha256(b"checkpoint").hexdigest()
+    assert _weights_sha256("briaai/RMBG-2.0") is None
+    assert replica().info()["weights_sha256"] is None
