@@ -61,11 +61,24 @@ class SegmentorArgs(_Strict):
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, description="Largest decoded image, in pixels (413 above)."
     )
+    max_queued_frames: int = Field(
+        1024,
+        ge=1,
+        description="Frames waiting for the GPU in one replica; beyond it, 503 with Retry-After.",
+    )
     fault_oom_above_batch: int | None = Field(
         None,
         ge=1,
         description="Resilience testing only: model calls on more frames than this raise a CUDA "
         "out-of-memory error, as a full card would. Never set in production.",
+    )
+    fault_fail_frame_value: int | None = Field(
+        None,
+        ge=0,
+        le=255,
+        description="Resilience testing only: a model call holding a frame whose every pixel "
+        "has this value raises ValueError, as a model that cannot take that frame would. "
+        "Never set in production.",
     )
 
     def model_overrides(self) -> dict[str, Any]:
