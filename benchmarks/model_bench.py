@@ -6,6 +6,12 @@ Inputs are decoded 1920x1080 RGB frames; each row is the median of timed iterati
 warm-up, with CUDA synchronised around each one.
 
     python -m benchmarks.model_bench --rmbg-dir third_party/rmbg20 --out model.json
+    python -m benchmarks.model_bench --rmbg-fast --out fast.json   # RMBG-2.0 fast path only
+
+``--rmbg-fast`` times the model forward at 1024x1024 on one set of random weights (seed 0):
+the published eager code in FP32 and FP16, each step of the fast path alone, all of them,
+all of them replayed from CUDA graphs, and (``--compile``) with the Swin blocks compiled,
+with peak memory and the capture/compile time. The JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -153,6 +159,97 @@ def _bench_rmbg_fp16(
             )
         print(rows[-1], flush=True)
     return rows
+
+
+FAST_VARIANTS: list[tuple[str, bool, Any, bool]] = [
+    # label, fp16, optimized steps, CUDA graphs
+    ("eager FP32 (TF32)", False, False, False),
+    ("eager FP16", True, False, False),
+    ("sdpa", True, ("sdpa",), False),
+    ("sdpa+windows", True, ("sdpa", "windows"), False),
+    ("decoder", True, ("decoder",), False),
+    ("sdpa+windows+decoder", True, ("sdpa", "windows", "decoder"), False),
+    ("eager FP16 + graphs", True, False, True),
+    ("sdpa+windows+decoder+graphs", True, ("sdpa", "windows", "decoder"), True),
+]
+COMPILE_VARIANT = (
+    "sdpa+windows+decoder+compile+graphs",
+    True,
+    ("sdpa", "windows", "decoder", "compile"),
+    True,
+)
+
+
+def bench_rmbg_fast(
+    rmbg_dir: str, batches: list[int], compile_blocks: bool, sink: Callable[[dict[str, Any]], None]
+) -> None:
+    """Forward-only rows per variant and batch at 1024x1024; ``sink`` gets each row."""
+    torch.set_float32_matmul_precision("high")
+    variants = FAST_VARIANTS + ([COMPILE_VARIANT] if compile_blocks else [])
+    for label, fp16, steps, graphs in variants:
+        torch.manual_seed(0)  # the same random weights for every variant
+        started = time.perf_counter()
+        model = RMBG20Segmentor(
+            rmbg_dir,
+            device="cuda",
+            use_fp16=fp16,
+            trust_remote_code=True,
+            load_format="dummy",
+            optimized=steps,
+        )
+        load_s = time.perf_counter() - started
+        generator = torch.Generator(device="cuda").manual_seed(1)
+        inputs = {
+            b: torch.randn((b, 3, 1024, 1024), device="cuda", generator=generator).to(model.dtype)
+            for b in batches
+        }
+        setup: dict[str, Any] = {"load_s": round(load_s, 1)}
+        if "compile" in (steps or ()):
+            started = time.perf_counter()
+            with torch.inference_mode():
+                for b in batches:
+                    model.forward(inputs[b])
+            torch.cuda.synchronize()
+            setup["compile_s"] = round(time.perf_counter() - started, 1)
+        if graphs:
+            model.batch_buckets = tuple(batches)
+            started = time.perf_counter()
+            captured = model.capture_graphs(batches)
+            setup["capture_s"] = round(time.perf_counter() - started, 1)
+            setup["graph_error"] = None if captured else model.graph_error
+        for b in batches:
+            with torch.inference_mode():
+                row = {
+                    "model": "rmbg-2.0",
+                    "path": label,
+                    "inference_path": model.inference_path,
+                    "precision": model.precision.name,
+                    **setup,
+                    **timed(lambda x=inputs[b], m=model: m.forward(x), b, warmup=3, min_frames=64),
+                }
+            sink(row)
+        del model, inputs
+        torch.cuda.empty_cache()
+
+
+def profile_rmbg_fast(rmbg_dir: str, batch: int, path: str) -> None:
+    """Top CUDA ops of the fast path (eager kernels, no graphs) at ``batch``, as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = RMBG20Segmentor(rmbg_dir, device="cuda", trust_remote_code=True, load_format="dummy")
+    x = torch.randn((batch, 3, 1024, 1024), device="cuda").half()
+    with torch.inference_mode():
+        for _ in range(2):
+            model.forward(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.forward(x)
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    with open(path, "w") as handle:
+        handle.write(f"{model.inference_path}, batch {batch}, 1024x1024\n{table}\n")
+    print(table, flush=True)
 
 
 def bench_yolo(names: list[str], batches: list[int]) -> list[dict[str, Any]]:
@@ -303,8 +400,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--yolo", default="yolo11n-seg.yaml,yolo11x-seg.yaml")
     parser.add_argument("--yolo-batches", default="1,16,64")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--rmbg-fast", action="store_true", help="the fast-path rows only")
+    parser.add_argument("--fast-batches", default="8,16")
+    parser.add_argument("--compile", action="store_true", help="add the compiled-blocks row")
+    parser.add_argument("--profile", default=None, help="write a fast-path profile here")
     args = parser.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    if args.rmbg_fast:
+        fast: dict[str, Any] = {
+            "environment": environment(),
+            "command": "python -m benchmarks.model_bench " + " ".join(argv or sys.argv[1:]),
+            "rmbg_fast": [],
+        }
+
+        def sink(row: dict[str, Any]) -> None:
+            print(row, flush=True)
+            fast["rmbg_fast"].append(row)
+            if args.out:
+                with open(args.out, "w") as handle:
+                    json.dump(fast, handle, indent=2)
+
+        bench_rmbg_fast(args.rmbg_dir, ints(args.fast_batches), args.compile, sink)
+        if args.profile:
+            profile_rmbg_fast(args.rmbg_dir, 8, args.profile)
+        return 0
     result = {
         "environment": environment(),
         "command": "python -m benchmarks.model_bench " + " ".join(argv or sys.argv[1:]),
