@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def rmbg() -> RMBG20Segmentor:
     """The stand-in the demo serves, in-process: the expected answers."""
-    return RMBG20Segmentor(standins.RMBG_STANDIN, device="cpu", input_size=256)
+    return RMBG20Segmentor(standins.PRODUCT_RMBG, device="cpu", input_size=256)
 
 
 def test_sync_client_typed_results(cluster: Cluster, rmbg: RMBG20Segmentor) -> None:
@@ -45,12 +45,10 @@ def test_sync_client_typed_results(cluster: Cluster, rmbg: RMBG20Segmentor) -> N
         matte = client.remove_background(frame, output="mask")
         assert matte.to_array().shape == (120, 160)
 
-        found = client.segment(frame, conf=0.25, classes=[0], max_det=5)
+        found = client.segment(frame, conf=0.25, classes=[1], max_det=5)
         assert isinstance(found, Segmentation) and (found.width, found.height) == (160, 120)
         assert 0 < len(found.instances) <= 5
-        assert all(
-            i.class_name == "person" and i.mask().shape == (120, 160) for i in found.instances
-        )
+        assert all(i.class_name == "box" and i.mask().shape == (120, 160) for i in found.instances)
 
         products = client.products(frame, margin=0.0)
         assert len(products.products) > 0

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def rmbg() -> RMBG20Segmentor:
     """The same stand-in the demo serves, in-process: the expected answers."""
-    return RMBG20Segmentor(standins.RMBG_STANDIN, device="cpu", input_size=256)
+    return RMBG20Segmentor(standins.PRODUCT_RMBG, device="cpu", input_size=256)
 
 
 def png_array(data: bytes) -> np.ndarray:
@@ -114,7 +114,7 @@ def test_models_report_stand_ins_precision_and_batching(client: httpx.Client) ->
         assert info["replicas"] == 1
         assert info["batch"]["max_batch_size"] >= 1
         assert set(info["gpu_memory"]) >= {"allocated_bytes", "reserved_bytes", "peak_bytes"}
-    assert models["rmbg-2.0"]["source"] == standins.RMBG_STANDIN
+    assert models["rmbg-2.0"]["source"] == standins.PRODUCT_RMBG
     # Batches run padded to these sizes, each run once at start-up (demo: max 4 and 8).
     assert models["rmbg-2.0"]["batch"]["batch_sizes"] == [1, 2, 4]
     assert models["yolo11-seg"]["batch"]["batch_sizes"] == [1, 2, 4, 8]
@@ -164,10 +164,10 @@ def test_segment_returns_instances_with_rle_masks(client: httpx.Client) -> None:
     assert response.status_code == 200
     body = response.json()
     assert (body["width"], body["height"]) == (400, 300)
-    assert body["model"] == standins.YOLO_STANDIN
+    assert body["model"] == standins.PRODUCT_YOLO
     assert 0 < len(body["instances"]) <= 300
     for inst in body["instances"]:
-        assert inst["class_name"] == "person" and inst["class_id"] == 0
+        assert inst["class_name"] == "box" and inst["class_id"] == 1  # a red ellipse
         assert 0.25 <= inst["score"] <= 1.0
         x1, y1, x2, y2 = inst["box"]
         assert 0 <= x1 < x2 <= 400 and 0 <= y1 < y2 <= 300
@@ -184,7 +184,7 @@ def test_segment_returns_instances_with_rle_masks(client: httpx.Client) -> None:
     [
         ({"max_det": 1}, lambda n: n == 1),
         ({"classes": "5,7"}, lambda n: n == 0),
-        ({"classes": "0"}, lambda n: n > 0),
+        ({"classes": "1"}, lambda n: n > 0),  # the frame's ellipse is a box (1)
         ({"conf": 0.99}, lambda n: n == 0),
     ],
 )

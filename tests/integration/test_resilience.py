@@ -121,7 +121,7 @@ def test_injected_oom_splits_batches_and_every_frame_is_answered_correctly(
     frames = [product_frame(96, 64, seed=100 + i) for i in range(12)]
     responses = asyncio.run(_burst(apps["oom"], [encode(f, "PNG") for f in frames]))
     assert [r.status_code for r in responses] == [200] * 12
-    reference = RMBG20Segmentor(standins.RMBG_STANDIN, device="cpu", input_size=256)
+    reference = RMBG20Segmentor(standins.PRODUCT_RMBG, device="cpu", input_size=256)
     for response, frame in zip(responses, frames, strict=True):
         mask = np.asarray(Image.open(io.BytesIO(response.content)))
         expected = reference.predict([frame])[0]
@@ -171,7 +171,7 @@ def _png(data: bytes) -> np.ndarray:
 
 def _assert_mattes_match(mattes: list[np.ndarray], frames: list[np.ndarray]) -> None:
     """Each matte is the stand-in RMBG's own for its frame (FP32 on the CPU, PNG-rounded)."""
-    reference = RMBG20Segmentor(standins.RMBG_STANDIN, device="cpu", input_size=256)
+    reference = RMBG20Segmentor(standins.PRODUCT_RMBG, device="cpu", input_size=256)
     for index, (matte, frame) in enumerate(zip(mattes, frames, strict=True)):
         expected = reference.predict([frame])[0]
         assert matte.shape == expected.shape, f"frame {index}"
@@ -226,7 +226,7 @@ def test_client_retries_overload_until_every_frame_is_answered(apps: dict[str, s
 
     mattes, retries = asyncio.run(run())
     assert retries > 0, "the router never pushed back; the test proves nothing"
-    reference = RMBG20Segmentor(standins.RMBG_STANDIN, device="cpu", input_size=256)
+    reference = RMBG20Segmentor(standins.PRODUCT_RMBG, device="cpu", input_size=256)
     for matte, frame in zip(mattes, frames, strict=True):
         expected = reference.predict([frame])[0]
         assert np.abs(matte.astype(int) - expected.astype(int)).max() <= 2
