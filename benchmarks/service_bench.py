@@ -49,6 +49,14 @@ def _set_models(config: dict[str, Any], rmbg_dir: str, yolo: str) -> None:
         args["yolo"]["model"] = yolo
 
 
+def _frame_size(text: str | None) -> dict[str, int]:
+    """``{"width": W, "height": H}`` from ``WxH``; empty (the 1080p default) for None."""
+    if not text:
+        return {}
+    width, height = (int(v) for v in text.split("x"))
+    return {"width": width, "height": height}
+
+
 def _targets(cluster: Cluster, variant: str) -> dict[str, list[str]]:
     """Where each transport connects: the proxy (or HAProxy) port, or the Router replicas'
     own ports when the variant has no proxy on the node."""
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         duration_s=args.duration,
                         rate=rate,
                         listing=False,
+                        **_frame_size(args.frame_size),
                     )
                 )
                 record(half, ingress=variant, scenario=f"rmbg at half capacity ({rate:.1f}/s)")
