@@ -49,12 +49,12 @@ def _set_models(config: dict[str, Any], rmbg_dir: str, yolo: str) -> None:
         args["yolo"]["model"] = yolo
 
 
-def _frame_size(text: str | None) -> dict[str, int]:
-    """``{"width": W, "height": H}`` from ``WxH``; empty (the 1080p default) for None."""
+def _frame_size(text: str | None) -> tuple[int, int]:
+    """(width, height) from ``WxH``; 1920x1080 for None."""
     if not text:
-        return {}
+        return 1920, 1080
     width, height = (int(v) for v in text.split("x"))
-    return {"width": width, "height": height}
+    return width, height
 
 
 def _targets(cluster: Cluster, variant: str) -> dict[str, list[str]]:
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                         duration_s=args.duration,
                         rate=rate,
                         listing=False,
-                        **_frame_size(args.frame_size),
+                        width=_frame_size(args.frame_size)[0],
+                        height=_frame_size(args.frame_size)[1],
                     )
                 )
                 record(half, ingress=variant, scenario=f"rmbg at half capacity ({rate:.1f}/s)")
