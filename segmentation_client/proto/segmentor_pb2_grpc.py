@@ -5,7 +5,7 @@ import warnings
 
 from segmentation_client.proto import segmentor_pb2 as segmentation__client_dot_proto_dot_segmentor__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
