@@ -41,14 +41,20 @@ import httpx
 
 from tests.serve_cluster import free_port
 
+#: gRPC between deployments caps each message at 4 MiB by default
+#: (``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``): a decoded 1080p frame is 6.2 MB, so every
+#: RMBG-2.0 call failed (500) until the cap was raised to gRPC's own maximum. Frames stay
+#: bounded by the router's ``max_pixels`` and frames-per-call limits.
+GRPC_BETWEEN_DEPLOYMENTS = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
+}
+
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
-    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy-throughput": {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    },
+    "throughput": dict(GRPC_BETWEEN_DEPLOYMENTS),
+    "haproxy-throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", **GRPC_BETWEEN_DEPLOYMENTS},
 }
 
 #: Placement, not ingress: the controller schedules pending replicas largest GPU ask first
