@@ -42,8 +42,12 @@ Frame = np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
-class Instance:
-    """One detected object: box in original pixels (xyxy), score, class, COCO RLE mask."""
+class Detection:
+    """One object the model found: box in original pixels (xyxy), score, class, COCO RLE mask.
+
+    ``as_dict()`` is its wire form, an ``Instance`` of the API (``segmentation_service.schemas``)
+    that the client parses back into ``segmentation_client.Instance``.
+    """
 
     box: tuple[float, float, float, float]
     score: float
@@ -67,7 +71,7 @@ class Detections:
 
     width: int
     height: int
-    instances: list[Instance] = field(default_factory=list)
+    instances: list[Detection] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -311,7 +315,7 @@ class YoloSegmentor:
         scores = det[:, 4].cpu().tolist()
         classes = det[:, 5].int().cpu().tolist()
         instances = [
-            Instance(
+            Detection(
                 box=(b[0], b[1], b[2], b[3]),
                 score=s,
                 class_id=c,
