@@ -76,9 +76,19 @@ def test_user_config_changes_live_without_restart(cluster: Cluster, client: http
         assert info["pid"] == pid, "the replica was restarted"
         assert info["batch"]["batch_wait_timeout_s"] == 0.05
         assert info["batch"]["live_cap"] == 3
+        calls_before = info["batch"]["model_calls_by_size"]
         statuses = asyncio.run(_burst(cluster.url, "/v1/segment", 12))
         assert statuses == [200] * 12
-        assert models(client)["yolo11-seg"]["batch"]["largest_batch"] <= 8
+        batch = models(client)["yolo11-seg"]["batch"]
+        new_calls = {
+            int(size): count - calls_before.get(size, 0)
+            for size, count in batch["model_calls_by_size"].items()
+            if count > calls_before.get(size, 0)
+        }
+        # every model call since the change held at most 3 frames: 12 frames took 4 or more
+        assert new_calls and max(new_calls) <= 3, new_calls
+        assert sum(size * n for size, n in new_calls.items()) == 12
+        assert 1 <= batch["largest_batch_since_config"] <= 3
     finally:
         cluster.deploy(cluster.app_config(), "restore.yaml")
         _wait_for(lambda: models(client)["yolo11-seg"]["batch"]["max_batch_size"] == 8)
