@@ -73,7 +73,7 @@ def synthetic_clip(path: Path, width: int, height: int, frames: int) -> None:
 
 
 @dataclass
-class SyntheticMatter:
+class SyntheticMattes:
     """Elliptic mattes with soft edges that move from frame to frame; no model."""
 
     chunk: int = 8
@@ -98,7 +98,7 @@ def encode_only(clip: Path, output: Path, preset: str, batch: int) -> dict[str, 
         writer = open_writer(str(output), reader, {}, True, preset=preset, timer=timer)  # type: ignore[arg-type]
         started = time.perf_counter()
         stats = asyncio.run(
-            segment_frames(iter(reader), SyntheticMatter(chunk=batch), writer, timer=timer)
+            segment_frames(iter(reader), SyntheticMattes(chunk=batch), writer, timer=timer)
         )
         writer.close()
         elapsed = time.perf_counter() - started
@@ -120,7 +120,7 @@ def model_alone(args: argparse.Namespace, clip: Path) -> dict[str, Any]:
 
     from segmentation.config import load_settings
     from segmentation.factory import build_segmentor
-    from segmentation.local import LocalSegmenter
+    from segmentation.local import LocalRunner
 
     with VideoReader(clip) as reader:
         frames = list(reader)
@@ -131,13 +131,13 @@ def model_alone(args: argparse.Namespace, clip: Path) -> dict[str, Any]:
         device=args.device,
         load_format=args.load_format,
     )
-    segmenter = LocalSegmenter("rmbg", segmentor, batch_size=args.batch)
-    segmenter(frames[: args.batch])  # cuDNN plans for this batch size
+    runner = LocalRunner("rmbg", segmentor, batch_size=args.batch)
+    runner(frames[: args.batch])  # cuDNN plans for this batch size
     sync = torch.cuda.synchronize if segmentor.device.type == "cuda" else (lambda: None)
     sync()
     started = time.perf_counter()
     for start in range(0, len(frames), args.batch):
-        segmenter(frames[start : start + args.batch])
+        runner(frames[start : start + args.batch])
     sync()
     elapsed = time.perf_counter() - started
     row = {
@@ -147,7 +147,7 @@ def model_alone(args: argparse.Namespace, clip: Path) -> dict[str, Any]:
         "precision": segmentor.precision.name,
         "device": torch.cuda.get_device_name(0) if segmentor.device.type == "cuda" else "cpu",
     }
-    del segmenter, segmentor
+    del runner, segmentor
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row

@@ -21,7 +21,7 @@ class FrameOutput:
     instances: list[dict[str, Any]] | None = None
 
 
-class LocalSegmenter:
+class LocalRunner:
     """Runs ``segmentor`` on batches of at most ``batch_size`` frames, halving them on CUDA OOM.
 
     RMBG-2.0's matte is its alpha; for YOLO11-seg the alpha is the union of the instance

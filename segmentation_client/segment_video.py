@@ -60,7 +60,7 @@ MAX_PENDING_WRITES = 32
 DECODE_AHEAD = 32
 
 
-class Matter(Protocol):
+class MatteSource(Protocol):
     """Turns frames into alpha mattes; ``chunk`` frames per call, ``window`` calls in flight."""
 
     chunk: int
@@ -78,7 +78,7 @@ class Writer(Protocol):
 
 
 @dataclass
-class ServiceMatter:
+class ServiceMattes:
     """Mattes from a running service: one request per frame, ``window`` in flight."""
 
     client: Any  # AsyncSegmentorClient
@@ -99,7 +99,7 @@ class ServiceMatter:
 
 
 @dataclass
-class LocalMatter:
+class LocalMattes:
     """Mattes from a segmentor in this process, ``chunk`` frames per batch (OOM-safe).
 
     Batches run one at a time on a thread of their own (``window`` of them queued), so the
@@ -107,7 +107,7 @@ class LocalMatter:
     seconds; ``first_call`` the seconds of the first batch (cuDNN plans, lazy loading).
     """
 
-    segmenter: Any  # LocalSegmenter
+    runner: Any  # LocalRunner
     chunk: int = 8
     window: int = 2
     timer: StageTimer = field(default_factory=StageTimer)
@@ -122,7 +122,7 @@ class LocalMatter:
 
     def _run(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         started = time.perf_counter()
-        outputs = self.segmenter(frames)
+        outputs = self.runner(frames)
         elapsed = time.perf_counter() - started
         self.timer.add("model", elapsed)
         if self.first_call is None:
@@ -202,14 +202,14 @@ class DecodeAhead:
 
 async def segment_frames(
     frames: Iterator[np.ndarray],
-    matter: Matter,
+    source: MatteSource,
     writer: Writer,
     progress: Callable[[int], Any] = lambda n: None,
     timer: StageTimer | None = None,
 ) -> SegmentStats:
     """Matte and write every frame in order; frames the writer already has are skipped.
 
-    Frames are decoded up to ``DECODE_AHEAD`` ahead on a thread, up to ``matter.window``
+    Frames are decoded up to ``DECODE_AHEAD`` ahead on a thread, up to ``source.window``
     calls are in flight and up to ``MAX_PENDING_WRITES`` writes are pending, so memory stays
     bounded however long the video and each stage works while the others do. ``timer``
     gets the decode thread's busy seconds.
@@ -236,7 +236,7 @@ async def segment_frames(
         progress(len(indices))
 
     def dispatch(indices: list[int], batch: list[np.ndarray]) -> None:
-        in_flight.append((indices, batch, asyncio.ensure_future(matter.mattes(batch))))
+        in_flight.append((indices, batch, asyncio.ensure_future(source.mattes(batch))))
 
     indices: list[int] = []
     batch: list[np.ndarray] = []
@@ -250,10 +250,10 @@ async def segment_frames(
             else:
                 indices.append(index)
                 batch.append(frame)
-                if len(batch) == matter.chunk:
+                if len(batch) == source.chunk:
                     dispatch(indices, batch)
                     indices, batch = [], []
-                while len(in_flight) >= matter.window:
+                while len(in_flight) >= source.window:
                     await settle_oldest()
             index += 1
         if batch:
@@ -415,7 +415,7 @@ def open_writer(
 
 def _import_model_libraries() -> None:
     """Import torch and the segmentation library now, so the start-up profile can tell the
-    import time apart from the model build (``build_matter`` reports a missing one)."""
+    import time apart from the model build (``build_matte_source`` reports a missing one)."""
     try:
         import segmentation.factory
         import segmentation.local  # noqa: F401
@@ -423,8 +423,10 @@ def _import_model_libraries() -> None:
         pass
 
 
-def build_matter(args: argparse.Namespace) -> tuple[Matter, Callable[[], Awaitable[None]]]:
-    """The matter for ``args`` and a coroutine function that releases it."""
+def build_matte_source(
+    args: argparse.Namespace,
+) -> tuple[MatteSource, Callable[[], Awaitable[None]]]:
+    """The source for ``args`` and a coroutine function that releases it."""
     detect = {k: v for k, v in (("conf", args.conf), ("classes", args.classes)) if v is not None}
     if args.server:
         from segmentation_client.client import AsyncSegmentorClient
@@ -432,11 +434,11 @@ def build_matter(args: argparse.Namespace) -> tuple[Matter, Callable[[], Awaitab
         client = AsyncSegmentorClient(
             args.server, api_key=args.api_key, max_concurrency=args.concurrency
         )
-        return ServiceMatter(client, args.model, detect, window=args.concurrency), client.close
+        return ServiceMattes(client, args.model, detect, window=args.concurrency), client.close
     try:
         from segmentation.config import load_settings
         from segmentation.factory import build_segmentor
-        from segmentation.local import LocalSegmenter
+        from segmentation.local import LocalRunner
         from segmentation.options import DetectOptions
     except ImportError as exc:
         raise VideoError(
@@ -447,7 +449,7 @@ def build_matter(args: argparse.Namespace) -> tuple[Matter, Callable[[], Awaitab
 
     if "classes" in detect:
         detect["classes"] = tuple(detect["classes"])
-    segmenter = LocalSegmenter(
+    runner = LocalRunner(
         args.model,
         build_segmentor(args.model, load_settings(), model=args.model_path, device=args.device),
         batch_size=args.batch_size,
@@ -457,7 +459,7 @@ def build_matter(args: argparse.Namespace) -> tuple[Matter, Callable[[], Awaitab
     async def nothing() -> None:
         return None
 
-    return LocalMatter(segmenter, chunk=args.batch_size), nothing
+    return LocalMattes(runner, chunk=args.batch_size), nothing
 
 
 async def run(args: argparse.Namespace) -> RunReport:
@@ -481,25 +483,25 @@ async def run(args: argparse.Namespace) -> RunReport:
             await asyncio.to_thread(_import_model_libraries)
             startup["model_libraries"] = round(time.perf_counter() - mark, 3)
         mark = time.perf_counter()
-        matter, release = build_matter(args)
+        source, release = build_matte_source(args)
         startup["model_build"] = round(time.perf_counter() - mark, 3)
-        if isinstance(matter, LocalMatter):
-            matter.timer = timer
+        if isinstance(source, LocalMattes):
+            source.timer = timer
         bar = tqdm(
             total=reader.info.frames, unit="frame", disable=args.no_progress, file=sys.stderr
         )
         started = time.perf_counter()
         try:
-            stats = await segment_frames(iter(reader), matter, writer, bar.update, timer)
+            stats = await segment_frames(iter(reader), source, writer, bar.update, timer)
         finally:
             bar.close()
             await release()
-            if isinstance(matter, LocalMatter):
-                await matter.close()
+            if isinstance(source, LocalMattes):
+                await source.close()
             writer.close()
         elapsed = time.perf_counter() - started
-    if isinstance(matter, LocalMatter) and matter.first_call is not None:
-        startup["first_batch"] = round(matter.first_call, 3)
+    if isinstance(source, LocalMattes) and source.first_call is not None:
+        startup["first_batch"] = round(source.first_call, 3)
     first = stats.first_written
     return RunReport(
         input=args.input,

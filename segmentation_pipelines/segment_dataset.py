@@ -119,11 +119,11 @@ class SegmentBatch:
     ) -> None:
         from segmentation.config import load_settings
         from segmentation.factory import build_segmentor
-        from segmentation.local import LocalSegmenter
+        from segmentation.local import LocalRunner
         from segmentation.options import DetectOptions
 
         segmentor = build_segmentor(model, load_settings(), model=model_path, device=device)
-        self.segmenter = LocalSegmenter(
+        self.runner = LocalRunner(
             model, segmentor, batch_size=batch_size, detect=DetectOptions(**(detect or {}))
         )
 
@@ -131,7 +131,7 @@ class SegmentBatch:
         ok = [i for i, error in enumerate(batch["error"]) if not error]
         alphas: list[np.ndarray] = [np.zeros(image.shape[:2], np.uint8) for image in batch["image"]]
         instances = ["null"] * len(alphas)
-        outputs = self.segmenter([batch["image"][i] for i in ok]) if ok else []
+        outputs = self.runner([batch["image"][i] for i in ok]) if ok else []
         for index, output in zip(ok, outputs, strict=True):
             alphas[index] = output.alpha
             instances[index] = json.dumps(output.instances)

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import segmentation_standins as standins
-from segmentation.local import LocalSegmenter
+from segmentation.local import LocalRunner
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation_client.segment_video import main, segment_frames
 from segmentation_client.video import (
@@ -137,7 +137,7 @@ def test_alpha_video_refuses_frames_out_of_order(tmp_path: Path, clip) -> None:
     writer.close()
 
 
-class _JitteryMatter:
+class _JitterySource:
     """Mattes that arrive after random delays (calls overlap), each frame's band by its
     first pixel's seed; records the largest number of calls in flight at once."""
 
@@ -183,8 +183,8 @@ class _ShuffledWriter:
 def test_pipeline_keeps_frame_order_with_calls_and_writes_overlapping() -> None:
     random.seed(1)
     frames = [np.full((8, 96, 3), i, np.uint8) for i in range(23)]
-    matter, writer = _JitteryMatter(chunk=3, window=3), _ShuffledWriter()
-    stats = asyncio.run(segment_frames(iter(frames), matter, writer))
+    source, writer = _JitterySource(chunk=3, window=3), _ShuffledWriter()
+    stats = asyncio.run(segment_frames(iter(frames), source, writer))
     writer.close()
     assert (stats.processed, stats.skipped) == (21, 2)
     assert stats.first_written is not None
@@ -192,7 +192,7 @@ def test_pipeline_keeps_frame_order_with_calls_and_writes_overlapping() -> None:
     for index, (seed, alpha) in writer.written.items():
         assert seed == index  # frame i went to index i, and its own matte with it
         assert np.array_equal(alpha, _band(frames[index], index))
-    assert matter.most_active == 3  # the window was used: calls overlapped
+    assert source.most_active == 3  # the window was used: calls overlapped
     assert writer.finish_order != sorted(writer.finish_order)  # writes did finish out of order
 
 
@@ -203,7 +203,7 @@ def test_a_decode_error_stops_the_run_and_its_decode_thread() -> None:
 
     before = {t.name for t in threading.enumerate()}
     with pytest.raises(VideoError, match="corrupt packet"):
-        asyncio.run(segment_frames(frames(), _JitteryMatter(1, 1), _ShuffledWriter()))
+        asyncio.run(segment_frames(frames(), _JitterySource(1, 1), _ShuffledWriter()))
     assert "decode" not in {t.name for t in threading.enumerate()} - before
 
 
@@ -222,10 +222,10 @@ def test_in_process_batches_pad_to_the_run_batch_size_on_cuda_only() -> None:
             return [np.zeros(f.shape[:2], np.uint8) for f in frames]
 
     frames = [np.zeros((4, 4, 3), np.uint8)] * 11
-    LocalSegmenter("rmbg", Recording("cuda"), batch_size=4)(frames)
+    LocalRunner("rmbg", Recording("cuda"), batch_size=4)(frames)
     assert seen == [(4, (4,)), (4, (4,)), (3, (4,))]  # 3 frames, padded to 4 by forward
     seen.clear()
-    LocalSegmenter("rmbg", Recording("cpu"), batch_size=4)(frames)
+    LocalRunner("rmbg", Recording("cpu"), batch_size=4)(frames)
     assert seen == [(4, None), (4, None), (3, None)]
 
 
