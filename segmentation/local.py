@@ -10,6 +10,7 @@ import numpy as np
 
 from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner
 from segmentation.encoders import union_matte
+from segmentation.models.base import Segmentor
 from segmentation.options import DetectOptions, ModelKind
 
 
@@ -38,7 +39,7 @@ class LocalRunner:
     def __init__(
         self,
         kind: ModelKind,
-        segmentor: Any,
+        segmentor: Segmentor,
         *,
         batch_size: int = 8,
         detect: DetectOptions | None = None,
@@ -58,10 +59,7 @@ class LocalRunner:
         return outputs
 
     def _run(self, frames: list[np.ndarray]) -> list[FrameOutput]:
-        if (
-            getattr(self.segmentor, "device", None) is not None
-            and self.segmentor.device.type == "cuda"
-        ):
+        if self.segmentor.device.type == "cuda":
             self.segmentor.batch_buckets = (self._runner.cap.value,)
         if self.kind == "rmbg":
             return [FrameOutput(alpha) for alpha in self.segmentor.predict(frames)]

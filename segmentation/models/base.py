@@ -32,12 +32,19 @@ class ModelInfo:
 
 
 class Segmentor(Protocol):
-    """A model that takes a list of uint8 RGB frames and returns one result per frame."""
+    """A model that takes a list of uint8 RGB frames and returns one result per frame.
+
+    ``RMBG20Segmentor`` (a uint8 matte per frame) and ``YoloSegmentor`` (``Detections`` per
+    frame, with per-frame ``DetectOptions``) implement it; ``LocalRunner`` and the replicas
+    hold one.
+    """
 
     device: torch.device
     precision: Precision
+    #: Batch sizes the model pads its batches to (None: run each batch at its own size).
+    batch_buckets: tuple[int, ...] | None
 
-    def predict(self, frames: list[Any], **options: Any) -> list[Any]: ...
+    def predict(self, frames: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]: ...
 
     def info(self) -> ModelInfo: ...
 
