@@ -6,6 +6,7 @@ demo config (stand-in models on the CPU), with only the HTTP port and body limit
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,3 +39,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, standin_cache: Path) -> It
 def client(cluster: Cluster) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=cluster.url, timeout=120) as http:
         yield http
+
+
+async def post_masks(url: str, bodies: list[bytes], connections: int = 64) -> list[httpx.Response]:
+    """``bodies`` (PNG frames) sent to ``/v1/remove-background?output=mask`` all at once."""
+    async with httpx.AsyncClient(
+        timeout=120, limits=httpx.Limits(max_connections=connections)
+    ) as http:
+        return await asyncio.gather(
+            *(
+                http.post(
+                    f"{url}/v1/remove-background",
+                    params={"output": "mask"},
+                    content=body,
+                    headers={"Content-Type": "image/png"},
+                )
+                for body in bodies
+            )
+        )

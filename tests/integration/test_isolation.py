@@ -14,6 +14,7 @@ from PIL import Image
 
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from tests.conftest import encode, product_frame
+from tests.integration.conftest import post_masks
 from tests.serve_cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -54,27 +55,12 @@ def isolation_url(cluster: Cluster) -> Iterator[str]:
         cluster.deploy(cluster.app_config(), "restore.yaml")
 
 
-async def _masks(url: str, bodies: list[bytes]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=16)) as http:
-        return await asyncio.gather(
-            *(
-                http.post(
-                    f"{url}/v1/remove-background",
-                    params={"output": "mask"},
-                    content=body,
-                    headers={"Content-Type": "image/png"},
-                )
-                for body in bodies
-            )
-        )
-
-
 def test_the_poisoned_frame_gets_400_and_the_seven_batched_with_it_their_mattes(
     cluster: Cluster, isolation_url: str
 ) -> None:
     frames = [product_frame(96, 64, seed=300 + i) for i in range(8)]
     frames[5] = np.full((64, 96, 3), POISON, dtype=np.uint8)
-    responses = asyncio.run(_masks(isolation_url, [encode(f, "PNG") for f in frames]))
+    responses = asyncio.run(post_masks(isolation_url, [encode(f, "PNG") for f in frames]))
     statuses = [r.status_code for r in responses]
     assert statuses == [200] * 5 + [400] + [200] * 2
     error = responses[5].json()["error"]

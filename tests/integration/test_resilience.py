@@ -25,6 +25,7 @@ import segmentation_standins as standins
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation_client import RetryPolicy, SegmentorClient
 from tests.conftest import encode, product_frame
+from tests.integration.conftest import post_masks
 from tests.serve_cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -100,26 +101,11 @@ def _variant(
     }
 
 
-async def _burst(url: str, bodies: list[bytes]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as http:
-        return await asyncio.gather(
-            *(
-                http.post(
-                    f"{url}/v1/remove-background",
-                    params={"output": "mask"},
-                    content=body,
-                    headers={"Content-Type": "image/png"},
-                )
-                for body in bodies
-            )
-        )
-
-
 def test_injected_oom_splits_batches_and_every_frame_is_answered_correctly(
     apps: dict[str, str],
 ) -> None:
     frames = [product_frame(96, 64, seed=100 + i) for i in range(12)]
-    responses = asyncio.run(_burst(apps["oom"], [encode(f, "PNG") for f in frames]))
+    responses = asyncio.run(post_masks(apps["oom"], [encode(f, "PNG") for f in frames]))
     assert [r.status_code for r in responses] == [200] * 12
     reference = RMBG20Segmentor(standins.PRODUCT_RMBG, device="cpu", input_size=256)
     for response, frame in zip(responses, frames, strict=True):
@@ -142,7 +128,7 @@ def test_overload_gets_503_with_retry_after_and_nothing_is_lost(apps: dict[str, 
     correct, none lost or swapped."""
     frames = [product_frame(320, 240, seed=i) for i in range(16)]
     bodies = [encode(f, "PNG") for f in frames]
-    responses = asyncio.run(_burst(apps["edge"], bodies))
+    responses = asyncio.run(post_masks(apps["edge"], bodies))
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 503}
     assert 503 in statuses and 200 in statuses
@@ -158,7 +144,7 @@ def test_overload_gets_503_with_retry_after_and_nothing_is_lost(apps: dict[str, 
         if not missing:
             break
         time.sleep(1.0)  # the Retry-After the router asked for
-        again = asyncio.run(_burst(apps["edge"], [bodies[i] for i in missing]))
+        again = asyncio.run(post_masks(apps["edge"], [bodies[i] for i in missing]))
         answers.update({i: r for i, r in zip(missing, again, strict=True) if r.status_code == 200})
     assert sorted(answers) == list(range(len(frames))), "some frames never got an answer"
     _assert_mattes_match([_png(answers[i].content) for i in range(len(frames))], frames)
