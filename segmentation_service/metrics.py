@@ -7,7 +7,6 @@ series stay apart. PromQL examples are in docs/operations.md.
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 
 from ray.serve import metrics
 
@@ -20,15 +19,31 @@ OUTCOMES = ("ok", "bad_input", "oom", "deadline", "error", "overloaded")
 
 
 class StageTotals:
-    """Running count and total time per stage, for ``/v1/models`` (where time goes)."""
+    """Running count and total time per stage, for ``/v1/models`` (where time goes).
 
-    def __init__(self) -> None:
+    Keys come from code (stages, model steps, route templates, codec functions), but nothing
+    stops a new caller from passing one per request: at most ``max_keys`` are kept, and time
+    under any further key is added to :data:`OTHER`, so memory and the ``/v1/models`` answer
+    stay bounded and the totals still add up.
+    """
+
+    OTHER = "other"
+
+    def __init__(self, max_keys: int = 64) -> None:
+        if max_keys < 2:
+            raise ValueError(f"max_keys must be at least 2 (one key and '{self.OTHER}')")
+        self.max_keys = max_keys
         self._lock = threading.Lock()
-        self._totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        self._totals: dict[str, list[float]] = {}
 
     def add(self, stage: str, seconds: float) -> None:
         with self._lock:
-            entry = self._totals[stage]
+            entry = self._totals.get(stage)
+            if entry is None:
+                # The last free slot is kept for OTHER: never more than max_keys entries.
+                if len(self._totals) >= self.max_keys - (self.OTHER not in self._totals):
+                    stage = self.OTHER
+                entry = self._totals.setdefault(stage, [0, 0.0])
             entry[0] += 1
             entry[1] += seconds
 

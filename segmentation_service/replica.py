@@ -56,6 +56,7 @@ from segmentation.errors import (
 )
 from segmentation.imaging import EncodedJPEG, decode_image
 from segmentation.models.base import gpu_memory
+from segmentation_service.autoscaling import HELD_FRAMES
 from segmentation_service.config import BatchConfig, SegmentorArgs
 from segmentation_service.errors import http_status
 from segmentation_service.faults import with_faults
@@ -105,6 +106,8 @@ class SegmentorReplica:
         self._queue: deque[Pending] = deque()
         self._wake = asyncio.Event()
         self._batcher: asyncio.Task[None] | None = None
+        #: Frames of the batch on the GPU thread now (0 between batches).
+        self._running_frames = 0
         self._reconfiguring = asyncio.Lock()
         # The router decodes and encodes images; this pool only serves callers that send
         # encoded bytes through a handle. Few threads: codec threads in the GPU process
@@ -419,6 +422,7 @@ class SegmentorReplica:
             return
         started = time.perf_counter()
         steps: dict[str, float] = {}
+        self._running_frames = len(live)
         try:
             outputs, report = await asyncio.get_running_loop().run_in_executor(
                 self._gpu, self._run_on_gpu, live, steps
@@ -428,6 +432,8 @@ class SegmentorReplica:
             for item in live:
                 self._answer(item, SegmentationError(f"internal error ({type(exc).__name__})"))
             return
+        finally:
+            self._running_frames = 0
         self.metrics.stage("model", time.perf_counter() - started)
         for step, seconds in steps.items():
             self.metrics.stage(f"model:{step}", seconds)
@@ -470,6 +476,13 @@ class SegmentorReplica:
             item.answer.set_result(result)
 
     # -- introspection ------------------------------------------------------------------
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling hook, polled on the replica's event loop: the frames this
+        replica holds, queued for the GPU plus the running batch. Serve averages them over
+        ``look_back_period_s``; ``autoscaling.FramesPerReplicaPolicy`` scales on them, since a
+        call may carry 1 frame or 16."""
+        return {HELD_FRAMES: float(len(self._queue) + self._running_frames)}
+
     def info(self) -> dict[str, Any]:
         """Model source, precision, batch settings and memory of this replica."""
         return {
