@@ -137,7 +137,7 @@ class SegmentorReplica:
             info.precision,
             info.precision_reason,
             info.device,
-            " STAND-IN WEIGHTS (random, outputs are meaningless)" if info.stand_in else "",
+            f" STAND-IN ({info.stand_in_weights})" if info.stand_in else "",
         )
 
     # -- subclass hooks ---------------------------------------------------------------

@@ -129,7 +129,13 @@ class ModelStatus(BaseModel):
     precision: str
     precision_reason: str
     device: str
-    stand_in: bool = Field(description="Random stand-in weights: outputs are meaningless.")
+    stand_in: bool = Field(
+        description="A stand-in checkpoint of the project's, not the real model."
+    )
+    stand_in_weights: str | None = Field(
+        default=None,
+        description="For a stand-in: trained on synthetic product shots, or random weights.",
+    )
     replicas: int | None = Field(description="Running replicas of the deployment.")
     batch: dict[str, Any]
     stages: dict[str, StageTiming]

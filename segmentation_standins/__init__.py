@@ -63,6 +63,15 @@ def is_standin(source: str) -> bool:
     return source.startswith(PREFIX)
 
 
+def describe(source: str) -> str | None:
+    """What a stand-in's weights are, for ``/v1/models`` and the log (None: not a stand-in)."""
+    if not is_standin(source):
+        return None
+    if is_trained(source):
+        return "trained on synthetic product shots: real answers on such scenes only"
+    return "random weights: outputs are meaningless"
+
+
 def is_trained(source: str) -> bool:
     """True for the stand-ins trained on synthetic product shots (not random weights)."""
     return source in TRAINED

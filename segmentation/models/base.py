@@ -24,6 +24,8 @@ class ModelInfo:
     precision_reason: str
     device: str
     stand_in: bool
+    #: For a stand-in, what its weights are (trained on synthetic scenes, or random).
+    stand_in_weights: str | None = None
     #: How the forward runs, e.g. ``eager`` or ``sdpa+windows+decoder+graphs``.
     inference_path: str = "eager"
 

@@ -19,6 +19,7 @@ from segmentation.models import rmbg20_fast
 from segmentation.models.base import ModelInfo, StageClock, host_batch
 from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
+from segmentation_standins import describe as describe_standin
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class RMBG20Segmentor:
             precision_reason=self.precision.reason,
             device=str(self.device),
             stand_in=self.stand_in,
+            stand_in_weights=describe_standin(self.source),
             inference_path=self.inference_path,
         )
 

@@ -26,6 +26,7 @@ from segmentation.errors import ModelLoadError
 from segmentation.models.base import ModelInfo, StageClock, host_batch
 from segmentation.options import DetectOptions
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
+from segmentation_standins import describe as describe_standin
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class YoloSegmentor:
             precision_reason=self.precision.reason,
             device=str(self.device),
             stand_in=self.stand_in,
+            stand_in_weights=describe_standin(self.source),
         )
 
     @torch.inference_mode()
