@@ -8,6 +8,14 @@ warm-up, with CUDA synchronised around each one.
     python -m benchmarks.model_bench --rmbg-dir third_party/rmbg20 --out model.json
     python -m benchmarks.model_bench --rmbg-fast --out fast.json   # RMBG-2.0 fast path only
 
+``--yolo-only --frames synthetic --yolo standin:product-yolo11n-seg,yolo11n-seg.yaml`` times
+YOLO on synthetic product shots with 2-3 products each (``benchmarks.frames``): the trained
+stand-in at its training size 320 finds them, the random yolo11n-seg at 640 is the comparison.
+Each row then has the ground-truth objects and the instances found per frame, the RLE bytes of
+their masks per frame and the postprocess time (NMS, mask decoding, RLE encoding) per frame.
+``--device cpu --yolo-frame-size 480x270 --yolo-batches 1,2 --yolo-min-frames 4`` is a smoke
+test without a GPU.
+
 ``--rmbg-fast`` times the model forward at 1024x1024 on one set of random weights (seed 0):
 the published eager code in FP32 and FP16, each step of the fast path alone, all of them,
 all of them replayed from CUDA graphs, and (``--compile``) with the Swin blocks compiled,
@@ -28,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.frames import FRAME_SOURCES, frame_set
 from segmentation.device_decode import decode_jpegs_on
 from segmentation.imaging import EncodedJPEG
 from segmentation.models.rmbg20_segmentor import IMAGENET_MEAN, IMAGENET_STD, RMBG20Segmentor
@@ -51,18 +60,21 @@ def timed(
     warmup: int = 2,
     min_frames: int = 32,
     min_iters: int = 3,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
+    cuda = torch.cuda.is_available()  # False only in CPU smoke runs of the YOLO rows
+    sync = torch.cuda.synchronize if cuda else lambda: None
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     iterations = max(min_iters, -(-min_frames // frames_per_call))
     for _ in range(iterations):
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - started)
     median = statistics.median(times)
     return {
@@ -70,7 +82,7 @@ def timed(
         "ms_per_frame": round(median * 1000 / frames_per_call, 2),
         "frames_per_s": round(frames_per_call / median, 2),
         "ms_per_call": round(median * 1000, 2),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 3),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 3) if cuda else None,
         "iterations": iterations,
     }
 
@@ -252,39 +264,83 @@ def profile_rmbg_fast(rmbg_dir: str, batch: int, path: str) -> None:
     print(table, flush=True)
 
 
-def bench_yolo(names: list[str], batches: list[int]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    frames = frames_1080p(max(batches))
-    from benchmarks.load_test import synthetic_jpeg
+#: Input size of YOLO sources trained at another size than Ultralytics' 640.
+YOLO_INPUT_SIZE = {"standin:product-yolo11n-seg": 320}
 
+
+def yolo_label(name: str) -> str:
+    return name.removesuffix(".yaml")
+
+
+def what_was_found(
+    model: YoloSegmentor, frames: list[np.ndarray], options: DetectOptions, runs: int = 3
+) -> dict[str, Any]:
+    """Instances and RLE bytes per frame of one batch, and its postprocess time per frame
+    (NMS, mask decoding at frame size, RLE encoding: what grows with the instances found)."""
+    steps: dict[str, float] = {}
+    model.predict(frames, options)  # warm
+    for _ in range(runs):
+        found = model.predict(frames, options, steps)
+    instances = [d for frame in found for d in frame.instances]
+    count = len(frames)
+    return {
+        "instances_per_frame": round(len(instances) / count, 2),
+        "rle_bytes_per_frame": round(sum(len(d.mask["counts"]) for d in instances) / count, 1),
+        "postprocess_ms_per_frame": round(steps["postprocess"] * 1000 / (runs * count), 3),
+    }
+
+
+def bench_yolo(
+    names: list[str],
+    batches: list[int],
+    source: str = "plain",
+    device: str = "cuda",
+    size: tuple[int, int] = (1920, 1080),
+    min_frames: int = 128,
+) -> list[dict[str, Any]]:
+    from segmentation.imaging import decode_image
+
+    rows: list[dict[str, Any]] = []
+    # At most 16 distinct frames (synthetic scenes take seconds each to render), repeated.
+    frame_source = frame_set(source, size[0], size[1], count=min(16, max(batches)))
+    distinct = frame_source.jpegs
     jpegs = [
-        EncodedJPEG(synthetic_jpeg(1920, 1080, seed), 1920, 1080) for seed in range(max(batches))
+        EncodedJPEG(distinct[i % len(distinct)], size[0], size[1]) for i in range(max(batches))
     ]
+    frames = [decode_image(j.data) for j in jpegs]
+    about = frame_source.describe()
     options = DetectOptions()
     for name in names:
+        imgsz = YOLO_INPUT_SIZE.get(name, 640)
         for fp16 in (False, True):
-            model = YoloSegmentor(name, device="cuda", use_fp16=fp16)
+            model = YoloSegmentor(name, device=device, use_fp16=fp16, imgsz=imgsz)
             label = "FP16" if fp16 else "FP32"
             for batch in batches:
-                found = sum(len(d.instances) for d in model.predict(frames[:batch], options))
                 rows.append(
                     {
-                        "model": name.removesuffix(".yaml"),
+                        "model": yolo_label(name),
                         "path": f"segmentor {label}",
-                        "instances": found,
+                        "input_size": imgsz,
+                        "precision": model.precision.name,
+                        **about,
+                        **what_was_found(model, frames[:batch], options),
                         **timed(
                             lambda m=model, b=batch: m.predict(frames[:b], options),
                             batch,
-                            min_frames=128,
+                            min_frames=min_frames,
                         ),
                     }
                 )
                 print(rows[-1], flush=True)
             if fp16:
-                rows.extend(_yolo_steps_and_jpeg(model, name, frames, jpegs, batches, options))
-                rows.extend(_yolo_graphs(model, name, frames, max(batches)))
+                rows.extend(
+                    _yolo_steps_and_jpeg(model, name, frames, jpegs, batches, options, min_frames)
+                )
+                if model.device.type == "cuda":
+                    rows.extend(_yolo_graphs(model, name, frames, max(batches)))
             del model
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -340,6 +396,7 @@ def _yolo_steps_and_jpeg(
     jpegs: list[EncodedJPEG],
     batches: list[int],
     options: DetectOptions,
+    min_frames: int = 128,
 ) -> list[dict[str, Any]]:
     """Where a batch's time goes, and the JPEG path the service uses (nvJPEG, then predict)."""
     rows: list[dict[str, Any]] = []
@@ -372,7 +429,7 @@ def _yolo_steps_and_jpeg(
                 {
                     "model": name.removesuffix(".yaml"),
                     "path": label,
-                    **timed(lambda fn=fn, b=b: fn(b), b, min_frames=128),
+                    **timed(lambda fn=fn, b=b: fn(b), b, min_frames=min_frames),
                 }
             )
             print(rows[-1], flush=True)
@@ -384,7 +441,7 @@ def environment() -> dict[str, Any]:
 
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
@@ -399,6 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rmbg-fp32-batches", default="1,8,16")
     parser.add_argument("--yolo", default="yolo11n-seg.yaml,yolo11x-seg.yaml")
     parser.add_argument("--yolo-batches", default="1,16,64")
+    parser.add_argument(
+        "--frames",
+        choices=FRAME_SOURCES,
+        default="plain",
+        help="YOLO frames: plain test card, or synthetic product shots with 2-3 objects each",
+    )
+    parser.add_argument("--yolo-only", action="store_true", help="the YOLO rows only")
+    parser.add_argument("--yolo-frame-size", default="1920x1080", help="WxH of the YOLO frames")
+    parser.add_argument("--device", default="cuda", help="YOLO rows: cpu for a smoke test")
+    parser.add_argument("--yolo-min-frames", type=int, default=128, help="frames timed per row")
     parser.add_argument("--out", default=None)
     parser.add_argument("--rmbg-fast", action="store_true", help="the fast-path rows only")
     parser.add_argument("--fast-batches", default="8,16")
@@ -424,12 +491,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile_rmbg_fast(args.rmbg_dir, 8, args.profile)
         return 0
-    result = {
+    width, height = (int(v) for v in args.yolo_frame_size.split("x"))
+    result: dict[str, Any] = {
         "environment": environment(),
         "command": "python -m benchmarks.model_bench " + " ".join(argv or sys.argv[1:]),
-        "rmbg": bench_rmbg(args.rmbg_dir, ints(args.rmbg_batches), ints(args.rmbg_fp32_batches)),
-        "yolo": bench_yolo(args.yolo.split(","), ints(args.yolo_batches)),
     }
+    if not args.yolo_only:
+        result["rmbg"] = bench_rmbg(
+            args.rmbg_dir, ints(args.rmbg_batches), ints(args.rmbg_fp32_batches)
+        )
+    result["yolo"] = bench_yolo(
+        args.yolo.split(","),
+        ints(args.yolo_batches),
+        args.frames,
+        args.device,
+        (width, height),
+        args.yolo_min_frames,
+    )
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as handle:
