@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.frames import frame_set, write_frames
 from tests.conftest import REPO_ROOT
 
 #: A process busier than this (CPU seconds per wall second) was the bound, not the service.
@@ -39,10 +40,16 @@ def run_fleet(
     width: int = 1920,
     height: int = 1080,
     transport: str = "http",
+    frames: str = "plain",
 ) -> dict[str, Any]:
-    """``clients`` concurrent requests from ``processes`` processes for ``duration_s``."""
+    """``clients`` concurrent requests from ``processes`` processes for ``duration_s``, with
+    frames of the source ``frames`` (``benchmarks.frames``), rendered once here."""
     per_process = max(1, clients // processes)
+    frame_source = frame_set(frames, width, height)
     with tempfile.TemporaryDirectory() as tmp:
+        frames_dir = Path(tmp) / "frames"
+        write_frames(frame_source, frames_dir)
+        gt = frame_source.mean_objects
         outs = [Path(tmp) / f"load-{i}.json" for i in range(processes)]
         running = []
         before = os.times()
@@ -69,6 +76,11 @@ def run_fleet(
                 str(width),
                 "--height",
                 str(height),
+                "--frames",
+                frames,
+                "--frames-dir",
+                str(frames_dir),
+                *(["--gt-objects-per-frame", str(gt)] if gt is not None else []),
                 "--no-listing",
                 "--keep-latencies",
                 "--out",
@@ -91,6 +103,7 @@ def run_fleet(
         reasons = sorted({e.strip().splitlines()[-1] for e in errors if e.strip()})
         return {"endpoint": endpoint, "transport": transport, "skipped": "; ".join(reasons)}
     latencies = [ms for r in results for ms in r.pop("latencies_ms")]
+    frames_ok = sum(r["frames_ok"] for r in results)
     statuses: dict[str, int] = {}
     for r in results:
         for status, count in r["statuses"].items():
@@ -107,9 +120,17 @@ def run_fleet(
         "clients": per_process * processes,
         "frames_per_request": frames_per_request,
         "frame_size": [width, height],
-        "frames_ok": sum(r["frames_ok"] for r in results),
+        **frame_source.describe(),
+        "frames_ok": frames_ok,
         "frames_per_s": round(sum(r["frames_per_s"] for r in results), 2),
         "steady_frames_per_s": round(sum(r["steady_frames_per_s"] for r in results), 2),
+        # Per answered frame: instances found (products for ``products``), RLE and answer bytes.
+        **{
+            f"{key}_per_frame": round(sum(r[key] for r in results) / frames_ok, 2)
+            if frames_ok
+            else None
+            for key in ("instances", "rle_bytes", "body_bytes")
+        },
         "requests_sent": sum(r["requests_sent"] for r in results),
         "responses_received": sum(r["responses_received"] for r in results),
         "statuses": statuses,

@@ -16,6 +16,11 @@ replicas' own ports when there is no proxy in front of them).
     python -m benchmarks.load_test --transport grpc --url grpc://127.0.0.1:9000 \\
         --endpoint frames-segment --frames-per-request 16 --concurrency 32 --duration 30
 
+``--frames synthetic`` sends synthetic product shots (``benchmarks.frames``: 2-3 products each,
+ground truth known) instead of the plain test card, so a trained YOLO finds objects: the
+report then says how many instances per frame were found, and the bytes of their RLE masks
+and of the answers per frame, beside the ground-truth objects per frame.
+
 gRPC uses the project's generated stubs (``segmentation_client/proto``, the ``[grpc]`` extra)
 on ``grpc.aio``; gRPC status codes are counted by name (``grpc:UNAVAILABLE`` is the 503 of
 gRPC). Where ``grpcio`` or the stubs are missing, ``--transport grpc`` exits 2 and says why.
@@ -33,11 +38,15 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from benchmarks.frames import FRAME_SOURCES, frame_set, read_frames
 
 ENDPOINTS = {
     "remove-background": "/v1/remove-background",
@@ -50,8 +59,20 @@ TRANSPORTS = ("http", "grpc")
 #: gRPC answers that mean the service failed (UNAVAILABLE is its 503, with retry-after).
 SERVER_ERRORS = {"grpc:INTERNAL", "grpc:UNKNOWN", "grpc:DATA_LOSS"}
 
-#: One request: (index of the first image, frames in it) -> (status, frames answered).
-Call = Callable[[int, int], Awaitable[tuple[str, int]]]
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's outcome: its status, the frames answered and what they held."""
+
+    status: str
+    frames: int = 0
+    instances: int = 0  # instances (``segment``) or products (``products``) in the answer
+    rle_bytes: int = 0  # COCO RLE ``counts`` strings of those instances
+    body_bytes: int = 0  # the answer's body (HTTP) or message (gRPC)
+
+
+#: One request: (index of the first image, frames in it) -> its answer.
+Call = Callable[[int, int], Awaitable[Answer]]
 
 
 def synthetic_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
@@ -86,6 +107,13 @@ def grpc_unavailable() -> str | None:
     return None
 
 
+def _found(frames: list[dict[str, Any]]) -> tuple[int, int]:
+    """(instances or products, bytes of their RLE counts) in answered frames' JSON."""
+    instances = [i for f in frames for i in f.get("instances", ())]
+    products = sum(len(f.get("products", ())) for f in frames)
+    return len(instances) + products, sum(len(i["mask"]["counts"]) for i in instances)
+
+
 def _http_calls(
     urls: list[str], endpoint: str, images: list[bytes], concurrency: int, headers: dict[str, str]
 ) -> tuple[list[Call], list[httpx.AsyncClient]]:
@@ -98,7 +126,7 @@ def _http_calls(
     clients = [httpx.AsyncClient(base_url=url, timeout=120, limits=limits) for url in urls]
 
     def call_for(http: httpx.AsyncClient) -> Call:
-        async def call(index: int, frames: int) -> tuple[str, int]:
+        async def call(index: int, frames: int) -> Answer:
             if multi:
                 files = [
                     ("frames", (f"{i}.jpg", images[(index + i) % len(images)], "image/jpeg"))
@@ -113,11 +141,16 @@ def _http_calls(
                 )
             await response.aread()
             if response.status_code != 200:
-                return str(response.status_code), 0
-            if not multi:
-                return "200", 1
+                return Answer(str(response.status_code))
+            size = len(response.content)
+            if not multi and endpoint == "remove-background":
+                return Answer("200", 1, body_bytes=size)
             body = response.json()
-            return "200", int(body["count"]) - int(body["failed"])
+            if not multi:
+                found = _found([body])
+                return Answer("200", 1, *found, body_bytes=size)
+            answered = [f for f in body["frames"] if "error" not in f]
+            return Answer("200", len(answered), *_found(answered), body_bytes=size)
 
         return call
 
@@ -145,26 +178,34 @@ def _grpc_calls(
     task = pb.TASK_SEGMENT if endpoint.endswith("segment") else pb.TASK_REMOVE_BACKGROUND
 
     def call_for(stub: Any) -> Call:
-        async def call(index: int, frames: int) -> tuple[str, int]:
+        async def call(index: int, frames: int) -> Answer:
             image = images[index % len(images)]
             try:
                 if endpoint.startswith("frames"):
                     batch = [images[(index + i) % len(images)] for i in range(frames)]
                     reply = await stub.Frames(pb.FramesRequest(frames=batch, task=task))
-                    return "200", int(reply.count) - int(reply.failed)
+                    found = [f.segmentation for f in reply.frames if f.HasField("segmentation")]
+                    answered = int(reply.count) - int(reply.failed)
+                    return Answer("200", answered, *_found_pb(found), reply.ByteSize())
                 if endpoint == "remove-background":
-                    await stub.RemoveBackground(pb.ImageRequest(image=image))
-                elif endpoint == "segment":
-                    await stub.Segment(pb.SegmentRequest(image=image))
-                else:
-                    raise ValueError(f"{endpoint} has no gRPC method")
-                return "200", 1
+                    matte = await stub.RemoveBackground(pb.ImageRequest(image=image))
+                    return Answer("200", 1, body_bytes=matte.ByteSize())
+                if endpoint == "segment":
+                    one = await stub.Segment(pb.SegmentRequest(image=image))
+                    return Answer("200", 1, *_found_pb([one]), one.ByteSize())
+                raise ValueError(f"{endpoint} has no gRPC method")
             except grpc.aio.AioRpcError as exc:
-                return f"grpc:{exc.code().name}", 0
+                return Answer(f"grpc:{exc.code().name}")
 
         return call
 
     return [call_for(stubs[i % len(stubs)]) for i in range(concurrency)], channels
+
+
+def _found_pb(replies: list[Any]) -> tuple[int, int]:
+    """(instances, bytes of their RLE counts) in ``SegmentReply`` messages."""
+    instances = [i for reply in replies for i in reply.instances]
+    return len(instances), sum(len(i.mask.counts) for i in instances)
 
 
 async def run_load(
@@ -181,13 +222,25 @@ async def run_load(
     transport: str = "http",
     listing: bool = True,
     keep_latencies: bool = False,
+    frames: str = "plain",
+    frames_dir: str | None = None,
+    gt_objects_per_frame: float | None = None,
 ) -> dict[str, Any]:
+    """Drive ``endpoint`` for ``duration_s``; ``frames`` names the frame source
+    (``benchmarks.frames``), ``frames_dir`` holds its JPEGs already rendered (a fleet's
+    processes share the parent's) with ``gt_objects_per_frame`` their ground truth."""
     urls = [url] if isinstance(url, str) else list(url)
-    images = [synthetic_jpeg(width, height, seed) for seed in range(8)]
+    if frames_dir:
+        images = read_frames(Path(frames_dir))
+    else:
+        frame_source = frame_set(frames, width, height)
+        images = list(frame_source.jpegs)
+        gt_objects_per_frame = frame_source.mean_objects
     statuses: collections.Counter[str] = collections.Counter()
     latencies: list[float] = []
     completions: list[tuple[float, int]] = []  # (monotonic time, frames) of each 200
     frames_ok = 0
+    found = {"instances": 0, "rle_bytes": 0, "body_bytes": 0}
     sent = 0
     lock = threading.Lock()
     headers = {"X-Request-Timeout-Ms": str(timeout_ms)} if timeout_ms else {}
@@ -207,17 +260,20 @@ async def run_load(
         sent += 1
         started = time.perf_counter()
         try:
-            status, frames = await calls[worker % len(calls)](index, frames_per_request)
+            answer = await calls[worker % len(calls)](index, frames_per_request)
         except Exception as exc:  # any transport failure is counted, never raised
             with lock:
                 statuses[f"client_error:{type(exc).__name__}"] += 1
             return
         with lock:
             latencies.append(time.perf_counter() - started)
-            statuses[status] += 1
-            if frames:
-                frames_ok += frames
-                completions.append((time.monotonic(), frames))
+            statuses[answer.status] += 1
+            if answer.frames:
+                frames_ok += answer.frames
+                completions.append((time.monotonic(), answer.frames))
+                found["instances"] += answer.instances
+                found["rle_bytes"] += answer.rle_bytes
+                found["body_bytes"] += answer.body_bytes
 
     started = time.monotonic()
     stop_at = started + duration_s
@@ -270,6 +326,8 @@ async def run_load(
         "rate": rate,
         "frames_per_request": frames_per_request,
         "frame_size": [width, height],
+        "frames": frames,
+        "gt_objects_per_frame": gt_objects_per_frame,
         "duration_s": round(elapsed, 2),
         "requests_sent": sent,
         "responses_received": answered,
@@ -279,6 +337,14 @@ async def run_load(
         ),
         "frames_ok": frames_ok,
         "frames_per_s": round(frames_ok / elapsed, 2),
+        # What the answered frames held: instances found (products for ``products``), the
+        # bytes of their RLE masks and of the whole answer, all per answered frame.
+        "instances": found["instances"],
+        "instances_per_frame": _per(found["instances"], frames_ok),
+        "rle_bytes": found["rle_bytes"],
+        "rle_bytes_per_frame": _per(found["rle_bytes"], frames_ok),
+        "body_bytes": found["body_bytes"],
+        "body_bytes_per_frame": _per(found["body_bytes"], frames_ok),
         # Frames answered between the end of the ramp-up and the end of sending, per second:
         # the rate the service sustains, without the start and the drain of the last requests.
         "steady_frames_per_s": round(
@@ -313,6 +379,10 @@ async def run_load(
     return result
 
 
+def _per(total: int, frames: int) -> float | None:
+    return round(total / frames, 2) if frames else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -326,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames-per-request", type=int, default=8)
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--height", type=int, default=1080)
+    parser.add_argument(
+        "--frames",
+        choices=FRAME_SOURCES,
+        default="plain",
+        help="plain test card, or synthetic product shots with 2-3 objects each",
+    )
+    parser.add_argument("--frames-dir", help="send these JPEGs (rendered by the caller)")
+    parser.add_argument("--gt-objects-per-frame", type=float, help="ground truth of --frames-dir")
     parser.add_argument("--timeout-ms", type=int, default=None)
     parser.add_argument("--no-listing", action="store_true", help="skip /v1/models at the end")
     parser.add_argument("--keep-latencies", action="store_true", help="every latency in --out")
@@ -348,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             transport=args.transport,
             listing=not args.no_listing,
             keep_latencies=args.keep_latencies,
+            frames=args.frames,
+            frames_dir=args.frames_dir,
+            gt_objects_per_frame=args.gt_objects_per_frame,
         )
     )
     text = json.dumps(result, indent=2)

@@ -8,9 +8,20 @@ frames/s): single-frame requests at saturation, the multi-frame endpoint / gRPC 
 and an open-loop run at half the measured capacity for latency. YOLO is then redeployed as
 yolo11x-seg and measured again (``--no-yolo-x`` skips it).
 
+``--frames synthetic`` sends synthetic product shots with 2-3 products each
+(``benchmarks.frames``) instead of the plain test card, and ``--yolo
+standin:product-yolo11n-seg`` serves the YOLO trained on them at its training size 320
+(``configs/gpu-bench-trained.yaml`` is the same as a config), so YOLO finds objects and the
+masks' decoding, RLE encoding and ``/v1/products``' fan-out to RMBG-2.0 are measured. Every run
+records, beside frames/s: the ground-truth objects per frame, the instances found per frame
+(products for ``products``), RLE and answer bytes per frame, and each model's
+``model:postprocess`` time per frame during the run (from ``/v1/models`` before and after).
+
     python -m benchmarks.service_bench --rmbg-dir third_party/rmbg20 --out service.json
     python -m benchmarks.service_bench --ingress default,haproxy-throughput \\
         --transports http,grpc --duration 10 --out service-ingress.json
+    python -m benchmarks.service_bench --frames synthetic --yolo standin:product-yolo11n-seg \\
+        --scenarios yolo-frames,yolo-single,products --no-yolo-x --out service-trained.json
 """
 
 from __future__ import annotations
@@ -25,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.fleet import run_fleet
+from benchmarks.frames import FRAME_SOURCES
 from benchmarks.ingress import VARIANTS, direct_targets, ingress_env
 from benchmarks.load_test import run_load
+from benchmarks.replica_stages import per_frame_ms, snapshot
 from tests.conftest import REPO_ROOT
 from tests.serve_cluster import Cluster, running_cluster
 
@@ -38,15 +51,28 @@ SCENARIOS = {
     "yolo-single": ("segment", 128, 1, 1920, 1080),
     # the path's per-frame cost without the bytes
     "yolo-frames-64px": ("frames-segment", 32, 16, 64, 64),
+    # YOLO, then RMBG-2.0 on each object's crop: the fan-out (needs objects to be found)
+    "products": ("products", 32, 1, 1920, 1080),
 }
+#: Input size of YOLO sources that were trained at another size than Ultralytics' 640.
+TRAINED_INPUT_SIZE = {"standin:product-yolo11n-seg": 320}
 
 
-def _set_models(config: dict[str, Any], rmbg_dir: str, yolo: str) -> None:
+def _set_models(
+    config: dict[str, Any], rmbg_dir: str, yolo: str, yolo_input_size: int | None = None
+) -> None:
+    """Point the config at ``rmbg_dir`` and ``yolo`` ('' keeps the config's); a new YOLO runs
+    at ``yolo_input_size``, by default its training size (640 unless listed above)."""
     args = config["applications"][0]["args"]
     if rmbg_dir:
         args["rmbg"]["model"] = str(Path(rmbg_dir).resolve())
     if yolo:
         args["yolo"]["model"] = yolo
+        size = yolo_input_size or TRAINED_INPUT_SIZE.get(yolo)
+        if size:
+            args["yolo"]["input_size"] = size
+        else:
+            args["yolo"].pop("input_size", None)
 
 
 def _frame_size(text: str | None) -> tuple[int, int]:
@@ -73,7 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "gpu-bench.yaml"))
     parser.add_argument("--rmbg-dir", default="third_party/rmbg20")
-    parser.add_argument("--yolo", default="yolo11n-seg.yaml", help="'' keeps the config's")
+    parser.add_argument(
+        "--yolo",
+        default="",
+        help="YOLO source, e.g. yolo11n-seg.yaml or standin:product-yolo11n-seg; '' keeps the "
+        "config's",
+    )
+    parser.add_argument(
+        "--yolo-input-size", type=int, help="default: the source's training size (320 or 640)"
+    )
+    parser.add_argument(
+        "--frames",
+        choices=FRAME_SOURCES,
+        default="plain",
+        help="plain test card, or synthetic product shots with 2-3 objects each",
+    )
     parser.add_argument("--ingress", default="default", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--transports", default="http", help="http, grpc or http,grpc")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -88,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results: dict[str, Any] = {
         "command": "python -m benchmarks.service_bench " + " ".join(argv or sys.argv[1:]),
+        "frames": args.frames,
         "runs": [],
     }
 
@@ -97,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         return result
 
-    def drive(targets: dict[str, list[str]], variant: str, scenario: str, label: str = "") -> None:
+    def drive(
+        cluster: Cluster,
+        targets: dict[str, list[str]],
+        variant: str,
+        scenario: str,
+        label: str = "",
+    ) -> None:
         endpoint, clients, frames, width, height = SCENARIOS[scenario]
         if args.frame_size:
             width, height = (int(v) for v in args.frame_size.split("x"))
@@ -105,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if not targets[transport]:
                 record({"skipped": f"the config serves no {transport}"}, scenario=scenario)
                 continue
+            before = snapshot(cluster.url, samples=3)
             result = run_fleet(
                 targets[transport],
                 endpoint,
@@ -115,8 +163,21 @@ def main(argv: list[str] | None = None) -> int:
                 width=width,
                 height=height,
                 transport=transport,
+                frames=args.frames,
             )
-            record(result, ingress=variant, scenario=label or scenario)
+            after = snapshot(cluster.url, samples=3)
+            # NMS, mask decoding and RLE encoding (YOLO); matte resizing (RMBG-2.0, per crop
+            # for products), per frame each model answered during this run
+            postprocess = {
+                kind: per_frame_ms(before, after, kind, "model:postprocess")
+                for kind in ("yolo", "rmbg")
+            }
+            record(
+                result,
+                ingress=variant,
+                scenario=label or scenario,
+                postprocess_ms_per_frame=postprocess,
+            )
 
     scenarios = args.scenarios.split(",")
     for variant in args.ingress.split(","):
@@ -128,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                 num_cpus=args.cpus,
                 num_gpus=args.gpus,
                 extra_env=ingress_env(variant, Path(tmp)),
-                edit=lambda c: _set_models(c, args.rmbg_dir, args.yolo),
+                edit=lambda c: _set_models(c, args.rmbg_dir, args.yolo, args.yolo_input_size),
             ) as cluster,
         ):
             targets = _targets(cluster, variant)
             for scenario in scenarios:
-                drive(targets, variant, scenario)
+                drive(cluster, targets, variant, scenario)
             if "rmbg" in scenarios:
                 capacity = max(
                     (
@@ -154,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                         listing=False,
                         width=_frame_size(args.frame_size)[0],
                         height=_frame_size(args.frame_size)[1],
+                        frames=args.frames,
                     )
                 )
                 record(half, ingress=variant, scenario=f"rmbg at half capacity ({rate:.1f}/s)")
@@ -167,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     if app["status"] == "RUNNING":
                         break
                     time.sleep(3)
-                drive(targets, variant, "yolo-frames", "yolo11x-seg frames")
+                drive(cluster, targets, variant, "yolo-frames", "yolo11x-seg frames")
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)
