@@ -136,11 +136,10 @@ def test_the_timeout_bounds_all_retries_and_is_sent_as_the_remaining_time() -> N
 def test_read_timeouts_are_not_retried_past_the_overall_deadline() -> None:
     import httpx
 
-    tries = 0
+    attempts: list[float] = []
 
     def slow(request: httpx.Request) -> httpx.Response:
-        nonlocal tries
-        tries += 1
+        attempts.append(time.monotonic())
         time.sleep(0.15)
         raise httpx.ReadTimeout("no answer", request=request)
 
@@ -148,8 +147,10 @@ def test_read_timeouts_are_not_retried_past_the_overall_deadline() -> None:
     started = time.monotonic()
     with pytest.raises(httpx.TimeoutException):
         client.remove_background(b"\x89PNG")
-    assert time.monotonic() - started < 1.0
-    assert tries < 4
+    # Every attempt starts before the overall deadline, and the retry budget (9 tries without
+    # a deadline) is cut short by it: at most 0.5 s / 0.15 s per try.
+    assert attempts and all(at - started < 0.5 for at in attempts)
+    assert len(attempts) <= 4
 
 
 class _FakeSegmentor:
