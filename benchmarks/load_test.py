@@ -340,9 +340,9 @@ async def run_load(
         # What the answered frames held: instances found (products for ``products``), the
         # bytes of their RLE masks and of the whole answer, all per answered frame.
         "instances": found["instances"],
-        "instances_per_frame": _per(found["instances"], frames_ok),
+        "instances_per_frame": _per(found["instances"], frames_ok, finds_objects(endpoint)),
         "rle_bytes": found["rle_bytes"],
-        "rle_bytes_per_frame": _per(found["rle_bytes"], frames_ok),
+        "rle_bytes_per_frame": _per(found["rle_bytes"], frames_ok, finds_objects(endpoint)),
         "body_bytes": found["body_bytes"],
         "body_bytes_per_frame": _per(found["body_bytes"], frames_ok),
         # Frames answered between the end of the ramp-up and the end of sending, per second:
@@ -379,8 +379,14 @@ async def run_load(
     return result
 
 
-def _per(total: int, frames: int) -> float | None:
-    return round(total / frames, 2) if frames else None
+def finds_objects(endpoint: str) -> bool:
+    """Whether the endpoint answers with objects (a matte has no instances to count)."""
+    return endpoint in ("segment", "frames-segment", "products")
+
+
+def _per(total: int, frames: int, counted: bool = True) -> float | None:
+    """``total`` per frame; None with no frame answered or nothing of the kind to count."""
+    return round(total / frames, 2) if frames and counted else None
 
 
 def main(argv: list[str] | None = None) -> int:

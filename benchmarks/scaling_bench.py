@@ -16,6 +16,13 @@ three), prints a JSON line per run and writes its file:
 (direct ingress without HAProxy: the load goes to the Router replicas' own ports) is the
 fourth variant.
 
+With a YOLO that finds objects (the trained stand-in at 320, ``configs/gpu-bench-trained.yaml``)
+on synthetic product shots with 2-3 products each (``--frames synthetic``, ``benchmarks.frames``):
+
+    python -m benchmarks.scaling_bench --config configs/gpu-bench-trained.yaml \\
+        --frames synthetic --ingress default --gpus 2,1 --transports http,grpc \\
+        --scenarios yolo-frames --duration 6 --out scaling-trained.json
+
 For each ingress variant (``benchmarks.ingress``: Ray Serve's own switches, set in the
 environment of ``ray start``) one Ray cluster with max(N) GPUs is started and ``--config``
 deployed with max(N) replicas of each segmentor; each scenario is driven over each transport;
@@ -29,7 +36,8 @@ clients per GPU). Load comes from ``benchmarks.fleet`` (several processes; their
 reported beside frames/s, so a load-bound run shows as one). Each run records whole-window
 and steady-state frames/s, p50/p99, the mean batch each model ran (frames / batches during
 the window) and every replica's GPU (uuid from ``/v1/models``), and checks the placement:
-one RMBG-2.0 replica per card, YOLO beside it.
+one RMBG-2.0 replica per card, YOLO beside it; and, per frame, the instances found, the bytes
+of their RLE masks and the scenario model's ``model:postprocess`` time during the window.
 
 Placement: RMBG-2.0 asks for 0.6 GPU and YOLO for 0.3, so no two RMBG-2.0 replicas share a
 card and each card holds one of each; ``RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY=1`` makes the
@@ -52,7 +60,9 @@ from typing import Any
 import httpx
 
 from benchmarks.fleet import run_fleet
+from benchmarks.frames import FRAME_SOURCES
 from benchmarks.ingress import PACK_SCHEDULING, VARIANTS, direct_targets, ingress_env
+from benchmarks.replica_stages import per_frame_ms
 from tests.conftest import REPO_ROOT
 from tests.serve_cluster import Cluster, running_cluster
 
@@ -102,6 +112,7 @@ def replicas(url: str, samples: int = 40) -> dict[tuple[str, int], dict[str, Any
             seen[(model["name"], model["pid"])] = {
                 "model": model["name"],
                 "pid": model["pid"],
+                "frames_ok": (model.get("frames") or {}).get("ok", 0),
                 "gpu_uuid": (model.get("gpu") or {}).get("uuid"),
                 "batches_run": batch["batches_run"],
                 "largest_batch": batch["largest_batch"],
@@ -180,6 +191,7 @@ def measure(
                 width=frame_size[0],
                 height=frame_size[1],
                 transport=transport,
+                frames=args.frames,
             )
             after = replicas(cluster.url)
             batches = sum(
@@ -193,6 +205,7 @@ def measure(
                 scenario=scenario_name,
                 gpus=gpus,
                 mean_batch=round(result.get("frames_ok", 0) / batches, 1) if batches else None,
+                postprocess_ms_per_frame=per_frame_ms(before, after, scenario.model),
                 replicas=found,
                 placement_problems=[] if args.no_gpu else placement_problems(found, gpus),
             )
@@ -223,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 8)
     parser.add_argument("--no-gpu", action="store_true", help="CPU smoke test: GPUs count 0")
     parser.add_argument("--frame-size", help="WxH instead of 1920x1080 (smoke tests)")
+    parser.add_argument(
+        "--frames",
+        choices=FRAME_SOURCES,
+        default="plain",
+        help="plain test card, or synthetic product shots with 2-3 objects each",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -235,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     routers = args.routers or routers_for(args.cpus, most, args.load_processes_per_gpu * most)
     report: dict[str, Any] = {
         "command": "python -m benchmarks.scaling_bench " + " ".join(argv or sys.argv[1:]),
+        "frames": args.frames,
         "routers": routers,
         "runs": [],
     }
@@ -282,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                 "scaling_vs_fewest_gpus",
                 "latency_ms",
                 "mean_batch",
+                "gt_objects_per_frame",
+                "instances_per_frame",
+                "rle_bytes_per_frame",
+                "postprocess_ms_per_frame",
                 "load_cpu_cores",
                 "load_generator_saturated",
                 "placement_problems",
