@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.frames import frame_set, write_frames
-from benchmarks.load_test import finds_objects
+from benchmarks.load_test import answers_rle, finds_objects
 from tests.conftest import REPO_ROOT
 
 #: A process busier than this (CPU seconds per wall second) was the bound, not the service.
@@ -128,9 +128,13 @@ def run_fleet(
         # Per answered frame: instances found (products for ``products``), RLE and answer bytes.
         **{
             f"{key}_per_frame": round(sum(r[key] for r in results) / frames_ok, 2)
-            if frames_ok and (key == "body_bytes" or finds_objects(endpoint))
+            if frames_ok and counted
             else None
-            for key in ("instances", "rle_bytes", "body_bytes")
+            for key, counted in (
+                ("instances", finds_objects(endpoint)),
+                ("rle_bytes", answers_rle(endpoint)),
+                ("body_bytes", True),
+            )
         },
         "requests_sent": sum(r["requests_sent"] for r in results),
         "responses_received": sum(r["responses_received"] for r in results),

@@ -342,7 +342,7 @@ async def run_load(
         "instances": found["instances"],
         "instances_per_frame": _per(found["instances"], frames_ok, finds_objects(endpoint)),
         "rle_bytes": found["rle_bytes"],
-        "rle_bytes_per_frame": _per(found["rle_bytes"], frames_ok, finds_objects(endpoint)),
+        "rle_bytes_per_frame": _per(found["rle_bytes"], frames_ok, answers_rle(endpoint)),
         "body_bytes": found["body_bytes"],
         "body_bytes_per_frame": _per(found["body_bytes"], frames_ok),
         # Frames answered between the end of the ramp-up and the end of sending, per second:
@@ -382,6 +382,11 @@ async def run_load(
 def finds_objects(endpoint: str) -> bool:
     """Whether the endpoint answers with objects (a matte has no instances to count)."""
     return endpoint in ("segment", "frames-segment", "products")
+
+
+def answers_rle(endpoint: str) -> bool:
+    """Whether the answer carries RLE masks (products carry cut-out PNGs instead)."""
+    return endpoint in ("segment", "frames-segment")
 
 
 def _per(total: int, frames: int, counted: bool = True) -> float | None:

@@ -138,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         return result
 
-    def drive(
-        cluster: Cluster,
-        targets: dict[str, list[str]],
-        variant: str,
-        scenario: str,
-        label: str = "",
-    ) -> None:
+    def drive(targets: dict[str, list[str]], variant: str, scenario: str, label: str = "") -> None:
         endpoint, clients, frames, width, height = SCENARIOS[scenario]
         if args.frame_size:
             width, height = (int(v) for v in args.frame_size.split("x"))
@@ -152,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             if not targets[transport]:
                 record({"skipped": f"the config serves no {transport}"}, scenario=scenario)
                 continue
-            before = snapshot(cluster.url, samples=3)
+            before = snapshot(targets["http"][0], samples=3)
             result = run_fleet(
                 targets[transport],
                 endpoint,
@@ -165,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 transport=transport,
                 frames=args.frames,
             )
-            after = snapshot(cluster.url, samples=3)
+            after = snapshot(targets["http"][0], samples=3)
             # NMS, mask decoding and RLE encoding (YOLO); matte resizing (RMBG-2.0, per crop
             # for products), per frame each model answered during this run
             postprocess = {
@@ -194,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             targets = _targets(cluster, variant)
             for scenario in scenarios:
-                drive(cluster, targets, variant, scenario)
+                drive(targets, variant, scenario)
             if "rmbg" in scenarios:
                 capacity = max(
                     (
@@ -229,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                     if app["status"] == "RUNNING":
                         break
                     time.sleep(3)
-                drive(cluster, targets, variant, "yolo-frames", "yolo11x-seg frames")
+                drive(targets, variant, "yolo-frames", "yolo11x-seg frames")
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)
