@@ -346,6 +346,16 @@ class _Base:
         kwargs["timeout"] = remaining
         return kwargs, remaining
 
+    def _next_wait(self, attempt: int, response: httpx.Response | None, deadline: float) -> float:
+        """Seconds before the next try after this attempt's ``response`` (None: the connection
+        failed), or -1 when there is none: the answer is final, the tries are spent, or the
+        wait would end past ``deadline``. Decided once per attempt (the wait has jitter)."""
+        if response is not None and not _retryable(response):
+            return -1.0
+        if attempt == self.retry.attempts:
+            return -1.0
+        return self._wait(attempt, response, deadline)
+
     def _wait(self, attempt: int, response: httpx.Response | None, deadline: float) -> float:
         """Seconds before the next try, or -1 when it would start past ``deadline``."""
         wait = self.retry.wait(attempt, _retry_after(response))
@@ -465,21 +475,21 @@ class SegmentorClient(_Base):
         deadline = time.monotonic() + self.timeout_s
         for attempt in range(1, self.retry.attempts + 1):
             response: httpx.Response | None = None
+            failure: httpx.TransportError | None = None
             kwargs, _ = self._attempt(request, deadline)
             with self._slots:
                 try:
                     response = self._http.post(request.path, **kwargs)
-                except httpx.TransportError:
-                    if attempt == self.retry.attempts or self._wait(attempt, None, deadline) < 0:
-                        raise
-            if not _retryable(response) or attempt == self.retry.attempts:
-                break
-            wait = self._wait(attempt, response, deadline)
+                except httpx.TransportError as exc:
+                    failure = exc
+            wait = self._next_wait(attempt, response, deadline)
             if wait < 0:
+                if failure is not None:
+                    raise failure
                 break
             self.retries += 1
             time.sleep(wait)
-        assert response is not None  # the loop either breaks with a response or raises
+        assert response is not None  # the loop ends with a response, or raises the failure
         _raise_for_error(response)
         return response
 
@@ -592,21 +602,21 @@ class AsyncSegmentorClient(_Base):
         deadline = time.monotonic() + self.timeout_s
         for attempt in range(1, self.retry.attempts + 1):
             response: httpx.Response | None = None
+            failure: httpx.TransportError | None = None
             kwargs, _ = self._attempt(request, deadline)
             async with self._slots:
                 try:
                     response = await self._http.post(request.path, **kwargs)
-                except httpx.TransportError:
-                    if attempt == self.retry.attempts or self._wait(attempt, None, deadline) < 0:
-                        raise
-            if not _retryable(response) or attempt == self.retry.attempts:
-                break
-            wait = self._wait(attempt, response, deadline)
+                except httpx.TransportError as exc:
+                    failure = exc
+            wait = self._next_wait(attempt, response, deadline)
             if wait < 0:
+                if failure is not None:
+                    raise failure
                 break
             self.retries += 1
             await asyncio.sleep(wait)
-        assert response is not None  # the loop either breaks with a response or raises
+        assert response is not None  # the loop ends with a response, or raises the failure
         _raise_for_error(response)
         return response
 

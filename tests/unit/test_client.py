@@ -154,6 +154,35 @@ def test_read_timeouts_are_not_retried_past_the_overall_deadline() -> None:
     assert len(attempts) <= 4
 
 
+def test_a_connection_failure_whose_retry_would_pass_the_deadline_raises_that_failure() -> None:
+    """The retry decision is taken once per attempt: a jittered wait drawn twice used to
+    pass the first check and fail the second, ending the loop with no answer at all."""
+    import httpx
+
+    from segmentation_client.client import RetryPolicy
+
+    drawn: list[float] = []
+
+    class ShortThenLong(RetryPolicy):
+        def wait(self, attempt: int, retry_after: str | None) -> float:
+            # Like jitter, each draw differs: the second one ends past the deadline.
+            drawn.append(0.0 if not drawn else 60.0)
+            return drawn[-1]
+
+    tries = 0
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        nonlocal tries
+        tries += 1
+        raise httpx.ConnectError("connection refused", request=request)
+
+    client = _http_client(unreachable, timeout_s=5.0)
+    client.retry = ShortThenLong()
+    with pytest.raises(httpx.ConnectError, match="connection refused"):
+        client.remove_background(b"\x89PNG")
+    assert tries == 2
+
+
 class _FakeSegmentor:
     """A gRPC servicer that is overloaded ``overloaded`` times, then answers."""
 
