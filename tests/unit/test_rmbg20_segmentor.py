@@ -373,8 +373,10 @@ def test_concurrent_predicts_stay_right_while_one_recomputes_in_fp32(fake_gpu: N
     results: dict[str, list[np.ndarray]] = {}
     errors: list[BaseException] = []
     done = threading.Event()
+    b_ran = threading.Event()  # "a" starts once "b" is looping, however busy the machine
 
     def run_a() -> None:
+        b_ran.wait(60)
         try:
             results["a"] = segmentor.predict(frames_a)
         except BaseException as exc:  # reported by the assertions below
@@ -386,6 +388,7 @@ def test_concurrent_predicts_stay_right_while_one_recomputes_in_fp32(fake_gpu: N
         try:
             while not done.is_set():
                 results.setdefault("b", []).append(segmentor.predict(frames_b)[0])
+                b_ran.set()
         except BaseException as exc:
             errors.append(exc)
 
