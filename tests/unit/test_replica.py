@@ -40,6 +40,7 @@ class ToySegmentor:
         self.active = 0
         self.most_active = 0
         self.graphs_for: tuple[int, ...] | None = None
+        self.started = threading.Event()  # set when a call on request frames begins
         self._lock = threading.Lock()
 
     def info(self) -> ModelInfo:
@@ -52,6 +53,8 @@ class ToySegmentor:
         try:
             values = [int(f[0, 0, 0]) if f.shape[0] == 2 else WARMUP for f in frames]
             self.calls.append((threading.current_thread().name, values))
+            if values[0] != WARMUP:
+                self.started.set()
             time.sleep(self.delay_s)
             if values[0] == WARMUP and len(values) == self.fail_warmup_at:
                 raise RuntimeError(f"warm-up at batch {len(values)} failed")
@@ -90,6 +93,11 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+async def model_busy(rep: ToyReplica) -> None:
+    """Until the model has started on a request frame (not a fixed sleep: CI machines are busy)."""
+    assert await asyncio.to_thread(rep.segmentor.started.wait, 30)
+
+
 async def submit_all(rep: ToyReplica, values: list[int], deadline: float | None = None) -> list:
     return await rep.submit_each([frame(v) for v in values], None, deadline)
 
@@ -101,7 +109,7 @@ def test_frames_arriving_while_the_model_runs_form_full_batches_at_the_cap() -> 
         await rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.0})
         rep.segmentor.delay_s = 0.1
         first = asyncio.ensure_future(rep.submit(frame(1), None, None))
-        await asyncio.sleep(0.03)  # the model is busy with frame 1 now
+        await model_busy(rep)  # the model is busy with frame 1 now
         rest = await submit_all(rep, list(range(10, 18)))
         return await first, rest
 
@@ -152,7 +160,7 @@ def test_a_frame_whose_deadline_passes_in_the_queue_never_reaches_the_model() ->
         await rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.0})
         rep.segmentor.delay_s = 0.2
         busy = asyncio.ensure_future(submit_all(rep, [1]))
-        await asyncio.sleep(0.05)
+        await model_busy(rep)
         late = await submit_all(rep, [2], deadline=time.time() + 0.05)
         return [*(await busy), *late]
 
@@ -169,7 +177,7 @@ def test_a_full_queue_answers_overloaded_with_retry_after() -> None:
         await rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.0})
         rep.segmentor.delay_s = 0.2
         busy = asyncio.ensure_future(submit_all(rep, [1]))
-        await asyncio.sleep(0.05)  # frame 1 left the queue for the model
+        await model_busy(rep)  # frame 1 left the queue for the model
         queued = await submit_all(rep, [2, 3, 4])
         return [*(await busy), *queued]
 
@@ -226,7 +234,7 @@ def test_reconfigure_during_a_running_batch_never_runs_the_model_beside_it() -> 
         await rep.reconfigure({"max_batch_size": 2, "batch_wait_timeout_s": 0.0})
         rep.segmentor.delay_s = 0.05
         batches = asyncio.ensure_future(submit_all(rep, list(range(6))))
-        await asyncio.sleep(0.02)  # the first batch is running
+        await model_busy(rep)  # the first batch is running
         ticks = 0
 
         async def ticker() -> None:
