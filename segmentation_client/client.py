@@ -328,6 +328,13 @@ class _Base:
     def uses_grpc(self) -> bool:
         return self.base_url.startswith("grpc://")
 
+    @property
+    def _http_base_url(self) -> str:
+        """Base URL of the HTTP client (a gRPC client never sends on it: HTTP-only calls raise)."""
+        return (
+            "http://" + self.base_url.removeprefix("grpc://") if self.uses_grpc else self.base_url
+        )
+
     def _http_only(self, what: str) -> None:
         if self.uses_grpc:
             raise ValueError(f"{what} is not in the gRPC API: use the service's http:// URL")
@@ -452,11 +459,11 @@ class SegmentorClient(_Base):
             from segmentation_client.grpc_transport import GrpcTransport
 
             self._grpc = GrpcTransport(self)
-            base_url = "http://" + self.base_url.removeprefix("grpc://")  # never used
-        else:
-            base_url = self.base_url
         self._http = httpx.Client(
-            base_url=base_url, headers=self.headers, timeout=self.timeout_s, limits=limits
+            base_url=self._http_base_url,
+            headers=self.headers,
+            timeout=self.timeout_s,
+            limits=limits,
         )
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
 
@@ -579,11 +586,11 @@ class AsyncSegmentorClient(_Base):
             from segmentation_client.grpc_transport import AsyncGrpcTransport
 
             self._grpc = AsyncGrpcTransport(self)
-            base_url = "http://" + self.base_url.removeprefix("grpc://")  # never used
-        else:
-            base_url = self.base_url
         self._http = httpx.AsyncClient(
-            base_url=base_url, headers=self.headers, timeout=self.timeout_s, limits=limits
+            base_url=self._http_base_url,
+            headers=self.headers,
+            timeout=self.timeout_s,
+            limits=limits,
         )
         self._slots = asyncio.Semaphore(self.max_concurrency)
 
