@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -193,11 +194,25 @@ COMPILE_VARIANT = (
 
 
 def bench_rmbg_fast(
-    rmbg_dir: str, batches: list[int], compile_blocks: bool, sink: Callable[[dict[str, Any]], None]
+    rmbg_dir: str,
+    batches: list[int],
+    compile_blocks: bool,
+    sink: Callable[[dict[str, Any]], None],
+    only: list[str] | None = None,
 ) -> None:
-    """Forward-only rows per variant and batch at 1024x1024; ``sink`` gets each row."""
+    """Forward-only rows per variant and batch at 1024x1024; ``sink`` gets each row.
+
+    ``only`` keeps the variants of those labels. A compiled row's ``compile_s`` is the first
+    forward at each batch: a cold compile, or a load from Inductor's on-disk cache
+    (``TORCHINDUCTOR_CACHE_DIR``) when an earlier process compiled the same graphs.
+    """
     torch.set_float32_matmul_precision("high")
     variants = FAST_VARIANTS + ([COMPILE_VARIANT] if compile_blocks else [])
+    if only:
+        unknown = set(only) - {v[0] for v in variants}
+        if unknown:
+            raise SystemExit(f"unknown --fast-variants {sorted(unknown)}")
+        variants = [v for v in variants if v[0] in only]
     for label, fp16, steps, graphs in variants:
         torch.manual_seed(0)  # the same random weights for every variant
         started = time.perf_counter()
@@ -470,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rmbg-fast", action="store_true", help="the fast-path rows only")
     parser.add_argument("--fast-batches", default="8,16")
     parser.add_argument("--compile", action="store_true", help="add the compiled-blocks row")
+    parser.add_argument(
+        "--fast-variants",
+        default="",
+        help="comma-separated labels of the fast-path rows to run (default: all)",
+    )
     parser.add_argument("--profile", default=None, help="write a fast-path profile here")
     args = parser.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
@@ -487,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.out, "w") as handle:
                     json.dump(fast, handle, indent=2)
 
-        bench_rmbg_fast(args.rmbg_dir, ints(args.fast_batches), args.compile, sink)
+        only = [v for v in args.fast_variants.split(",") if v]
+        fast["inductor_cache_dir"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        bench_rmbg_fast(args.rmbg_dir, ints(args.fast_batches), args.compile, sink, only)
         if args.profile:
             profile_rmbg_fast(args.rmbg_dir, 8, args.profile)
         return 0

@@ -32,6 +32,7 @@ def snapshot(url: str, samples: int = 20) -> Snapshot:
             seen[(model["name"], model["pid"])] = {
                 "model": model["name"],
                 "frames_ok": (model.get("frames") or {}).get("ok", 0),
+                "inference_path": model.get("inference_path"),
                 "stages": model.get("stages") or {},
             }
     return seen

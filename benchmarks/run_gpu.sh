@@ -1,26 +1,73 @@
 #!/usr/bin/env bash
-# Everything measured on the GPU machine, in one command (about 10 minutes on an H100):
-#   bash benchmarks/run_gpu.sh [tests|model|service|all] [RESULTS_DIR]
-# GPU tests (pytest -m gpu), the model-level benchmark and the service-level benchmark; logs
-# and JSON land in RESULTS_DIR (default bench-results/). Needs the published RMBG-2.0 code in
-# third_party/rmbg20 (or RMBG_ARCH_DIR) and, on an offline machine, the carried packages
-# (source .device-site/setup.sh first).
+# What is measured on the GPU machine, by part:
+#   bash benchmarks/run_gpu.sh PART[,PART...] [RESULTS_DIR]
+# all (tests, model, service; about 10 minutes on an H100), or any of:
+#   tests    GPU tests (pytest -m gpu)
+#   model    model-level benchmark (RMBG-2.0 and YOLO, FP32 vs FP16)
+#   service  service-level benchmark (the Serve app under load)
+#   trained  YOLO trained stand-in on synthetic product shots: model rows, FP16-vs-FP32
+#            quality test (about 3 minutes)
+#   compile  RMBG-2.0 fast path with the Swin blocks compiled: a cold compile, then a second
+#            process on the same Inductor cache (TORCHINDUCTOR_CACHE_DIR, a fresh one per
+#            run unless set) (up to 6 minutes)
+#   paths    the service with RMBG-2.0 eager vs optimized, then the trained YOLO scenarios
+#            (about 7 minutes)
+#   video    segment-video per output format: in-process, and through a local service over
+#            HTTP and gRPC (needs PyAV; about 6 minutes)
+# Logs and JSON land in RESULTS_DIR (default bench-results/). Needs the published RMBG-2.0 code
+# in third_party/rmbg20 (or RMBG_ARCH_DIR) and, on an offline machine, the carried packages
+# (source .device-site/setup.sh first). Exact commands and what each part needs: docs/gpu.md.
 set -uo pipefail
-part="${1:-all}"
+parts=",${1:-all},"
 out="${2:-bench-results}"
 mkdir -p "$out"
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 PYTHONUNBUFFERED=1
 status=0
-run() { [[ "$part" == all || "$part" == "$1" ]]; }
+run() { [[ "$parts" == *,all,* && " tests model service " == *" $1 "* || "$parts" == *,"$1",* ]]; }
+step() {  # step LOG TIMEOUT_S COMMAND...: run with a time limit, output to the console and LOG
+    local log="$1" limit="$2"
+    shift 2
+    echo "== $(date -u +%H:%M:%S) $*" | tee -a "$out/$log"
+    timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$out/$log" || status=1
+}
 if run tests; then
-    python3 -m pytest -m gpu tests/gpu -s -p no:cacheprovider -o addopts="-q --strict-markers -ra" \
-        2>&1 | tee "$out/gpu-tests.log" || status=1
+    step gpu-tests.log 1800 python3 -m pytest -m gpu tests/gpu -s -p no:cacheprovider \
+        -o addopts="-q --strict-markers -ra"
 fi
 if run model; then
-    python3 -m benchmarks.model_bench --out "$out/model.json" 2>&1 | tee "$out/model.log" || status=1
+    step model.log 1800 python3 -m benchmarks.model_bench --out "$out/model.json"
 fi
 if run service; then
-    python3 -m benchmarks.service_bench --out "$out/service.json" 2>&1 | tee "$out/service.log" || status=1
+    step service.log 1800 python3 -m benchmarks.service_bench --out "$out/service.json"
+fi
+if run trained; then
+    step trained.log 240 python3 -m benchmarks.model_bench --yolo-only --frames synthetic \
+        --yolo standin:product-yolo11n-seg,yolo11n-seg.yaml --yolo-batches 1,16,64 \
+        --out "$out/model-yolo-synthetic.json"
+    step trained.log 180 python3 -m pytest -m gpu tests/gpu/test_quality_gpu.py -s \
+        -p no:cacheprovider -o addopts="-q --strict-markers -ra"
+fi
+if run compile; then
+    export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d /tmp/inductor-XXXX)}"
+    variants="sdpa+windows+decoder+graphs,sdpa+windows+decoder+compile+graphs"
+    for start in cold warm; do
+        step compile.log 240 python3 -m benchmarks.model_bench --rmbg-fast --compile \
+            --fast-variants "$variants" --fast-batches 16 --out "$out/compile-$start.json"
+        variants="sdpa+windows+decoder+compile+graphs"
+    done
+fi
+if run paths; then
+    step paths.log 300 python3 -m benchmarks.service_bench --scenarios rmbg \
+        --rmbg-paths optimized,eager --duration 15 --no-yolo-x --out "$out/service-paths.json"
+    step paths.log 240 python3 -m benchmarks.service_bench \
+        --config configs/gpu-bench-trained.yaml --frames synthetic \
+        --scenarios yolo-frames,yolo-single,products --no-yolo-x --duration 10 \
+        --out "$out/service-trained.json"
+fi
+if run video; then
+    step video.log 540 python3 -m benchmarks.video_bench --model-path third_party/rmbg20 \
+        --load-format dummy --width 1920 --height 1080 --frames 120 --batch 16 \
+        --serve-config configs/gpu-bench.yaml --transports http,grpc --out "$out/video.json"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true
 exit $status

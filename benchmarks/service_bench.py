@@ -54,6 +54,8 @@ SCENARIOS = {
     # YOLO, then RMBG-2.0 on each object's crop: the fan-out (needs objects to be found)
     "products": ("products", 32, 1, 1920, 1080),
 }
+#: ``--rmbg-paths`` label: the replica's RMBG_OPTIMIZED
+RMBG_PATHS = {"optimized": "true", "eager": "false"}
 #: Input size of YOLO sources that were trained at another size than Ultralytics' 640.
 TRAINED_INPUT_SIZE = {"standin:product-yolo11n-seg": 320}
 
@@ -124,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=1, help="0: CPU smoke test")
     parser.add_argument("--frame-size", help="WxH for every scenario (smoke tests)")
     parser.add_argument("--no-yolo-x", action="store_true", help="skip the yolo11x-seg run")
+    parser.add_argument(
+        "--rmbg-paths",
+        default="optimized",
+        help="RMBG-2.0 inference paths, one cluster each: optimized (the fast path, the "
+        "default) and/or eager (the published code, RMBG_OPTIMIZED=false)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     results: dict[str, Any] = {
@@ -138,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         return result
 
-    def drive(targets: dict[str, list[str]], variant: str, scenario: str, label: str = "") -> None:
+    def drive(
+        targets: dict[str, list[str]], variant: str, rmbg_path: str, scenario: str, label: str = ""
+    ) -> None:
         endpoint, clients, frames, width, height = SCENARIOS[scenario]
         if args.frame_size:
             width, height = (int(v) for v in args.frame_size.split("x"))
@@ -169,12 +179,25 @@ def main(argv: list[str] | None = None) -> int:
             record(
                 result,
                 ingress=variant,
+                rmbg_path=rmbg_path,
                 scenario=label or scenario,
                 postprocess_ms_per_frame=postprocess,
+                inference_paths=sorted(
+                    {f"{r['model']}: {r['inference_path']}" for r in after.values()}
+                ),
             )
 
     scenarios = args.scenarios.split(",")
-    for variant in args.ingress.split(","):
+    paths = args.rmbg_paths.split(",")
+    if set(paths) - set(RMBG_PATHS):
+        parser.error(f"--rmbg-paths takes {', '.join(RMBG_PATHS)}")
+
+    def edit(config: dict[str, Any], rmbg_path: str) -> None:
+        _set_models(config, args.rmbg_dir, args.yolo, args.yolo_input_size)
+        env = config["applications"][0].setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env["RMBG_OPTIMIZED"] = RMBG_PATHS[rmbg_path]
+
+    for variant, rmbg_path in ((v, p) for v in args.ingress.split(",") for p in paths):
         with (
             tempfile.TemporaryDirectory() as tmp,
             running_cluster(
@@ -183,18 +206,20 @@ def main(argv: list[str] | None = None) -> int:
                 num_cpus=args.cpus,
                 num_gpus=args.gpus,
                 extra_env=ingress_env(variant, Path(tmp)),
-                edit=lambda c: _set_models(c, args.rmbg_dir, args.yolo, args.yolo_input_size),
+                edit=lambda c, p=rmbg_path: edit(c, p),
             ) as cluster,
         ):
             targets = _targets(cluster, variant)
             for scenario in scenarios:
-                drive(targets, variant, scenario)
+                drive(targets, variant, rmbg_path, scenario)
             if "rmbg" in scenarios:
                 capacity = max(
                     (
                         r.get("frames_per_s", 0.0)
                         for r in results["runs"]
-                        if r.get("ingress") == variant and r.get("scenario") == "rmbg"
+                        if r.get("ingress") == variant
+                        and r.get("rmbg_path") == rmbg_path
+                        and r.get("scenario") == "rmbg"
                     ),
                     default=0.0,
                 )
@@ -212,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                         frames=args.frames,
                     )
                 )
-                record(half, ingress=variant, scenario=f"rmbg at half capacity ({rate:.1f}/s)")
+                record(
+                    half,
+                    ingress=variant,
+                    rmbg_path=rmbg_path,
+                    scenario=f"rmbg at half capacity ({rate:.1f}/s)",
+                )
             if not args.no_yolo_x:
                 config = cluster.app_config()
                 _set_models(config, "", "yolo11x-seg.yaml")
@@ -223,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     if app["status"] == "RUNNING":
                         break
                     time.sleep(3)
-                drive(targets, variant, "yolo-frames", "yolo11x-seg frames")
+                drive(targets, variant, rmbg_path, "yolo-frames", "yolo11x-seg frames")
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,13 +155,16 @@ def model_alone(args: argparse.Namespace, clip: Path) -> dict[str, Any]:
     return row
 
 
-def command(args: argparse.Namespace, clip: Path, output: Path, preset: str) -> dict[str, Any]:
-    """One ``segment-video`` run in a fresh process; its ``--report``."""
+def command(
+    args: argparse.Namespace, clip: Path, output: Path, preset: str, server: str | None
+) -> dict[str, Any]:
+    """One ``segment-video`` run in a fresh process (through ``server`` if given); its
+    ``--report``."""
     report = output.with_name(output.name + ".report.json")
     argv = [str(clip), "-o", str(output), "--overwrite", "--no-progress", "--encode", preset]
     argv += ["--report", str(report)]
-    if args.server:
-        argv += ["--server", args.server, "--concurrency", str(args.concurrency)]
+    if server:
+        argv += ["--server", server, "--concurrency", str(args.concurrency)]
     else:
         argv += ["--model-path", _model_path(args.model_path), "--batch-size", str(args.batch)]
         if args.device:
@@ -173,6 +178,39 @@ def command(args: argparse.Namespace, clip: Path, output: Path, preset: str) -> 
     report.unlink()
     keep = ("frames", "seconds", "frames_per_s", "time_to_first_frame", "startup", "stages")
     return {**{k: result[k] for k in keep}, "bytes": _size(output)}
+
+
+def output_row(
+    args: argparse.Namespace, clip: Path, output: Path, server: str | None, model_fps: Any
+) -> dict[str, Any]:
+    """A ``segment-video`` row for one output format, in-process or through ``server``."""
+    row = command(args, clip, output, DEFAULT_ENCODE, server)
+    if model_fps:
+        row["vs_model"] = round(row["frames_per_s"] / model_fps, 3)
+    mode = "server" if server else "in-process"
+    name = next(k for k, v in OUTPUTS.items() if v == output.name)
+    return {"mode": mode, "output": name, "encode": DEFAULT_ENCODE, "batch": args.batch, **row}
+
+
+@contextlib.contextmanager
+def served(args: argparse.Namespace, workdir: Path) -> Iterator[dict[str, str]]:
+    """A local cluster serving ``--serve-config`` with RMBG-2.0 at ``--model-path``; yields
+    each transport's address for ``segment-video --server``."""
+    from tests.serve_cluster import running_cluster  # Ray: only this mode needs it
+
+    def edit(config: dict[str, Any]) -> None:
+        rmbg = config["applications"][0]["args"]["rmbg"]
+        rmbg["model"] = _model_path(args.model_path)
+        rmbg["load_format"] = args.load_format
+
+    with running_cluster(
+        Path(args.serve_config),
+        workdir,
+        num_cpus=os.cpu_count() or 4,
+        num_gpus=args.gpus,
+        edit=edit,
+    ) as cluster:
+        yield {"http": cluster.url, "grpc": f"grpc://{cluster.grpc_target}"}
 
 
 def _as_segment_video(load_format: Any, argv: list[str]) -> int:
@@ -212,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
     parser.add_argument("--device", default=None)
     parser.add_argument("--server", help="service URL: server and encode-only rows")
+    parser.add_argument(
+        "--serve-config",
+        help="start a local Ray cluster with this Serve config (e.g. configs/gpu-bench.yaml, "
+        "its RMBG-2.0 at --model-path) and add server rows through it, per --transports",
+    )
+    parser.add_argument("--transports", default="http,grpc", help="with --serve-config")
+    parser.add_argument("--gpus", type=int, default=1, help="with --serve-config")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--height", type=int, default=1080)
@@ -243,14 +288,17 @@ def main(argv: list[str] | None = None) -> int:
             row = model_alone(args, clip)
             model_fps = row["frames_per_s"]
             add({"mode": "model", "output": None, "batch": args.batch, **row})
-        mode = "server" if args.server else "in-process"
-        for name in formats:
-            row = command(args, clip, Path(tmp) / OUTPUTS[name], DEFAULT_ENCODE)
-            if model_fps:
-                row["vs_model"] = round(row["frames_per_s"] / model_fps, 3)
-            add(
-                {"mode": mode, "output": name, "encode": DEFAULT_ENCODE, "batch": args.batch, **row}
-            )
+        servers = [args.server] if args.server else [None]
+        for server in servers:
+            for name in formats:
+                add(output_row(args, clip, Path(tmp) / OUTPUTS[name], server, model_fps))
+        if args.serve_config:
+            with served(args, Path(tmp)) as targets:
+                for transport in args.transports.split(","):
+                    for name in formats:
+                        output = Path(tmp) / OUTPUTS[name]
+                        row = output_row(args, clip, output, targets[transport], model_fps)
+                        add({**row, "transport": transport})
         for name in formats:
             for preset in args.presets.split(","):
                 row = encode_only(short, Path(tmp) / OUTPUTS[name], preset, args.batch)
