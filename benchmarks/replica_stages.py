@@ -33,6 +33,7 @@ def snapshot(url: str, samples: int = 20) -> Snapshot:
                 "model": model["name"],
                 "frames_ok": (model.get("frames") or {}).get("ok", 0),
                 "inference_path": model.get("inference_path"),
+                "startup_s": model.get("startup_s"),
                 "stages": model.get("stages") or {},
             }
     return seen

@@ -12,6 +12,9 @@
 #            run unless set) (up to 6 minutes)
 #   paths    the service with RMBG-2.0 eager vs optimized, then the trained YOLO scenarios
 #            (about 7 minutes)
+#   compiled the service with RMBG-2.0 optimized, then compiled twice on one Inductor cache
+#            (cold, warm: replica start-up in /v1/models' startup_s), the CUDA-graph and
+#            compiled-blocks GPU tests (about 9 minutes)
 #   video    segment-video per output format: in-process, and through a local service over
 #            HTTP and gRPC (needs PyAV; about 6 minutes)
 # Logs and JSON land in RESULTS_DIR (default bench-results/). Needs the published RMBG-2.0 code
@@ -63,6 +66,15 @@ if run paths; then
         --config configs/gpu-bench-trained.yaml --frames synthetic \
         --scenarios yolo-frames,yolo-single,products --no-yolo-x --duration 10 \
         --out "$out/service-trained.json"
+fi
+if run compiled; then
+    export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d /tmp/inductor-XXXX)}"
+    step compiled.log 420 python3 -m benchmarks.service_bench --scenarios rmbg \
+        --rmbg-paths optimized,compiled,compiled --duration 8 --no-yolo-x \
+        --out "$out/service-compiled.json"
+    step compiled.log 150 python3 -m pytest -m gpu tests/gpu/test_graphs_gpu.py \
+        tests/gpu/test_fp16_gpu.py -k "graph or compiled_blocks" -s -p no:cacheprovider \
+        -o addopts="-q --strict-markers -ra"
 fi
 if run video; then
     step video.log 540 python3 -m benchmarks.video_bench --model-path third_party/rmbg20 \

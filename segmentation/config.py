@@ -10,7 +10,14 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 TRUE_SPELLINGS = ("1", "true", "yes", "enable")
 FALSE_SPELLINGS = ("0", "false", "no", "disable")
@@ -70,6 +77,12 @@ class Settings(BaseModel):
         "gathered windows, leaner decoder); false runs the published eager code, the "
         "reference (RMBG_OPTIMIZED).",
     )
+    rmbg_compile: bool = Field(
+        False,
+        description="Also compile RMBG-2.0's Swin blocks with torch.compile (Inductor) on the "
+        "fast path: more frames/s, paid for at start-up unless Inductor's on-disk cache "
+        "(TORCHINDUCTOR_CACHE_DIR) already holds them; needs RMBG_OPTIMIZED (RMBG_COMPILE).",
+    )
     yolo_model: str = Field(
         DEFAULT_YOLO_MODEL,
         description="Ultralytics weights: a .pt file, a model name, or a .yaml architecture "
@@ -91,6 +104,15 @@ class Settings(BaseModel):
             raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return value
 
+    @model_validator(mode="after")
+    def _compile_needs_fast_path(self) -> Settings:
+        if self.rmbg_compile and not self.rmbg_optimized:
+            raise ValueError(
+                "RMBG_COMPILE=true compiles the fast path, which RMBG_OPTIMIZED=false turns "
+                "off: set RMBG_OPTIMIZED=true or RMBG_COMPILE=false"
+            )
+        return self
+
     @field_validator("yolo_imgsz")
     @classmethod
     def _check_stride(cls, value: int) -> int:
@@ -108,11 +130,12 @@ ENV_VARS: dict[str, str] = {
     "RMBG_TRUST_REMOTE_CODE": "rmbg_trust_remote_code",
     "RMBG_INPUT_SIZE": "rmbg_input_size",
     "RMBG_OPTIMIZED": "rmbg_optimized",
+    "RMBG_COMPILE": "rmbg_compile",
     "YOLO_MODEL": "yolo_model",
     "YOLO_IMGSZ": "yolo_imgsz",
     "HF_TOKEN": "hf_token",
 }
-_BOOL_FIELDS = {"use_fp16", "rmbg_trust_remote_code", "rmbg_optimized"}
+_BOOL_FIELDS = {"use_fp16", "rmbg_trust_remote_code", "rmbg_optimized", "rmbg_compile"}
 
 
 class SettingsError(ValueError):
@@ -145,6 +168,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         field_to_var = {f: v for v, f in ENV_VARS.items()}
         problems = "; ".join(
             f"{field_to_var.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}"
+            if err["loc"]
+            else str(err["msg"]).removeprefix("Value error, ")
             for err in exc.errors()
         )
         raise SettingsError(f"invalid settings: {problems}") from None

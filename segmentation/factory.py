@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from segmentation.config import Settings
+from segmentation.models import rmbg20_fast
 from segmentation.models.rmbg20_segmentor import LoadFormat, RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
 from segmentation.options import MODEL_KINDS, ModelKind
@@ -34,7 +37,7 @@ def build_segmentor(
             token=settings.hf_token,
             load_format=load_format,
             input_size=input_size or settings.rmbg_input_size,
-            optimized=settings.rmbg_optimized,
+            optimized=rmbg_steps(settings),
         )
     if kind == "yolo":
         return YoloSegmentor(
@@ -44,3 +47,13 @@ def build_segmentor(
             imgsz=input_size or settings.yolo_imgsz,
         )
     raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
+
+
+def rmbg_steps(settings: Settings) -> bool | Sequence[str]:
+    """RMBG-2.0's inference path from the settings: the fast path's default steps, with the
+    compiled blocks under ``RMBG_COMPILE``, or the published eager code."""
+    if not settings.rmbg_optimized:
+        return False
+    if settings.rmbg_compile:
+        return (*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE)
+    return True

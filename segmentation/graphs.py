@@ -34,13 +34,17 @@ class GraphedForward:
         select: Callable[[object], Outputs],
         device: torch.device,
         keep: Callable[[], object] | None = None,
+        before_capture: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         """``keep`` returns state the module cached during a capture (e.g. anchor tensors)
-        that the graph reads: it is held with the graph so its memory is never reused."""
+        that the graph reads: it is held with the graph so its memory is never reused.
+        ``before_capture(example)`` runs before each capture (e.g. to tell a module that
+        caches per-shape state that what the warm-up left is valid for this shape)."""
         self.module = module
         self.select = select
         self.device = device
         self.keep = keep
+        self.before_capture = before_capture
         self._graphs: dict[
             tuple[tuple[int, ...], torch.dtype], tuple[torch.cuda.CUDAGraph, torch.Tensor, Outputs]
         ] = {}
@@ -76,6 +80,8 @@ class GraphedForward:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         for static_in in statics:
+            if self.before_capture is not None:
+                self.before_capture(static_in)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 static_out = self.select(self.module(static_in))
@@ -100,11 +106,12 @@ def try_capture(
     select: Callable[[object], Outputs],
     examples: Sequence[torch.Tensor],
     keep: Callable[[], object] | None = None,
+    before_capture: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[GraphedForward | None, str | None]:
     """Graphs of ``module`` for each example's shape, or None and why they could not be
     captured (e.g. out of memory: the caller then runs eagerly, as before)."""
     device = examples[0].device
-    graphs = GraphedForward(module, select, device, keep=keep)
+    graphs = GraphedForward(module, select, device, keep=keep, before_capture=before_capture)
     error = None
     try:
         with torch.inference_mode():

@@ -92,9 +92,16 @@ class SegmentorReplica:
     name = "segmentor"
 
     def __init__(self, args: dict[str, Any] | SegmentorArgs | None = None) -> None:
+        self._created = time.monotonic()
         self.args = SegmentorArgs.model_validate(args or {})
         settings = load_settings()
         self.segmentor = self.load(self.args, settings)
+        #: Seconds from the replica's construction: model loaded, first batch config
+        #: installed (warm-up, compile, CUDA graphs: ready for traffic).
+        self.startup_s: dict[str, float | None] = {
+            "load": round(time.monotonic() - self._created, 2),
+            "ready": None,
+        }
         self.device = self.segmentor.device
         self.batch_config = BatchConfig()
         self.cap = AdaptiveBatchCap(
@@ -197,6 +204,8 @@ class SegmentorReplica:
 
     def _install(self, config: BatchConfig, prepared: _Prepared) -> None:
         """Swap in a prepared config; no ``await`` here, so no batch forms half-way."""
+        if self.startup_s["ready"] is None:
+            self.startup_s["ready"] = round(time.monotonic() - self._created, 2)
         self.batch_config = config
         self.memory_cap = prepared.memory_cap
         self.warmed_batch = prepared.warmed_batch
@@ -488,6 +497,7 @@ class SegmentorReplica:
         return {
             **self.segmentor.info().as_dict(),
             "weights_sha256": self.weights_sha256,
+            "startup_s": dict(self.startup_s),
             "batch": {
                 **self.batch_config.model_dump(),
                 "live_cap": self.cap.value,

@@ -30,8 +30,9 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
     192 (400 MB of FP16 writes per frame) and folds the 48-channel input branch into its
     last convolution.
 ``compile``
-    Optional: ``torch.compile`` (Inductor, static shapes) of the Swin block body, one
-    function shared by every block, so each distinct shape compiles once.
+    Optional (``RMBG_COMPILE``): ``torch.compile`` (Inductor) of the Swin block body, one
+    function shared by every block, so each distinct geometry compiles once, with the batch
+    size symbolic; an FP32 recompute runs the eager body.
 """
 
 from __future__ import annotations
@@ -301,9 +302,15 @@ def _swin_block(self: Any, x: torch.Tensor, mask_matrix: Any = None) -> torch.Te
     """``SwinTransformerBlock.forward``; the shift mask comes from the block's own plan."""
     height, width = self.H, self.W
     plan = _window_plan(self, height, width, x)
-    return self._fast_body(
-        self, x, height, width, plan.padded, plan.to_windows, plan.from_windows, plan.bias
-    )
+    body = self._fast_body
+    if body is not _swin_block_body:
+        if x.dtype != self._fast_dtype:
+            # an FP32 recompute of a few frames: the eager body, never a compile mid-request
+            body = _swin_block_body
+        else:
+            # one compiled graph per block geometry for every batch size (batch 1 aside)
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+    return body(self, x, height, width, plan.padded, plan.to_windows, plan.from_windows, plan.bias)
 
 
 def _basic_layer(self: Any, x: torch.Tensor, H: int, W: int) -> tuple[Any, ...]:
@@ -317,12 +324,17 @@ def _basic_layer(self: Any, x: torch.Tensor, H: int, W: int) -> tuple[Any, ...]:
 
 
 def _compiled_block_body() -> Callable[..., torch.Tensor]:
-    """``_swin_block_body`` through Inductor, static shapes: one compiled graph per distinct
-    block geometry (8 per backbone pass size), shared by every block of that geometry."""
+    """``_swin_block_body`` through Inductor: one compiled graph per distinct block geometry
+    (8 per backbone pass size), shared by every block of that geometry, with the batch size
+    symbolic (:func:`_swin_block` marks it) so the service's batch buckets reuse it.
+
+    Inductor keeps what it compiled on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under
+    the system's temp directory): a process that finds the same graphs there loads them
+    instead of compiling (docs/benchmarks.md has the cold and warm start-up times)."""
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(_swin_block_body, dynamic=False)
+    return torch.compile(_swin_block_body, dynamic=None)
 
 
 # --- decoder ----------------------------------------------------------------------------------

@@ -255,12 +255,23 @@ class YoloSegmentor:
         def anchors() -> object:  # the Detect head caches anchors per input shape
             return (getattr(head, "anchors", None), getattr(head, "strides", None))
 
+        def same_anchors(example: torch.Tensor) -> None:
+            """The head recomputes its anchors whenever the feature shape changes, batch
+            size included, and Ultralytics 8.4 builds them with a host-to-device copy that a
+            capture cannot hold. Anchors depend on height and width alone, which every
+            example shares: the warm-up's stay valid, so mark them as made for this batch."""
+            shape = getattr(head, "shape", None)
+            if head is not None and shape is not None and len(shape) == 4:
+                head.shape = torch.Size((example.shape[0], *shape[1:]))
+
         examples = [
             torch.zeros((n, 3, out_h, out_w), dtype=self.dtype, device=self.device)
             for n in batch_sizes
         ]
         try:
-            graphs, error = try_capture(self.source, self.model, _split_heads, examples, anchors)
+            graphs, error = try_capture(
+                self.source, self.model, _split_heads, examples, anchors, same_anchors
+            )
         finally:
             if head is not None and hasattr(head, "shape"):
                 head.shape = None  # eager calls recompute anchors into memory of their own

@@ -119,7 +119,10 @@ def test_rmbg_fp16_output_close_to_fp32(rmbg_dir: Path) -> None:
 
 
 @needs_arch
-@pytest.mark.parametrize("steps", [("sdpa",), ("sdpa", "windows"), ("decoder",)])
+@pytest.mark.parametrize(
+    "steps",
+    [("sdpa",), ("sdpa", "windows"), ("decoder",), ("sdpa", "windows", "decoder", "compile")],
+)
 def test_rmbg_each_fast_step_in_fp16_stays_within_2_of_255_of_eager_fp32(
     rmbg_dir: Path, steps: tuple[str, ...]
 ) -> None:
@@ -143,6 +146,37 @@ def test_rmbg_each_fast_step_in_fp16_stays_within_2_of_255_of_eager_fp32(
     diff = (probs["fast"] - probs["fp32"]).abs()
     print(f"\n{'+'.join(steps)} FP16 vs eager FP32: max {diff.max() * 255:.2f}/255")
     assert float(diff.max()) <= 2 / 255
+
+
+@needs_arch
+def test_rmbg_compiled_blocks_serve_every_batch_size_and_an_fp32_recompute_compiles_nothing(
+    rmbg_dir: Path,
+) -> None:
+    """The compiled Swin blocks take the batch size as a symbol: after batch 4 and 2 compiled
+    them, batch 3 adds no graph; an FP32 recompute (the overflow path) runs the eager body."""
+    from torch._dynamo.utils import counters
+
+    from segmentation.models.rmbg20_segmentor import _in_fp32
+
+    segmentor = RMBG20Segmentor(
+        str(rmbg_dir),
+        device="cuda",
+        trust_remote_code=True,
+        optimized=("sdpa", "windows", "decoder", "compile"),
+    )
+    frames = [product_frame(640, 480, seed=20 + i) for i in range(4)]
+    with torch.inference_mode():
+        batch = segmentor.preprocess(frames)
+        for size in (4, 2):
+            segmentor.forward(batch[:size])
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled > 0
+        fp16 = segmentor.forward(batch[:3]).float().sigmoid()
+        assert counters["stats"]["unique_graphs"] == compiled  # batch 3: no new graph
+        with _in_fp32(segmentor.model):
+            fp32 = segmentor.forward(batch[:3].float()).sigmoid()
+    assert counters["stats"]["unique_graphs"] == compiled  # FP32: eager, nothing compiled
+    assert float((fp16 - fp32).abs().max()) <= 2 / 255
 
 
 @pytest.mark.parametrize("name", ["yolo11n-seg.yaml", "yolo11x-seg.yaml"])

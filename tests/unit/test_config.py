@@ -101,3 +101,19 @@ def test_overrides_win_over_environment() -> None:
 
 def test_hf_token_is_not_shown_in_repr() -> None:
     assert "secret" not in repr(load_settings({"HF_TOKEN": "secret"}))
+
+
+def test_rmbg_compile_adds_the_compiled_blocks_to_the_fast_path() -> None:
+    from segmentation.factory import rmbg_steps
+
+    assert rmbg_steps(load_settings({})) is True  # the fast path's default steps
+    assert rmbg_steps(load_settings({"RMBG_OPTIMIZED": "no"})) is False
+    compiled = rmbg_steps(load_settings({"RMBG_COMPILE": "Enable"}))
+    assert compiled == ("sdpa", "windows", "decoder", "compile")
+
+
+def test_rmbg_compile_without_the_fast_path_is_refused_with_the_fix() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"RMBG_COMPILE": "true", "RMBG_OPTIMIZED": "false"})
+    message = str(caught.value)
+    assert "RMBG_COMPILE" in message and "RMBG_OPTIMIZED=true" in message

@@ -260,6 +260,19 @@ def test_reconfigure_during_a_running_batch_never_runs_the_model_beside_it() -> 
     assert ticks >= 3, "the event loop was blocked during the reconfigure"
 
 
+def test_startup_is_ready_only_once_the_first_config_is_warmed_up() -> None:
+    rep = replica()
+    rep.segmentor.delay_s = 0.05  # each warm-up call takes this long
+    assert rep.info()["startup_s"]["ready"] is None  # loaded, not yet warmed up
+    run(rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.0}))
+    startup = rep.info()["startup_s"]
+    warmups = len(rep.segmentor.calls)
+    assert warmups >= 3  # buckets 1, 2 and 4, at least
+    assert startup["ready"] >= startup["load"] + warmups * 0.05 - 0.01  # 2-decimal rounding
+    run(rep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.0}))
+    assert rep.info()["startup_s"] == startup  # a later reconfigure is not a start
+
+
 def test_weights_sha256_of_local_models_and_none_for_hub_ids(tmp_path: Path) -> None:
     model_dir = tmp_path / "rmbg"
     model_dir.mkdir()
