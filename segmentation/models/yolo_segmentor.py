@@ -26,6 +26,7 @@ from segmentation.errors import ModelLoadError
 from segmentation.models.base import ModelInfo, StageClock, host_batch
 from segmentation.options import DetectOptions
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
+from segmentation.rle import encode_rle_batch
 from segmentation_standins import describe as describe_standin
 
 logger = logging.getLogger(__name__)
@@ -367,8 +368,12 @@ class YoloSegmentor:
             inside = (
                 (cols >= box[:, 0]) & (cols < box[:, 2]) & (rows >= box[:, 1]) & (rows < box[:, 3])
             )
-            binary = ((part > 0) & inside).to(torch.uint8).cpu().numpy()
-            encoded.extend(encode_rle(mask) for mask in binary)
+            binary = (part > 0) & inside
+            if binary.device.type == "cuda":
+                # run boundaries found on the GPU; only their positions come to the host
+                encoded.extend(encode_rle_batch(binary))
+            else:  # pycocotools on the host is faster than torch's CPU kernels here
+                encoded.extend(encode_rle(mask) for mask in binary.to(torch.uint8).numpy())
         return encoded
 
 
