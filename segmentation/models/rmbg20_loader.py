@@ -100,16 +100,39 @@ def _check_dir(path: Path, need_weights: bool) -> Path:
     return path
 
 
-def build_model(model_dir: Path, *, load_weights: bool = True) -> torch.nn.Module:
-    """Build the model from its config on the CPU and load its weights strictly."""
+def build_model(
+    model_dir: Path, *, load_weights: bool = True, device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """Build the model from its config on ``device`` and load its weights strictly.
+
+    Built on a GPU, the random initialisation of RMBG-2.0's 220 M parameters (which the
+    weights then overwrite) takes milliseconds instead of ~6 s of one CPU core; where the
+    model's code cannot be built there, it is built on the CPU as before.
+    """
     from transformers import AutoConfig, AutoModelForImageSegmentation
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True)
-        with torch.device("cpu"):
-            model = AutoModelForImageSegmentation.from_config(config, trust_remote_code=True)
     except Exception as exc:
         raise ModelLoadError(f"{model_dir}: cannot build the model from its code: {exc}") from exc
+    target = torch.device(device)
+    model = None
+    if target.type != "cpu":
+        try:
+            with target:
+                model = AutoModelForImageSegmentation.from_config(config, trust_remote_code=True)
+        except Exception as exc:  # the CPU build below reports what is really wrong
+            logger.warning(
+                "%s: building on %s failed (%s); building on the CPU", model_dir, target, exc
+            )
+    if model is None:
+        try:
+            with torch.device("cpu"):
+                model = AutoModelForImageSegmentation.from_config(config, trust_remote_code=True)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{model_dir}: cannot build the model from its code: {exc}"
+            ) from exc
     if load_weights:
         load_state_dict_strict(model, model_dir / WEIGHTS_FILE)
     else:

@@ -77,7 +77,9 @@ class RMBG20Segmentor:
                 token=token,
                 need_weights=load_format != "dummy",
             )
-        model = build_model(Path(model_dir), load_weights=load_format != "dummy")
+        model = build_model(
+            Path(model_dir), load_weights=load_format != "dummy", device=self.device
+        )
         self.precision: Precision = apply_precision(
             model,
             choose_precision(self.device, use_fp16),
@@ -85,6 +87,8 @@ class RMBG20Segmentor:
             prepare=cast_attention_masks,
         )
         self.model = model.to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the FP32 tensors the build and the conversion left
         steps = rmbg20_fast.DEFAULT_STEPS if optimized is True else (optimized or ())
         #: Steps of the fast path applied to this model (empty: the published eager code).
         self.fast_steps: tuple[str, ...] = rmbg20_fast.optimize(self.model, steps)

@@ -127,6 +127,18 @@ def test_stand_in_reproduces_the_from_pretrained_hazard(model_dir: Path) -> None
     assert build_model(model_dir) is not None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_the_code_cannot_build_on_falls_back_to_the_cpu_build(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = build_model(model_dir, device="cuda")  # no CUDA here: the GPU build fails
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert "building on the CPU" in caplog.text
+    reference = build_model(model_dir)
+    for got, want in zip(model.state_dict().values(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want)  # the weights were loaded, not left random
+
+
 def test_conversion_failure_falls_back_to_fp32_and_keeps_serving(
     fake_gpu: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
