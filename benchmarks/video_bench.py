@@ -181,14 +181,18 @@ def command(
 
 
 def output_row(
-    args: argparse.Namespace, clip: Path, output: Path, server: str | None, model_fps: Any
+    args: argparse.Namespace,
+    clip: Path,
+    name: str,
+    workdir: Path,
+    server: str | None,
+    model_fps: Any,
 ) -> dict[str, Any]:
-    """A ``segment-video`` row for one output format, in-process or through ``server``."""
-    row = command(args, clip, output, DEFAULT_ENCODE, server)
+    """A ``segment-video`` row for output format ``name``, in-process or through ``server``."""
+    row = command(args, clip, workdir / OUTPUTS[name], DEFAULT_ENCODE, server)
     if model_fps:
         row["vs_model"] = round(row["frames_per_s"] / model_fps, 3)
     mode = "server" if server else "in-process"
-    name = next(k for k, v in OUTPUTS.items() if v == output.name)
     return {"mode": mode, "output": name, "encode": DEFAULT_ENCODE, "batch": args.batch, **row}
 
 
@@ -288,16 +292,14 @@ def main(argv: list[str] | None = None) -> int:
             row = model_alone(args, clip)
             model_fps = row["frames_per_s"]
             add({"mode": "model", "output": None, "batch": args.batch, **row})
-        servers = [args.server] if args.server else [None]
-        for server in servers:
-            for name in formats:
-                add(output_row(args, clip, Path(tmp) / OUTPUTS[name], server, model_fps))
+        for name in formats:
+            add(output_row(args, clip, name, Path(tmp), args.server, model_fps))
         if args.serve_config:
             with served(args, Path(tmp)) as targets:
                 for transport in args.transports.split(","):
                     for name in formats:
-                        output = Path(tmp) / OUTPUTS[name]
-                        row = output_row(args, clip, output, targets[transport], model_fps)
+                        server = targets[transport]
+                        row = output_row(args, clip, name, Path(tmp), server, model_fps)
                         add({**row, "transport": transport})
         for name in formats:
             for preset in args.presets.split(","):

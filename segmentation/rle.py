@@ -31,13 +31,13 @@ def encode_rle_batch(masks: torch.Tensor) -> list[dict[str, Any]]:
     ends = (flat[:, 1:] != flat[:, :-1]).nonzero().cpu().numpy()  # (mask, last pixel of a run)
     starts_set = flat[:, 0].cpu().numpy()
     per_mask = np.split(ends[:, 1] + 1, np.searchsorted(ends[:, 0], np.arange(1, count)))
-    encoded = []
+    uncompressed = []
     for first_set, run_ends in zip(starts_set, per_mask, strict=True):
         counts = np.diff(run_ends, prepend=0, append=total)
         if first_set:
             counts = np.concatenate(([0], counts))
-        rle = mask_utils.frPyObjects(
-            {"counts": counts.tolist(), "size": [height, width]}, height, width
-        )
-        encoded.append({"size": [height, width], "counts": rle["counts"].decode()})
-    return encoded
+        uncompressed.append({"counts": counts.tolist(), "size": [height, width]})
+    return [
+        {"size": [height, width], "counts": rle["counts"].decode()}
+        for rle in mask_utils.frPyObjects(uncompressed, height, width)
+    ]
