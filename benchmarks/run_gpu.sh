@@ -6,17 +6,20 @@
 #   model    model-level benchmark (RMBG-2.0 and YOLO, FP32 vs FP16)
 #   service  service-level benchmark (the Serve app under load)
 #   trained  YOLO trained stand-in on synthetic product shots: model rows, FP16-vs-FP32
-#            quality test (about 3 minutes)
+#            quality test, GPU RLE test (about 3 minutes)
 #   compile  RMBG-2.0 fast path with the Swin blocks compiled: a cold compile, then a second
 #            process on the same Inductor cache (TORCHINDUCTOR_CACHE_DIR, a fresh one per
 #            run unless set) (up to 6 minutes)
-#   paths    the service with RMBG-2.0 eager vs optimized, then the trained YOLO scenarios
-#            (about 7 minutes)
+#   paths    the service with RMBG-2.0 eager vs optimized (about 4 minutes)
+#   trained-service  the service's YOLO scenarios with the trained stand-in on synthetic
+#            product shots (about 3 minutes)
 #   compiled the service with RMBG-2.0 optimized, then compiled twice on one Inductor cache
 #            (cold, warm: replica start-up in /v1/models' startup_s), the CUDA-graph and
 #            compiled-blocks GPU tests (about 9 minutes)
-#   video    segment-video per output format: in-process, and through a local service over
-#            HTTP and gRPC (needs PyAV; about 6 minutes)
+#   video    segment-video per output format in-process, clips of 120 and 480 frames, with
+#            and without --cuda-graphs; encode-only rows (needs PyAV; about 5 minutes)
+#   video-server  segment-video per output format through a local service over HTTP and
+#            gRPC (needs PyAV and Ray; about 3 minutes)
 # Logs and JSON land in RESULTS_DIR (default bench-results/). Needs the published RMBG-2.0 code
 # in third_party/rmbg20 (or RMBG_ARCH_DIR) and, on an offline machine, the carried packages
 # (source .device-site/setup.sh first). Exact commands and what each part needs: docs/gpu.md.
@@ -47,7 +50,8 @@ if run trained; then
     step trained.log 240 python3 -m benchmarks.model_bench --yolo-only --frames synthetic \
         --yolo standin:product-yolo11n-seg,yolo11n-seg.yaml --yolo-batches 1,16,64 \
         --out "$out/model-yolo-synthetic.json"
-    step trained.log 180 python3 -m pytest -m gpu tests/gpu/test_quality_gpu.py -s \
+    step trained.log 180 python3 -m pytest -m gpu tests/gpu/test_quality_gpu.py \
+        tests/gpu/test_rle_gpu.py -s \
         -p no:cacheprovider -o addopts="-q --strict-markers -ra"
 fi
 if run compile; then
@@ -62,7 +66,9 @@ fi
 if run paths; then
     step paths.log 300 python3 -m benchmarks.service_bench --scenarios rmbg \
         --rmbg-paths optimized,eager --duration 15 --no-yolo-x --out "$out/service-paths.json"
-    step paths.log 240 python3 -m benchmarks.service_bench \
+fi
+if run trained-service; then
+    step trained-service.log 240 python3 -m benchmarks.service_bench \
         --config configs/gpu-bench-trained.yaml --frames synthetic \
         --scenarios yolo-frames,yolo-single,products --no-yolo-x --duration 10 \
         --out "$out/service-trained.json"
@@ -78,8 +84,14 @@ if run compiled; then
 fi
 if run video; then
     step video.log 540 python3 -m benchmarks.video_bench --model-path third_party/rmbg20 \
+        --load-format dummy --width 1920 --height 1080 --frames 120,480 --batch 16 \
+        --cuda-graphs off,on --out "$out/video.json"
+fi
+if run video-server; then
+    step video.log 360 python3 -m benchmarks.video_bench --model-path third_party/rmbg20 \
         --load-format dummy --width 1920 --height 1080 --frames 120 --batch 16 \
-        --serve-config configs/gpu-bench.yaml --transports http,grpc --out "$out/video.json"
+        --serve-config configs/gpu-bench.yaml --transports http,grpc --server-only \
+        --out "$out/video-server.json"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true
 exit $status

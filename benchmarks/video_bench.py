@@ -5,16 +5,20 @@ per row (so the time to first frame counts imports, model build and the first ba
 per output: a PNG directory, ``.webm`` (VP9 + alpha) and ``.mov`` (ProRes 4444). Rows:
 
 - ``model``: the model alone on the clip's decoded frames at ``--batch`` (steady state, after
-  one warm-up batch): the pace every other row is measured against (``vs_model``).
+  one warm-up batch, and the capture with ``cuda_graphs``): the pace every other row is
+  measured against (``vs_model``; ``vs_model_after_first`` for the pace once running).
 - ``in-process``: ``segment-video CLIP -o OUT --batch-size B --encode P`` (the model in the
-  command's process).
+  command's process), per ``--cuda-graphs`` variant (``off``, ``on``: the command's
+  ``--cuda-graphs``) and per clip length in ``--frames`` (e.g. ``120,600``: a capture pays
+  off only on a longer clip).
 - ``server``: the same with ``--server URL`` (a service started elsewhere; no model row).
 - ``encode-only``: the command's decode / write pipeline with synthetic mattes (no model), at
   every ``--encode`` preset: how fast each format and preset can go on this machine.
 
-Each row carries frames/s, time to first frame, the start-up breakdown and each stage's busy
-seconds (from ``segment-video --report``). On a GPU (H100: about 3 minutes, RMBG-2.0 with
-random weights from the published architecture in ``third_party/rmbg20``):
+Each row carries frames/s (whole run, and after the first frame), time to first frame, the
+start-up breakdown and each stage's busy seconds (from ``segment-video --report``). On a GPU
+(H100: about 3 minutes, RMBG-2.0 with random weights from the published architecture in
+``third_party/rmbg20``):
 
     python -m benchmarks.video_bench --model-path third_party/rmbg20 --load-format dummy \\
         --width 1920 --height 1080 --frames 120 --batch 16 --out video.json
@@ -116,8 +120,9 @@ def encode_only(clip: Path, output: Path, preset: str, batch: int) -> dict[str, 
     }
 
 
-def model_alone(args: argparse.Namespace, clip: Path) -> dict[str, Any]:
-    """The model's own frames/s at ``--batch`` on the clip's frames (after one warm-up)."""
+def model_alone(args: argparse.Namespace, clip: Path, graphs: bool) -> dict[str, Any]:
+    """The model's own frames/s at ``--batch`` on the clip's frames (after one warm-up batch
+    and, with ``graphs``, a second one that captures the CUDA graph)."""
     import torch
 
     from segmentation.config import load_settings
@@ -133,8 +138,10 @@ def model_alone(args: argparse.Namespace, clip: Path) -> dict[str, Any]:
         device=args.device,
         load_format=args.load_format,
     )
-    runner = LocalRunner("rmbg", segmentor, batch_size=args.batch)
+    runner = LocalRunner("rmbg", segmentor, batch_size=args.batch, cuda_graphs=graphs)
     runner(frames[: args.batch])  # cuDNN plans for this batch size
+    if graphs:
+        runner(frames[: args.batch])  # the capture, then a replay
     sync = torch.cuda.synchronize if segmentor.device.type == "cuda" else (lambda: None)
     sync()
     started = time.perf_counter()
@@ -147,6 +154,7 @@ def model_alone(args: argparse.Namespace, clip: Path) -> dict[str, Any]:
         "seconds": round(elapsed, 3),
         "frames_per_s": round(len(frames) / elapsed, 2),
         "precision": segmentor.precision.name,
+        "inference_path": segmentor.info().inference_path,
         "device": torch.cuda.get_device_name(0) if segmentor.device.type == "cuda" else "cpu",
     }
     del runner, segmentor
@@ -156,7 +164,12 @@ def model_alone(args: argparse.Namespace, clip: Path) -> dict[str, Any]:
 
 
 def command(
-    args: argparse.Namespace, clip: Path, output: Path, preset: str, server: str | None
+    args: argparse.Namespace,
+    clip: Path,
+    output: Path,
+    preset: str,
+    server: str | None,
+    graphs: bool = False,
 ) -> dict[str, Any]:
     """One ``segment-video`` run in a fresh process (through ``server`` if given); its
     ``--report``."""
@@ -169,6 +182,8 @@ def command(
         argv += ["--model-path", _model_path(args.model_path), "--batch-size", str(args.batch)]
         if args.device:
             argv += ["--device", args.device]
+        if graphs:
+            argv += ["--cuda-graphs"]
     env = dict(os.environ, RMBG_TRUST_REMOTE_CODE="1")
     child = [sys.executable, "-m", "benchmarks.video_bench", CHILD_FLAG, args.load_format]
     done = subprocess.run([*child, *argv], env=env, capture_output=True, text=True)
@@ -176,7 +191,15 @@ def command(
         raise RuntimeError(f"segment-video {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
     result = json.loads(report.read_text())
     report.unlink()
-    keep = ("frames", "seconds", "frames_per_s", "time_to_first_frame", "startup", "stages")
+    keep = (
+        "frames",
+        "seconds",
+        "frames_per_s",
+        "frames_per_s_after_first",
+        "time_to_first_frame",
+        "startup",
+        "stages",
+    )
     return {**{k: result[k] for k in keep}, "bytes": _size(output)}
 
 
@@ -187,13 +210,20 @@ def output_row(
     workdir: Path,
     server: str | None,
     model_fps: Any,
+    graphs: bool = False,
 ) -> dict[str, Any]:
-    """A ``segment-video`` row for output format ``name``, in-process or through ``server``."""
-    row = command(args, clip, workdir / OUTPUTS[name], DEFAULT_ENCODE, server)
+    """A ``segment-video`` row for output format ``name``, in-process (``graphs``: with
+    ``--cuda-graphs``) or through ``server``."""
+    row = command(args, clip, workdir / OUTPUTS[name], DEFAULT_ENCODE, server, graphs)
     if model_fps:
         row["vs_model"] = round(row["frames_per_s"] / model_fps, 3)
+        if row.get("frames_per_s_after_first"):
+            row["vs_model_after_first"] = round(row["frames_per_s_after_first"] / model_fps, 3)
     mode = "server" if server else "in-process"
-    return {"mode": mode, "output": name, "encode": DEFAULT_ENCODE, "batch": args.batch, **row}
+    head = {"mode": mode, "output": name, "encode": DEFAULT_ENCODE, "batch": args.batch}
+    if not server:
+        head["cuda_graphs"] = graphs
+    return {**head, **row}
 
 
 @contextlib.contextmanager
@@ -260,11 +290,25 @@ def main(argv: list[str] | None = None) -> int:
         "its RMBG-2.0 at --model-path) and add server rows through it, per --transports",
     )
     parser.add_argument("--transports", default="http,grpc", help="with --serve-config")
+    parser.add_argument(
+        "--server-only",
+        action="store_true",
+        help="with --serve-config: only the rows through it (no model, in-process or "
+        "encode-only rows)",
+    )
     parser.add_argument("--gpus", type=int, default=1, help="with --serve-config")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--height", type=int, default=1080)
-    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument(
+        "--frames", default="120", help="clip length(s) for the in-process rows, e.g. 120,600"
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        default="off",
+        help="in-process variants: off, on or off,on (segment-video --cuda-graphs; a model "
+        "row for each)",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--formats", default="png,webm,mov")
     parser.add_argument(
@@ -275,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encode-frames", type=int, default=48)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.server_only and not args.serve_config:
+        parser.error("--server-only needs --serve-config")
     formats = args.formats.split(",")
+    lengths = [int(n) for n in args.frames.split(",")]
+    variants = [{"off": False, "on": True}[v] for v in args.cuda_graphs.split(",")]
     rows: list[dict[str, Any]] = []
 
     def add(row: dict[str, Any]) -> None:
@@ -283,25 +331,37 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        clip = Path(tmp) / "clip.mp4"
-        synthetic_clip(clip, args.width, args.height, args.frames)
+        clips = {n: Path(tmp) / f"clip-{n}.mp4" for n in lengths}
+        for frames, path in clips.items():
+            synthetic_clip(path, args.width, args.height, frames)
+        clip = clips[lengths[0]]
         short = Path(tmp) / "short.mp4"
-        synthetic_clip(short, args.width, args.height, min(args.frames, args.encode_frames))
-        model_fps = None
-        if not args.server:
-            row = model_alone(args, clip)
-            model_fps = row["frames_per_s"]
-            add({"mode": "model", "output": None, "batch": args.batch, **row})
-        for name in formats:
-            add(output_row(args, clip, name, Path(tmp), args.server, model_fps))
+        synthetic_clip(short, args.width, args.height, min(lengths[0], args.encode_frames))
+        model_fps: dict[bool, Any] = {False: None}
+        if args.server:
+            for name in formats:
+                add(output_row(args, clip, name, Path(tmp), args.server, None))
+        elif not args.server_only:
+            for graphs in variants:
+                row = model_alone(args, clip, graphs)
+                model_fps[graphs] = row["frames_per_s"]
+                head = {"mode": "model", "output": None, "batch": args.batch}
+                add({**head, "cuda_graphs": graphs, **row})
+            for path in clips.values():
+                for graphs in variants:
+                    for name in formats:
+                        row = output_row(
+                            args, path, name, Path(tmp), None, model_fps[graphs], graphs
+                        )
+                        add(row)
         if args.serve_config:
             with served(args, Path(tmp)) as targets:
                 for transport in args.transports.split(","):
                     for name in formats:
                         server = targets[transport]
-                        row = output_row(args, clip, name, Path(tmp), server, model_fps)
+                        row = output_row(args, clip, name, Path(tmp), server, model_fps[False])
                         add({**row, "transport": transport})
-        for name in formats:
+        for name in formats if not args.server_only else ():
             for preset in args.presets.split(","):
                 row = encode_only(short, Path(tmp) / OUTPUTS[name], preset, args.batch)
                 add({"mode": "encode-only", "output": name, "encode": preset, **row})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,10 +44,15 @@ class LocalRunner:
         *,
         batch_size: int = 8,
         detect: DetectOptions | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.kind = kind
         self.segmentor = segmentor
         self.detect = detect or DetectOptions()
+        self.cuda_graphs = cuda_graphs and segmentor.device.type == "cuda"
+        #: Seconds the CUDA-graph capture took (None: not tried yet, or not asked for).
+        self.graph_seconds: float | None = None
+        self._batches = 0
         self._runner = OOMSafeRunner(self._run, AdaptiveBatchCap(batch_size))
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[FrameOutput]:
@@ -61,6 +67,9 @@ class LocalRunner:
     def _run(self, frames: list[np.ndarray]) -> list[FrameOutput]:
         if self.segmentor.device.type == "cuda":
             self.segmentor.batch_buckets = (self._runner.cap.value,)
+            if self.cuda_graphs and self._batches and self.graph_seconds is None:
+                self._capture(frames)
+        self._batches += 1
         if self.kind == "rmbg":
             return [FrameOutput(alpha) for alpha in self.segmentor.predict(frames)]
         found = self.segmentor.predict(frames, [self.detect] * len(frames))
@@ -71,3 +80,14 @@ class LocalRunner:
             )
             outputs.append(FrameOutput(matte, [i.as_dict() for i in detections.instances]))
         return outputs
+
+    def _capture(self, frames: list[np.ndarray]) -> None:
+        started = time.perf_counter()
+        sizes = (self._runner.cap.value,)
+        segmentor: Any = self.segmentor  # both segmentors capture; their frame inputs differ
+        if self.kind == "rmbg":
+            segmentor.capture_graphs(sizes)
+        else:
+            height, width = frames[0].shape[:2]
+            segmentor.capture_graphs((int(height), int(width)), sizes)
+        self.graph_seconds = time.perf_counter() - started

@@ -287,6 +287,9 @@ class RunReport:
     frames_per_s: float
     #: From process start to the first output frame written.
     time_to_first_frame: float | None
+    #: Frames written after the first one over the seconds after it: the pace once running,
+    #: start-up (model build, first batch) left out.
+    frames_per_s_after_first: float | None
     #: Where the first seconds went: process start, model libraries, model build, first batch.
     startup: dict[str, float]
     #: Busy seconds of each stage (threads overlap, so they can add up to more than wall).
@@ -299,9 +302,14 @@ class RunReport:
             else ""
         )
         note = f" ({self.skipped} were already done)" if self.skipped else ""
+        pace = (
+            f" ({self.frames_per_s_after_first:.1f} after the first frame)"
+            if self.frames_per_s_after_first is not None
+            else ""
+        )
         lines = [
             f"segment-video: {self.frames + self.skipped} frames -> {self.output}{note}: "
-            f"{self.frames_per_s:.1f} frames/s{first}"
+            f"{self.frames_per_s:.1f} frames/s{pace}{first}"
         ]
         if profile:
             lines.append(
@@ -362,6 +370,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "directory, a .pt file or standin:tiny-birefnet",
     )
     parser.add_argument("--device", help="in-process device: auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="in-process on a GPU: replay the model from a CUDA graph from the second batch on "
+        "(its capture takes about a second; worth it for clips of a few hundred frames, see "
+        "docs/benchmarks.md)",
+    )
     parser.add_argument("--conf", type=float, help="yolo: minimum detection score")
     parser.add_argument("--classes", help="yolo: comma-separated class ids to keep")
     parser.add_argument(
@@ -454,6 +469,7 @@ def build_matte_source(
         build_segmentor(args.model, load_settings(), model=args.model_path, device=args.device),
         batch_size=args.batch_size,
         detect=DetectOptions(**detect),
+        cuda_graphs=args.cuda_graphs,
     )
 
     async def nothing() -> None:
@@ -502,7 +518,11 @@ async def run(args: argparse.Namespace) -> RunReport:
         elapsed = time.perf_counter() - started
     if isinstance(source, LocalMattes) and source.first_call is not None:
         startup["first_batch"] = round(source.first_call, 3)
+    graph_seconds = getattr(getattr(source, "runner", None), "graph_seconds", None)
+    if graph_seconds is not None:
+        startup["cuda_graphs"] = round(graph_seconds, 3)
     first = stats.first_written
+    after = started + elapsed - first if first is not None else 0.0
     return RunReport(
         input=args.input,
         output=args.output,
@@ -516,6 +536,9 @@ async def run(args: argparse.Namespace) -> RunReport:
         seconds=round(elapsed, 3),
         frames_per_s=round(stats.processed / elapsed, 2) if elapsed > 0 else 0.0,
         time_to_first_frame=round(first - began, 3) if first is not None else None,
+        frames_per_s_after_first=round((stats.processed - 1) / after, 2)
+        if stats.processed > 1 and after > 0
+        else None,
         startup=startup,
         stages={k: round(v, 3) for k, v in timer.seconds.items()},
     )

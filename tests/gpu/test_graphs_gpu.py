@@ -1,13 +1,19 @@
-"""CUDA-graph replay of YOLO11-seg: the same answers as eager runs, at every batch size."""
+"""CUDA-graph replay of YOLO11-seg and RMBG-2.0: the same answers as eager runs, at every batch
+size, in the replicas and in-process."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+import segmentation_standins as standins
 from segmentation.batching import batch_buckets
+from segmentation.local import LocalRunner
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
+from segmentation_standins import synthetic
+from segmentation_standins.quality import mask_iou, matte_iou
 from tests.conftest import RMBG_ARCH_DIR, product_frame
 
 pytestmark = pytest.mark.gpu
@@ -91,3 +97,42 @@ def test_rmbg_graphs_at_the_service_buckets_fit_in_half_a_card() -> None:
         assert len(mattes) == 16 and mattes[15].shape == (1080, 1920)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_in_process_runner_replays_a_graph_with_the_eager_answers() -> None:
+    """``LocalRunner(cuda_graphs=True)`` (``segment-video --cuda-graphs``) captures one graph
+    at its batch size after the first batch and gives the eager run's mattes and instances
+    (trained stand-ins on held-out synthetic scenes; the last batch is a short one)."""
+    scenes = [synthetic.scene(4000 + i, 0, 640, 480) for i in range(10)]
+    frames = [scene.image for scene in scenes]
+
+    def rmbg() -> RMBG20Segmentor:
+        return RMBG20Segmentor(standins.PRODUCT_RMBG, device="cuda", input_size=256)
+
+    eager = LocalRunner("rmbg", rmbg(), batch_size=4)(frames)
+    model = rmbg()
+    runner = LocalRunner("rmbg", model, batch_size=4, cuda_graphs=True)
+    graphed = runner(frames)
+    assert model.graph_batch_sizes == [4] and runner.graph_seconds is not None
+    assert model.info().inference_path.endswith("graphs")
+    for a, b, scene in zip(eager, graphed, scenes, strict=True):
+        assert np.abs(a.alpha.astype(int) - b.alpha.astype(int)).max() <= 2
+        assert matte_iou(b.alpha, scene) >= 0.9
+
+    def yolo() -> YoloSegmentor:
+        return YoloSegmentor(standins.PRODUCT_YOLO, device="cuda", imgsz=320)
+
+    eager = LocalRunner("yolo", yolo(), batch_size=4)(frames)
+    model = yolo()
+    graphed = LocalRunner("yolo", model, batch_size=4, cuda_graphs=True)(frames)
+    assert model.graph_batch_sizes == [4]
+    for a, b in zip(eager, graphed, strict=True):
+        assert a.instances and b.instances is not None
+        assert [i["class_id"] for i in a.instances] == [i["class_id"] for i in b.instances]
+        assert (
+            np.abs(
+                np.subtract([i["box"] for i in a.instances], [i["box"] for i in b.instances])
+            ).max()
+            <= 1.0
+        )
+        assert mask_iou(a.alpha > 0, b.alpha > 0) >= 0.98

@@ -20,6 +20,7 @@ from PIL import Image
 import segmentation_standins as standins
 from segmentation.local import LocalRunner
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
+from segmentation.models.yolo_segmentor import Detections
 from segmentation_client.segment_video import main, segment_frames
 from segmentation_client.video import (
     ENCODE_PRESETS,
@@ -229,6 +230,45 @@ def test_in_process_batches_pad_to_the_run_batch_size_on_cuda_only() -> None:
     assert seen == [(4, None), (4, None), (3, None)]
 
 
+def test_in_process_cuda_graphs_are_captured_once_after_the_first_batch() -> None:
+    """The first batch's mattes come out before the capture (the time to the first frame does
+    not change); then one graph at the run's batch size; never on the CPU. (No CUDA here: a
+    recording segmentor stands in for the device.)"""
+    events: list[object] = []
+
+    class Recording:
+        def __init__(self, device: str, kind: str) -> None:
+            self.device = SimpleNamespace(type=device)
+            self.batch_buckets: tuple[int, ...] | None = None
+            self.kind = kind
+
+        def predict(self, frames: list[np.ndarray], *options: object) -> list[object]:
+            events.append(len(frames))
+            if self.kind == "rmbg":
+                return [np.zeros(f.shape[:2], np.uint8) for f in frames]
+            return [Detections(f.shape[1], f.shape[0], []) for f in frames]
+
+        def capture_graphs(self, *args: object) -> bool:
+            events.append(("capture", *args))
+            return True
+
+    frames = [np.zeros((6, 10, 3), np.uint8)] * 11
+    runner = LocalRunner("rmbg", Recording("cuda", "rmbg"), batch_size=4, cuda_graphs=True)
+    assert [o.alpha.shape for o in runner(frames[:4])] == [(6, 10)] * 4
+    assert events == [4] and runner.graph_seconds is None  # first batch out, nothing captured
+    runner(frames[4:])
+    assert events == [4, ("capture", (4,)), 4, 3]
+    assert runner.graph_seconds is not None and runner.graph_seconds >= 0
+    events.clear()
+    yolo = LocalRunner("yolo", Recording("cuda", "yolo"), batch_size=4, cuda_graphs=True)
+    assert [o.alpha.shape for o in yolo(frames)] == [(6, 10)] * 11
+    assert events == [4, ("capture", (6, 10), (4,)), 4, 3]  # YOLO's graphs are per frame size
+    events.clear()
+    cpu = LocalRunner("rmbg", Recording("cpu", "rmbg"), batch_size=4, cuda_graphs=True)
+    cpu(frames)
+    assert events == [4, 4, 3] and cpu.graph_seconds is None
+
+
 def _reference_mattes(frames: list[np.ndarray]) -> list[np.ndarray]:
     model = RMBG20Segmentor(standins.RMBG_STANDIN, device="cpu")
     return model.predict(frames)
@@ -244,6 +284,9 @@ def test_segment_video_in_process_writes_every_frame_in_order(tmp_path: Path, cl
     summary = json.loads(report.read_text())
     assert (summary["frames"], summary["skipped"], summary["mode"]) == (FRAMES, 0, "in-process")
     assert 0 < summary["startup"]["first_batch"] <= summary["time_to_first_frame"]
+    # The pace once running leaves the first batch (and the model build) out.
+    assert summary["frames_per_s_after_first"] > summary["frames_per_s"] > 0
+    assert "cuda_graphs" not in summary["startup"]  # not asked for (and no GPU)
     assert summary["time_to_first_frame"] >= summary["startup"]["model_build"]
     assert {"decode", "model", "encode"} <= set(summary["stages"])
     written = sorted(out.glob("frame_*.png"))
