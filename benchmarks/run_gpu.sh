@@ -16,8 +16,9 @@
 #   compiled the service with RMBG-2.0 optimized, then compiled twice on one Inductor cache
 #            (cold, warm: replica start-up in /v1/models' startup_s), the CUDA-graph and
 #            compiled-blocks GPU tests (about 9 minutes)
-#   video    segment-video per output format in-process, clips of 120 and 480 frames, with
-#            and without --cuda-graphs; encode-only rows (needs PyAV; about 5 minutes)
+#   video    segment-video per output format in-process, clips of 120 and 480 frames, RMBG-2.0
+#            with weights read from local disk; encode-only rows; YOLO11n-seg with and
+#            without --cuda-graphs (needs PyAV; about 5 minutes)
 #   video-server  segment-video per output format through a local service over HTTP and
 #            gRPC (needs PyAV and Ray; about 3 minutes)
 # Logs and JSON land in RESULTS_DIR (default bench-results/). Needs the published RMBG-2.0 code
@@ -84,8 +85,12 @@ if run compiled; then
 fi
 if run video; then
     step video.log 540 python3 -m benchmarks.video_bench --model-path third_party/rmbg20 \
-        --load-format dummy --width 1920 --height 1080 --frames 120,480 --batch 16 \
-        --cuda-graphs off,on --out "$out/video.json"
+        --with-weights --width 1920 --height 1080 --frames 120,480 --batch 16 \
+        --out "$out/video.json"
+    step video.log 240 python3 -m benchmarks.video_bench --model yolo \
+        --model-path yolo11n-seg.yaml --width 1920 --height 1080 --frames 480 --batch 16 \
+        --cuda-graphs off,on --formats png,mov --presets fast --encode-frames 16 \
+        --out "$out/video-yolo.json"
 fi
 if run video-server; then
     step video.log 360 python3 -m benchmarks.video_bench --model-path third_party/rmbg20 \

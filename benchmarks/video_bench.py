@@ -132,13 +132,13 @@ def model_alone(args: argparse.Namespace, clip: Path, graphs: bool) -> dict[str,
     with VideoReader(clip) as reader:
         frames = list(reader)
     segmentor = build_segmentor(
-        "rmbg",
+        args.model,
         load_settings(rmbg_trust_remote_code=True),
         model=_model_path(args.model_path),
         device=args.device,
         load_format=args.load_format,
     )
-    runner = LocalRunner("rmbg", segmentor, batch_size=args.batch, cuda_graphs=graphs)
+    runner = LocalRunner(args.model, segmentor, batch_size=args.batch, cuda_graphs=graphs)
     runner(frames[: args.batch])  # cuDNN plans for this batch size
     if graphs:
         runner(frames[: args.batch])  # the capture, then a replay
@@ -163,6 +163,26 @@ def model_alone(args: argparse.Namespace, clip: Path, graphs: bool) -> dict[str,
     return row
 
 
+def with_weights(model_path: str, workdir: Path) -> Path:
+    """A copy of the model directory at ``model_path`` with random weights (seed 0) in its
+    weights file, so the rows load weights from local disk as a real run does (the file was
+    just written: the page cache holds it, as after a first run)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from segmentation.models.rmbg20_loader import WEIGHTS_FILE, build_model
+
+    target = workdir / "rmbg-with-weights"
+    shutil.copytree(model_path, target, ignore=shutil.ignore_patterns(WEIGHTS_FILE))
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = build_model(target, load_weights=False, device=device).state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, target / WEIGHTS_FILE)
+    return target
+
+
 def command(
     args: argparse.Namespace,
     clip: Path,
@@ -175,6 +195,7 @@ def command(
     ``--report``."""
     report = output.with_name(output.name + ".report.json")
     argv = [str(clip), "-o", str(output), "--overwrite", "--no-progress", "--encode", preset]
+    argv += ["--model", args.model]
     argv += ["--report", str(report)]
     if server:
         argv += ["--server", server, "--concurrency", str(args.concurrency)]
@@ -220,7 +241,8 @@ def output_row(
         if row.get("frames_per_s_after_first"):
             row["vs_model_after_first"] = round(row["frames_per_s_after_first"] / model_fps, 3)
     mode = "server" if server else "in-process"
-    head = {"mode": mode, "output": name, "encode": DEFAULT_ENCODE, "batch": args.batch}
+    head = {"mode": mode, "model": args.model, "output": name, "encode": DEFAULT_ENCODE}
+    head["batch"] = args.batch
     if not server:
         head["cuda_graphs"] = graphs
     return {**head, **row}
@@ -280,9 +302,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [CHILD_FLAG]:
         return _as_segment_video(argv[1], argv[2:])
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--model-path", default="third_party/rmbg20")
+    parser.add_argument("--model", choices=("rmbg", "yolo"), default="rmbg")
+    parser.add_argument(
+        "--model-path",
+        default="third_party/rmbg20",
+        help="RMBG-2.0's directory, or for --model yolo e.g. yolo11n-seg.yaml",
+    )
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--with-weights",
+        action="store_true",
+        help="write random weights (seed 0) next to a copy of --model-path's code and load "
+        "them (load format auto): the time to first frame with the weights on local disk",
+    )
     parser.add_argument("--server", help="service URL: server and encode-only rows")
     parser.add_argument(
         "--serve-config",
@@ -321,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.server_only and not args.serve_config:
         parser.error("--server-only needs --serve-config")
+    if args.model != "rmbg" and (args.serve_config or args.with_weights):
+        parser.error("--serve-config and --with-weights are for --model rmbg")
     formats = args.formats.split(",")
     lengths = [int(n) for n in args.frames.split(",")]
     variants = [{"off": False, "on": True}[v] for v in args.cuda_graphs.split(",")]
@@ -331,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
+        if args.with_weights:
+            args.model_path = str(with_weights(args.model_path, Path(tmp)))
+            args.load_format = "auto"
         clips = {n: Path(tmp) / f"clip-{n}.mp4" for n in lengths}
         for frames, path in clips.items():
             synthetic_clip(path, args.width, args.height, frames)
@@ -345,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             for graphs in variants:
                 row = model_alone(args, clip, graphs)
                 model_fps[graphs] = row["frames_per_s"]
-                head = {"mode": "model", "output": None, "batch": args.batch}
+                head = {"mode": "model", "model": args.model, "output": None, "batch": args.batch}
                 add({**head, "cuda_graphs": graphs, **row})
             for path in clips.values():
                 for graphs in variants:

@@ -290,7 +290,8 @@ class RunReport:
     #: Frames written after the first one over the seconds after it: the pace once running,
     #: start-up (model build, first batch) left out.
     frames_per_s_after_first: float | None
-    #: Where the first seconds went: process start, model libraries, model build, first batch.
+    #: Where the first seconds went: process start, model libraries, model build (and its
+    #: steps, ``model_build.STEP``), first batch.
     startup: dict[str, float]
     #: Busy seconds of each stage (threads overlap, so they can add up to more than wall).
     stages: dict[str, float]
@@ -503,6 +504,10 @@ async def run(args: argparse.Namespace) -> RunReport:
         startup["model_build"] = round(time.perf_counter() - mark, 3)
         if isinstance(source, LocalMattes):
             source.timer = timer
+            # Where the build went, where the segmentor says (RMBG-2.0: code, device, init,
+            # weights, prepare).
+            steps = getattr(source.runner.segmentor, "load_seconds", {})
+            startup.update({f"model_build.{step}": seconds for step, seconds in steps.items()})
         bar = tqdm(
             total=reader.info.frames, unit="frame", disable=args.no_progress, file=sys.stderr
         )

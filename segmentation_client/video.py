@@ -38,8 +38,8 @@ ENCODE_PRESETS: tuple[EncodePreset, ...] = ("fast", "balanced", "small")
 #: PNG level 1 on two threads 10.6 (level 6: 2.7, 9% smaller). The model alone does 32
 #: frames/s on an H100, so only ``fast`` keeps up with it without more cores than frames.
 DEFAULT_ENCODE: EncodePreset = "fast"
-#: Container suffixes that hold a video with alpha, and their encoders.
-ALPHA_CODECS: dict[str, str] = {".webm": "libvpx-vp9", ".mov": "prores_ks"}
+#: Container suffixes that hold a video with alpha, and their codecs.
+ALPHA_CODECS: dict[str, str] = {".webm": "VP9", ".mov": "ProRes 4444"}
 #: zlib level of PNG frames per preset (1: 4x the speed of Pillow's default 6, 10% larger).
 PNG_COMPRESS_LEVELS: dict[EncodePreset, int] = {"fast": 1, "balanced": 3, "small": 6}
 PNG_COMPRESS_LEVEL = PNG_COMPRESS_LEVELS[DEFAULT_ENCODE]
@@ -62,8 +62,11 @@ def alpha_codec(
     ``good``/2 for ``small``; ``row-mt`` plus as many tile columns as the width allows (one
     per 256 pixels, a power of two) let every thread work on one frame, since libvpx encodes
     frames one after another (and the alpha plane as a second stream). ProRes 4444 has no
-    speed setting: ``prores_ks`` runs slices on ``threads``; ``small`` uses the LT quantiser
-    matrix (17% smaller on a 320x240 test clip, softer detail).
+    speed setting, but FFmpeg has two encoders: ``fast`` uses ``prores_aw`` (frames on
+    ``threads``: 3.5x the speed of ``prores_ks`` on 2 cores at 1080p, files 26% smaller on
+    noise), ``balanced`` ``prores_ks`` (finer rate control, slices on ``threads``), ``small``
+    ``prores_ks`` with the LT quantiser matrix (17% smaller on a 320x240 test clip, softer
+    detail). Each keeps alpha within one level of 255.
     """
     if suffix == ".webm":
         tiles = min(max(threads, 1).bit_length() - 1, max(width // 256, 1).bit_length() - 1, 6)
@@ -81,6 +84,8 @@ def alpha_codec(
         }
         return "libvpx-vp9", "yuva420p", options
     if suffix == ".mov":
+        if preset == "fast":
+            return "prores_aw", "yuva444p10le", {"profile": "4", "threads": str(threads)}
         options = {"profile": "4444", "threads": str(threads)}
         if preset == "small":
             options["quant_mat"] = "lt"

@@ -8,9 +8,12 @@ dict strictly. See MEASUREMENTS.md.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,21 +104,37 @@ def _check_dir(path: Path, need_weights: bool) -> Path:
 
 
 def build_model(
-    model_dir: Path, *, load_weights: bool = True, device: torch.device | str = "cpu"
+    model_dir: Path,
+    *,
+    load_weights: bool = True,
+    device: torch.device | str = "cpu",
+    timings: dict[str, float] | None = None,
 ) -> torch.nn.Module:
     """Build the model from its config on ``device`` and load its weights strictly.
 
     Built on a GPU, the random initialisation of RMBG-2.0's 220 M parameters (which the
-    weights then overwrite) takes milliseconds instead of ~6 s of one CPU core; where the
-    model's code cannot be built there, it is built on the CPU as before.
+    weights then overwrite) takes milliseconds instead of seconds of one CPU core; where the
+    model's code cannot be built there, it is built on the CPU as before. The GPU's context is
+    created on a thread while the model's code and its dependencies are imported (the driver
+    works without the interpreter lock), and the weights are read straight into GPU memory.
+    ``timings``, when given, receives the seconds of each step: ``code`` (importing the
+    model's code), ``device`` (waiting for the GPU context after that), ``init`` (building
+    the model), ``weights``.
     """
     from transformers import AutoConfig, AutoModelForImageSegmentation
 
+    steps = _Steps(timings)
+    target = torch.device(device)
+    context = _create_context(target)
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True)
+        _import_model_code(config, model_dir)
     except Exception as exc:
         raise ModelLoadError(f"{model_dir}: cannot build the model from its code: {exc}") from exc
-    target = torch.device(device)
+    steps.lap("code")
+    if context is not None:
+        context.join()
+    steps.lap("device")
     model = None
     if target.type != "cpu":
         try:
@@ -133,18 +152,63 @@ def build_model(
             raise ModelLoadError(
                 f"{model_dir}: cannot build the model from its code: {exc}"
             ) from exc
+    steps.lap("init")
     if load_weights:
-        load_state_dict_strict(model, model_dir / WEIGHTS_FILE)
+        built_on = next(model.parameters()).device  # the target, or the CPU after a fallback
+        load_state_dict_strict(model, model_dir / WEIGHTS_FILE, device=built_on)
     else:
         logger.warning("%s: random weights (load_format=dummy); outputs are meaningless", model_dir)
+    steps.lap("weights")
     return model.eval().requires_grad_(False)
 
 
-def load_state_dict_strict(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights; any missing or unexpected key is an error."""
+class _Steps:
+    """Seconds per step, added into ``timings`` (nothing when it is None)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[step] = round(self.timings.get(step, 0.0) + now - self.last, 3)
+        self.last = now
+
+
+def _create_context(device: torch.device) -> threading.Thread | None:
+    """Start creating ``device``'s CUDA context on a thread (None on other devices). A failure
+    is left for the build itself to report."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+
+    def create() -> None:
+        with contextlib.suppress(Exception):
+            torch.empty(1, device=device)
+
+    thread = threading.Thread(target=create, name="cuda-context", daemon=True)
+    thread.start()
+    return thread
+
+
+def _import_model_code(config: Any, model_dir: Path) -> None:
+    """Import the model's class (its code and every module that code imports) ahead of the
+    build, so the two are timed apart; ``from_config`` then finds it imported."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    reference = (getattr(config, "auto_map", None) or {}).get("AutoModelForImageSegmentation")
+    if reference:
+        get_class_from_dynamic_module(reference, str(model_dir))
+
+
+def load_state_dict_strict(
+    model: torch.nn.Module, path: Path, device: torch.device | str = "cpu"
+) -> None:
+    """Load safetensors weights (read onto ``device``); any missing or unexpected key is an
+    error."""
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    state = load_file(str(path), device=str(device))
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(

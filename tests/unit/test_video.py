@@ -287,6 +287,11 @@ def test_segment_video_in_process_writes_every_frame_in_order(tmp_path: Path, cl
     # The pace once running leaves the first batch (and the model build) out.
     assert summary["frames_per_s_after_first"] > summary["frames_per_s"] > 0
     assert "cuda_graphs" not in summary["startup"]  # not asked for (and no GPU)
+    steps = {k: v for k, v in summary["startup"].items() if k.startswith("model_build.")}
+    assert set(steps) == {
+        f"model_build.{s}" for s in ("code", "device", "init", "weights", "prepare")
+    }
+    assert sum(steps.values()) <= summary["startup"]["model_build"] + 0.01
     assert summary["time_to_first_frame"] >= summary["startup"]["model_build"]
     assert {"decode", "model", "encode"} <= set(summary["stages"])
     written = sorted(out.glob("frame_*.png"))
