@@ -83,6 +83,12 @@ if run compiled; then
         tests/gpu/test_fp16_gpu.py -k "graph or compiled_blocks" -s -p no:cacheprovider \
         -o addopts="-q --strict-markers -ra"
 fi
+if run video || run video-server; then
+    # Start-up as on an install with cached bytecode: the GPU image sets PYTHONDONTWRITEBYTECODE,
+    # which made every segment-video process compile its modules again (+4.5 s to the first
+    # frame, docs/benchmarks.md).
+    unset PYTHONDONTWRITEBYTECODE
+fi
 if run video; then
     step video.log 540 python3 -m benchmarks.video_bench --model-path third_party/rmbg20 \
         --with-weights --width 1920 --height 1080 --frames 120,480 --batch 16 \
