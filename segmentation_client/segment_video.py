@@ -471,6 +471,7 @@ def build_matte_source(
         batch_size=args.batch_size,
         detect=DetectOptions(**detect),
         cuda_graphs=args.cuda_graphs,
+        quick_start=True,  # one clip, then exit: see LocalRunner
     )
 
     async def nothing() -> None:

@@ -136,3 +136,23 @@ def test_in_process_runner_replays_a_graph_with_the_eager_answers() -> None:
             <= 1.0
         )
         assert mask_iou(a.alpha > 0, b.alpha > 0) >= 0.98
+
+
+@pytest.mark.skipif(
+    not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
+)
+def test_in_process_quick_start_gives_the_same_mattes() -> None:
+    """``LocalRunner(quick_start=True)`` (``segment-video``) runs attention on PyTorch's own
+    kernels instead of cuDNN's: the same mattes within a level, and the cuDNN choice is back
+    for everything else once the call returns."""
+    torch.manual_seed(0)
+    model = RMBG20Segmentor(
+        str(RMBG_ARCH_DIR.resolve()), device="cuda", trust_remote_code=True, load_format="dummy"
+    )
+    frames = [product_frame(1920, 1080, seed=i) for i in range(3)]
+    default = LocalRunner("rmbg", model, batch_size=4)(frames)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    quick = LocalRunner("rmbg", model, batch_size=4, quick_start=True)(frames)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    for a, b in zip(default, quick, strict=True):
+        assert np.abs(a.alpha.astype(int) - b.alpha.astype(int)).max() <= 1
