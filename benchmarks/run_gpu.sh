@@ -99,7 +99,7 @@ if run video; then
         --out "$out/video-yolo.json"
 fi
 if run video-server; then
-    step video.log 360 python3 -m benchmarks.video_bench --model-path third_party/rmbg20 \
+    step video-server.log 360 python3 -m benchmarks.video_bench --model-path third_party/rmbg20 \
         --load-format dummy --width 1920 --height 1080 --frames 120 --batch 16 \
         --serve-config configs/gpu-bench.yaml --transports http,grpc --server-only \
         --out "$out/video-server.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner
 from segmentation.encoders import union_matte
 from segmentation.models.base import Segmentor
 from segmentation.options import DetectOptions, ModelKind
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,9 @@ class LocalRunner:
     ``cuda_graphs`` (CUDA only): before the second batch, capture a CUDA graph of the model
     at the cap (one launch per batch instead of hundreds; the first batch's outputs are
     already out, so the time to the first frame does not change). ``graph_seconds`` says how
-    long the capture took. A capture that fails (e.g. out of memory) leaves eager runs; a
-    batch of another shape (a cap halved after an OOM, YOLO frames of another size) runs
-    eagerly.
+    long the capture took, ``graph_error`` why it failed: a capture that fails (e.g. out of
+    memory) is not tried again and leaves eager runs; a batch of another shape (a cap halved
+    after an OOM, YOLO frames of another size) runs eagerly.
 
     ``quick_start`` (CUDA only): attention runs on PyTorch's own fused kernels instead of
     cuDNN's, which builds a plan per input shape: RMBG-2.0's first batch of 16 at 1080p took
@@ -68,7 +71,9 @@ class LocalRunner:
         self.quick_start = quick_start and segmentor.device.type == "cuda"
         #: Seconds the CUDA-graph capture took (None: not tried yet, or not asked for).
         self.graph_seconds: float | None = None
-        self._batches = 0
+        #: Why the capture failed (None: it did not, or was not tried); batches run eagerly.
+        self.graph_error: str | None = None
+        self._done = 0  # batches that returned
         self._runner = OOMSafeRunner(self._run, AdaptiveBatchCap(batch_size))
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[FrameOutput]:
@@ -97,9 +102,13 @@ class LocalRunner:
     def _run_model(self, frames: list[np.ndarray]) -> list[FrameOutput]:
         if self.segmentor.device.type == "cuda":
             self.segmentor.batch_buckets = (self._runner.cap.value,)
-            if self.cuda_graphs and self._batches and self.graph_seconds is None:
+            if self.cuda_graphs and self._done and self.graph_seconds is None:
                 self._capture(frames)
-        self._batches += 1
+        outputs = self._predict(frames)
+        self._done += 1
+        return outputs
+
+    def _predict(self, frames: list[np.ndarray]) -> list[FrameOutput]:
         if self.kind == "rmbg":
             return [FrameOutput(alpha) for alpha in self.segmentor.predict(frames)]
         found = self.segmentor.predict(frames, [self.detect] * len(frames))
@@ -112,12 +121,20 @@ class LocalRunner:
         return outputs
 
     def _capture(self, frames: list[np.ndarray]) -> None:
+        """Tried once; whatever fails (out of memory included) leaves eager runs."""
         started = time.perf_counter()
         sizes = (self._runner.cap.value,)
         segmentor: Any = self.segmentor  # both segmentors capture; their frame inputs differ
-        if self.kind == "rmbg":
-            segmentor.capture_graphs(sizes)
-        else:
-            height, width = frames[0].shape[:2]
-            segmentor.capture_graphs((int(height), int(width)), sizes)
-        self.graph_seconds = time.perf_counter() - started
+        try:
+            if self.kind == "rmbg":
+                captured = segmentor.capture_graphs(sizes)
+            else:
+                height, width = frames[0].shape[:2]
+                captured = segmentor.capture_graphs((int(height), int(width)), sizes)
+            if not captured:
+                self.graph_error = getattr(segmentor, "graph_error", None) or "not captured"
+        except Exception as exc:
+            self.graph_error = f"{type(exc).__name__}: {exc}"[:500]
+            logger.warning("CUDA graphs unavailable (%s); running eagerly", self.graph_error)
+        finally:
+            self.graph_seconds = time.perf_counter() - started

@@ -58,6 +58,10 @@ MODEL_KINDS: tuple[ModelKind, ...] = ("rmbg", "yolo")
 MAX_PENDING_WRITES = 32
 #: Decoded frames the decode thread may hold ahead of the model (a 1080p frame is 6 MiB).
 DECODE_AHEAD = 32
+#: Clips shorter than this (or of unknown length) run the in-process model with quick-start
+#: attention: 0.7 s less for the first batch, 2.3% more for each later one (RMBG-2.0, 1080p,
+#: batch 16, H200; see LocalRunner); they cross at about this many frames.
+QUICK_START_FRAMES = 1400
 
 
 class MatteSource(Protocol):
@@ -135,11 +139,14 @@ class LocalMattes:
 
 @dataclass
 class SegmentStats:
-    """What :func:`segment_frames` did; ``first_written`` is a ``time.perf_counter()``."""
+    """What :func:`segment_frames` did; times are ``time.perf_counter()`` values."""
 
     processed: int = 0
     skipped: int = 0
     first_written: float | None = None
+    #: When the first batch's mattes came back, and how many frames it held.
+    first_batch_at: float | None = None
+    first_batch_frames: int = 0
 
 
 class _DecodeFailed:
@@ -236,7 +243,15 @@ async def segment_frames(
         progress(len(indices))
 
     def dispatch(indices: list[int], batch: list[np.ndarray]) -> None:
-        in_flight.append((indices, batch, asyncio.ensure_future(source.mattes(batch))))
+        call = asyncio.ensure_future(source.mattes(batch))
+        if not stats.first_batch_frames:
+            stats.first_batch_frames = len(batch)
+
+            def first_batch_done(_: asyncio.Future[list[np.ndarray]]) -> None:
+                stats.first_batch_at = time.perf_counter()
+
+            call.add_done_callback(first_batch_done)
+        in_flight.append((indices, batch, call))
 
     indices: list[int] = []
     batch: list[np.ndarray] = []
@@ -287,14 +302,16 @@ class RunReport:
     frames_per_s: float
     #: From process start to the first output frame written.
     time_to_first_frame: float | None
-    #: Frames written after the first one over the seconds after it: the pace once running,
-    #: start-up (model build, first batch) left out.
-    frames_per_s_after_first: float | None
-    #: Where the first seconds went: process start, model libraries, model build (and its
-    #: steps, ``model_build.STEP``), first batch.
+    #: Frames of the second batch on over the seconds from the first batch's mattes to the
+    #: end: the pace once running, start-up (model build, first batch) left out.
+    frames_per_s_after_first_batch: float | None
+    #: Where the first seconds went: process start, model libraries, model build (its parts as
+    #: ``model_build.STEP``), first batch; ``cuda_graphs``: the capture, after the first frame.
     startup: dict[str, float]
     #: Busy seconds of each stage (threads overlap, so they can add up to more than wall).
     stages: dict[str, float]
+    #: Why ``--cuda-graphs`` could not capture (the model then ran eagerly).
+    cuda_graphs_error: str | None = None
 
     def summary(self, profile: bool = False) -> str:
         first = (
@@ -304,8 +321,8 @@ class RunReport:
         )
         note = f" ({self.skipped} were already done)" if self.skipped else ""
         pace = (
-            f" ({self.frames_per_s_after_first:.1f} after the first frame)"
-            if self.frames_per_s_after_first is not None
+            f" ({self.frames_per_s_after_first_batch:.1f} after the first batch)"
+            if self.frames_per_s_after_first_batch is not None
             else ""
         )
         lines = [
@@ -440,9 +457,10 @@ def _import_model_libraries() -> None:
 
 
 def build_matte_source(
-    args: argparse.Namespace,
+    args: argparse.Namespace, frames: int | None = None
 ) -> tuple[MatteSource, Callable[[], Awaitable[None]]]:
-    """The source for ``args`` and a coroutine function that releases it."""
+    """The source for ``args`` (a clip of ``frames`` frames, if known) and a coroutine
+    function that releases it."""
     detect = {k: v for k, v in (("conf", args.conf), ("classes", args.classes)) if v is not None}
     if args.server:
         from segmentation_client.client import AsyncSegmentorClient
@@ -471,7 +489,7 @@ def build_matte_source(
         batch_size=args.batch_size,
         detect=DetectOptions(**detect),
         cuda_graphs=args.cuda_graphs,
-        quick_start=True,  # one clip, then exit: see LocalRunner
+        quick_start=not frames or frames < QUICK_START_FRAMES,
     )
 
     async def nothing() -> None:
@@ -501,7 +519,7 @@ async def run(args: argparse.Namespace) -> RunReport:
             await asyncio.to_thread(_import_model_libraries)
             startup["model_libraries"] = round(time.perf_counter() - mark, 3)
         mark = time.perf_counter()
-        source, release = build_matte_source(args)
+        source, release = build_matte_source(args, reader.info.frames)
         startup["model_build"] = round(time.perf_counter() - mark, 3)
         if isinstance(source, LocalMattes):
             source.timer = timer
@@ -524,11 +542,13 @@ async def run(args: argparse.Namespace) -> RunReport:
         elapsed = time.perf_counter() - started
     if isinstance(source, LocalMattes) and source.first_call is not None:
         startup["first_batch"] = round(source.first_call, 3)
-    graph_seconds = getattr(getattr(source, "runner", None), "graph_seconds", None)
+    runner = getattr(source, "runner", None)
+    graph_seconds = getattr(runner, "graph_seconds", None)
     if graph_seconds is not None:
         startup["cuda_graphs"] = round(graph_seconds, 3)
     first = stats.first_written
-    after = started + elapsed - first if first is not None else 0.0
+    after = started + elapsed - stats.first_batch_at if stats.first_batch_at else 0.0
+    later_frames = stats.processed - stats.first_batch_frames
     return RunReport(
         input=args.input,
         output=args.output,
@@ -542,11 +562,12 @@ async def run(args: argparse.Namespace) -> RunReport:
         seconds=round(elapsed, 3),
         frames_per_s=round(stats.processed / elapsed, 2) if elapsed > 0 else 0.0,
         time_to_first_frame=round(first - began, 3) if first is not None else None,
-        frames_per_s_after_first=round((stats.processed - 1) / after, 2)
-        if stats.processed > 1 and after > 0
+        frames_per_s_after_first_batch=round(later_frames / after, 2)
+        if later_frames > 0 and after > 0
         else None,
         startup=startup,
         stages={k: round(v, 3) for k, v in timer.seconds.items()},
+        cuda_graphs_error=getattr(runner, "graph_error", None),
     )
 
 

@@ -204,18 +204,34 @@ def _import_model_code(config: Any, model_dir: Path) -> None:
 def load_state_dict_strict(
     model: torch.nn.Module, path: Path, device: torch.device | str = "cpu"
 ) -> None:
-    """Load safetensors weights (read onto ``device``); any missing or unexpected key is an
-    error."""
-    from safetensors.torch import load_file
+    """Load safetensors weights into ``model``, read onto ``device`` one tensor at a time (on
+    a GPU no second copy of the model is held, only the tensor being copied); any missing or
+    unexpected key, or a tensor of another shape, is an error and leaves ``model`` as it was.
+    """
+    from safetensors import safe_open
 
-    state = load_file(str(path), device=str(device))
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ModelLoadError(
-            f"{path} does not match the model: {len(result.missing_keys)} missing keys "
-            f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected keys "
-            f"(e.g. {result.unexpected_keys[:3]})"
-        )
+    state = model.state_dict()
+    with safe_open(str(path), framework="pt", device=str(device)) as weights:
+        keys = set(weights.keys())
+        missing = [k for k in state if k not in keys]
+        unexpected = sorted(keys - state.keys())
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"{path} does not match the model: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
+                f"(e.g. {unexpected[:3]})"
+            )
+        shapes = {k: weights.get_slice(k).get_shape() for k in state}
+        wrong = [k for k, shape in shapes.items() if list(shape) != list(state[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise ModelLoadError(
+                f"{path} does not match the model: {len(wrong)} tensors of another shape "
+                f"(e.g. {k}: {list(shapes[k])} in the file, {list(state[k].shape)} in the model)"
+            )
+        with torch.no_grad():
+            for key, target in state.items():
+                target.copy_(weights.get_tensor(key))
 
 
 def cast_attention_masks(model: torch.nn.Module) -> int:

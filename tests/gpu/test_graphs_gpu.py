@@ -143,17 +143,26 @@ def test_in_process_runner_replays_a_graph_with_the_eager_answers() -> None:
 )
 def test_in_process_quick_start_gives_the_same_mattes() -> None:
     """``LocalRunner(quick_start=True)`` (``segment-video``) runs attention on PyTorch's own
-    kernels instead of cuDNN's: the same mattes within two levels (each within one of FP32,
-    measured), and the cuDNN choice is back
+    kernels instead of cuDNN's (its flag is off during the forward): the same mattes within two
+    levels (each within one of FP32, measured), and the cuDNN choice is back
     for everything else once the call returns."""
     torch.manual_seed(0)
     model = RMBG20Segmentor(
         str(RMBG_ARCH_DIR.resolve()), device="cuda", trust_remote_code=True, load_format="dummy"
     )
     frames = [product_frame(1920, 1080, seed=i) for i in range(3)]
+    cudnn_attention: list[bool] = []  # whether cuDNN's attention was allowed in each forward
+    forward = model.forward
+
+    def recording(batch: torch.Tensor) -> torch.Tensor:
+        cudnn_attention.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return forward(batch)
+
+    model.forward = recording  # type: ignore[method-assign]
     default = LocalRunner("rmbg", model, batch_size=4)(frames)
-    before = torch.backends.cuda.cudnn_sdp_enabled()
+    assert cudnn_attention == [True]
     quick = LocalRunner("rmbg", model, batch_size=4, quick_start=True)(frames)
-    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    assert cudnn_attention == [True, False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # back for everything else
     for a, b in zip(default, quick, strict=True):
         assert np.abs(a.alpha.astype(int) - b.alpha.astype(int)).max() <= 2

@@ -193,6 +193,19 @@ def test_unexpected_key_is_an_error(model_dir: Path, tmp_path: Path) -> None:
         RMBG20Segmentor(str(target), device="cpu", trust_remote_code=True, input_size=SIZE)
 
 
+def test_a_tensor_of_another_shape_is_an_error(model_dir: Path, tmp_path: Path) -> None:
+    """Even one that would broadcast into the model's tensor: weights are copied one by one."""
+    from safetensors.torch import load_file, save_file
+
+    target = _copy_dir(model_dir, tmp_path)
+    state = load_file(str(target / WEIGHTS_FILE))
+    name = next(k for k, v in sorted(state.items()) if v.ndim == 1 and v.numel() > 1)
+    state[name] = state[name][:1].clone()  # shape (1,): broadcastable, but not the model's
+    save_file(state, str(target / WEIGHTS_FILE))
+    with pytest.raises(ModelLoadError, match=rf"1 tensors of another shape \(e.g. {name}: \[1\]"):
+        RMBG20Segmentor(str(target), device="cpu", trust_remote_code=True, input_size=SIZE)
+
+
 def test_local_directory_without_weights_says_what_to_do(model_dir: Path, tmp_path: Path) -> None:
     target = _copy_dir(model_dir, tmp_path)
     (target / WEIGHTS_FILE).unlink()
