@@ -41,6 +41,7 @@ DEFAULT_ENCODE: EncodePreset = "fast"
 #: Container suffixes that hold a video with alpha, and their codecs.
 ALPHA_CODECS: dict[str, str] = {".webm": "VP9", ".mov": "ProRes 4444"}
 #: zlib level of PNG frames per preset (1: 4x the speed of Pillow's default 6, 10% larger).
+#: ``fast`` frames go through FFmpeg's PNG encoder (see :class:`PngSequenceWriter`).
 PNG_COMPRESS_LEVELS: dict[EncodePreset, int] = {"fast": 1, "balanced": 3, "small": 6}
 PNG_COMPRESS_LEVEL = PNG_COMPRESS_LEVELS[DEFAULT_ENCODE]
 FRAME_PATTERN = "frame_{:06d}.png"
@@ -180,9 +181,12 @@ def _reason(exc: BaseException) -> str:
 class PngSequenceWriter:
     """``frame_000000.png``... in ``directory``, encoded by a pool of threads, in any order.
 
-    Pillow's zlib encoder releases the interpreter lock: two threads wrote 1080p cutouts 1.75x
-    as fast as one on a 2-core machine, so ``threads`` defaults to the cores. Each frame's
-    cutout is composed in its worker too, off the caller's event loop.
+    Both encoders release the interpreter lock: two threads wrote 1080p cutouts 1.75x as fast
+    as one on a 2-core machine, so ``threads`` defaults to the cores. ``fast`` uses FFmpeg's
+    PNG encoder with the ``sub`` row filter at zlib level 1 (23 ms a 1080p cutout against
+    Pillow's 62 at the same level, 1% larger: Pillow tries every filter on every row);
+    ``balanced`` and ``small`` use Pillow at zlib levels 3 and 6. Each frame's cutout is
+    composed in its worker too, off the caller's event loop.
     ``directory/segment-video.json`` records what the frames are (input, model); resuming
     into a directory made from another input or model is refused unless ``overwrite``.
     """
@@ -203,6 +207,8 @@ class PngSequenceWriter:
         self.threads = threads or encode_threads()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="png")
         self._level = PNG_COMPRESS_LEVELS[preset]
+        self._fast = preset == "fast"
+        self._encoders = threading.local()  # one FFmpeg PNG encoder per worker thread
         self.timer = timer or StageTimer()
 
     def _check_manifest(self, manifest: dict[str, Any], overwrite: bool) -> None:
@@ -234,10 +240,28 @@ class PngSequenceWriter:
         with self.timer.timed("encode"):
             final = self.path_of(index)
             partial = final.with_name(f".{final.name}.partial")
-            Image.fromarray(cutout_rgba(frame, alpha), mode="RGBA").save(
-                partial, format="PNG", compress_level=self._level
-            )
+            rgba = cutout_rgba(frame, alpha)
+            if self._fast:
+                partial.write_bytes(self._encode_png(rgba))
+            else:
+                Image.fromarray(rgba, mode="RGBA").save(
+                    partial, format="PNG", compress_level=self._level
+                )
             os.replace(partial, final)
+
+    def _encode_png(self, rgba: np.ndarray) -> bytes:
+        """One PNG file's bytes from FFmpeg's encoder (this thread's, made for this size)."""
+        height, width = rgba.shape[:2]
+        encoder: Any = getattr(self._encoders, "png", None)
+        if encoder is None or (encoder.width, encoder.height) != (width, height):
+            encoder = av.CodecContext.create("png", "w")
+            encoder.width, encoder.height, encoder.pix_fmt = width, height, "rgba"
+            encoder.time_base = Fraction(1, 1)
+            encoder.thread_count = 1  # frames run in parallel on the pool's threads instead
+            encoder.options = {"pred": "sub", "compression_level": str(self._level)}
+            self._encoders.png = encoder
+        packets = encoder.encode(av.VideoFrame.from_ndarray(rgba, format="rgba"))
+        return b"".join(bytes(packet) for packet in packets)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
