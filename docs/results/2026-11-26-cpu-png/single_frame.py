@@ -1,28 +1,58 @@
-import io, time, numpy as np, av
+"""One 1080p cutout PNG-encoded by Pillow and by FFmpeg (PyAV) per row filter: ms, bytes.
+
+PYTHONPATH=. python docs/results/2026-11-26-cpu-png/single_frame.py
+"""
+
+import io
+import time
+from collections.abc import Callable
+
+import av
+import numpy as np
 from PIL import Image
+
 from segmentation_client.wire import cutout_rgba
 from tests.conftest import product_frame
-h, w = 1080, 1920
-frame = product_frame(w, h, seed=3)
-yy, xx = np.ogrid[0:h, 0:w]
-r = ((xx - w/2) / (w/4)) ** 2 + ((yy - h/2) / (h/3)) ** 2
+
+HEIGHT, WIDTH = 1080, 1920
+frame = product_frame(WIDTH, HEIGHT, seed=3)
+yy, xx = np.ogrid[0:HEIGHT, 0:WIDTH]
+r = ((xx - WIDTH / 2) / (WIDTH / 4)) ** 2 + ((yy - HEIGHT / 2) / (HEIGHT / 3)) ** 2
 alpha = np.clip((1.2 - r) * 600, 0, 255).astype(np.uint8)
 rgba = cutout_rgba(frame, alpha)
-def t(fn, n=5):
-    fn(); s = time.perf_counter()
-    for _ in range(n): out = fn()
-    return round((time.perf_counter() - s) / n * 1000, 1), len(out)
-def pil(level):
-    def f():
-        b = io.BytesIO(); Image.fromarray(rgba).save(b, format="PNG", compress_level=level); return b.getvalue()
-    return f
-print("pillow l1", t(pil(1)), "l3", t(pil(3)))
+
+
+def timed(encode: Callable[[], bytes], repeat: int = 5) -> tuple[float, int]:
+    """Milliseconds per call (after one warm-up) and the size of the output."""
+    out = encode()
+    started = time.perf_counter()
+    for _ in range(repeat):
+        out = encode()
+    return round((time.perf_counter() - started) / repeat * 1000, 1), len(out)
+
+
+def pillow(level: int) -> Callable[[], bytes]:
+    def encode() -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(rgba).save(buffer, format="PNG", compress_level=level)
+        return buffer.getvalue()
+
+    return encode
+
+
+def ffmpeg(pred: str) -> Callable[[], bytes]:
+    context = av.CodecContext.create("png", "w")
+    context.width, context.height, context.pix_fmt = WIDTH, HEIGHT, "rgba"
+    context.options = {"pred": pred, "compression_level": "1"}
+    context.open()
+    picture = av.VideoFrame.from_ndarray(rgba, format="rgba")
+
+    def encode() -> bytes:
+        return b"".join(bytes(packet) for packet in context.encode(picture))
+
+    return encode
+
+
+print("pillow l1", timed(pillow(1)), "l3", timed(pillow(3)))
 for pred in ("none", "sub", "up", "paeth", "mixed"):
-    ctx = av.CodecContext.create("png", "w")
-    ctx.width, ctx.height, ctx.pix_fmt = w, h, "rgba"
-    ctx.options = {"pred": pred, "compression_level": "1"}
-    ctx.open()
-    vf = av.VideoFrame.from_ndarray(rgba, format="rgba")
-    def f():
-        pk = ctx.encode(vf); return b"".join(bytes(p) for p in pk)
-    print("ffmpeg png pred", pred, t(f))
+    print("ffmpeg png pred", pred, timed(ffmpeg(pred)))
