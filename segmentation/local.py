@@ -86,8 +86,14 @@ class LocalRunner:
         return outputs
 
     def _run(self, frames: list[np.ndarray]) -> list[FrameOutput]:
-        with self._attention():
-            return self._run_model(frames)
+        with self._attention():  # the capture too: the graph keeps the kernels it recorded
+            if self.segmentor.device.type == "cuda":
+                self.segmentor.batch_buckets = (self._runner.cap.value,)
+                if self.cuda_graphs and self._done and self.graph_seconds is None:
+                    self._capture(frames)
+            outputs = self._predict(frames)
+        self._done += 1
+        return outputs
 
     def _attention(self) -> contextlib.AbstractContextManager[None]:
         """The attention kernels this run may use (see ``quick_start``)."""
@@ -98,15 +104,6 @@ class LocalRunner:
         return sdpa_kernel(
             [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         )
-
-    def _run_model(self, frames: list[np.ndarray]) -> list[FrameOutput]:
-        if self.segmentor.device.type == "cuda":
-            self.segmentor.batch_buckets = (self._runner.cap.value,)
-            if self.cuda_graphs and self._done and self.graph_seconds is None:
-                self._capture(frames)
-        outputs = self._predict(frames)
-        self._done += 1
-        return outputs
 
     def _predict(self, frames: list[np.ndarray]) -> list[FrameOutput]:
         if self.kind == "rmbg":

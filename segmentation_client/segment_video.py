@@ -526,7 +526,7 @@ async def run(args: argparse.Namespace) -> RunReport:
             # Where the build went, where the segmentor says (RMBG-2.0: code, device, init,
             # weights, prepare).
             steps = getattr(source.runner.segmentor, "load_seconds", {})
-            startup.update({f"model_build.{step}": seconds for step, seconds in steps.items()})
+            startup.update({f"model_build.{step}": round(t, 3) for step, t in steps.items()})
         bar = tqdm(
             total=reader.info.frames, unit="frame", disable=args.no_progress, file=sys.stderr
         )
@@ -540,12 +540,13 @@ async def run(args: argparse.Namespace) -> RunReport:
                 await source.close()
             writer.close()
         elapsed = time.perf_counter() - started
-    if isinstance(source, LocalMattes) and source.first_call is not None:
-        startup["first_batch"] = round(source.first_call, 3)
-    runner = getattr(source, "runner", None)
-    graph_seconds = getattr(runner, "graph_seconds", None)
-    if graph_seconds is not None:
-        startup["cuda_graphs"] = round(graph_seconds, 3)
+    cuda_graphs_error = None
+    if isinstance(source, LocalMattes):
+        if source.first_call is not None:
+            startup["first_batch"] = round(source.first_call, 3)
+        if source.runner.graph_seconds is not None:
+            startup["cuda_graphs"] = round(source.runner.graph_seconds, 3)
+        cuda_graphs_error = source.runner.graph_error
     first = stats.first_written
     after = started + elapsed - stats.first_batch_at if stats.first_batch_at else 0.0
     later_frames = stats.processed - stats.first_batch_frames
@@ -567,7 +568,7 @@ async def run(args: argparse.Namespace) -> RunReport:
         else None,
         startup=startup,
         stages={k: round(v, 3) for k, v in timer.seconds.items()},
-        cuda_graphs_error=getattr(runner, "graph_error", None),
+        cuda_graphs_error=cuda_graphs_error,
     )
 
 

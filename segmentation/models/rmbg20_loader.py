@@ -13,13 +13,13 @@ import inspect
 import logging
 import re
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from segmentation.errors import ModelLoadError
+from segmentation.models.base import StageClock
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,9 @@ def build_model(
     """
     from transformers import AutoConfig, AutoModelForImageSegmentation
 
-    steps = _Steps(timings)
+    # Host time per step: waiting for the GPU here would fold the context's creation (on its
+    # thread, meanwhile) into the import of the code.
+    steps = StageClock(torch.device("cpu"), timings)
     target = torch.device(device)
     context = _create_context(target)
     try:
@@ -160,20 +162,6 @@ def build_model(
         logger.warning("%s: random weights (load_format=dummy); outputs are meaningless", model_dir)
     steps.lap("weights")
     return model.eval().requires_grad_(False)
-
-
-class _Steps:
-    """Seconds per step, added into ``timings`` (nothing when it is None)."""
-
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self.timings = timings
-        self.last = time.perf_counter()
-
-    def lap(self, step: str) -> None:
-        now = time.perf_counter()
-        if self.timings is not None:
-            self.timings[step] = round(self.timings.get(step, 0.0) + now - self.last, 3)
-        self.last = now
 
 
 def _create_context(device: torch.device) -> threading.Thread | None:

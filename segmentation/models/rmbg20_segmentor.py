@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,7 +86,7 @@ class RMBG20Segmentor:
             device=self.device,
             timings=self.load_seconds,
         )
-        prepared = time.perf_counter()
+        clock = StageClock(self.device, self.load_seconds)  # waits for the GPU at its lap
         self.precision: Precision = apply_precision(
             model,
             choose_precision(self.device, use_fp16),
@@ -100,9 +99,7 @@ class RMBG20Segmentor:
         steps = rmbg20_fast.DEFAULT_STEPS if optimized is True else (optimized or ())
         #: Steps of the fast path applied to this model (empty: the published eager code).
         self.fast_steps: tuple[str, ...] = rmbg20_fast.optimize(self.model, steps)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.load_seconds["prepare"] = round(time.perf_counter() - prepared, 3)
+        clock.lap("prepare")
         # One forward at a time, the FP32 recompute included: see _recompute_non_finite.
         self._model_lock = threading.Lock()
         #: Frames whose FP16 output had non-finite values and were recomputed in FP32.
