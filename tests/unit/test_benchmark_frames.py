@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from PIL import Image
 
 from benchmarks.frames import frame_set, read_frames, write_frames
@@ -56,3 +57,28 @@ def test_synthetic_frames_are_jpegs_of_scenes_with_several_objects(tmp_path) -> 
 def test_plain_frames_have_no_ground_truth() -> None:
     frames = frame_set("plain", 64, 48, count=2)
     assert len(frames.jpegs) == 2 and frames.mean_objects is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cuda-graphs", "yes"], "--cuda-graphs: expected off, on or off,on, got 'yes'"),
+        (
+            ["--with-weights", "--model-path", "standin:tiny-birefnet"],
+            "--with-weights needs the model's directory as --model-path, not "
+            "'standin:tiny-birefnet'",
+        ),
+        (["--model", "yolo", "--with-weights"], "--serve-config and --with-weights are for"),
+        (["--server-only"], "--server-only needs --serve-config"),
+    ],
+)
+def test_video_bench_refuses_arguments_it_cannot_run(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused with the reason before any clip is made or model built (exit status 2)."""
+    from benchmarks import video_bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        video_bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
