@@ -27,6 +27,7 @@ from segmentation_client.wire import cutout_rgba, decode_rle, encode_rle, jpeg, 
 __all__ = [
     "b64",
     "cutout_bgra",
+    "cutout_png",
     "cutout_rgba",
     "decode_rle",
     "encode_rle",
@@ -74,6 +75,11 @@ def _png(pixels: np.ndarray) -> bytes:
 def rgba_png(frame: np.ndarray, alpha: np.ndarray) -> bytes:
     """RGBA PNG of :func:`cutout_rgba` (the frame's pixels where the matte is not 0)."""
     return _png(cutout_bgra(frame, alpha))
+
+
+def cutout_png(rgba: np.ndarray) -> bytes:
+    """PNG of an ``HxWx4`` RGBA cutout composed already (on the model's device)."""
+    return _png(cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2BGRA))
 
 
 def mask_png(alpha: np.ndarray) -> bytes:

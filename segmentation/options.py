@@ -9,6 +9,11 @@ from typing import Literal
 ModelKind = Literal["rmbg", "yolo"]
 MODEL_KINDS: tuple[ModelKind, ...] = ("rmbg", "yolo")
 
+#: What background removal answers per frame: an RGBA cutout PNG, a grayscale matte PNG, or
+#: the matte's raw bytes (``HxW`` uint8, row-major: gRPC's ``RAW_ALPHA``).
+Output = Literal["rgba", "mask", "raw"]
+OUTPUTS: tuple[Output, ...] = ("rgba", "mask", "raw")
+
 
 @dataclass(frozen=True)
 class DetectOptions:

@@ -66,6 +66,19 @@ class SegmentorArgs(_Strict):
         ge=1,
         description="Frames waiting for the GPU in one replica; beyond it, 503 with Retry-After.",
     )
+    device_jpeg_decode: bool = Field(
+        True,
+        description="On a GPU, decode plain JPEGs (RGB or grayscale, no EXIF rotation) with "
+        "nvJPEG on the device as their batch runs; other images are decoded on this "
+        "replica's codec threads.",
+    )
+    max_host_pixels: int = Field(
+        400_000_000,
+        ge=1,
+        description="Pixels of images decoded on this replica's CPU (not nvJPEG) that it holds "
+        "at once, queued or running (3 bytes each: 400 M is 1.2 GB, ~190 1080p frames); "
+        "beyond it, 503 with Retry-After. At least max_pixels.",
+    )
     fault_oom_above_batch: int | None = Field(
         None,
         ge=1,
@@ -80,6 +93,16 @@ class SegmentorArgs(_Strict):
         "has this value raises ValueError, as a model that cannot take that frame would. "
         "Never set in production.",
     )
+
+    @model_validator(mode="after")
+    def _one_image_fits(self) -> SegmentorArgs:
+        if self.max_host_pixels < self.max_pixels:
+            raise ValueError(
+                f"max_host_pixels={self.max_host_pixels} is less than max_pixels="
+                f"{self.max_pixels}: an image of max_pixels could never be decoded; raise "
+                "max_host_pixels or lower max_pixels"
+            )
+        return self
 
     def model_overrides(self) -> dict[str, Any]:
         """Keyword arguments of :func:`segmentation.factory.build_segmentor`."""
@@ -100,11 +123,6 @@ class RouterArgs(_Strict):
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 above)."
     )
-    device_jpeg_decode: bool = Field(
-        False,
-        description="Send plain JPEGs to the YOLO replica undecoded; it decodes them on its "
-        "device (nvJPEG on a GPU), sparing the router's CPU. Other images are decoded here.",
-    )
     max_inflight_frames: int = Field(
         1024,
         ge=1,
@@ -117,6 +135,47 @@ class RouterArgs(_Strict):
         le=4096,
         description="Most frames in one /v1/frames request (413 above); at most "
         "max_inflight_frames.",
+    )
+    max_inflight_pixels: int = Field(
+        600_000_000,
+        ge=1,
+        description="Decoded pixels of the frames one router replica has at the models at once, "
+        "counted from each image's header before anything is decoded (a 1080p frame is 2.07 M); "
+        "beyond it, 503 with Retry-After.",
+    )
+    max_request_pixels: int = Field(
+        300_000_000,
+        ge=1,
+        description="Decoded pixels one request may ask for (all its frames, and for "
+        "/v1/products the crops too); above it, 413. At most max_inflight_pixels.",
+    )
+    max_products: int = Field(
+        64,
+        ge=1,
+        le=1000,
+        description="Most objects /v1/products cuts out of one frame; when YOLO finds more, 413 "
+        "before any crop is made (lower max_det or raise conf).",
+    )
+    max_det: int = Field(
+        300,
+        ge=1,
+        le=1000,
+        description="Highest max_det a request may ask for (each instance is a mask to compute "
+        "and encode); above it, 422.",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Longest time to receive a request's body; past it, 408. A stalled upload "
+        "holds no admission (requests are admitted once their body is read) and no longer "
+        "than this.",
+    )
+    max_inflight_body_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1024,
+        description="Request body bytes one router replica holds at once (being read or "
+        "waiting for their models); beyond it, 503 with Retry-After. At least max_body_bytes.",
     )
     model_call_timeout_s: float = Field(
         300.0,
@@ -134,8 +193,15 @@ class RouterArgs(_Strict):
     )
     api_key_env: str | None = Field(
         None,
-        description="Name of an environment variable holding the API key; when it is set and "
-        "non-empty, requests need 'Authorization: Bearer <key>'. Off by default.",
+        description="Name of an environment variable holding the API key: requests then need "
+        "'Authorization: Bearer <key>' (HTTP header or gRPC metadata), /docs and /openapi.json "
+        "too. A router replica whose node lacks the variable, or has it empty, refuses to "
+        "start. None (the default): no authentication.",
+    )
+    public_docs: bool = Field(
+        False,
+        description="With api_key_env set, let /docs, /redoc and /openapi.json answer without "
+        "the key (they describe the API, not its data). Without a key they are always open.",
     )
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, description="Largest decoded image, in pixels (413 above)."
@@ -146,12 +212,17 @@ class RouterArgs(_Strict):
 
     @model_validator(mode="after")
     def _requests_fit_the_budget(self) -> RouterArgs:
-        if self.max_frames_per_request > self.max_inflight_frames:
-            raise ValueError(
-                f"max_frames_per_request={self.max_frames_per_request} is more than "
-                f"max_inflight_frames={self.max_inflight_frames}: a request that large could "
-                "never be admitted; lower max_frames_per_request or raise max_inflight_frames"
-            )
+        for part, whole in (
+            ("max_frames_per_request", "max_inflight_frames"),
+            ("max_request_pixels", "max_inflight_pixels"),
+            ("max_pixels", "max_request_pixels"),
+            ("max_body_bytes", "max_inflight_body_bytes"),
+        ):
+            if getattr(self, part) > getattr(self, whole):
+                raise ValueError(
+                    f"{part}={getattr(self, part)} is more than {whole}={getattr(self, whole)}: "
+                    f"a request that large could never be admitted; lower {part} or raise {whole}"
+                )
         return self
 
 

@@ -15,9 +15,29 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from segmentation.errors import DeadlineExceededError
+from segmentation.errors import DeadlineExceededError, InvalidRequestError
 
 T = TypeVar("T")
+#: Longest request timeout a client may ask for (one day), in milliseconds: a bound that keeps
+#: every deadline a finite wall-clock time (a 400-digit value overflowed a float).
+MAX_TIMEOUT_MS = 86_400_000
+
+
+def parse_timeout_ms(value: str | None, name: str = "x-request-timeout-ms") -> int | None:
+    """A client's timeout in milliseconds out of header or metadata text; 422 unless it is an
+    integer from 1 to :data:`MAX_TIMEOUT_MS`."""
+    if value is None:
+        return None
+    text = value.strip()
+    if (
+        not (text.isascii() and text.isdigit())
+        or len(text) > 9
+        or not 1 <= int(text) <= MAX_TIMEOUT_MS
+    ):
+        raise InvalidRequestError(
+            f"{name}={value[:40]!r}: expected an integer from 1 to {MAX_TIMEOUT_MS} (milliseconds)"
+        )
+    return int(text)
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,17 @@ class UnauthorizedError(SegmentationError):
     code = "unauthorized"
 
 
+class RequestTimeoutError(SegmentationError):
+    """The request's body did not arrive within ``router.body_timeout_s``."""
+
+    code = "request_timeout"
+
+
 #: The HTTP status of each typed error; a subclass takes its nearest listed ancestor's.
 HTTP_STATUS: dict[type[SegmentationError], int] = {
     InvalidImageError: 400,
     UnauthorizedError: 401,
+    RequestTimeoutError: 408,
     PayloadTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
     InvalidRequestError: 422,
@@ -56,6 +63,7 @@ def http_status(exc: SegmentationError) -> int:
 GRPC_STATUS: dict[type[SegmentationError], str] = {
     InvalidImageError: "INVALID_ARGUMENT",
     UnauthorizedError: "UNAUTHENTICATED",
+    RequestTimeoutError: "DEADLINE_EXCEEDED",
     PayloadTooLargeError: "RESOURCE_EXHAUSTED",
     UnsupportedMediaTypeError: "INVALID_ARGUMENT",
     InvalidRequestError: "INVALID_ARGUMENT",
@@ -81,10 +89,18 @@ def unwrap(exc: BaseException) -> BaseException:
     a retry delay of a replica's restart, never 500. A full queue is the same, sooner.
     """
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
-    from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+    from ray.serve.exceptions import (
+        BackPressureError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+    )
 
     if isinstance(exc, BackPressureError):
         return OverloadedError("the model's request queue is full; retry shortly", 1)
+    if isinstance(exc, DeploymentUnavailableError):
+        # A deployment that failed to deploy (DEPLOY_FAILED): a rollout or a restart may
+        # bring it back, so it is 503 with a retry delay, and the message says which.
+        return OverloadedError(f"a model deployment is unavailable now: {exc}; retry later", 10)
     if isinstance(exc, (RayActorError, WorkerCrashedError, ReplicaUnavailableError)):
         # Serve notices the death within a second and starts a replacement; 2 s is about
         # a stand-in's restart, and the client's retries span a real model's 10-30 s reload.

@@ -23,14 +23,12 @@ passes first, the proxy cancels the call and the client sees DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
-import numpy as np
 from ray.serve import Deployment
 from ray.serve.grpc_util import RayServegRPCContext
 
@@ -40,10 +38,11 @@ from segmentation.errors import (
     PayloadTooLargeError,
     SegmentationError,
 )
-from segmentation.options import DetectOptions
+from segmentation.options import DetectOptions, Output
 from segmentation_client.proto import segmentor_pb2 as pb
-from segmentation_service.errors import UnauthorizedError, grpc_status, unwrap
-from segmentation_service.router import Router
+from segmentation_service.deadlines import Deadline, parse_timeout_ms
+from segmentation_service.errors import grpc_status, unwrap
+from segmentation_service.router import Router, checked_options
 
 if TYPE_CHECKING:
     _RouterBase = Router
@@ -53,44 +52,33 @@ else:
 logger = logging.getLogger("ray.serve")
 Reply = TypeVar("Reply")
 
-_OUTPUT_NAMES: dict[int, str] = {pb.RGBA_PNG: "rgba", pb.MATTE_PNG: "mask"}
+_OUTPUT_NAMES: dict[int, Output] = {pb.RGBA_PNG: "rgba", pb.MATTE_PNG: "mask", pb.RAW_ALPHA: "raw"}
 
 
 def detect_options(message: pb.DetectOptions) -> DetectOptions:
     """The HTTP query's validation for the proto's options; unset fields take the defaults."""
-    conf = message.conf if message.HasField("conf") else 0.25
-    iou = message.iou if message.HasField("iou") else 0.7
-    max_det = message.max_det if message.HasField("max_det") else 300
-    problems = [
-        f"{name}={value}: must be between {low} and {high}"
-        for name, value, low, high in (
-            ("conf", conf, 0.0, 1.0),
-            ("iou", iou, 0.0, 1.0),
-            ("max_det", max_det, 1, 1000),
-        )
-        if not low <= value <= high
-    ]
-    if any(c < 0 for c in message.classes):
-        problems.append("classes must be non-negative integers")
-    if problems:
-        raise InvalidRequestError("; ".join(problems))
-    classes = tuple(message.classes) or None
-    return DetectOptions(conf=conf, iou=iou, classes=classes, max_det=max_det)
+    return checked_options(
+        message.conf if message.HasField("conf") else 0.25,
+        message.iou if message.HasField("iou") else 0.7,
+        message.max_det if message.HasField("max_det") else 300,
+        tuple(message.classes),
+    )
 
 
-def request_deadline(context: RayServegRPCContext) -> float | None:
-    """Wall-clock deadline from ``x-request-timeout-ms`` metadata (None when not sent)."""
+def request_deadline(context: RayServegRPCContext, arrived: float) -> Deadline:
+    """The call's deadline from ``x-request-timeout-ms`` metadata, counted from its arrival
+    (unbounded when not sent); 422-like INVALID_ARGUMENT for a value that is not 1 to
+    ``MAX_TIMEOUT_MS``; DEADLINE_EXCEEDED at once when it has passed."""
     value = dict(context.invocation_metadata()).get("x-request-timeout-ms")
-    if value is None:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise InvalidRequestError(f"x-request-timeout-ms={value!r}: expected a positive integer")
-    return time.time() + int(value) / 1000.0
+    deadline = Deadline.after(arrived, parse_timeout_ms(value))
+    deadline.remaining()
+    return deadline
 
 
-def check_output(output: int) -> None:
-    if output not in pb.OutputFormat.values():
+def output_name(output: int) -> Output:
+    if output not in _OUTPUT_NAMES:
         raise InvalidRequestError(f"output={output}: not an OutputFormat")
+    return _OUTPUT_NAMES[output]
 
 
 def set_error(context: RayServegRPCContext, exc: SegmentationError) -> None:
@@ -133,40 +121,42 @@ class SegmentorServicer(_RouterBase):
     async def RemoveBackground(
         self, request: pb.ImageRequest, grpc_context: RayServegRPCContext
     ) -> pb.ImageReply:
-        async def work() -> pb.ImageReply:
-            check_output(request.output)
-            with self.budget.admit(1):
-                frame = await self._decode(self._one_image(request.image))
-                alpha = await self._call(
-                    self.rmbg.remove_background, frame, request_deadline(grpc_context)
+        async def work(deadline: Deadline) -> pb.ImageReply:
+            output = output_name(request.output)
+            async with self._one_image(self._one_message_image(request.image), deadline) as image:
+                data = await self._call(
+                    self.rmbg.remove_background, image, output, deadline.at, deadline=deadline
                 )
-                return await self._matte_reply(frame, alpha, request.output)
+            return pb.ImageReply(
+                format=request.output, data=data, width=image.width, height=image.height
+            )
 
         return await self._answer("RemoveBackground", grpc_context, pb.ImageReply(), work)
 
     async def Segment(
         self, request: pb.SegmentRequest, grpc_context: RayServegRPCContext
     ) -> pb.SegmentReply:
-        async def work() -> pb.SegmentReply:
+        async def work(deadline: Deadline) -> pb.SegmentReply:
             options = detect_options(request.options)
-            with self.budget.admit(1):
-                frame = await self._decode_for_yolo(self._one_image(request.image))
+            self._check_max_det(options)
+            async with self._one_image(self._one_message_image(request.image), deadline) as image:
                 result = await self._call(
-                    self.yolo.segment, frame, options, request_deadline(grpc_context)
+                    self.yolo.segment, image, options, deadline.at, deadline=deadline
                 )
-                return segment_reply(result)
+            return segment_reply(result)
 
         return await self._answer("Segment", grpc_context, pb.SegmentReply(), work)
 
     async def Frames(
         self, request: pb.FramesRequest, grpc_context: RayServegRPCContext
     ) -> pb.FramesReply:
-        async def work() -> pb.FramesReply:
+        async def work(deadline: Deadline) -> pb.FramesReply:
             frames = self._checked_frames(request)
-            with self.budget.admit(len(frames)):
-                replies = await self._frame_replies(
-                    request, frames, 0, request_deadline(grpc_context)
-                )
+            with self.body_bytes.account() as charge:
+                charge(sum(len(f) for f in frames))
+                probed = await self._probe_all(frames)
+                with self._admit_all(probed):
+                    replies = await self._frame_replies(request, probed, 0, deadline)
             failed = sum(reply.HasField("error") for reply in replies)
             return pb.FramesReply(
                 task=request.task, count=len(replies), failed=failed, frames=replies
@@ -182,25 +172,32 @@ class SegmentorServicer(_RouterBase):
         reply with the same status as Frames; Serve's proxy drops trailing metadata on a
         stream's error, so there the retry delay is only in the message."""
         started = time.perf_counter()
+        arrived = time.time()
         try:
-            self._authorize(grpc_context)
+            self._authorize_call(grpc_context)
+            deadline = request_deadline(grpc_context, arrived)
             frames = self._checked_frames(request)
-            deadline = request_deadline(grpc_context)
-            with self.budget.admit(len(frames)):
-                size = self.args.frames_per_call
-                calls = [
-                    asyncio.ensure_future(
-                        self._frame_replies(request, frames[start : start + size], start, deadline)
-                    )
-                    for start in range(0, len(frames), size)
-                ]
-                try:
-                    for call in calls:
-                        for reply in await call:
-                            yield reply
-                finally:
-                    for call in calls:
-                        call.cancel()
+            with self.body_bytes.account() as charge:
+                charge(sum(len(f) for f in frames))
+                probed = await self._probe_all(frames)
+                with self._admit_all(probed):
+                    size = self.args.frames_per_call
+                    calls = [
+                        asyncio.ensure_future(
+                            self._frame_replies(
+                                request, probed[start : start + size], start, deadline
+                            )
+                        )
+                        for start in range(0, len(probed), size)
+                    ]
+                    try:
+                        for call in calls:
+                            for reply in await call:
+                                yield reply
+                    finally:
+                        for call in calls:
+                            call.cancel()
+                        await asyncio.gather(*calls, return_exceptions=True)
         except SegmentationError as exc:
             # Raised with the code set: Serve answers the stream with that code.
             set_error(grpc_context, exc)
@@ -214,14 +211,17 @@ class SegmentorServicer(_RouterBase):
         method: str,
         context: RayServegRPCContext,
         empty: Reply,
-        work: Callable[[], Awaitable[Reply]],
+        work: Callable[[Deadline], Awaitable[Reply]],
     ) -> Reply:
-        """Run ``work`` after the API key check; a typed error becomes the call's status
-        (returned with an empty reply, so Serve sends the trailing metadata too)."""
+        """Run ``work`` after the API key check, within the call's deadline; a typed error
+        becomes the call's status (returned with an empty reply, so Serve sends the trailing
+        metadata too)."""
         started = time.perf_counter()
+        arrived = time.time()
         try:
-            self._authorize(context)
-            return await work()
+            self._authorize_call(context)
+            deadline = request_deadline(context, arrived)
+            return await deadline.bound(work(deadline))
         except Exception as exc:
             error = unwrap(exc)
             if not isinstance(error, SegmentationError):
@@ -231,18 +231,11 @@ class SegmentorServicer(_RouterBase):
         finally:
             self.stages.add(f"grpc:{method}", time.perf_counter() - started)
 
-    def _authorize(self, context: RayServegRPCContext) -> None:
+    def _authorize_call(self, context: RayServegRPCContext) -> None:
         """``authorization: Bearer <key>`` metadata, when the service has an API key."""
-        if self.api_key is None:
-            return
-        header = dict(context.invocation_metadata()).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-            raise UnauthorizedError(
-                "missing or wrong API key: send metadata 'authorization: Bearer <key>'"
-            )
+        self.authorize(dict(context.invocation_metadata()).get("authorization", ""))
 
-    def _one_image(self, data: bytes) -> bytes:
+    def _one_message_image(self, data: bytes) -> bytes:
         if not data:
             raise InvalidImageError("empty image: send the encoded image bytes")
         if len(data) > self.args.max_body_bytes:
@@ -267,58 +260,42 @@ class SegmentorServicer(_RouterBase):
             )
         # A bad option fails the call, not each frame.
         if request.task == pb.TASK_SEGMENT:
-            detect_options(request.options)
+            self._check_max_det(detect_options(request.options))
         else:
-            check_output(request.output)
+            output_name(request.output)
         return frames
 
     async def _frame_replies(
         self,
         request: pb.FramesRequest,
-        files: Sequence[bytes],
+        probed: Sequence[Any],
         first_index: int,
-        deadline: float | None,
+        deadline: Deadline,
     ) -> list[pb.FrameReply]:
-        """One reply per file, in order; a frame that failed carries its own error."""
-        if request.task == pb.TASK_SEGMENT:
-            results = await self._segment_each(
-                list(files), detect_options(request.options), deadline
-            )
-        else:
-            frames = await asyncio.gather(*(self._decode(f) for f in files), return_exceptions=True)
-            mattes = await self._in_calls(self.rmbg.remove_background_each, frames, deadline)
-            results = await asyncio.gather(
-                *(
-                    self._matte_reply(frame, alpha, request.output)
-                    for frame, alpha in zip(frames, mattes, strict=True)
-                ),
-                return_exceptions=True,
-            )
+        """One reply per frame, in order; a frame that failed carries its own error."""
+        segment = request.task == pb.TASK_SEGMENT
+        results = await self._run_each(
+            list(probed),
+            "segment" if segment else "remove-background",
+            "rgba" if segment else output_name(request.output),
+            detect_options(request.options),
+            deadline,
+        )
         replies = []
-        for index, result in enumerate(results, start=first_index):
+        for index, (image, result) in enumerate(zip(probed, results, strict=True), first_index):
             if isinstance(result, BaseException):
                 error = unwrap(result)
                 if not isinstance(error, SegmentationError):
                     raise error
                 replies.append(frame_error(index, error))
-            elif request.task == pb.TASK_SEGMENT:
+            elif segment:
                 replies.append(pb.FrameReply(index=index, segmentation=segment_reply(result)))
             else:
-                replies.append(pb.FrameReply(index=index, matte=result))
+                reply = pb.ImageReply(
+                    format=request.output, data=result, width=image.width, height=image.height
+                )
+                replies.append(pb.FrameReply(index=index, matte=reply))
         return replies
-
-    async def _matte_reply(self, frame: Any, alpha: Any, output: Any) -> pb.ImageReply:
-        """The matte in the asked format; a failed frame's error is raised for its entry."""
-        for failed in (frame, alpha):
-            if isinstance(failed, BaseException):
-                raise failed
-        alpha = cast(np.ndarray, alpha)
-        height, width = alpha.shape[:2]
-        if output == pb.RAW_ALPHA:
-            data = np.ascontiguousarray(alpha, dtype=np.uint8).tobytes()
-        else:
-            data = await self._encode_matte(frame, alpha, _OUTPUT_NAMES[output])
-        return pb.ImageReply(format=output, data=data, width=width, height=height)
 
 
 _HttpRouter: Any = cast(Deployment, Router).func_or_class

@@ -1,6 +1,13 @@
-"""Reading images out of HTTP requests, with size limits enforced while reading."""
+"""Reading images out of HTTP requests, with size limits enforced while reading.
+
+Every read takes a ``charge(n)`` callback (``admission.ByteBudget``): the bytes a router
+replica holds are counted as they arrive, so many large bodies at once get 503, not the
+router's memory.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -17,7 +24,14 @@ from segmentation.errors import (
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+Charge = Callable[[int], None]
+
+
+def _no_charge(size: int) -> None:
+    """A ``charge`` that counts nothing (callers outside the router)."""
+
+
+async def read_body(request: Request, limit: int, charge: Charge = _no_charge) -> bytes:
     """The request body, refusing it as soon as it grows past ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -28,18 +42,25 @@ async def read_body(request: Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
+        charge(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 async def read_form_files(
-    request: Request, field: str, limit: int, max_files: int, max_files_setting: str = ""
+    request: Request,
+    field: str,
+    limit: int,
+    max_files: int,
+    max_files_setting: str = "",
+    charge: Charge = _no_charge,
 ) -> list[bytes]:
     """Files of a multipart ``field``, the whole body bounded by ``limit`` bytes and the files
     by ``max_files`` (413 above it; ``max_files_setting`` names the setting in the message)."""
     setting = f"{max_files_setting}=" if max_files_setting else ""
     too_many = f"the limit is {setting}{max_files}"
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, charge)
+    charge(len(body))  # the parsed files are a second copy
     sent = False
 
     async def replay() -> Message:
@@ -67,13 +88,13 @@ async def read_form_files(
     return [await item.read() for item in files]
 
 
-async def read_image(request: Request, limit: int) -> bytes:
+async def read_image(request: Request, limit: int, charge: Charge = _no_charge) -> bytes:
     """One image: the raw body (``Content-Type: image/...``) or multipart field ``image``."""
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
-        (data,) = await read_form_files(request, "image", limit, max_files=1)
+        (data,) = await read_form_files(request, "image", limit, max_files=1, charge=charge)
     elif content_type.startswith(RAW_TYPES) or not content_type:
-        data = await read_body(request, limit)
+        data = await read_body(request, limit, charge)
     else:
         raise UnsupportedMediaTypeError(
             f"Content-Type {content_type!r} is not accepted: send the image as the raw body with "

@@ -14,8 +14,9 @@ _LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 _BATCH = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128]
 
 #: Outcome tags of ``segmentor_frames_total``: a result; the frame's own fault (4xx); no GPU
-#: memory for it alone; its deadline passed in the queue; a server fault; the queue was full.
-OUTCOMES = ("ok", "bad_input", "oom", "deadline", "error", "overloaded")
+#: memory for it alone; its deadline passed in the queue; a server fault; the queue was full;
+#: its caller went away before the answer (taken out of the queue, or its result dropped).
+OUTCOMES = ("ok", "bad_input", "oom", "deadline", "error", "overloaded", "cancelled")
 
 
 class StageTotals:

@@ -39,42 +39,51 @@ import logging
 import os
 import time
 from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from segmentation import encoders
 from segmentation.batching import AdaptiveBatchCap, BatchReport, OOMSafeRunner, batch_buckets
 from segmentation.config import Settings, load_settings
+from segmentation.device_decode import decode_jpegs_on
 from segmentation.errors import (
     DeadlineExceededError,
     OverloadedError,
+    PayloadTooLargeError,
     SegmentationError,
 )
-from segmentation.imaging import EncodedJPEG, decode_image
-from segmentation.models.base import gpu_memory
+from segmentation.imaging import EncodedImage, decode_image, probe_image
+from segmentation.models.base import StageClock, gpu_memory
 from segmentation_service.autoscaling import HELD_FRAMES
 from segmentation_service.config import BatchConfig, SegmentorArgs
 from segmentation_service.errors import http_status
 from segmentation_service.faults import with_faults
 from segmentation_service.metrics import SegmentorMetrics
+from segmentation_service.resources import codec_threads
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 
 @dataclass
 class Pending:
     """A decoded frame waiting for a batch, and where its answer goes."""
 
-    frame: Any  # uint8 HxWx3 array, or an EncodedJPEG decoded on the model's device
+    frame: Any  # uint8 HxWx3 array, or an EncodedImage decoded on the model's device
     options: Any
     enqueued: float
     deadline: float | None
     #: Resolved with the frame's output or its error (None for warm-up frames).
     answer: asyncio.Future[Any] | None = None
+    #: Part of ``frame`` the model sees, ``(left, top, right, bottom)``; None: all of it.
+    crop: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,10 +125,23 @@ class SegmentorReplica:
         #: Frames of the batch on the GPU thread now (0 between batches).
         self._running_frames = 0
         self._reconfiguring = asyncio.Lock()
-        # The router decodes and encodes images; this pool only serves callers that send
-        # encoded bytes through a handle. Few threads: codec threads in the GPU process
-        # contend for the GIL with kernel launches.
-        self._decoder = ThreadPoolExecutor(2, thread_name_prefix=f"{self.name}-decode")
+        #: Image codecs of this replica (CPU decodes, PNG encodes), one thread per CPU Ray
+        #: gave it: OpenCV and Pillow's codecs run outside the interpreter lock, so they use
+        #: those cores without slowing the GPU thread's kernel launches.
+        self.codec_threads = codec_threads()
+        self._codec = ThreadPoolExecutor(
+            self.codec_threads, thread_name_prefix=f"{self.name}-codec"
+        )
+        #: Pixels of frames decoded on the host that this replica holds now (queued,
+        #: running or being decoded): bounded by ``args.max_host_pixels``.
+        self.host_pixels = 0
+        #: Outputs handed to the codec threads and not encoded yet; the batch loop waits while
+        #: there are more than two batches of them, so a slow encoder holds frames in the
+        #: queue (bounded) rather than host arrays in memory.
+        self._encoding = 0
+        self._encoded = asyncio.Event()
+        #: Seconds the GPU thread spent on batches (for the busy fraction over a window).
+        self.gpu_busy_s = 0.0
         self.memory_fraction = self._limit_gpu_memory()
         self.memory_cap: int | None = None
         self.warmed_batch = 0
@@ -238,18 +260,30 @@ class SegmentorReplica:
         height, width = self.args.warmup_size
         return np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
 
+    def warmup_input(self) -> np.ndarray | EncodedImage:
+        """What a warm-up batch holds: the warm-up frame as a JPEG where the device decodes
+        JPEGs (so the decoder is initialised, 4.9 s on an H100 the first time, and its
+        memory is in the measured peak), else the frame's pixels."""
+        frame = self.warmup_frame()
+        if not (self.args.device_jpeg_decode and self.device.type == "cuda"):
+            return frame
+        height, width = frame.shape[:2]
+        return EncodedImage(encoders.jpeg(frame, quality=90), width, height)
+
     def _warmup_run(self, n: int) -> int:
-        """Run the model on ``n`` copies of a warm-up frame; the peak GPU memory (0 on CPU).
+        """Run the model on ``n`` copies of a warm-up input; the peak GPU memory (0 on CPU).
 
         GPU thread only: the peak is reset here, which is the warm-up's own only because no
         batch can run beside it.
         """
-        frame = self.warmup_frame()
+        frame = self.warmup_input()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        items = [Pending(frame, self.warmup_options(), time.monotonic(), None)] * n
-        self.run_model(items)
+        items = [Pending(frame, self.warmup_options(), time.monotonic(), None) for _ in range(n)]
+        for output in self.run_model(items):
+            if isinstance(output, Exception):
+                raise output
         self._built_sizes.add(n)
         if self.device.type != "cuda":
             return 0
@@ -323,19 +357,57 @@ class SegmentorReplica:
         )
 
     # -- request path -------------------------------------------------------------------
-    async def decode(self, image: bytes | np.ndarray | EncodedJPEG) -> Any:
-        """A frame ready for batching: arrays and device-decodable JPEGs pass through."""
-        if isinstance(image, (np.ndarray, EncodedJPEG)):
-            return image
+    def device_decodes(self, image: EncodedImage) -> bool:
+        """Whether ``image`` stays encoded until its batch runs and is decoded on the device
+        (nvJPEG), instead of on this replica's codec threads."""
+        return (
+            image.device_decodable and self.args.device_jpeg_decode and self.device.type == "cuda"
+        )
+
+    @asynccontextmanager
+    async def prepared(self, image: EncodedImage | np.ndarray | bytes) -> AsyncIterator[Any]:
+        """A frame ready for batching, for the block. Arrays pass through; JPEGs the device
+        decodes stay encoded until their batch runs; anything else is decoded here, on the
+        codec threads, while its pixels fit ``max_host_pixels`` (503 with Retry-After when
+        not: decoded frames are what fill a replica's memory). A frame that fails to decode
+        gets its own 400, 413 or 415."""
+        if isinstance(image, np.ndarray):
+            yield image
+            return
+        if isinstance(image, bytes):
+            image = await self.run_codec(probe_image, image, max_pixels=self.args.max_pixels)
+        if image.pixels > self.args.max_pixels:
+            raise PayloadTooLargeError(
+                f"image is {image.width}x{image.height} = {image.pixels} pixels, over the "
+                f"limit of {self.args.max_pixels}"
+            )
+        if self.device_decodes(image):
+            yield image
+            return
+        if self.host_pixels + image.pixels > self.args.max_host_pixels:
+            self.metrics.reject("host_pixels")
+            raise OverloadedError(
+                f"this replica holds {self.host_pixels} decoded pixels (limit "
+                f"max_host_pixels={self.args.max_host_pixels}); retry shortly",
+                1,
+            )
+        self.host_pixels += image.pixels
+        try:
+            yield await self.decode(image.data)
+        finally:
+            self.host_pixels -= image.pixels
+
+    async def decode(self, data: bytes) -> np.ndarray:
+        """Decode on the codec threads; a bad image is counted and raised."""
         submitted = time.perf_counter()
         started: list[float] = []
 
         def work() -> np.ndarray:
             started.append(time.perf_counter())
-            return decode_image(image, max_pixels=self.args.max_pixels)
+            return decode_image(data, max_pixels=self.args.max_pixels)
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._decoder, work)
+            return await asyncio.get_running_loop().run_in_executor(self._codec, work)
         except SegmentationError as exc:
             self.metrics.reject(exc.code)
             self.metrics.answered(_outcome(exc))
@@ -345,8 +417,34 @@ class SegmentorReplica:
                 self.metrics.stage("decode_wait", started[0] - submitted)
                 self.metrics.stage("decode", time.perf_counter() - started[0])
 
-    async def submit(self, frame: Any, options: Any, deadline: float | None) -> Any:
-        """Queue one decoded frame for batching; its output, or raise the error it got."""
+    async def run_codec(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` on the codec threads (encoders, header probes), timed as ``codec:<name>``."""
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._codec, lambda: fn(*args, **kwargs)
+            )
+        finally:
+            self.metrics.stage(f"codec:{fn.__name__}", time.perf_counter() - started)
+
+    async def encode(self, fn: Callable[..., T], *args: Any) -> T:
+        """Encode an output on the codec threads, counted in the batch loop's backpressure."""
+        self._encoding += 1
+        try:
+            return await self.run_codec(fn, *args)
+        finally:
+            self._encoding -= 1
+            self._encoded.set()
+
+    async def submit(
+        self,
+        frame: Any,
+        options: Any,
+        deadline: float | None,
+        crop: tuple[int, int, int, int] | None = None,
+    ) -> Any:
+        """Queue one frame for batching; its output, or raise the error it got. A caller that
+        goes away (its request cancelled) takes its frame out of the queue at once."""
         if deadline is not None and time.time() > deadline:
             self.metrics.reject("deadline")
             self.metrics.answered("deadline")
@@ -360,11 +458,20 @@ class SegmentorReplica:
             )
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
-        self._queue.append(Pending(frame, options, time.monotonic(), deadline, answer))
+        item = Pending(frame, options, time.monotonic(), deadline, answer, crop)
+        self._queue.append(item)
         self._wake.set()
         if self._batcher is None or self._batcher.done():
             self._batcher = loop.create_task(self._form_batches())
-        result = await answer
+        try:
+            result = await answer
+        except asyncio.CancelledError:
+            # Still queued: it leaves now (no slot held, nothing reported to the autoscaler).
+            # Already running: _answer counts it when its batch ends.
+            if item in self._queue:
+                self._queue.remove(item)
+                self.metrics.answered("cancelled")
+            raise
         if isinstance(result, BaseException):
             raise result
         return result
@@ -377,9 +484,34 @@ class SegmentorReplica:
         handles one request where it would handle dozens."""
 
         async def one(image: Any) -> Any:
-            return await self.submit(await self.decode(image), options, deadline)
+            async with self.prepared(image) as frame:
+                return await self.submit(frame, options, deadline)
 
         return list(await asyncio.gather(*(one(i) for i in images), return_exceptions=True))
+
+    def device_frames(self, items: list[Pending]) -> list[Any]:
+        """On the GPU thread: each item's frame as the model takes it. Encoded JPEGs are
+        decoded on the device in one call (one image shared by several items, the crops of
+        ``/v1/products``, once); a JPEG that fails gets its own error in its place; crops
+        are views."""
+        frames: list[Any] = [item.frame for item in items]
+        encoded: dict[int, list[int]] = {}
+        for index, frame in enumerate(frames):
+            if isinstance(frame, EncodedImage):
+                key = id(frame) if items[index].crop is not None else -1 - index
+                encoded.setdefault(key, []).append(index)
+        if encoded:
+            clock = StageClock(self.device, self.step_timings)
+            groups = list(encoded.values())
+            decoded = decode_jpegs_on(self.device, [frames[group[0]] for group in groups])
+            clock.lap("jpeg_decode")
+            for group, frame in zip(groups, decoded, strict=True):
+                for index in group:
+                    frames[index] = frame
+        for index, item in enumerate(items):
+            if item.crop is not None and not isinstance(frames[index], Exception):
+                frames[index] = _crop(frames[index], item.crop)
+        return frames
 
     async def _form_batches(self) -> None:
         """The one batch-forming loop: take up to the live cap when the GPU thread is free."""
@@ -387,6 +519,9 @@ class SegmentorReplica:
             while not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
+            while self._encoding > 2 * max(1, self.cap.value):
+                self._encoded.clear()
+                await self._encoded.wait()
             await self._fill_window()
             batch: list[Pending] = []
             while self._queue and len(batch) < max(1, self.cap.value):
@@ -443,6 +578,7 @@ class SegmentorReplica:
             return
         finally:
             self._running_frames = 0
+            self.gpu_busy_s += time.perf_counter() - started
         self.metrics.stage("model", time.perf_counter() - started)
         for step, seconds in steps.items():
             self.metrics.stage(f"model:{step}", seconds)
@@ -480,8 +616,11 @@ class SegmentorReplica:
         self.metrics.batch_cap.set(float(self.cap.value))
 
     def _answer(self, item: Pending, result: Any) -> None:
+        if item.answer is not None and item.answer.done():  # its caller went away
+            self.metrics.answered("cancelled")
+            return
         self.metrics.answered(_outcome(result))
-        if item.answer is not None and not item.answer.done():
+        if item.answer is not None:
             item.answer.set_result(result)
 
     # -- introspection ------------------------------------------------------------------
@@ -492,8 +631,9 @@ class SegmentorReplica:
         call may carry 1 frame or 16."""
         return {HELD_FRAMES: float(len(self._queue) + self._running_frames)}
 
-    def info(self) -> dict[str, Any]:
-        """Model source, precision, batch settings and memory of this replica."""
+    async def info(self) -> dict[str, Any]:
+        """Model source, precision, batch settings and memory of this replica. A coroutine:
+        it reads state the event loop changes, so it runs on that loop, between its steps."""
         return {
             **self.segmentor.info().as_dict(),
             "weights_sha256": self.weights_sha256,
@@ -519,6 +659,13 @@ class SegmentorReplica:
             "gpu_memory": {**gpu_memory(self.device), "fraction": self.memory_fraction},
             "gpu": _gpu_identity(self.device),
             "pid": os.getpid(),
+            "codec": {
+                "threads": self.codec_threads,
+                "host_pixels": self.host_pixels,
+                "max_host_pixels": self.args.max_host_pixels,
+                "encoding": self._encoding,
+            },
+            "gpu_busy_s": round(self.gpu_busy_s, 3),
         }
 
     async def check_health(self) -> None:
@@ -537,6 +684,14 @@ class SegmentorReplica:
                 raise RuntimeError(f"device {self.device} returned a wrong result")
 
         await asyncio.get_running_loop().run_in_executor(self._gpu, touch)
+
+
+def _crop(frame: Any, box: tuple[int, int, int, int]) -> Any:
+    """A view of ``frame`` (``HxWx3`` array or ``3xHxW`` tensor) inside ``box``."""
+    left, top, right, bottom = box
+    if isinstance(frame, np.ndarray):
+        return frame[top:bottom, left:right]
+    return frame[:, top:bottom, left:right]
 
 
 def _outcome(result: Any) -> str:

@@ -6,15 +6,14 @@ service against it.
 """
 
 import asyncio
-import hmac
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
 
-import numpy as np
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -22,17 +21,25 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from segmentation.encoders import b64, mask_png, rgba_png
-from segmentation.errors import InvalidRequestError, SegmentationError
-from segmentation.imaging import SUPPORTED_FORMATS, EncodedJPEG, decode_image, probe_jpeg
+from segmentation.encoders import b64
+from segmentation.errors import InvalidRequestError, PayloadTooLargeError, SegmentationError
+from segmentation.imaging import SUPPORTED_FORMATS, EncodedImage, probe_image
 from segmentation.options import DetectOptions
-from segmentation_service.admission import FrameBudget
+from segmentation_service.admission import ByteBudget, FrameBudget
+from segmentation_service.auth import key_matches, load_api_key
 from segmentation_service.config import RouterArgs
-from segmentation_service.crops import crop_with_margin
-from segmentation_service.deadlines import Deadline, as_deadline
-from segmentation_service.errors import UnauthorizedError, install_handlers, unwrap
-from segmentation_service.inputs import read_form_files, read_image
+from segmentation_service.crops import box_pixels, crop_box
+from segmentation_service.deadlines import MAX_TIMEOUT_MS, Deadline
+from segmentation_service.errors import (
+    RequestTimeoutError,
+    UnauthorizedError,
+    error_response,
+    install_handlers,
+    unwrap,
+)
+from segmentation_service.inputs import Charge, read_form_files, read_image
 from segmentation_service.metrics import StageTotals
+from segmentation_service.resources import codec_threads
 from segmentation_service.schemas import (
     Error,
     ErrorBody,
@@ -48,7 +55,7 @@ from segmentation_service.schemas import (
     RouterStatus,
     SegmentationResult,
 )
-from segmentation_service.status import replica_counts
+from segmentation_service.status import ReplicaCounts
 
 app = FastAPI(
     title="product-segmentor",
@@ -60,17 +67,26 @@ install_handlers(app)
 
 #: Route templates have a bounded count; every path no route matches shares one entry.
 UNMATCHED = "unmatched"
+#: What FastAPI serves about the API itself: behind the key too when authentication is on.
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 @app.middleware("http")
 async def _time_requests(request: Request, call_next: Any) -> Any:
     """Stamp the arrival time (the request deadline counts from it) and time each request
     under its route template, so per-route totals stay as many as the routes: keyed by the
-    raw path, 3,000 random unknown paths made 3,000 entries."""
+    raw path, 3,000 random unknown paths made 3,000 entries. With authentication on, the
+    API's description (``/docs``, ``/openapi.json``) needs the key as well, unless
+    ``router.public_docs``."""
     started = time.perf_counter()
     request.state.arrived = time.time()
-    response = await call_next(request)
     router = getattr(request.app.state, "router", None)
+    if request.url.path in DOCS_PATHS and router is not None and not router.args.public_docs:
+        try:
+            router.authorize(request.headers.get("authorization", ""))
+        except UnauthorizedError as exc:
+            return error_response(exc)
+    response = await call_next(request)
     if router is not None:
         route = request.scope.get("route")
         template = getattr(route, "path", None) or UNMATCHED
@@ -90,6 +106,7 @@ Timeout = Annotated[
     Header(
         alias="X-Request-Timeout-Ms",
         ge=1,
+        le=MAX_TIMEOUT_MS,
         description="Answer 504 when the request is not answered within this many "
         "milliseconds of its arrival at the router.",
     ),
@@ -149,11 +166,13 @@ PNG_ANSWER: dict[int | str, dict[str, Any]] = {
 _ERRORS: dict[int, str] = {
     400: "The image could not be decoded (corrupt, truncated, empty).",
     401: "Missing or wrong API key (only when the deployment sets router.api_key_env).",
+    408: "The body did not arrive within router.body_timeout_s.",
     413: "Body, image or request over a configured limit (max_body_bytes, max_pixels, "
-    "max_frames_per_request, max_inflight_frames).",
+    "max_frames_per_request, max_request_pixels, max_inflight_frames, max_products).",
     415: "Content-Type or image format not accepted.",
     422: "A parameter has a value that is not accepted.",
-    503: "Overloaded (admission budget, queue or GPU memory): retry after Retry-After seconds.",
+    503: "Overloaded (admission budget, queue, GPU memory, or a model deployment that is "
+    "unavailable now): retry after Retry-After seconds.",
     504: "X-Request-Timeout-Ms expired, or no model answer within router.model_call_timeout_s.",
 }
 
@@ -174,7 +193,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-IMAGE_ERRORS = errors(400, 401, 413, 415, 422, 503, 504)
+IMAGE_ERRORS = errors(400, 401, 408, 413, 415, 422, 503, 504)
 
 
 def json_answer(model: BaseModel) -> Response:
@@ -195,9 +214,34 @@ def detect_options(
             raise InvalidRequestError(
                 f"classes={classes!r}: expected comma-separated integers, e.g. 0,39"
             ) from None
-        if any(c < 0 for c in parsed):
-            raise InvalidRequestError("classes must be non-negative integers")
-    return DetectOptions(conf=conf, iou=iou, classes=parsed, max_det=max_det)
+    return checked_options(conf, iou, max_det, parsed)
+
+
+#: Class ids a request may name; the YOLO replica checks them against its model's classes.
+MAX_CLASS_ID = 1_000_000
+
+
+def checked_options(
+    conf: float, iou: float, max_det: int, classes: Sequence[int] | None
+) -> DetectOptions:
+    """``DetectOptions`` from a request's values (HTTP query or gRPC message), 422 when one is
+    out of range; the max_det a deployment allows is checked where its limit is known."""
+    problems = [
+        f"{name}={value}: must be between {low} and {high}"
+        for name, value, low, high in (
+            ("conf", conf, 0.0, 1.0),
+            ("iou", iou, 0.0, 1.0),
+            ("max_det", max_det, 1, 1000),
+        )
+        if not low <= value <= high
+    ]
+    if classes and any(not 0 <= c <= MAX_CLASS_ID for c in classes):
+        problems.append(f"classes must be class ids between 0 and {MAX_CLASS_ID}")
+    if problems:
+        raise InvalidRequestError("; ".join(problems))
+    return DetectOptions(
+        conf=conf, iou=iou, classes=tuple(classes) if classes else None, max_det=max_det
+    )
 
 
 def request_deadline(request: Request, timeout_ms: Timeout = None) -> Deadline:
@@ -221,23 +265,10 @@ async def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     router: Router = request.app.state.router
-    expected = router.api_key
-    if expected is None:
-        return
-    token = credentials.credentials.strip() if credentials is not None else ""
-    if not token or not hmac.compare_digest(token, expected):
-        raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
-
-
-async def admit_one(request: Request) -> AsyncIterator[None]:
-    """Hold one frame of the router's in-flight budget for the whole request (503 past it)."""
-    router: Router = request.app.state.router
-    with router.budget.admit(1):
-        yield
+    router.authorize(request.headers.get("authorization", ""))
 
 
 Auth = Depends(require_api_key)
-AdmitOne = Depends(admit_one)
 RequestDeadline = Annotated[Deadline, Depends(request_deadline)]
 
 
@@ -265,7 +296,10 @@ app.openapi = _openapi  # type: ignore[method-assign]
 @serve.deployment(max_ongoing_requests=256, max_queued_requests=512)
 @serve.ingress(app)
 class Router:
-    """Routes HTTP requests to the RMBG-2.0 and YOLO11-seg deployments."""
+    """The ingress: reads each request, checks its images' headers, admits it by frames and
+    pixels, and hands the encoded images to the RMBG-2.0 and YOLO11-seg deployments, which
+    decode them next to the model and answer what the client gets (PNG bytes, instances).
+    It holds no pixels and never imports torch."""
 
     def __init__(
         self, rmbg: DeploymentHandle, yolo: DeploymentHandle, args: dict[str, Any] | None = None
@@ -273,16 +307,28 @@ class Router:
         self.rmbg = rmbg
         self.yolo = yolo
         self.args = RouterArgs.model_validate(args or {})
-        key = os.environ.get(self.args.api_key_env, "") if self.args.api_key_env else ""
-        self.api_key: str | None = key or None
+        self.api_key = load_api_key(self.args.api_key_env)  # fails closed: see auth.py
         self.stages = StageTotals()
-        self.budget = FrameBudget(self.args.max_inflight_frames)
-        # Image codecs run here, in the router processes, not in the GPU replicas: a GPU
-        # replica whose threads fight for the GIL launches kernels slowly and forms small
-        # batches. Scale CPU codec capacity with the number of router replicas.
-        self._codec = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="codec")
+        self.budget = FrameBudget(
+            self.args.max_inflight_frames,
+            self.args.max_inflight_pixels,
+            self.args.max_request_pixels,
+        )
+        self.body_bytes = ByteBudget(self.args.max_inflight_body_bytes)
+        # Header probes only (the replicas decode and encode): a few threads, sized from the
+        # CPUs Ray gave this replica, keep a pathological header off the event loop.
+        self._codec = ThreadPoolExecutor(codec_threads(), thread_name_prefix="probe")
+        self._replicas = ReplicaCounts()
         app.state.router = self
         app.openapi_schema = None  # its security section depends on api_key
+
+    def authorize(self, header: str) -> None:
+        """Check an ``Authorization: Bearer <key>`` value (HTTP header or gRPC metadata)."""
+        if self.api_key is None:
+            return
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token or not key_matches(token, self.api_key):
+            raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Response:
@@ -298,11 +344,11 @@ class Router:
         """Each model: source, revision, precision in use, batch settings, replicas, memory;
         and the router replica that answered (requests per route, admission budget)."""
         deadline = Deadline(None)
-        rmbg, yolo = await asyncio.gather(
+        rmbg, yolo, replicas = await asyncio.gather(
             self._call(self.rmbg.info, deadline=deadline),
             self._call(self.yolo.info, deadline=deadline),
+            self._replicas.get(),
         )
-        replicas = replica_counts()
         for info, deployment in ((rmbg, "RMBGDeployment"), (yolo, "YoloDeployment")):
             info["replicas"] = replicas.get(deployment)
         return json_answer(
@@ -314,14 +360,17 @@ class Router:
                     requests=self.stages.summary(),
                     in_flight_frames=self.budget.in_flight,
                     max_inflight_frames=self.budget.limit,
-                    rejected=self.budget.rejected,
+                    in_flight_pixels=self.budget.in_flight_pixels,
+                    max_inflight_pixels=self.args.max_inflight_pixels,
+                    body_bytes_held=self.body_bytes.held,
+                    rejected=self.budget.rejected + self.body_bytes.rejected,
                 ),
             )
         )
 
     @app.post(
         "/v1/remove-background",
-        dependencies=[Auth, AdmitOne],
+        dependencies=[Auth],
         response_class=Response,
         responses={**PNG_ANSWER, **IMAGE_ERRORS},
         openapi_extra=IMAGE_BODY,
@@ -336,13 +385,15 @@ class Router:
         ] = "rgba",
     ) -> Response:
         """RGBA cutout (``output=rgba``) or grayscale alpha matte (``output=mask``) as PNG."""
-        frame = await self._read_one(request, deadline, self._decode)
-        png = await self._cutout(frame, output, deadline)
+        async with self._one_image(self._http_image(request), deadline) as image:
+            png = await self._call(
+                self.rmbg.remove_background, image, output, deadline.at, deadline=deadline
+            )
         return Response(png, media_type="image/png")
 
     @app.post(
         "/v1/segment",
-        dependencies=[Auth, AdmitOne],
+        dependencies=[Auth],
         response_model=SegmentationResult,
         responses=IMAGE_ERRORS,
         openapi_extra=IMAGE_BODY,
@@ -354,13 +405,16 @@ class Router:
         deadline: RequestDeadline,
     ) -> Response:
         """Instances with boxes, scores, classes and COCO RLE masks."""
-        frame = await self._read_one(request, deadline, self._decode_for_yolo)
-        result = await self._call(self.yolo.segment, frame, options, deadline.at, deadline=deadline)
+        self._check_max_det(options)
+        async with self._one_image(self._http_image(request), deadline) as image:
+            result = await self._call(
+                self.yolo.segment, image, options, deadline.at, deadline=deadline
+            )
         return json_answer(SegmentationResult.model_validate(result))
 
     @app.post(
         "/v1/products",
-        dependencies=[Auth, AdmitOne],
+        dependencies=[Auth],
         response_model=ProductsResult,
         responses=IMAGE_ERRORS,
         openapi_extra=IMAGE_BODY,
@@ -383,37 +437,20 @@ class Router:
         """YOLO finds the objects; RMBG-2.0 cuts each one out (crop plus margin) as RGBA PNG.
 
         Holds 1 frame of the admission budget for the detection, then 1 more per object
-        found while their cutouts run (503 if the budget cannot take them now; 413 if it
-        never could: lower ``max_det``)."""
-        frame = await self._read_one(request, deadline, self._decode)
-        found = await self._call(self.yolo.segment, frame, options, deadline.at, deadline=deadline)
-        instances = found["instances"]
+        found (and its crop's pixels) while their cutouts run: 503 if the budget cannot
+        take them now; 413 if it never could, or if more than ``router.max_products`` objects
+        were found (lower ``max_det`` or raise ``conf``)."""
+        self._check_max_det(options)
         margin = self.args.product_margin if margin is None else margin
-        crops = [crop_with_margin(frame, inst["box"], margin) for inst in instances]
-        with self.budget.admit(
-            len(crops),
-            held=1,
-            too_large=f"{len(crops)} objects were found; lower max_det (asked {options.max_det})",
-        ):
-            mattes = await asyncio.gather(
-                *(
-                    self._call(self.rmbg.remove_background, crop, deadline.at, deadline=deadline)
-                    for crop, _ in crops
-                )
-            )
-            cutouts = await asyncio.gather(
-                *(
-                    deadline.bound(self._run_codec(rgba_png, crop, alpha))
-                    for (crop, _), alpha in zip(crops, mattes, strict=True)
-                )
-            )
+        async with self._one_image(self._http_image(request), deadline) as image:
+            found, boxes, cutouts = await self._products(image, options, margin, deadline)
         products = [
             Product(
                 **{k: inst[k] for k in ("box", "score", "class_id", "class_name")},
-                crop_box=crop_box,
+                crop_box=box,
                 cutout=b64(png),
             )
-            for inst, (_, crop_box), png in zip(instances, crops, cutouts, strict=True)
+            for inst, box, png in zip(found["instances"], boxes, cutouts, strict=True)
         ]
         return json_answer(
             ProductsResult(width=found["width"], height=found["height"], products=products)
@@ -441,35 +478,32 @@ class Router:
         ] = "rgba",
     ) -> Response:
         """Many frames (repeated multipart field ``frames``), results in order; a bad frame
-        gets an error entry of its own. Holds one frame of the admission budget per frame."""
+        gets an error entry of its own. Holds one frame of the admission budget per frame,
+        and the pixels each decodes to."""
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
             raise InvalidRequestError("send frames as multipart/form-data, repeated field 'frames'")
-        files = await deadline.bound(
-            read_form_files(
-                request,
-                "frames",
-                self.args.max_body_bytes,
-                self.args.max_frames_per_request,
-                max_files_setting="max_frames_per_request",
+        if task == "segment":
+            self._check_max_det(options)
+        with self.body_bytes.account() as charge:
+            files = await self._read_body(
+                read_form_files(
+                    request,
+                    "frames",
+                    self.args.max_body_bytes,
+                    self.args.max_frames_per_request,
+                    max_files_setting="max_frames_per_request",
+                    charge=charge,
+                ),
+                deadline,
             )
-        )
-        with self.budget.admit(
-            len(files),
-            too_large=f"send at most max_frames_per_request={self.args.max_frames_per_request}",
-        ):
-            if task == "segment":
-                results = await self._segment_each(files, options, deadline)
-            else:
-                results = await self._cutout_each(files, output, deadline)
+            results = await self._each(files, task, output, options, deadline)
         entries: list[FrameCutout | FrameSegmentation | FrameError] = []
         for index, result in enumerate(results):
             if isinstance(result, SegmentationError):
                 entries.append(
                     FrameError(index=index, error=Error(code=result.code, message=result.message))
                 )
-            elif isinstance(result, BaseException):
-                raise result
             elif task == "segment":
                 entries.append(FrameSegmentation.model_validate({"index": index, **result}))
             else:
@@ -479,18 +513,125 @@ class Router:
             FramesResult(task=task, count=len(entries), failed=failed, frames=entries)
         )
 
-    async def _read_one(
-        self, request: Request, deadline: Deadline, decode: Callable[[bytes], Any]
-    ) -> Any:
-        """The request's one image, read and decoded within its deadline."""
-        data = await deadline.bound(read_image(request, self.args.max_body_bytes))
-        return await deadline.bound(decode(data))
+    # -- the work both transports share ----------------------------------------------------
+    def _http_image(self, request: Request) -> Callable[[Charge], Awaitable[bytes]]:
+        """How to read the one image of an HTTP request (raw body or multipart ``image``)."""
+        return lambda charge: read_image(request, self.args.max_body_bytes, charge)
+
+    @asynccontextmanager
+    async def _one_image(
+        self, read: Callable[[Charge], Awaitable[bytes]] | bytes, deadline: Deadline
+    ) -> AsyncIterator[EncodedImage]:
+        """A request's one image, read (within ``body_timeout_s``), its header checked, and
+        admitted: one frame and the pixels it decodes to, held for the block."""
+        with self.body_bytes.account() as charge:
+            if isinstance(read, bytes):
+                charge(len(read))
+                data = read
+            else:
+                data = await self._read_body(read(charge), deadline)
+            image = await self._probe(data)
+            with self.budget.admit(1, image.pixels):
+                yield image
+
+    async def _read_body(self, reading: Awaitable[T], deadline: Deadline) -> T:
+        """``reading`` within ``body_timeout_s`` (408) and the request's deadline (504)."""
+        try:
+            return await deadline.bound(asyncio.wait_for(reading, self.args.body_timeout_s))
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body did not arrive within {self.args.body_timeout_s:g} s "
+                "(router.body_timeout_s)"
+            ) from None
+
+    async def _probe(self, data: bytes) -> EncodedImage:
+        """The image's header, checked (400/413/415), off the event loop."""
+        return await self._run_codec(probe_image, data, max_pixels=self.args.max_pixels)
+
+    async def _products(
+        self, image: EncodedImage, options: DetectOptions, margin: float, deadline: Deadline
+    ) -> tuple[dict[str, Any], list[list[int]], list[bytes]]:
+        """Detections, crop boxes and cutout PNGs of one admitted image. The count is checked
+        before any crop exists; the crops are made by the RMBG-2.0 replica, out of the image
+        it decodes once."""
+        found = await self._call(self.yolo.segment, image, options, deadline.at, deadline=deadline)
+        instances = found["instances"]
+        if len(instances) > self.args.max_products:
+            raise PayloadTooLargeError(
+                f"{len(instances)} objects were found; /v1/products cuts out at most "
+                f"router.max_products={self.args.max_products}: lower max_det (asked "
+                f"{options.max_det}) or raise conf"
+            )
+        width, height = found["width"], found["height"]
+        boxes = [crop_box(inst["box"], margin, width, height) for inst in instances]
+        with self.budget.admit(
+            len(boxes),
+            sum(box_pixels(box) for box in boxes),
+            held=1,
+            held_pixels=image.pixels,
+            too_large=f"{len(boxes)} objects were found; lower max_det (asked {options.max_det})",
+        ):
+            cutouts = (
+                await self._call(self.rmbg.cutouts, image, boxes, deadline.at, deadline=deadline)
+                if boxes
+                else []
+            )
+        return found, boxes, cutouts
+
+    async def _each(
+        self,
+        files: Sequence[bytes],
+        task: str,
+        output: str,
+        options: DetectOptions,
+        deadline: Deadline,
+    ) -> list[Any]:
+        """One result per file, in order: bytes (``task="remove-background"``) or a
+        segmentation dict, or the frame's own :class:`SegmentationError`. The frames whose
+        header is fine are admitted together (frames and pixels) for the whole call."""
+        probed = await self._probe_all(files)
+        with self._admit_all(probed):
+            return await self._run_each(probed, task, output, options, deadline)
+
+    async def _probe_all(self, files: Sequence[bytes]) -> list[Any]:
+        """Each file's checked header, or its own error in its place."""
+        probed = await asyncio.gather(*(self._probe(f) for f in files), return_exceptions=True)
+        for result in probed:
+            if isinstance(result, BaseException) and not isinstance(result, SegmentationError):
+                raise result
+        return list(probed)
+
+    def _admit_all(self, probed: Sequence[Any]) -> AbstractContextManager[None]:
+        return self.budget.admit(
+            len(probed),
+            sum(image.pixels for image in probed if isinstance(image, EncodedImage)),
+            too_large=f"send at most max_frames_per_request={self.args.max_frames_per_request} "
+            "frames, and fewer or smaller images",
+        )
+
+    async def _run_each(
+        self,
+        probed: list[Any],
+        task: str,
+        output: str,
+        options: DetectOptions,
+        deadline: Deadline,
+    ) -> list[Any]:
+        if task == "segment":
+            return await self._in_calls(
+                self.yolo.segment_each, probed, options, deadline.at, deadline=deadline
+            )
+        return await self._in_calls(
+            self.rmbg.remove_background_each, probed, output, deadline.at, deadline=deadline
+        )
 
     async def _in_calls(
-        self, method: Any, frames: list[Any], *args: Any, deadline: Deadline | None = None
+        self, method: Any, frames: list[Any], *args: Any, deadline: Deadline
     ) -> list[Any]:
         """``method`` on ``frames`` in calls of ``frames_per_call``; frames that failed before
-        (an exception in their place) are not sent and keep their error."""
+        (an exception in their place) are not sent and keep their error. A call refused as a
+        whole for the request's options (422) fails the request; any other error of a call
+        is each of its frames' own (e.g. the replica's queue was full: 503 per frame)."""
         good = [i for i, frame in enumerate(frames) if not isinstance(frame, BaseException)]
         size = self.args.frames_per_call
         chunks = [good[start : start + size] for start in range(0, len(good), size)]
@@ -503,71 +644,25 @@ class Router:
         )
         results = list(frames)
         for chunk, answer in zip(chunks, answers, strict=True):
-            if isinstance(answer, SegmentationError):  # e.g. the replica's queue was full
+            if isinstance(answer, InvalidRequestError):
+                raise answer
+            if isinstance(answer, SegmentationError):
                 answer = [answer] * len(chunk)
             elif isinstance(answer, BaseException):
                 raise answer
             for index, result in zip(chunk, answer, strict=True):
-                results[index] = result
+                results[index] = unwrap(result) if isinstance(result, BaseException) else result
         return results
 
-    async def _segment_each(
-        self, files: list[bytes], options: DetectOptions, deadline: Deadline | float | None
-    ) -> list[Any]:
-        deadline = as_deadline(deadline)
-        frames = await asyncio.gather(
-            *(deadline.bound(self._decode_for_yolo(f)) for f in files), return_exceptions=True
-        )
-        return await self._in_calls(
-            self.yolo.segment_each, frames, options, deadline.at, deadline=deadline
-        )
-
-    async def _cutout_each(
-        self, files: list[bytes], output: str, deadline: Deadline | float | None
-    ) -> list[Any]:
-        deadline = as_deadline(deadline)
-        frames = await asyncio.gather(
-            *(deadline.bound(self._decode(f)) for f in files), return_exceptions=True
-        )
-        mattes = await self._in_calls(
-            self.rmbg.remove_background_each, frames, deadline.at, deadline=deadline
-        )
-
-        async def encode(frame: Any, alpha: Any) -> Any:
-            if isinstance(alpha, BaseException):
-                return alpha
-            return await deadline.bound(self._encode_matte(frame, alpha, output))
-
-        return await asyncio.gather(
-            *(encode(f, a) for f, a in zip(frames, mattes, strict=True)), return_exceptions=True
-        )
-
-    async def _decode(self, data: bytes) -> np.ndarray:
-        """Decode and validate one image in the codec pool (413/415/400 on bad input)."""
-        return await self._run_codec(decode_image, data, max_pixels=self.args.max_pixels)
-
-    async def _decode_for_yolo(self, data: bytes) -> np.ndarray | EncodedJPEG:
-        """Plain JPEGs go to the YOLO replica undecoded (nvJPEG there, when enabled);
-        anything else is decoded here."""
-        if self.args.device_jpeg_decode:
-            jpeg = await self._run_codec(probe_jpeg, data, max_pixels=self.args.max_pixels)
-            if jpeg is not None:
-                return jpeg
-        return await self._decode(data)
-
-    async def _cutout(self, frame: np.ndarray, output: str, deadline: Deadline) -> bytes:
-        """RMBG-2.0 matte of ``frame``, encoded as an RGBA cutout or a grayscale mask PNG."""
-        alpha = await self._call(self.rmbg.remove_background, frame, deadline.at, deadline=deadline)
-        return await deadline.bound(self._encode_matte(frame, alpha, output))
-
-    async def _encode_matte(self, frame: np.ndarray, alpha: np.ndarray, output: str) -> bytes:
-        """An RGBA cutout PNG (``output="rgba"``) or a grayscale matte PNG (``"mask"``)."""
-        if output == "mask":
-            return await self._run_codec(mask_png, alpha)
-        return await self._run_codec(rgba_png, frame, alpha)
+    def _check_max_det(self, options: DetectOptions) -> None:
+        if options.max_det > self.args.max_det:
+            raise InvalidRequestError(
+                f"max_det={options.max_det} is over this deployment's limit of "
+                f"{self.args.max_det} (router.max_det)"
+            )
 
     async def _run_codec(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a codec off the event loop; its time is reported per function."""
+        """Run ``fn`` off the event loop; its time is reported per function."""
         started = time.perf_counter()
         try:
             return await asyncio.get_running_loop().run_in_executor(
@@ -579,9 +674,11 @@ class Router:
     async def _call(self, method: Any, *args: Any, deadline: Deadline | None = None) -> Any:
         """Call a deployment method, re-raising the replica's own error type. The wait is
         bounded by the request's deadline and by ``model_call_timeout_s`` (504 past either;
-        the replica call is cancelled), so a stuck replica cannot hold a request forever.
-        Replica methods take the deadline too (``deadline.at`` among ``args``) and drop a
-        frame whose deadline passed while it was queued."""
+        the replica call is cancelled), so a stuck replica cannot hold a request forever;
+        a request that ends for any other reason (its client went away, a sibling call
+        failed) cancels the call too, and the replica drops its queued frames. Replica
+        methods take the deadline too (``deadline.at`` among ``args``) and drop a frame
+        whose deadline passed while it was queued."""
         deadline = deadline or Deadline(None)
         deadline.remaining()
         response = method.remote(*args)
@@ -589,5 +686,8 @@ class Router:
             return await deadline.bound(
                 response, self.args.model_call_timeout_s, on_timeout=response.cancel
             )
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
         except Exception as exc:
             raise unwrap(exc) from None

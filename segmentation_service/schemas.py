@@ -147,8 +147,8 @@ class RouterStatus(_Closed):
 
     pid: int
     torch_imported: bool = Field(
-        description="Whether this router process imported torch (it should not: it only "
-        "decodes and encodes images)."
+        description="Whether this router process imported torch (it should not: it reads "
+        "requests and image headers; the model replicas decode and encode)."
     )
     requests: dict[str, StageTiming] = Field(
         description="Requests per route template ('unmatched' for unknown paths) and codec "
@@ -156,6 +156,9 @@ class RouterStatus(_Closed):
     )
     in_flight_frames: int = Field(ge=0)
     max_inflight_frames: int = Field(ge=1)
+    in_flight_pixels: int = Field(0, ge=0, description="Decoded pixels of admitted frames.")
+    max_inflight_pixels: int = Field(1, ge=1)
+    body_bytes_held: int = Field(0, ge=0, description="Request body bytes held now.")
     rejected: int = Field(ge=0, description="Requests refused with 503 by admission.")
 
 

@@ -2,59 +2,136 @@
 
 Each loads its model and says how to run one batch; queueing, batching, OOM and failure
 isolation, warm-up and reconfigure are :class:`SegmentorReplica`'s.
+
+What crosses the process boundary is close to what the client sends and gets: the router
+hands over the encoded image (:class:`EncodedImage`, its header checked), the replica decodes
+it next to the model (nvJPEG on the device for plain JPEGs, its own codec threads for the
+rest), composes the cutout on the device where the pixels are, and answers the PNG bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 from ray import serve
 
-from segmentation import encoders
 from segmentation.config import Settings
-from segmentation.device_decode import decode_jpegs_on
+from segmentation.encoders import cutout_png, mask_png
+from segmentation.errors import InvalidRequestError
 from segmentation.factory import build_segmentor
-from segmentation.imaging import EncodedJPEG, probe_jpeg
-from segmentation.models.base import StageClock
+from segmentation.imaging import EncodedImage
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
-from segmentation.options import DetectOptions
+from segmentation.options import OUTPUTS, DetectOptions, Output
+from segmentation_service.concurrency import all_or_cancel
 from segmentation_service.config import SegmentorArgs
 from segmentation_service.replica import Pending, SegmentorReplica
+
+#: ``(left, top, right, bottom)`` in pixels of the image.
+Box = tuple[int, int, int, int]
+
+
+def raw_matte(alpha: np.ndarray) -> bytes:
+    """The matte's bytes, row by row, one byte per pixel."""
+    return np.ascontiguousarray(alpha, dtype=np.uint8).tobytes()
+
+
+_ENCODERS = {"rgba": cutout_png, "mask": mask_png, "raw": raw_matte}
+
+
+@dataclass(frozen=True)
+class CutoutOptions:
+    """What one frame of ``RMBGDeployment`` answers."""
+
+    output: Output = "rgba"
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 class RMBGDeployment(SegmentorReplica):
-    """RMBG-2.0 background removal; answers uint8 alpha mattes (the router encodes PNGs)."""
+    """RMBG-2.0 background removal: encoded images in, PNG cutouts or mattes out."""
 
     name = "rmbg-2.0"
 
     def load(self, args: SegmentorArgs, settings: Settings) -> RMBG20Segmentor:
         return cast(RMBG20Segmentor, build_segmentor("rmbg", settings, **args.model_overrides()))
 
-    def run_model(self, items: list[Pending]) -> list[np.ndarray]:
-        return self.segmentor.predict([item.frame for item in items], self.step_timings)
+    def warmup_options(self) -> CutoutOptions:
+        return CutoutOptions("rgba")  # the composition on the device is part of the peak
+
+    def run_model(self, items: list[Pending]) -> list[Any]:
+        """Mattes, or RGBA cutouts composed on the device, of one batch; a frame that failed
+        to decode keeps its error in its place."""
+        frames = self.device_frames(items)
+        good = [i for i, frame in enumerate(frames) if not isinstance(frame, Exception)]
+        outputs = self.segmentor.predict(
+            [frames[i] for i in good],
+            self.step_timings,
+            cutouts=[items[i].options.output == "rgba" for i in good],
+        )
+        for index, output in zip(good, outputs, strict=True):
+            frames[index] = output
+        return frames
 
     def prepare_graphs(self, batch_sizes: tuple[int, ...]) -> None:
         if self.args.cuda_graphs:  # off unless asked for: see SegmentorArgs.cuda_graphs
             self.segmentor.capture_graphs(batch_sizes)
 
     async def remove_background(
-        self, image: bytes | np.ndarray | EncodedJPEG, deadline: float | None = None
-    ) -> np.ndarray:
-        """The uint8 alpha matte (``HxW``) of one image: decoded RGB array or encoded bytes."""
-        if isinstance(image, EncodedJPEG):  # decoded on the CPU: the cutout needs its pixels
-            image = image.data
-        frame = await self.decode(image)
-        alpha: np.ndarray = await self.submit(frame, None, deadline)
-        return alpha
+        self,
+        image: EncodedImage | np.ndarray | bytes,
+        output: Output = "rgba",
+        deadline: float | None = None,
+    ) -> bytes:
+        """One image's RGBA cutout PNG (``rgba``), grayscale matte PNG (``mask``) or raw
+        matte bytes (``raw``), at the image's own size."""
+        _check_output(output)
+        async with self.prepared(image) as frame:
+            return await self._answer_one(frame, output, deadline)
 
     async def remove_background_each(
-        self, images: list[np.ndarray], deadline: float | None = None
-    ) -> list[np.ndarray | BaseException]:
-        """Mattes of many decoded frames; a frame that fails gets its error in its place."""
-        return await self.submit_each(images, None, deadline)
+        self,
+        images: list[EncodedImage | np.ndarray | bytes],
+        output: Output = "rgba",
+        deadline: float | None = None,
+    ) -> list[bytes | BaseException]:
+        """The same for many images; a frame that fails gets its error in its place."""
+        _check_output(output)
+
+        async def one(image: EncodedImage | np.ndarray | bytes) -> bytes:
+            async with self.prepared(image) as frame:
+                return await self._answer_one(frame, output, deadline)
+
+        return list(await asyncio.gather(*(one(image) for image in images), return_exceptions=True))
+
+    async def cutouts(
+        self,
+        image: EncodedImage | np.ndarray | bytes,
+        boxes: Sequence[Box],
+        deadline: float | None = None,
+    ) -> list[bytes]:
+        """RGBA cutout PNGs of the parts of one image inside ``boxes`` (``/v1/products``).
+        The image is decoded once; each box is a frame of its own in the batches, a view of
+        the decoded image, not a copy. All or nothing: the first box that fails cancels the
+        others (their frames leave the queue) and its error is raised."""
+        if not boxes:
+            return []
+        async with self.prepared(image) as frame:
+            height, width = _size(frame)
+            for box in boxes:
+                _check_box(box, width, height)
+            return await all_or_cancel(
+                self._answer_one(frame, "rgba", deadline, _box(box)) for box in boxes
+            )
+
+    async def _answer_one(
+        self, frame: Any, output: Output, deadline: float | None, crop: Box | None = None
+    ) -> bytes:
+        result = await self.submit(frame, CutoutOptions(output), deadline, crop)
+        return await self.encode(_ENCODERS[output], result)
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
@@ -62,6 +139,7 @@ class YoloDeployment(SegmentorReplica):
     """YOLO11-seg instance segmentation; answers JSON-ready dicts with COCO RLE masks."""
 
     name = "yolo11-seg"
+    segmentor: YoloSegmentor
 
     def load(self, args: SegmentorArgs, settings: Settings) -> YoloSegmentor:
         return cast(YoloSegmentor, build_segmentor("yolo", settings, **args.model_overrides()))
@@ -73,27 +151,10 @@ class YoloDeployment(SegmentorReplica):
         if self.args.cuda_graphs is not False:  # on unless turned off
             self.segmentor.capture_graphs(self.args.warmup_size, batch_sizes)
 
-    def warmup_extra(self) -> None:
-        """Initialise the device JPEG decoder: its first call costs seconds (4.9 s measured
-        on an H100), which would otherwise land on the first requests."""
-        if self.device.type != "cuda":
-            return
-        data = encoders.jpeg(self.warmup_frame(), quality=90)
-        jpeg = probe_jpeg(data, max_pixels=self.args.max_pixels)
-        if jpeg is not None:
-            decode_jpegs_on(self.device, [jpeg])
-
     def run_model(self, items: list[Pending]) -> list[Any]:
-        """Detections per item; JPEGs sent undecoded are decoded here, on the model's device,
-        and one that fails to decode gets its own error without failing the batch."""
-        frames: list[Any] = [item.frame for item in items]
-        encoded = [i for i, frame in enumerate(frames) if isinstance(frame, EncodedJPEG)]
-        if encoded:
-            clock = StageClock(self.device, self.step_timings)
-            decoded = decode_jpegs_on(self.device, [frames[i] for i in encoded])
-            clock.lap("jpeg_decode")
-            for index, frame in zip(encoded, decoded, strict=True):
-                frames[index] = frame
+        """Detections per item; a frame that failed to decode on the device gets its own
+        error without failing the batch."""
+        frames = self.device_frames(items)
         results: list[Any] = [f if isinstance(f, Exception) else None for f in frames]
         good = [i for i, f in enumerate(frames) if not isinstance(f, Exception)]
         detections = self.segmentor.predict(
@@ -110,20 +171,60 @@ class YoloDeployment(SegmentorReplica):
 
     async def segment(
         self,
-        image: bytes | np.ndarray | EncodedJPEG,
+        image: EncodedImage | np.ndarray | bytes,
         options: DetectOptions | None = None,
         deadline: float | None = None,
     ) -> dict[str, Any]:
         """Instances of one image: boxes, scores, classes and RLE masks at its own size."""
-        frame = await self.decode(image)
-        result: dict[str, Any] = await self.submit(frame, options or DetectOptions(), deadline)
-        return result
+        options = self._checked(options)
+        async with self.prepared(image) as frame:
+            result: dict[str, Any] = await self.submit(frame, options, deadline)
+            return result
 
     async def segment_each(
         self,
-        images: list[np.ndarray | EncodedJPEG],
+        images: list[EncodedImage | np.ndarray | bytes],
         options: DetectOptions | None = None,
         deadline: float | None = None,
     ) -> list[dict[str, Any] | BaseException]:
-        """Instances of many frames; a frame that fails gets its error in its place."""
-        return await self.submit_each(images, options or DetectOptions(), deadline)
+        """Instances of many frames; a frame that fails gets its error in its place. Options
+        the model cannot take (a class it does not have) fail the whole call."""
+        return await self.submit_each(images, self._checked(options), deadline)
+
+    def _checked(self, options: DetectOptions | None) -> DetectOptions:
+        """``options``, once their class ids are this model's (422 otherwise: an id past the
+        model's classes made Ultralytics' NMS overflow, and its batch be split frame by
+        frame)."""
+        options = options or DetectOptions()
+        names = self.segmentor.names
+        unknown = sorted(set(options.classes or ()) - set(names))
+        if unknown:
+            shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+            raise InvalidRequestError(
+                f"classes: {shown} not among this model's {len(names)} classes "
+                f"(ids {min(names, default=0)}-{max(names, default=0)})"
+            )
+        return options
+
+
+def _check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise InvalidRequestError(f"output={output!r}: expected one of {', '.join(OUTPUTS)}")
+
+
+def _size(frame: Any) -> tuple[int, int]:
+    """(height, width) of a decoded array or an encoded image."""
+    if isinstance(frame, EncodedImage):
+        return frame.height, frame.width
+    return int(frame.shape[0]), int(frame.shape[1])
+
+
+def _box(box: Sequence[int]) -> Box:
+    left, top, right, bottom = (int(v) for v in box)
+    return left, top, right, bottom
+
+
+def _check_box(box: Sequence[int], width: int, height: int) -> None:
+    left, top, right, bottom = box
+    if not (0 <= left < right <= width and 0 <= top < bottom <= height):
+        raise InvalidRequestError(f"crop box {list(box)} is not inside the {width}x{height} image")

@@ -28,6 +28,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 LoadFormat = Literal["auto", "dummy"]
+#: A uint8 ``HxWx3`` RGB array, or a uint8 ``3xHxW`` tensor already decoded on a device.
+Frame = np.ndarray | torch.Tensor
 
 
 class RMBG20Segmentor:
@@ -137,24 +139,41 @@ class RMBG20Segmentor:
 
     @torch.inference_mode()
     def predict(
-        self, frames: Sequence[np.ndarray], timings: dict[str, float] | None = None
+        self,
+        frames: Sequence[Frame],
+        timings: dict[str, float] | None = None,
+        *,
+        cutouts: bool | Sequence[bool] = False,
     ) -> list[np.ndarray]:
-        """Alpha mattes (uint8 ``HxW``, each at its frame's own size) for uint8 RGB frames.
+        """Alpha mattes (uint8 ``HxW``, each at its frame's own size) of uint8 RGB frames:
+        ``HxWx3`` arrays, or ``3xHxW`` tensors already on the device (decoded by nvJPEG).
 
+        ``cutouts`` (one flag, or one per frame): answer that frame's RGBA cutout ``HxWx4``
+        instead, composed on the device where its pixels already are: the frame's pixels
+        where the matte is not 0, ``(0, 0, 0, 0)`` where it is (as ``wire.cutout_rgba``).
         ``timings``, when given, receives the seconds spent in each step (``preprocess``,
         ``forward``, ``postprocess``).
         """
         if not frames:
             return []
+        wanted = [cutouts] * len(frames) if isinstance(cutouts, bool) else list(cutouts)
+        if len(wanted) != len(frames):
+            raise ValueError(f"{len(wanted)} cutout flags for {len(frames)} frames")
         clock = StageClock(self.device, timings)
-        batch = self.preprocess(frames)
+        pixels = _upload_grouped(frames, self.device)
+        batch = self._normalised(pixels)
         clock.lap("preprocess")
         with self._model_lock:
             logits = self.forward(batch)
             if logits.dtype == torch.float16:
                 logits = self._recompute_non_finite(batch, logits)
             clock.lap("forward")
-        mattes = self.postprocess(logits, [frame.shape[:2] for frame in frames])
+        rgb = [frame for group in pixels for frame in group] if any(wanted) else None
+        mattes = self.postprocess(
+            logits,
+            [_frame_size(frame) for frame in frames],
+            [rgb[i] if rgb is not None and wanted[i] else None for i in range(len(frames))],
+        )
         clock.lap("postprocess")
         return mattes
 
@@ -181,12 +200,17 @@ class RMBG20Segmentor:
         self.fp32_recomputed += count
         return logits
 
-    def preprocess(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+    def preprocess(self, frames: Sequence[Frame]) -> torch.Tensor:
         """Resize to ``input_size`` and normalise on the device: ``[B, 3, S, S]``, model dtype."""
+        return self._normalised(_upload_grouped(frames, self.device))
+
+    def _normalised(self, groups: Sequence[torch.Tensor]) -> torch.Tensor:
         size = (self.input_size, self.input_size)
         resized = [
-            F.interpolate(group, size=size, mode="bilinear", antialias=True, align_corners=False)
-            for group in _upload_grouped(frames, self.device)
+            F.interpolate(
+                group.float(), size=size, mode="bilinear", antialias=True, align_corners=False
+            )
+            for group in groups
         ]
         batch = torch.cat(resized) if len(resized) > 1 else resized[0]
         return ((batch - self._mean) / self._std).to(self.dtype)
@@ -227,11 +251,15 @@ class RMBG20Segmentor:
         return self._graphs.batch_sizes if self._graphs is not None else []
 
     def postprocess(
-        self, logits: torch.Tensor, sizes: Sequence[tuple[int, ...]]
+        self,
+        logits: torch.Tensor,
+        sizes: Sequence[tuple[int, ...]],
+        pixels: Sequence[torch.Tensor | None] | None = None,
     ) -> list[np.ndarray]:
-        """Sigmoid, resize back to each frame's size, quantise to uint8 on the device."""
+        """Sigmoid, resize back to each frame's size, quantise to uint8 on the device; where
+        ``pixels`` has the frame's ``3xHxW`` uint8 tensor, its RGBA cutout instead."""
         probs = logits.float().sigmoid_()
-        mattes: list[np.ndarray] = []
+        outputs: list[np.ndarray] = []
         for index, (height, width) in enumerate(sizes):
             alpha = F.interpolate(
                 probs[index : index + 1],
@@ -239,8 +267,16 @@ class RMBG20Segmentor:
                 mode="bilinear",
                 align_corners=False,
             )
-            mattes.append(alpha.mul_(255.0).round_().to(torch.uint8)[0, 0].cpu().numpy())
-        return mattes
+            matte = alpha.mul_(255.0).round_().to(torch.uint8)[0, 0]
+            rgb = pixels[index] if pixels is not None else None
+            if rgb is None:
+                outputs.append(matte.cpu().numpy())
+                continue
+            rgba = torch.empty((int(height), int(width), 4), dtype=torch.uint8, device=matte.device)
+            torch.mul(rgb.permute(1, 2, 0), (matte > 0).unsqueeze(-1), out=rgba[..., :3])
+            rgba[..., 3] = matte
+            outputs.append(rgba.cpu().numpy())
+        return outputs
 
 
 def _last_map(outputs: Any) -> tuple[torch.Tensor]:
@@ -269,18 +305,40 @@ def _in_fp32(model: torch.nn.Module) -> Iterator[None]:
             module._buffers[name] = buffer
 
 
-def _upload_grouped(frames: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """Frames as float ``[N, 3, H, W]`` tensors on ``device``; runs of same-size frames stacked."""
-    groups: list[list[np.ndarray]] = []
+def _frame_size(frame: Frame) -> tuple[int, int]:
+    """(height, width) of an ``HxWx3`` uint8 array or a ``3xHxW`` uint8 tensor."""
+    if isinstance(frame, torch.Tensor):
+        if frame.ndim != 3 or frame.shape[0] != 3 or frame.dtype != torch.uint8:
+            raise ValueError(
+                f"expected a uint8 3xHxW tensor, got {frame.dtype} {tuple(frame.shape)}"
+            )
+        return int(frame.shape[1]), int(frame.shape[2])
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 RGB frame, got {frame.dtype} {frame.shape}")
+    return int(frame.shape[0]), int(frame.shape[1])
+
+
+def _upload_grouped(frames: Sequence[Frame], device: torch.device) -> list[torch.Tensor]:
+    """Frames as uint8 ``[N, 3, H, W]`` tensors on ``device``, runs of same-size frames
+    stacked; host arrays are copied once into a pinned batch, device tensors stay put."""
+    groups: list[list[Frame]] = []
     for frame in frames:
-        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 HxWx3 RGB frame, got {frame.dtype} {frame.shape}")
-        if groups and groups[-1][0].shape == frame.shape:
+        size = _frame_size(frame)
+        if groups and _frame_size(groups[-1][0]) == size and _same_kind(groups[-1][0], frame):
             groups[-1].append(frame)
         else:
             groups.append([frame])
     pin = device.type == "cuda"
-    return [
-        host_batch(group, pin).to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
-        for group in groups
-    ]
+    uploaded = []
+    for group in groups:
+        if isinstance(group[0], torch.Tensor):
+            uploaded.append(torch.stack([t.to(device) for t in group]))  # type: ignore[union-attr]
+        else:
+            arrays = [f for f in group if isinstance(f, np.ndarray)]
+            host = host_batch(arrays, pin).to(device, non_blocking=pin)
+            uploaded.append(host.permute(0, 3, 1, 2))
+    return uploaded
+
+
+def _same_kind(a: Frame, b: Frame) -> bool:
+    return isinstance(a, torch.Tensor) == isinstance(b, torch.Tensor)

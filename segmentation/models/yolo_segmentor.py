@@ -26,7 +26,7 @@ from segmentation.errors import ModelLoadError
 from segmentation.models.base import ModelInfo, StageClock, host_batch
 from segmentation.options import DetectOptions
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
-from segmentation.rle import encode_rle_batch
+from segmentation.rle import encode_boxed_rle, encode_rle_batch
 from segmentation_standins import describe as describe_standin
 
 logger = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ class YoloSegmentor:
     def _masks(
         self, coeffs: torch.Tensor, proto: torch.Tensor, xyxy: torch.Tensor, lb: _Letterbox
     ) -> list[dict[str, Any]]:
-        """COCO RLE masks at frame size, upsampling a bounded chunk of instances at a time."""
+        """COCO RLE masks at frame size, each sampled inside its box only (:func:`_box_masks`)."""
         channels, proto_h, proto_w = proto.shape
         # The letterboxed content region, in prototype pixels.
         ratio = proto_h / lb.input_height
@@ -352,29 +352,7 @@ class YoloSegmentor:
         bottom = min(proto_h, math.ceil((lb.pad_top + lb.height * lb.scale) * ratio))
         right = min(proto_w, math.ceil((lb.pad_left + lb.width * lb.scale) * ratio))
         logits = (coeffs.float() @ proto.view(channels, -1)).view(-1, proto_h, proto_w)
-        logits = logits[:, top:bottom, left:right]
-        chunk = max(1, MASK_ELEMENT_BUDGET // (lb.height * lb.width))
-        rows = torch.arange(lb.height, device=proto.device).view(1, -1, 1)
-        cols = torch.arange(lb.width, device=proto.device).view(1, 1, -1)
-        encoded: list[dict[str, Any]] = []
-        for start in range(0, logits.shape[0], chunk):
-            part = F.interpolate(
-                logits[None, start : start + chunk],
-                size=(lb.height, lb.width),
-                mode="bilinear",
-                align_corners=False,
-            )[0]
-            box = xyxy[start : start + chunk, :, None, None]
-            inside = (
-                (cols >= box[:, 0]) & (cols < box[:, 2]) & (rows >= box[:, 1]) & (rows < box[:, 3])
-            )
-            binary = (part > 0) & inside
-            if binary.device.type == "cuda":
-                # run boundaries found on the GPU; only their positions come to the host
-                encoded.extend(encode_rle_batch(binary))
-            else:  # pycocotools on the host is faster than torch's CPU kernels here
-                encoded.extend(encode_rle(mask) for mask in binary.to(torch.uint8).numpy())
-        return encoded
+        return _box_masks(logits[:, top:bottom, left:right], xyxy, lb.height, lb.width)
 
 
 def _split_heads(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,3 +409,294 @@ def _load_ultralytics(path: str) -> torch.nn.Module:
         )
     model = model.fuse() if hasattr(model, "fuse") else model
     return model.eval().requires_grad_(False)
+
+
+# Instance masks, box by box.
+#
+# An instance's mask is the sign of its prototype logits upsampled bilinearly to the frame,
+# kept inside its box. Sampling the frame only inside each box gives the masks that upsampling
+# the whole content region to the whole frame gave, bit for bit, if each box pixel is computed
+# with PyTorch's arithmetic: its source index and weights (``area_pixel_compute_source_index``
+# in ATen's UpSample.h), and the rounding of its kernel's multiply-adds. That arithmetic is
+# probed once per device and kernel (:func:`_recipe`); where no recipe reproduces it, or the
+# frame is tiny, the full-frame path (:func:`_frame_masks`) runs instead.
+
+#: The generic CPU kernel and the CUDA kernel: ``h0 * (w0 v00 + w1 v01) + h1 * (w0 v10 + w1 v11)``.
+_SEPARABLE = "separable"
+#: PyTorch's channels-last CPU kernel: ``v00 h0w0 + v01 h0w1 + v10 h1w0 + v11 h1w1``.
+_FOUR_WEIGHTS = "four-weights"
+#: PyTorch's CPU code takes its channels-last kernel for outputs of at most this many rows +
+#: columns (``_use_vectorized_kernel_cond_2d``), with vector lanes for 8 channels and more.
+#: Such frames are too small to gain from boxes: they take the full-frame path.
+_SMALL_OUTPUT = 128
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How one of PyTorch's bilinear kernels rounds on one device.
+
+    ``fused``: its source index ``scale * (dst + 0.5) - 0.5`` and each ``a * b + c`` of the
+    interpolation are rounded once (a fused multiply-add: CUDA's, and GCC's on CPUs with
+    FMA), not after the product and again after the sum.
+    """
+
+    kernel: str
+    fused: bool
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """Where each output pixel along one axis samples the source: PyTorch's two source indices
+    and their weights, computed as its kernels compute them."""
+
+    first: np.ndarray  # int64 source index (floor of the source coordinate)
+    second: np.ndarray  # int64 the next source index, or the same one at the last
+    weight_first: np.ndarray  # float32
+    weight_second: np.ndarray  # float32
+
+    @classmethod
+    def resample(cls, in_size: int, out_size: int, fused: bool) -> _Axis:
+        if in_size == out_size:  # PyTorch copies this axis
+            same = np.arange(out_size, dtype=np.int64)
+            return cls(same, same, np.ones(out_size, np.float32), np.zeros(out_size, np.float32))
+        scale = np.float32(in_size) / np.float32(out_size)
+        centre = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+        if fused:  # exact in float64 (a 24-bit by 12-bit product), then rounded once
+            source = (centre.astype(np.float64) * float(scale) - 0.5).astype(np.float32)
+        else:
+            source = centre * scale - np.float32(0.5)
+        source = np.maximum(source, np.float32(0))
+        first = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+        weight = np.clip(source - first.astype(np.float32), 0, 1).astype(np.float32)
+        second = np.where(first < in_size - 1, first + 1, first)
+        return cls(first, second, np.float32(1) - weight, weight)
+
+
+_RECIPES: dict[tuple[str, str], _Recipe | None] = {}
+
+
+def _box_masks(
+    logits: torch.Tensor, xyxy: torch.Tensor, height: int, width: int
+) -> list[dict[str, Any]]:
+    """COCO RLE of each instance's mask at ``height`` x ``width``: the sign of its ``logits``
+    (the letterboxed content region, ``[N, h, w]``) upsampled bilinearly to the frame, inside its
+    box ``xyxy`` (frame pixels). Only box pixels are computed, a bounded chunk at a time; the
+    same strings as :func:`_frame_masks`."""
+    count = logits.shape[0]
+    if count == 0:
+        return []
+    if height + width <= _SMALL_OUTPUT:
+        return _frame_masks(logits, xyxy, height, width)
+    recipes = [_recipe(logits.device, kernel) for kernel in _kernels(count, height, width, logits)]
+    if any(recipe is None for recipe in recipes):
+        return _frame_masks(logits, xyxy, height, width)
+    boxes = _pixel_boxes(xyxy, height, width)
+    encoded: list[dict[str, Any]] = [{}] * count
+    for recipe in {recipe for recipe in recipes if recipe is not None}:
+        rows = _Axis.resample(logits.shape[1], height, recipe.fused)
+        cols = _Axis.resample(logits.shape[2], width, recipe.fused)
+        mine = np.array([i for i in range(count) if recipes[i] == recipe])
+        for chunk in _box_chunks(boxes[mine], MASK_ELEMENT_BUDGET):
+            index = mine[chunk]
+            values = _sample_boxes(logits, index, boxes[index], rows, cols, recipe)
+            strings = encode_boxed_rle(values > 0, boxes[index], height, width)
+            for i, rle in zip(index.tolist(), strings, strict=True):
+                encoded[i] = rle
+    return encoded
+
+
+def _frame_masks(
+    logits: torch.Tensor, xyxy: torch.Tensor, height: int, width: int
+) -> list[dict[str, Any]]:
+    """The full-frame path: each chunk of instances upsampled to the whole frame by
+    ``F.interpolate``, cut to its box, then encoded. The reference the box path reproduces."""
+    chunk = _frame_chunk(height, width)
+    rows = torch.arange(height, device=logits.device).view(1, -1, 1)
+    cols = torch.arange(width, device=logits.device).view(1, 1, -1)
+    encoded: list[dict[str, Any]] = []
+    for start in range(0, logits.shape[0], chunk):
+        part = F.interpolate(
+            logits[None, start : start + chunk],
+            size=(height, width),
+            mode="bilinear",
+            align_corners=False,
+        )[0]
+        box = xyxy[start : start + chunk, :, None, None]
+        inside = (cols >= box[:, 0]) & (cols < box[:, 2]) & (rows >= box[:, 1]) & (rows < box[:, 3])
+        binary = (part > 0) & inside
+        if binary.device.type == "cuda":
+            encoded.extend(encode_rle_batch(binary))
+        else:  # pycocotools on the host is faster than torch's CPU kernels here
+            encoded.extend(encode_rle(mask) for mask in binary.to(torch.uint8).numpy())
+    return encoded
+
+
+def _frame_chunk(height: int, width: int) -> int:
+    """Instances the full-frame path upsamples at once: MASK_ELEMENT_BUDGET frame pixels."""
+    return max(1, MASK_ELEMENT_BUDGET // (height * width))
+
+
+def _kernels(count: int, height: int, width: int, logits: torch.Tensor) -> list[str]:
+    """The PyTorch kernel that the full-frame path upsampled each instance with.
+
+    On the CPU, ``F.interpolate`` of exactly three channels on one thread takes the
+    channels-last kernel (``upsample_bilinear2d_kernel_impl_float``), which rounds otherwise:
+    a chunk of three instances did, on a replica whose torch runs one thread.
+    """
+    if logits.device.type != "cpu" or torch.get_num_threads() != 1:
+        return [_SEPARABLE] * count
+    chunk = _frame_chunk(height, width)
+    kernels: list[str] = []
+    for start in range(0, count, chunk):
+        size = min(chunk, count - start)
+        kernels.extend([_FOUR_WEIGHTS if size == 3 else _SEPARABLE] * size)
+    return kernels
+
+
+def _recipe(device: torch.device, kernel: str) -> _Recipe | None:
+    """The rounding that reproduces ``kernel`` on ``device`` bit for bit, probed once against
+    ``F.interpolate`` itself (None: neither candidate does; the full-frame path runs).
+
+    Fused was measured on x86 CPUs (PyTorch's AVX2 and AVX512 builds) and on an H100; unfused
+    is what a build without fused multiply-adds computes.
+    """
+    key = (device.type, kernel)
+    if key not in _RECIPES:
+        source = torch.randn((3, 37, 53), generator=torch.Generator().manual_seed(0)) * 4
+        source = source.to(device)
+        if kernel == _FOUR_WEIGHTS:  # three channels and a small output reach that CPU kernel
+            size = (61, 67)
+        else:  # two channels reach the generic kernel on any thread count
+            source, size = source[:2], (301, 467)
+        expected = F.interpolate(source[None], size=size, mode="bilinear", align_corners=False)[0]
+        whole = np.array([[0, size[0], 0, size[1]]] * len(source))
+        found = None
+        for recipe in (_Recipe(kernel, fused=True), _Recipe(kernel, fused=False)):
+            rows = _Axis.resample(source.shape[1], size[0], recipe.fused)
+            cols = _Axis.resample(source.shape[2], size[1], recipe.fused)
+            values, _ = _sample_boxes(source, range(len(source)), whole, rows, cols, recipe)
+            if torch.equal(values, expected):
+                found = recipe
+                break
+        if found is None:
+            logger.warning(
+                "YOLO masks: no box-sampling recipe reproduces F.interpolate's %s kernel on %s; "
+                "masks are upsampled at full frame size",
+                kernel,
+                device.type,
+            )
+        _RECIPES[key] = found
+    return _RECIPES[key]
+
+
+def _pixel_boxes(xyxy: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """``[N, 4]`` int64 rows ``top, bottom`` and columns ``left, right`` (half-open) of the
+    pixels that the full-frame path's test ``c >= x1 & c < x2 & r >= y1 & r < y2`` keeps: for
+    an integer ``c``, ``c >= x1`` is ``c >= ceil(x1)`` and ``c < x2`` is ``c < ceil(x2)``."""
+    box = xyxy.float().cpu().numpy().astype(np.float64)
+    finite = np.isfinite(box).all(axis=1, keepdims=True)  # NaN fails every comparison
+    edges = np.ceil(np.where(finite, box, 0))
+    left = np.clip(edges[:, 0], 0, width)
+    right = np.clip(edges[:, 2], left, width)
+    top = np.clip(edges[:, 1], 0, height)
+    bottom = np.clip(edges[:, 3], top, height)
+    return np.stack([top, bottom, left, right], axis=1).astype(np.int64)
+
+
+def _box_chunks(boxes: np.ndarray, budget: int) -> list[list[int]]:
+    """Instances grouped so that each group, padded to its tallest and widest box, has at most
+    ``budget`` pixels and at most twice its boxes' own (a box larger than the budget alone):
+    largest boxes first, so that boxes of like size share a group."""
+    areas = np.maximum((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]), 1)
+    chunks: list[list[int]] = []
+    tallest = widest = used = 0
+    for i in np.argsort(-areas, kind="stable").tolist():
+        tall = max(tallest, int(boxes[i, 1] - boxes[i, 0]), 1)
+        wide = max(widest, int(boxes[i, 3] - boxes[i, 2]), 1)
+        padded = (len(chunks[-1]) + 1) * tall * wide if chunks else 0
+        if chunks and padded <= budget and padded <= 2 * (used + areas[i]):
+            chunks[-1].append(i)
+            tallest, widest, used = tall, wide, used + int(areas[i])
+        else:
+            chunks.append([i])
+            tallest, widest, used = tall, wide, int(areas[i])
+    return chunks
+
+
+def _sample_boxes(
+    logits: torch.Tensor,
+    index: np.ndarray,
+    boxes: np.ndarray,
+    rows: _Axis,
+    cols: _Axis,
+    recipe: _Recipe,
+) -> torch.Tensor:
+    """Upsampled logits of instances ``index`` at the pixels of their ``boxes`` (rows
+    ``top, bottom``, columns ``left, right``), ``[n, tallest, widest]`` float32: each crop
+    starts at its box's corner and is padded to the largest box."""
+    heights, widths = boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]
+    out_rows = _crop_pixels(boxes[:, 0], boxes[:, 1], max(int(heights.max()), 1), rows.size)
+    out_cols = _crop_pixels(boxes[:, 2], boxes[:, 3], max(int(widths.max()), 1), cols.size)
+    upper, lower = rows.first[out_rows], rows.second[out_rows]
+    fused = recipe.fused
+    if recipe.kernel == _SEPARABLE:
+        # The kernel's inner sums (along a source row) depend on the source row and the output
+        # column only: compute them once for the source rows each box reaches (a box of 400
+        # rows of a 1080p frame reaches some 40), then blend two of them per output row.
+        low, high = upper.min(axis=1, keepdims=True), lower.max(axis=1, keepdims=True)
+        reach = np.minimum(low + np.arange(int((high - low).max()) + 1), high)
+        instance, source, left, right, above, below = _upload(
+            logits.device, index[:, None, None], reach[:, :, None],
+            cols.first[out_cols][:, None], cols.second[out_cols][:, None], upper - low, lower - low,
+        )
+        left_w, right_w, upper_w, lower_w = _upload(
+            logits.device, cols.weight_first[out_cols][:, None],
+            cols.weight_second[out_cols][:, None], rows.weight_first[out_rows][:, :, None],
+            rows.weight_second[out_rows][:, :, None],
+        )
+        along = _multiply_add(
+            logits[instance, source, left], left_w, logits[instance, source, right] * right_w, fused
+        )
+        crop = instance[:, :, 0] - instance[:, :, 0] + torch.arange(len(index), device=logits.device)[:, None]
+        return _multiply_add(along[crop, above], upper_w, along[crop, below] * lower_w, fused)
+    # Channels-last: v00 w00 + v01 w01 + v10 w10 + v11 w11, each weight a product of two.
+    instance, up, down, left, right = _upload(
+        logits.device, index[:, None, None], upper[:, :, None], lower[:, :, None],
+        cols.first[out_cols][:, None], cols.second[out_cols][:, None],
+    )
+    left_w, right_w, upper_w, lower_w = _upload(
+        logits.device, cols.weight_first[out_cols][:, None], cols.weight_second[out_cols][:, None],
+        rows.weight_first[out_rows][:, :, None], rows.weight_second[out_rows][:, :, None],
+    )
+    total = logits[instance, up, right] * (upper_w * right_w)
+    total = _multiply_add(logits[instance, up, left], upper_w * left_w, total, fused)
+    total = _multiply_add(logits[instance, down, left], lower_w * left_w, total, fused)
+    return _multiply_add(logits[instance, down, right], lower_w * right_w, total, fused)
+
+
+def _upload(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
+    """Host arrays of one dtype as tensors on ``device``, in one copy."""
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays])).to(device)
+    sizes = [a.size for a in arrays]
+    return [
+        part.view(a.shape) for part, a in zip(flat.split(sizes), arrays, strict=True)
+    ]
+
+
+def _crop_pixels(start: np.ndarray, stop: np.ndarray, size: int, limit: int) -> np.ndarray:
+    """``[n, size]`` output pixels of each crop: ``start`` to ``stop - 1``, then the last one
+    again (padding that reaches no new source pixel), all within ``0 .. limit - 1``."""
+    last = np.clip(stop - 1, 0, limit - 1)
+    return np.minimum(start[:, None] + np.arange(size), last[:, None])
+
+
+def _multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``a * b + c`` in float32, rounded once (``fused``) or after each step. The product of
+    two floats is exact in float64, so the float64 sum rounded to float32 is the fused result
+    (short of a tie between two roundings, some 2^-29 of cases, and never of another sign)."""
+    if not fused:
+        return a * b + c
+    out = a.double()
+    out.mul_(b)
+    out.add_(c)
+    return out.float()

@@ -44,32 +44,76 @@ def test_graph_replay_matches_eager_and_other_sizes_still_run() -> None:
     assert [(d.width, d.height) for d in found] == [(1920, 1080)] * 5
 
 
+def _probability_gap(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest difference after the sigmoid: what the mattes are made of."""
+    return float((logits.float().sigmoid() - reference.float().sigmoid()).abs().max())
+
+
 @pytest.mark.skipif(
     not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
 )
 def test_rmbg_graph_replay_matches_eager_and_survives_an_fp32_recompute() -> None:
+    """Replayed graphs answer as the eager FP16 forward does, and an FP32 recompute of one
+    overflowed frame leaves them reading the same FP16 weights: the same bits as before it.
+
+    Replay and eager are two FP16 evaluations of the same network, and nothing makes them
+    round alike: cuBLAS and cuDNN choose a kernel per call (by shape, workspace, stream), and
+    a captured call may get another. On an H100 their logits differed by up to 0.0269 (969 of
+    3,145,728 beyond the 0.02 + 0.02|x| this test used to allow): at most 1.7/255 after the
+    sigmoid, whose slope is at most 1/4. The FP16 path itself is held to 2/255 of FP32 after
+    the sigmoid (test_fp16_gpu.py), not to 0.02 on logits, so the graphs are held to that
+    contract and to what users get: within 2/255 of FP32 and of eager after the sigmoid, the
+    same uint8 mattes within two levels, and on average no further from FP32 than eager is (a
+    scale-free check: a replay of stale inputs or of the wrong weights is off by the size of
+    the logits, not by rounding). ``python -m benchmarks.graph_diff`` measures each of these
+    quantities beside these limits (its section f), and where replay and eager part.
+    """
+    from segmentation.models.rmbg20_segmentor import _in_fp32
+
     torch.manual_seed(0)
     model = RMBG20Segmentor(
         str(RMBG_ARCH_DIR.resolve()), device="cuda", trust_remote_code=True, load_format="dummy"
     )
     frames = [product_frame(1920, 1080, seed=i) for i in range(3)]
+    sizes = [frame.shape[:2] for frame in frames]
     model.batch_buckets = (1, 2, 4)
     with torch.inference_mode():
         batch = model.preprocess(frames)
         eager = model.forward(batch)
+        with _in_fp32(model.model):  # the same weights in FP32: the reference for both paths
+            exact = model.forward(batch.float())
     assert model.capture_graphs(model.batch_buckets)
     assert model.graph_batch_sizes == [1, 2, 4]
     assert model.info().inference_path == "sdpa+windows+decoder+graphs"
     with torch.inference_mode():
         graphed = model.forward(batch)
-        torch.testing.assert_close(graphed, eager, atol=2e-2, rtol=2e-2)
+        eager_error = float((eager.float() - exact).abs().mean())
+        replay_error = float((graphed.float() - exact).abs().mean())
+        alpha_gap = max(
+            int(np.abs(a.astype(int) - b.astype(int)).max())
+            for a, b in zip(
+                model.postprocess(eager, sizes), model.postprocess(graphed, sizes), strict=True
+            )
+        )
+        print(
+            f"\nreplay vs eager: logits max {(graphed - eager).abs().max():.4f}, "
+            f"sigmoid max {_probability_gap(graphed, eager) * 255:.2f}/255, "
+            f"mattes max {alpha_gap} levels; mean error vs FP32 replay {replay_error:.2e}, "
+            f"eager {eager_error:.2e}"
+        )
+        assert _probability_gap(eager, exact) <= 2 / 255
+        assert _probability_gap(graphed, exact) <= 2 / 255
+        assert _probability_gap(graphed, eager) <= 2 / 255
+        assert alpha_gap <= 2
+        assert replay_error <= 1.5 * eager_error
         broken = graphed.clone()
         broken[1] = float("inf")  # as if FP16 had overflowed on frame 1
         fixed = model._recompute_non_finite(batch, broken)
         assert torch.isfinite(fixed).all() and model.fp32_recomputed == 1
-        torch.testing.assert_close(fixed[1], eager[1].float(), atol=2e-2, rtol=2e-2)
-        # The FP16 weights came back in the same memory: the graphs still answer right.
-        torch.testing.assert_close(model.forward(batch), eager, atol=2e-2, rtol=2e-2)
+        assert torch.equal(fixed[[0, 2]], graphed[[0, 2]].float())  # only frame 1 recomputed
+        assert _probability_gap(eager[1], fixed[1]) <= 2 / 255  # FP16 within 2/255 of FP32
+        # The FP16 weights came back in the same memory: the graphs replay the same bits.
+        assert torch.equal(model.forward(batch), graphed)
     assert next(model.model.parameters()).dtype == torch.float16
 
 

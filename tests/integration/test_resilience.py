@@ -54,7 +54,6 @@ def resilience_config(cluster: Cluster) -> dict[str, Any]:
                 "router": {
                     "max_inflight_frames": 3,
                     "max_frames_per_request": 3,
-                    "device_jpeg_decode": True,
                 }
             },
         ),

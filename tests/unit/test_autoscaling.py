@@ -71,7 +71,7 @@ def test_replica_reports_the_frames_it_holds_queued_and_running() -> None:
     assert idle == {HELD_FRAMES: 0.0}
     assert busy == {HELD_FRAMES: 10.0}  # 4 in the running batch + 6 queued
     assert done == {HELD_FRAMES: 0.0}
-    assert rep.info()["frames"]["ok"] == 10
+    assert asyncio.run(rep.info())["frames"]["ok"] == 10
 
 
 def test_frames_not_calls_decide_the_replica_count() -> None:

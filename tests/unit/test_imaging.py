@@ -136,29 +136,45 @@ def test_bad_bytes_never_reach_the_ultralytics_open_patch() -> None:
         decode_image(_save(Image.new("RGB", (4, 4)), "GIF"))
 
 
-def test_probe_jpeg_passes_plain_jpegs_to_the_device() -> None:
-    from segmentation.imaging import EncodedJPEG, probe_jpeg
+def test_probe_marks_plain_jpegs_for_the_device_without_decoding_them() -> None:
+    from segmentation.imaging import EncodedImage, probe_image
 
     data = encode(product_frame(64, 48), "JPEG")
-    assert probe_jpeg(data) == EncodedJPEG(data, 64, 48)
+    assert probe_image(data) == EncodedImage(data, 64, 48, "JPEG", True)
     gray = _save(Image.new("L", (9, 7), 50), "JPEG")
-    assert probe_jpeg(gray) == EncodedJPEG(gray, 9, 7)
+    assert probe_image(gray) == EncodedImage(gray, 9, 7, "JPEG", True)
+    # Only the header is read: a JPEG cut after its header probes fine and fails to decode.
+    cut = encode(product_frame(640, 480), "JPEG")[:4000]
+    assert probe_image(cut).pixels == 640 * 480
+    with pytest.raises(InvalidImageError):
+        decode_image(cut)
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "fmt", "size"),
     [
-        lambda: encode(product_frame(16, 16), "PNG"),
-        lambda: _save(Image.new("CMYK", (8, 8)), "JPEG"),
-        lambda: _save(Image.fromarray(product_frame(40, 20)), "JPEG", exif=_rotated_exif()),
-        lambda: b"not an image",
+        (lambda: encode(product_frame(16, 12), "PNG"), "PNG", (16, 12)),
+        (lambda: _save(Image.new("CMYK", (8, 6)), "JPEG"), "JPEG", (8, 6)),
+        # EXIF orientation 6 turns it a quarter: shown (and decoded) 20 wide, 40 high
+        (
+            lambda: _save(Image.fromarray(product_frame(40, 20)), "JPEG", exif=_rotated_exif()),
+            "JPEG",
+            (20, 40),
+        ),
     ],
-    ids=["png", "cmyk", "exif-rotated", "garbage"],
+    ids=["png", "cmyk", "exif-rotated"],
 )
-def test_probe_jpeg_leaves_other_images_to_the_cpu(make: object) -> None:
-    from segmentation.imaging import probe_jpeg
+def test_probe_leaves_other_images_to_the_cpu_with_their_shown_size(
+    make: object, fmt: str, size: tuple[int, int]
+) -> None:
+    from segmentation.imaging import probe_image
 
-    assert probe_jpeg(make()) is None  # type: ignore[operator]
+    data = make()  # type: ignore[operator]
+    image = probe_image(data)
+    assert (image.format, image.device_decodable) == (fmt, False)
+    assert (image.width, image.height) == size
+    decoded = decode_image(data)
+    assert decoded.shape[:2] == (image.height, image.width)
 
 
 def _rotated_exif() -> Image.Exif:
@@ -167,28 +183,77 @@ def _rotated_exif() -> Image.Exif:
     return exif
 
 
-def test_probe_jpeg_enforces_limits_from_the_header() -> None:
-    from segmentation.imaging import probe_jpeg
+def test_probe_refuses_what_decoding_would_from_the_header() -> None:
+    from segmentation.imaging import probe_image
 
     with pytest.raises(PayloadTooLargeError):
-        probe_jpeg(encode(product_frame(100, 100), "JPEG"), max_pixels=5000)
+        probe_image(encode(product_frame(100, 100), "JPEG"), max_pixels=5000)
     with pytest.raises(InvalidImageError, match="empty body"):
-        probe_jpeg(b"")
+        probe_image(b"")
+    with pytest.raises(InvalidImageError, match="not a recognised image"):
+        probe_image(b"not an image")
+    with pytest.raises(UnsupportedMediaTypeError, match="GIF"):
+        probe_image(_save(Image.new("RGB", (4, 4)), "GIF"))
+
+
+def test_probe_refuses_a_decompression_bomb_without_allocating_its_pixels() -> None:
+    """An 8000x8000 PNG of one colour is ~70 kB; its RGB pixels would be 192 MB."""
+    import tracemalloc
+
+    from segmentation.imaging import probe_image
+
+    bomb = _save(Image.new("L", (8000, 8000)), "PNG")
+    assert len(bomb) < 1_000_000
+    tracemalloc.start()
+    with pytest.raises(PayloadTooLargeError, match="8000x8000"):
+        probe_image(bomb, max_pixels=40_000_000)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 10_000_000
 
 
 def test_device_decode_matches_cpu_decode_and_isolates_bad_images() -> None:
     import torch
 
     from segmentation.device_decode import decode_jpegs_on
-    from segmentation.imaging import EncodedJPEG
+    from segmentation.imaging import EncodedImage
 
     good = encode(product_frame(64, 48, seed=3), "JPEG")
     truncated = good[: len(good) // 3]
     out = decode_jpegs_on(
         torch.device("cpu"),
-        [EncodedJPEG(good, 64, 48), EncodedJPEG(truncated, 64, 48), EncodedJPEG(good, 64, 48)],
+        [EncodedImage(good, 64, 48), EncodedImage(truncated, 64, 48), EncodedImage(good, 64, 48)],
     )
     assert isinstance(out[1], InvalidImageError)
     assert out[0].shape == (3, 48, 64) and out[0].dtype == torch.uint8
     reference = decode_image(good)
     assert np.abs(out[0].permute(1, 2, 0).numpy().astype(int) - reference.astype(int)).max() <= 2
+
+
+def test_a_gpu_out_of_memory_in_the_jpeg_decoder_is_raised_not_blamed_on_the_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CPU cannot run out of GPU memory: the decoder's OOM is injected. It must reach the
+    OOM-safe runner (which splits the batch, then answers 503), never become a 400."""
+    import torch
+    import torchvision.io
+
+    from segmentation.batching import AdaptiveBatchCap, OOMSafeRunner
+    from segmentation.device_decode import decode_jpegs_on
+    from segmentation.errors import OverloadedError
+    from segmentation.imaging import EncodedImage
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 MiB")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", no_memory)
+    good = encode(product_frame(64, 48, seed=3), "JPEG")
+    jpegs = [EncodedImage(good, 64, 48)] * 2
+    with pytest.raises(torch.OutOfMemoryError):
+        decode_jpegs_on(torch.device("cpu"), jpegs)
+    runner = OOMSafeRunner(
+        lambda items: decode_jpegs_on(torch.device("cpu"), items), AdaptiveBatchCap(2)
+    )
+    outputs, report = runner(jpegs)
+    assert all(isinstance(o, OverloadedError) for o in outputs)
+    assert report.oom_splits >= 1

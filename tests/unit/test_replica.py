@@ -116,7 +116,7 @@ def test_frames_arriving_while_the_model_runs_form_full_batches_at_the_cap() -> 
     first, rest = run(scenario())
     assert first == 2 and rest == [2 * v for v in range(10, 18)]
     assert rep.segmentor.request_calls() == [[1], list(range(10, 14)), list(range(14, 18))]
-    info = rep.info()
+    info = run(rep.info())
     assert info["batch"]["batches_run"] == 3 and info["batch"]["largest_batch"] == 4
     assert info["frames"]["ok"] == 9
 
@@ -148,7 +148,7 @@ def test_one_bad_frame_in_a_merged_batch_fails_alone_with_a_400() -> None:
     assert "value 7" in results[4].message
     # one batch of 8 (the fault raises before the model sees it), split down to frame 7
     assert rep.segmentor.request_calls() == [[3, 4, 5, 6], [8], [9, 10]]
-    info = rep.info()
+    info = run(rep.info())
     assert info["frames"]["ok"] == 7 and info["frames"]["bad_input"] == 1
     assert info["batch"]["error_splits"] == 3 and info["batch"]["batches_run"] == 1
 
@@ -167,7 +167,7 @@ def test_a_frame_whose_deadline_passes_in_the_queue_never_reaches_the_model() ->
     results = run(scenario())
     assert results[0] == 2 and isinstance(results[1], DeadlineExceededError)
     assert rep.segmentor.request_calls() == [[1]]
-    assert rep.info()["frames"]["deadline"] == 1
+    assert run(rep.info())["frames"]["deadline"] == 1
 
 
 def test_a_full_queue_answers_overloaded_with_retry_after() -> None:
@@ -184,7 +184,7 @@ def test_a_full_queue_answers_overloaded_with_retry_after() -> None:
     results = run(scenario())
     assert results[:3] == [2, 4, 6]
     assert isinstance(results[3], OverloadedError) and results[3].retry_after_s == 1
-    assert rep.info()["frames"]["overloaded"] == 1
+    assert run(rep.info())["frames"]["overloaded"] == 1
     assert rep.segmentor.request_calls() == [[1], [2, 3]]
 
 
@@ -205,7 +205,7 @@ def test_a_reconfigure_whose_warm_up_fails_keeps_the_old_config_and_buckets(
     assert rep.segmentor.batch_buckets == (1, 2, 4)
     assert rep.segmentor.graphs_for == (1, 2, 4)
     assert rep.cap.value == 4 and rep.warmed_batch == 4
-    assert rep.info()["batch"]["batch_sizes"] == [1, 2, 4]
+    assert run(rep.info())["batch"]["batch_sizes"] == [1, 2, 4]
 
 
 def test_a_wait_only_change_keeps_the_cap_an_oom_lowered() -> None:
@@ -263,14 +263,14 @@ def test_reconfigure_during_a_running_batch_never_runs_the_model_beside_it() -> 
 def test_startup_is_ready_only_once_the_first_config_is_warmed_up() -> None:
     rep = replica()
     rep.segmentor.delay_s = 0.05  # each warm-up call takes this long
-    assert rep.info()["startup_s"]["ready"] is None  # loaded, not yet warmed up
+    assert run(rep.info())["startup_s"]["ready"] is None  # loaded, not yet warmed up
     run(rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.0}))
-    startup = rep.info()["startup_s"]
+    startup = run(rep.info())["startup_s"]
     warmups = len(rep.segmentor.calls)
     assert warmups >= 3  # buckets 1, 2 and 4, at least
     assert startup["ready"] >= startup["load"] + warmups * 0.05 - 0.01  # 2-decimal rounding
     run(rep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.0}))
-    assert rep.info()["startup_s"] == startup  # a later reconfigure is not a start
+    assert run(rep.info())["startup_s"] == startup  # a later reconfigure is not a start
 
 
 def test_weights_sha256_of_local_models_and_none_for_hub_ids(tmp_path: Path) -> None:
@@ -282,4 +282,4 @@ def test_weights_sha256_of_local_models_and_none_for_hub_ids(tmp_path: Path) -> 
     assert _weights_sha256(str(model_dir)) == hashlib.sha256(b"weights").hexdigest()
     assert _weights_sha256(str(checkpoint)) == hashlib.sha256(b"checkpoint").hexdigest()
     assert _weights_sha256("briaai/RMBG-2.0") is None
-    assert replica().info()["weights_sha256"] is None
+    assert run(replica().info())["weights_sha256"] is None
