@@ -48,6 +48,7 @@ replica needs.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -58,10 +59,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
+from benchmarks import process_cpu
 from benchmarks.fleet import run_fleet
 from benchmarks.frames import FRAME_SOURCES
 from benchmarks.ingress import PACK_SCHEDULING, VARIANTS, direct_targets, ingress_env
+from benchmarks.load_test import run_load
 from benchmarks.replica_stages import per_frame_ms
 from tests.conftest import REPO_ROOT
 from tests.serve_cluster import Cluster, running_cluster
@@ -120,6 +124,8 @@ def replicas(url: str, samples: int = 40) -> dict[tuple[str, int], dict[str, Any
                 "cuda_graph_batch_sizes": batch.get("cuda_graph_batch_sizes"),
                 "cuda_graph_error": batch.get("cuda_graph_error"),
                 "gpu_memory": model.get("gpu_memory"),
+                "gpu_busy_s": model.get("gpu_busy_s"),
+                "codec": model.get("codec"),
                 "stages": model.get("stages"),
             }
     return seen
@@ -181,6 +187,7 @@ def measure(
                 runs.append({"skipped": f"{transport}: the config serves no {transport}"})
                 continue
             before = replicas(cluster.url)
+            cpu_before, started = process_cpu.sample(), time.monotonic()
             result = run_fleet(
                 targets[transport],
                 scenario.endpoint,
@@ -192,6 +199,10 @@ def measure(
                 height=frame_size[1],
                 transport=transport,
                 frames=args.frames,
+            )
+            window_s = time.monotonic() - started
+            cpu = process_cpu.cpu_ms_per_frame(
+                cpu_before, process_cpu.sample(), result.get("frames_ok", 0)
             )
             after = replicas(cluster.url)
             batches = sum(
@@ -206,19 +217,71 @@ def measure(
                 gpus=gpus,
                 mean_batch=round(result.get("frames_ok", 0) / batches, 1) if batches else None,
                 postprocess_ms_per_frame=per_frame_ms(before, after, scenario.model),
+                # CPU of each kind of process per answered frame (routers, replicas, proxies),
+                # and each replica's GPU thread busy share of the window
+                cpu=cpu,
+                gpu_busy=process_cpu.gpu_busy(before, after, window_s),
                 replicas=found,
                 placement_problems=[] if args.no_gpu else placement_problems(found, gpus),
             )
+            if args.half_capacity and result.get("steady_frames_per_s"):
+                result["half_capacity"] = half_capacity(
+                    targets[transport], scenario, result["steady_frames_per_s"], args, frame_size
+                )
             runs.append(result)
             brief = {k: v for k, v in result.items() if k not in ("replicas",)}
             print(json.dumps(brief), flush=True)
     return runs
 
 
-def routers_for(cpus: int, gpus: int, load_processes: int) -> int:
-    """Router replicas in proportion to the cores left once the segmentors (2 each), the
-    load generator and Ray itself (2) have theirs: routers decode, parse and encode images."""
-    return max(2, cpus - 4 * gpus - load_processes - 2)
+def half_capacity(
+    urls: list[str],
+    scenario: Scenario,
+    capacity: float,
+    args: argparse.Namespace,
+    frame_size: tuple[int, int],
+) -> dict[str, Any]:
+    """An open-loop run at half the measured frames/s: the latency a user sees when the
+    service is not saturated (p50/p99 of requests sent at a fixed rate)."""
+    rate = max(0.5, capacity / 2 / scenario.frames_per_request)
+    answer = asyncio.run(
+        run_load(
+            urls,
+            scenario.endpoint,
+            concurrency=512,
+            duration_s=args.duration,
+            frames_per_request=scenario.frames_per_request,
+            rate=rate,
+            width=frame_size[0],
+            height=frame_size[1],
+            transport=urls[0].split("://")[0] if "://" in urls[0] else "http",
+            listing=False,
+            frames=args.frames,
+        )
+    )
+    return {
+        "requests_per_s": round(rate, 2),
+        "frames_per_s": answer.get("frames_per_s"),
+        "latency_ms": answer.get("latency_ms"),
+        "statuses": answer.get("statuses"),
+    }
+
+
+def segmentor_cpus(config_path: str) -> float:
+    """CPUs the config gives one RMBG-2.0 and one YOLO replica (one of each per card)."""
+    config = yaml.safe_load(Path(config_path).read_text())
+    return sum(
+        float((d.get("ray_actor_options") or {}).get("num_cpus", 1))
+        for d in config["applications"][0]["deployments"]
+        if d["name"] in SEGMENTORS.values()
+    )
+
+
+def routers_for(cpus: int, gpus: int, load_processes: int, per_gpu: float = 4) -> int:
+    """Router replicas for the cores left once the segmentors (``per_gpu`` for the pair on
+    each card: their codec threads decode and encode images), the load generator and Ray
+    itself (2) have theirs; at least 2."""
+    return max(2, int(cpus - per_gpu * gpus - load_processes - 2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         default="plain",
         help="plain test card, or synthetic product shots with 2-3 objects each",
     )
+    parser.add_argument(
+        "--half-capacity",
+        action="store_true",
+        help="after each saturated run, an open-loop run at half its frames/s (p99 latency)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -251,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         frame_size = (width, height)
     counts = sorted({int(n) for n in args.gpus.split(",")}, reverse=True)
     most = counts[0]
-    routers = args.routers or routers_for(args.cpus, most, args.load_processes_per_gpu * most)
+    routers = args.routers or routers_for(
+        args.cpus, most, args.load_processes_per_gpu * most, segmentor_cpus(args.config)
+    )
     report: dict[str, Any] = {
         "command": "python -m benchmarks.scaling_bench " + " ".join(argv or sys.argv[1:]),
         "frames": args.frames,
@@ -308,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                 "postprocess_ms_per_frame",
                 "load_cpu_cores",
                 "load_generator_saturated",
+                "cpu",
+                "gpu_busy",
+                "half_capacity",
                 "placement_problems",
             )
         }

@@ -19,6 +19,7 @@ from segmentation.batching import FrameRejectedError
 from segmentation.config import Settings
 from segmentation.errors import DeadlineExceededError, OverloadedError
 from segmentation.models.base import ModelInfo
+from segmentation_service.autoscaling import HELD_FRAMES
 from segmentation_service.config import SegmentorArgs
 from segmentation_service.errors import http_status
 from segmentation_service.replica import Pending, SegmentorReplica, _weights_sha256
@@ -283,3 +284,59 @@ def test_weights_sha256_of_local_models_and_none_for_hub_ids(tmp_path: Path) -> 
     assert _weights_sha256(str(checkpoint)) == hashlib.sha256(b"checkpoint").hexdigest()
     assert _weights_sha256("briaai/RMBG-2.0") is None
     assert run(replica().info())["weights_sha256"] is None
+
+
+def test_a_caller_that_goes_away_takes_its_frames_out_of_the_queue_at_once() -> None:
+    """Frames whose request was cancelled neither hold queue slots until the next batch
+    forms, nor reach the model, nor count as answered: they are counted ``cancelled``."""
+    rep = replica(max_queued_frames=4)
+
+    async def scenario() -> tuple[int, int, dict[str, float]]:
+        await rep.reconfigure({"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+        rep.segmentor.delay_s = 0.3
+        first = asyncio.ensure_future(rep.submit(frame(1), None, None))
+        await model_busy(rep)
+        leaving = asyncio.ensure_future(submit_all(rep, [20, 21, 22]))
+        await asyncio.sleep(0.05)
+        queued = len(rep._queue)
+        leaving.cancel()
+        await asyncio.gather(leaving, return_exceptions=True)
+        # The slots are free at once: a new caller gets in although the model is still busy.
+        later = await submit_all(rep, [30, 31, 32, 33])
+        await first
+        return queued, len(later), await rep.record_autoscaling_stats()
+
+    queued, answered, held = run(scenario())
+    assert queued == 3 and answered == 4
+    assert [20, 21, 22] not in rep.segmentor.request_calls()
+    assert all(v not in (20, 21, 22) for call in rep.segmentor.request_calls() for v in call)
+    frames = run(rep.info())["frames"]
+    assert frames["cancelled"] == 3 and frames["ok"] == 5
+    assert held == {HELD_FRAMES: 0.0}
+
+
+def test_the_first_failure_cancels_the_other_calls_of_a_request() -> None:
+    from segmentation_service.concurrency import all_or_cancel
+
+    ended: list[str] = []
+
+    async def slow(name: str) -> str:
+        try:
+            await asyncio.sleep(5)
+            return name
+        finally:
+            ended.append(name)
+
+    async def failing() -> str:
+        await asyncio.sleep(0.05)
+        raise OverloadedError("busy", 1)
+
+    async def scenario() -> float:
+        started = time.monotonic()
+        with pytest.raises(OverloadedError):
+            await all_or_cancel([slow("a"), failing(), slow("b")])
+        return time.monotonic() - started
+
+    assert run(scenario()) < 2.0
+    assert sorted(ended) == ["a", "b"]  # both ended (cancelled) before the error came out
+    assert run(all_or_cancel(asyncio.sleep(0, result=n) for n in range(3))) == [0, 1, 2]

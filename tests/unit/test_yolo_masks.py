@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
 import segmentation_standins as standins
@@ -84,7 +82,10 @@ def random_case(
     w, h = float(width), float(height)
     corners = torch.rand((6, 4), generator=generator) * torch.tensor([w, h, w, h])
     fractional = torch.cat(
-        (torch.minimum(corners[:, :2], corners[:, 2:]), torch.maximum(corners[:, :2], corners[:, 2:])),
+        (
+            torch.minimum(corners[:, :2], corners[:, 2:]),
+            torch.maximum(corners[:, :2], corners[:, 2:]),
+        ),
         dim=1,
     )
     awkward = torch.tensor(
@@ -173,10 +174,10 @@ def test_masks_are_sampled_a_bounded_number_of_box_pixels_at_a_time(
     sampled: list[tuple[int, int]] = []
     real_sample = yolo_segmentor._sample_boxes
 
-    def spy(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        values, inside = real_sample(*args)
+    def spy(*args: Any) -> torch.Tensor:
+        values = real_sample(*args)
         sampled.append((values.numel(), len(args[1])))
-        return values, inside
+        return values
 
     monkeypatch.setattr(yolo_segmentor, "_sample_boxes", spy)
     assert segmentor_masks(*case) == expected
@@ -202,70 +203,93 @@ def test_the_trained_stand_in_gives_the_same_instances_and_strings_as_the_full_f
         assert [i.mask for i in got.instances] == [i.mask for i in expected.instances]
 
 
+def random_boxed_crops(
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Crops (padded past their boxes or not) of boxes anywhere in a small frame, empty boxes
+    and boxes as tall or as wide as the frame included."""
+    height, width = int(rng.integers(1, 13)), int(rng.integers(1, 13))
+    count = int(rng.integers(1, 5))
+    rows = np.sort(rng.integers(0, height + 1, (count, 2)), axis=1)
+    cols = np.sort(rng.integers(0, width + 1, (count, 2)), axis=1)
+    boxes = np.concatenate((rows, cols), axis=1)
+    padding = int(rng.integers(0, 3))
+    shape = (
+        count,
+        int(np.ptp(rows, axis=1).max()) + padding,
+        int(np.ptp(cols, axis=1).max()) + padding,
+    )
+    crops = rng.random(shape) < rng.choice([0.1, 0.5, 0.9])
+    return zero_padding(crops, boxes), boxes, height, width
+
+
+def zero_padding(crops: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """The crops with zeros past their boxes, as ``encode_boxed_rle`` takes them."""
+    rows = np.arange(crops.shape[1]) < (boxes[:, 1] - boxes[:, 0])[:, None]
+    cols = np.arange(crops.shape[2]) < (boxes[:, 3] - boxes[:, 2])[:, None]
+    return crops & rows[:, :, None] & cols[:, None, :]
+
+
+def whole_masks(crops: np.ndarray, boxes: np.ndarray, height: int, width: int) -> list[np.ndarray]:
+    masks = []
+    for crop, (top, bottom, left, right) in zip(crops, boxes, strict=True):
+        mask = np.zeros((height, width), dtype=bool)
+        mask[top:bottom, left:right] = crop[: bottom - top, : right - left]
+        masks.append(mask)
+    return masks
+
+
 def full_mask_rle(mask: np.ndarray) -> dict[str, Any]:
+    """pycocotools' own string of a whole mask."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode()}
 
 
-@st.composite
-def boxed_crops(draw: st.DrawFn) -> tuple[np.ndarray, list[int], list[int], int, int]:
-    height, width = draw(st.integers(1, 12)), draw(st.integers(1, 12))
-    count = draw(st.integers(1, 4))
-    crop_h, crop_w = draw(st.integers(0, height + 2)), draw(st.integers(0, width + 2))
-    crops = draw(
-        st.lists(
-            st.lists(st.lists(st.booleans(), min_size=crop_w, max_size=crop_w), min_size=crop_h),
-            min_size=count,
-            max_size=count,
-        ).map(lambda c: [rows[:crop_h] for rows in c])
-    )
-    tops = draw(st.lists(st.integers(0, height), min_size=count, max_size=count))
-    lefts = draw(st.lists(st.integers(0, width), min_size=count, max_size=count))
-    array = np.array(crops, dtype=bool).reshape(count, crop_h, crop_w)
-    return array, tops, lefts, height, width
-
-
-@settings(max_examples=300, deadline=None)
-@given(boxed_crops())
-def test_boxed_crops_encode_to_the_strings_of_their_whole_masks(
-    case: tuple[np.ndarray, list[int], list[int], int, int],
-) -> None:
-    crops, tops, lefts, height, width = case
-    expected = []
-    for crop, top, left in zip(crops, tops, lefts, strict=True):
-        whole = np.zeros((height + crops.shape[1], width + crops.shape[2]), dtype=bool)
-        whole[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
-        expected.append(full_mask_rle(whole[:height, :width]))  # what passes the edges is cut
-    assert encode_boxed_rle(torch.from_numpy(crops), tops, lefts, height, width) == expected
+def test_boxed_crops_encode_to_pycocotools_strings_of_their_whole_masks() -> None:
+    rng = np.random.default_rng(2024)
+    for _ in range(1000):
+        crops, boxes, height, width = random_boxed_crops(rng)
+        expected = [full_mask_rle(m) for m in whole_masks(crops, boxes, height, width)]
+        assert encode_boxed_rle(torch.from_numpy(crops), boxes, height, width) == expected
 
 
 def test_boxed_crops_of_a_1080p_frame_encode_like_their_whole_masks() -> None:
     rng = np.random.default_rng(11)
-    crops = rng.random((4, 400, 300)) < 0.5
+    crops = rng.random((5, 402, 301)) < 0.5
     crops[1] = False  # empty
-    crops[2] = True  # a solid box
-    tops, lefts = [0, 680, 0, 100], [1620, 0, 700, 900]  # touching the edges, cut at them
-    crops[3, :, :] = False
+    crops[2] = True  # solid
+    crops[3] = False
     crops[3, 399, 299] = crops[3, 0, 0] = True  # a box's first and last pixels alone
-    expected = []
-    for crop, top, left in zip(crops, tops, lefts, strict=True):
-        whole = np.zeros((1080 + 400, 1920 + 300), dtype=bool)
-        whole[top : top + 400, left : left + 300] = crop
-        expected.append(full_mask_rle(whole[:1080, :1920]))
-    assert encode_boxed_rle(torch.from_numpy(crops), tops, lefts, 1080, 1920) == expected
+    boxes = np.array(
+        [
+            [0, 400, 1620, 1920],  # top right corner
+            [680, 1080, 0, 300],  # bottom left corner
+            [0, 400, 700, 1000],
+            [100, 500, 900, 1200],
+            [680, 1080, 1919, 1920],  # the last column, down to the last pixel
+        ]
+    )
+    crops[4] = True
+    crops = zero_padding(crops, boxes)
+    expected = [full_mask_rle(m) for m in whole_masks(crops, boxes, 1080, 1920)]
+    assert encode_boxed_rle(torch.from_numpy(crops), boxes, 1080, 1920) == expected
 
 
 def test_crops_that_fill_whole_columns_make_runs_that_go_on_into_the_next_column() -> None:
-    crops = torch.ones((2, 6, 3), dtype=torch.bool)
+    crops = np.ones((2, 6, 3), dtype=bool)
     crops[1, 5, 1] = False
-    got = encode_boxed_rle(crops, [0, 0], [2, 4], 6, 7)
-    for rle, crop, left in zip(got, crops.numpy(), [2, 4], strict=True):
-        whole = np.zeros((6, 7), dtype=bool)
-        whole[:, left : left + 3] = crop[:, : 7 - left]
-        assert rle == full_mask_rle(whole)
+    boxes = np.array([[0, 6, 2, 5], [0, 6, 4, 7]])
+    expected = [full_mask_rle(m) for m in whole_masks(crops, boxes, 6, 7)]
+    assert encode_boxed_rle(torch.from_numpy(crops), boxes, 6, 7) == expected
+    assert (
+        expected[0]["counts"] == full_mask_rle(np.pad(np.ones((6, 3)), ((0, 0), (2, 2))))["counts"]
+    )
 
 
-def test_crop_origins_outside_the_frame_are_refused() -> None:
+def test_boxes_outside_the_frame_are_refused() -> None:
+    crop = torch.ones((1, 2, 2), dtype=torch.bool)
     with pytest.raises(ValueError, match="inside the 4x5 frame"):
-        encode_boxed_rle(torch.ones((1, 2, 2), dtype=torch.bool), [5], [0], 4, 5)
-    assert encode_boxed_rle(torch.ones((0, 2, 2), dtype=torch.bool), [], [], 4, 5) == []
+        encode_boxed_rle(crop, np.array([[3, 5, 0, 2]]), 4, 5)
+    with pytest.raises(ValueError, match="inside the 4x5 frame"):
+        encode_boxed_rle(crop, np.array([[0, 2, 3, 2]]), 4, 5)
+    assert encode_boxed_rle(crop[:0], np.zeros((0, 4)), 4, 5) == []

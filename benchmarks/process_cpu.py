@@ -1,0 +1,87 @@
+"""CPU time of the service's processes during a measured window, by kind, and GPU busy time.
+
+Ray names its worker processes after the actor they hold (``ray::ServeReplica:<app>:<name>``),
+so on the machine that runs the cluster the CPU seconds each kind used during a window are
+the difference of two samples of ``psutil``'s per-process times: the routers, each segmentor
+deployment, Serve's proxies and HAProxy. Divided by the frames answered in the window they
+give the CPU-ms per frame of each process boundary the frames cross. Replicas also report
+``gpu_busy_s``, the seconds their GPU thread spent on batches; its difference over the
+window's length is the busy fraction of each replica's GPU thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psutil
+
+#: What a process's command line says about its kind (first match wins).
+KINDS = (
+    ("Router", "router"),
+    ("RMBGDeployment", "rmbg"),
+    ("YoloDeployment", "yolo"),
+    ("ProxyActor", "proxy"),
+    ("haproxy", "haproxy"),
+)
+
+
+def _kind(process: psutil.Process) -> str | None:
+    try:
+        text = " ".join(process.cmdline()) or process.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+    for marker, kind in KINDS:
+        if marker in text:
+            return kind
+    return None
+
+
+def sample() -> dict[int, tuple[str, float]]:
+    """Every service process now: pid -> (kind, CPU seconds used so far)."""
+    found: dict[int, tuple[str, float]] = {}
+    for process in psutil.process_iter():
+        kind = _kind(process)
+        if kind is None:
+            continue
+        try:
+            times = process.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        found[process.pid] = (kind, times.user + times.system)
+    return found
+
+
+def cpu_ms_per_frame(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], frames: int
+) -> dict[str, Any]:
+    """CPU-ms per answered frame of each kind between two samples, and the processes seen."""
+    seconds: dict[str, float] = {}
+    processes: dict[str, int] = {}
+    for pid, (kind, now) in after.items():
+        then = before.get(pid, (kind, 0.0))[1]
+        seconds[kind] = seconds.get(kind, 0.0) + max(0.0, now - then)
+        processes[kind] = processes.get(kind, 0) + 1
+    return {
+        "cpu_ms_per_frame": {
+            kind: round(total * 1000 / frames, 2) if frames else None
+            for kind, total in sorted(seconds.items())
+        },
+        "processes": dict(sorted(processes.items())),
+        "cpu_s": {kind: round(total, 2) for kind, total in sorted(seconds.items())},
+    }
+
+
+def gpu_busy(
+    before: dict[tuple[str, int], dict[str, Any]],
+    after: dict[tuple[str, int], dict[str, Any]],
+    window_s: float,
+) -> dict[str, list[float]]:
+    """Busy fraction of each replica's GPU thread over the window, by model."""
+    busy: dict[str, list[float]] = {}
+    for key, now in after.items():
+        then = before.get(key)
+        if then is None or now.get("gpu_busy_s") is None or then.get("gpu_busy_s") is None:
+            continue
+        fraction = (now["gpu_busy_s"] - then["gpu_busy_s"]) / max(1e-9, window_s)
+        busy.setdefault(now["model"], []).append(round(fraction, 3))
+    return busy
