@@ -85,7 +85,7 @@ class Deadline:
                     "the request deadline (X-Request-Timeout-Ms) passed"
                 ) from None
             raise DeadlineExceededError(
-                f"no answer from the model within {cap_s:g} s (router model_call_timeout_s)"
+                f"no answer from the model within {cap_s or 0:g} s (router model_call_timeout_s)"
             ) from None
 
 

@@ -81,7 +81,7 @@ async def _time_requests(request: Request, call_next: Any) -> Any:
     started = time.perf_counter()
     request.state.arrived = time.time()
     router = getattr(request.app.state, "router", None)
-    if request.url.path in DOCS_PATHS and router is not None and not router.args.public_docs:
+    if _app_path(request) in DOCS_PATHS and router is not None and not router.args.public_docs:
         try:
             router.authorize(request.headers.get("authorization", ""))
         except UnauthorizedError as exc:
@@ -92,6 +92,13 @@ async def _time_requests(request: Request, call_next: Any) -> Any:
         template = getattr(route, "path", None) or UNMATCHED
         router.stages.add(template, time.perf_counter() - started)
     return response
+
+
+def _app_path(request: Request) -> str:
+    """The request's path inside this application (without its ``route_prefix``)."""
+    path: str = request.scope.get("path", "")
+    root: str = request.scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 T = TypeVar("T")
@@ -536,9 +543,12 @@ class Router:
 
     async def _read_body(self, reading: Awaitable[T], deadline: Deadline) -> T:
         """``reading`` within ``body_timeout_s`` (408) and the request's deadline (504)."""
+        left = deadline.remaining()
+        limit = self.args.body_timeout_s if left is None else min(left, self.args.body_timeout_s)
         try:
-            return await deadline.bound(asyncio.wait_for(reading, self.args.body_timeout_s))
+            return await asyncio.wait_for(reading, limit)
         except TimeoutError:
+            deadline.remaining()  # 504 when it was the request's own deadline that passed
             raise RequestTimeoutError(
                 f"the request body did not arrive within {self.args.body_timeout_s:g} s "
                 "(router.body_timeout_s)"

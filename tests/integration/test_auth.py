@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -54,3 +55,73 @@ def test_requests_with_the_key_are_served(secured: str) -> None:
 
 def test_health_needs_no_key(secured: str) -> None:
     assert httpx.get(f"{secured}/healthz", timeout=60).status_code == 200
+
+
+def test_the_api_description_needs_the_key_too(secured: str) -> None:
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        refused = httpx.get(f"{secured}{path}", timeout=60)
+        assert refused.status_code == 401, path
+        assert refused.json()["error"]["code"] == "unauthorized"
+        served = httpx.get(
+            f"{secured}{path}", headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        )
+        assert served.status_code == 200, path
+
+
+def test_a_non_ascii_key_is_refused_not_a_500(secured: str) -> None:
+    for token in ("\u00e9t\u00e9", "s3cret-key\u00ff", "\u00ff" * 300):
+        response = httpx.get(
+            f"{secured}/v1/models",
+            headers={"Authorization": f"Bearer {token}".encode("latin-1")},
+            timeout=60,
+        )
+        assert response.status_code == 401
+
+
+def test_grpc_calls_need_the_key(cluster: Cluster, secured: str) -> None:
+    import grpc
+
+    from segmentation_client.proto import segmentor_pb2 as pb
+    from segmentation_client.proto.segmentor_pb2_grpc import SegmentorStub
+
+    body = encode(product_frame(64, 48), "PNG")
+    with grpc.insecure_channel(cluster.grpc_target) as channel:
+        stub = SegmentorStub(channel)
+        app = [("application", "secured")]
+        for metadata in (app, [*app, ("authorization", "Bearer wrong")]):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RemoveBackground(pb.ImageRequest(image=body), timeout=60, metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reply = stub.RemoveBackground(
+            pb.ImageRequest(image=body, output=pb.RAW_ALPHA),
+            timeout=120,
+            metadata=[*app, ("authorization", f"Bearer {KEY}")],
+        )
+        assert (reply.width, reply.height, len(reply.data)) == (64, 48, 64 * 48)
+
+
+def test_a_router_whose_key_variable_is_missing_refuses_to_start(cluster: Cluster) -> None:
+    """Auth never fails open: a node without the key fails the deploy, naming the variable."""
+    config = cluster.app_config()
+    app = config["applications"][0]
+    keyless = {
+        **app,
+        "name": "keyless",
+        "route_prefix": "/keyless",
+        "args": {**app["args"], "router": {**app["args"]["router"], "api_key_env": "NO_SUCH_KEY"}},
+    }
+    config["applications"] = [app, keyless]
+    cluster.deploy(config, "keyless.yaml")
+    try:
+        deadline = time.monotonic() + 240
+        status: dict = {}
+        while time.monotonic() < deadline:
+            status = cluster.status()["applications"].get("keyless", {})
+            if status.get("status") == "DEPLOY_FAILED":
+                break
+            time.sleep(2)
+        assert status.get("status") == "DEPLOY_FAILED", status
+        assert "NO_SUCH_KEY" in str(status), status
+        assert httpx.get(f"{cluster.url}/keyless/v1/models", timeout=30).status_code != 200
+    finally:
+        cluster.deploy(cluster.app_config(), "restore.yaml")

@@ -186,6 +186,45 @@ def test_masks_are_sampled_a_bounded_number_of_box_pixels_at_a_time(
     assert sum(instances for _, instances in sampled) == len(expected)
 
 
+@pytest.mark.parametrize(
+    ("kernel", "size", "channels"),
+    [(yolo_segmentor._SEPARABLE, (301, 467), 2), (yolo_segmentor._FOUR_WEIGHTS, (61, 67), 3)],
+)
+def test_each_fused_recipe_reproduces_pytorchs_kernel_bit_for_bit_on_this_cpu(
+    kernel: str, size: tuple[int, int], channels: int
+) -> None:
+    """The probe takes the first recipe that matches; the float64 one stands in where
+    ``addcmul`` rounds twice, so it must match too (on CPUs with fused multiply-adds)."""
+    source = torch.randn((channels, 41, 29), generator=torch.Generator().manual_seed(1)) * 3
+    expected = F.interpolate(source[None], size=size, mode="bilinear", align_corners=False)[0]
+    rows = yolo_segmentor._axis(41, size[0], True)
+    cols = yolo_segmentor._axis(29, size[1], True)
+    whole = np.array([[0, size[0], 0, size[1]]] * channels)
+    for addcmul in (True, False):
+        recipe = yolo_segmentor._Recipe(kernel, fused=True, addcmul=addcmul)
+        values = yolo_segmentor._sample_boxes(
+            source, np.arange(channels), whole, rows, cols, recipe
+        )
+        assert torch.equal(values, expected)
+
+
+def test_where_no_recipe_reproduces_the_kernel_the_full_frame_path_answers(
+    segmentor_masks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = random_case(4, 333, 517, rect_input(333, 517))
+    monkeypatch.setattr(yolo_segmentor, "_RECIPES", {("cpu", yolo_segmentor._SEPARABLE): None})
+    full_frame = []
+    real_frame_masks = yolo_segmentor._frame_masks
+
+    def spy(*args: Any) -> list[dict[str, Any]]:
+        full_frame.append(args)
+        return real_frame_masks(*args)
+
+    monkeypatch.setattr(yolo_segmentor, "_frame_masks", spy)
+    assert segmentor_masks(*case) == reference_masks(*case)
+    assert len(full_frame) == 1
+
+
 def test_the_trained_stand_in_gives_the_same_instances_and_strings_as_the_full_frame_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
