@@ -26,22 +26,45 @@ from tests.unit.test_yolo_masks import (
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture
+def boxes_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The box path even where one full-frame chunk would be cheaper on a GPU."""
+    monkeypatch.setattr(yolo_segmentor, "_full_frame_is_cheaper", lambda *args: False)
+
+
 def box_masks(*case: Any) -> list[dict[str, Any]]:
     return YoloSegmentor._masks(None, *case)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("height", "width", "input_h", "input_w"), FRAMES)
 def test_box_masks_equal_the_full_frame_masks_on_random_logits_on_cuda(
-    height: int, width: int, input_h: int, input_w: int
+    boxes_always: None, height: int, width: int, input_h: int, input_w: int
 ) -> None:
     for seed in range(3):
         case = random_case(seed, height, width, (input_h, input_w), device="cuda")
         assert box_masks(*case) == reference_masks(*case)
-    assert yolo_segmentor._RECIPES[("cuda", yolo_segmentor._SEPARABLE)] is not None
+    assert yolo_segmentor._recipe(torch.device("cuda"), yolo_segmentor._SEPARABLE) is not None
+
+
+def test_a_frame_with_more_instances_than_one_full_frame_chunk_takes_boxes_on_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    case = random_case(6, 1080, 1920, (384, 640), device="cuda")
+    monkeypatch.setattr(yolo_segmentor, "MASK_ELEMENT_BUDGET", 4 * 1080 * 1920)
+    sampled: list[int] = []
+    real_sample = yolo_segmentor._sample_boxes
+
+    def spy(*args: Any) -> torch.Tensor:
+        sampled.append(len(args[1]))
+        return real_sample(*args)
+
+    monkeypatch.setattr(yolo_segmentor, "_sample_boxes", spy)
+    assert box_masks(*case) == reference_masks(*case)
+    assert sum(sampled) == len(case[0]) > 4
 
 
 def test_masks_in_several_chunks_on_cuda_equal_the_full_frame_masks(
-    monkeypatch: pytest.MonkeyPatch,
+    boxes_always: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     case = random_case(5, 1080, 1920, (384, 640), device="cuda")
     expected = reference_masks(*case)
@@ -49,9 +72,12 @@ def test_masks_in_several_chunks_on_cuda_equal_the_full_frame_masks(
     assert box_masks(*case) == expected
 
 
+@pytest.mark.parametrize("always_boxes", [True, False])
 def test_the_trained_stand_in_on_cuda_gives_the_same_instances_and_strings(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, always_boxes: bool
 ) -> None:
+    if always_boxes:
+        monkeypatch.setattr(yolo_segmentor, "_full_frame_is_cheaper", lambda *args: False)
     segmentor = YoloSegmentor(standins.PRODUCT_YOLO, device="cuda")
     sizes = [(1920, 1080), (1080, 1920), (1280, 720), (643, 481)]  # (width, height)
     frames = [synthetic.scene(800 + i, 0, w, h).image for i, (w, h) in enumerate(sizes)]

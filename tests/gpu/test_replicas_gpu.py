@@ -1,0 +1,95 @@
+"""The segmentor deployments' data path on a GPU, without Ray Serve: encoded frames in,
+nvJPEG on the device, cutouts composed on the device, PNG bytes out; a frame that fails to
+decode fails alone; the warm-up's memory measurement includes the decoder."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segmentation.encoders import jpeg
+from segmentation.errors import InvalidImageError
+from segmentation.imaging import decode_image, probe_image
+from segmentation_client.wire import cutout_rgba
+from segmentation_service.segmentors import RMBGDeployment, YoloDeployment
+from tests.conftest import RMBG_ARCH_DIR, product_frame
+
+T = TypeVar("T")
+LOOP = asyncio.new_event_loop()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return LOOP.run_until_complete(coro)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+@pytest.mark.skipif(
+    not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
+)
+def test_rmbg_replica_decodes_jpegs_on_the_card_and_answers_pngs() -> None:
+    replica = RMBGDeployment.func_or_class(
+        {
+            "model": str(RMBG_ARCH_DIR.resolve()),
+            "load_format": "dummy",
+            "trust_remote_code": True,
+            "device": "cuda",
+            "gpu_memory_fraction": 0.6,
+        }
+    )
+    run(replica.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.02}))
+    assert replica.memory_cap is not None and replica.memory_cap >= 4
+    data = jpeg(product_frame(1920, 1080, seed=2), quality=90)
+    image = probe_image(data)
+    assert replica.device_decodes(image)
+    broken = probe_image(data[: len(data) // 2])
+    answers = run(replica.remove_background_each([image, broken, image, image], "rgba"))
+    assert isinstance(answers[1], InvalidImageError)
+    masks = run(replica.remove_background_each([image], "mask"))
+    matte = pixels(masks[0])
+    cutout = pixels(answers[0])
+    assert cutout.shape == (1080, 1920, 4) and matte.shape == (1080, 1920)
+    np.testing.assert_array_equal(cutout[..., 3], matte)
+    # Composed on the card from nvJPEG's pixels: exactly those pixels where alpha > 0.
+    from torchvision.io import decode_jpeg
+
+    on_card = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), device="cuda")
+    np.testing.assert_array_equal(
+        cutout, cutout_rgba(on_card.permute(1, 2, 0).cpu().numpy(), matte)
+    )
+    # and close to the CPU decoder's (the two decoders round differently)
+    assert (
+        np.abs(on_card.permute(1, 2, 0).cpu().numpy().astype(int) - decode_image(data)).mean() < 2
+    )
+    info = run(replica.info())
+    assert info["frames"]["bad_input"] >= 1 and info["frames"]["ok"] >= 4
+    torch.cuda.empty_cache()
+
+
+def test_yolo_replica_on_the_card_with_the_trained_stand_in() -> None:
+    replica = YoloDeployment.func_or_class(
+        {
+            "model": "standin:product-yolo11n-seg",
+            "input_size": 320,
+            "device": "cuda",
+            "gpu_memory_fraction": 0.3,
+        }
+    )
+    run(replica.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.02}))
+    from segmentation_standins import synthetic
+
+    scene = synthetic.scene(3, 0, 1920, 1080)
+    data = jpeg(scene.image, quality=90)
+    image = probe_image(data)
+    found = run(replica.segment_each([image, image], None))
+    assert found[0] == found[1]
+    assert len(found[0]["instances"]) > 0
