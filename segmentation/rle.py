@@ -10,18 +10,20 @@ masks at once and only their positions (a few thousand integers per mask) travel
 turns them into the same COCO strings.
 
 An instance mask is zero outside its box, so YOLO's masks are made and encoded as boxed crops
-(:func:`encode_boxed_rle`): only the box's pixels exist on the device, and each column of a crop
-is a piece of a column of the frame, at ``(left + column) * height + top + row`` in COCO's
-column-major order. A 300x400 box of a 1080p frame is 6% of the frame's pixels.
+(:func:`encode_boxed_rle`): only the box's pixels exist on the device (a 300x400 box is 6% of a
+1080p frame), and a crop's column is a piece of a frame column, at
+``(left + column) * height + top + row`` in COCO's column-major order; the runs of a box as
+tall as the frame join across its columns. Timings: segmentation/models/yolo_segmentor.py,
+*Instance masks, box by box*.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 
@@ -39,12 +41,11 @@ def encode_boxed_rle(
 
     ``boxes`` is ``[N, 4]`` integer rows ``top, bottom`` and columns ``left, right`` of each
     box (half-open, inside the frame); ``crops`` is ``[N, h, w]`` boolean (or 0/1), on any
-    device: mask ``i`` is ``crops[i]`` placed with its first pixel at ``(top, left)``, kept
-    where it lies in box ``i`` (a crop may be padded past its box: the padding is ignored), and
-    zero everywhere else. The strings are those of ``encode_rle`` of each whole mask; only the
-    run boundaries come to the host.
+    device: box ``i``'s pixels from its top left corner on, zero past the box where crops of
+    several sizes are padded to one. The strings are those of ``encode_rle`` of each whole
+    mask; only the run boundaries come to the host.
     """
-    count, crop_h, crop_w = crops.shape
+    count = crops.shape[0]
     if count == 0:
         return []
     boxes = np.asarray(boxes, dtype=np.int64).reshape(count, 4)
@@ -53,24 +54,13 @@ def encode_boxed_rle(
         (left < 0) | (right < left) | (right > width)
     ).any():
         raise ValueError(f"boxes must lie inside the {height}x{width} frame")
-    device = crops.device
-    placed = torch.from_numpy(np.stack([top, left, bottom - top, right - left])).to(device)
-    first_row, first_col, box_h, box_w = placed
-    # Crop columns (COCO runs go down the columns), cut to the box, with a row of zeros above
-    # and below: every run then starts and ends where a pixel differs from the one above it.
-    columns = crops.bool().transpose(1, 2)
-    if (bottom - top < crop_h).any() or (right - left < crop_w).any():
-        columns = columns & (
-            (torch.arange(crop_w, device=device) < box_w[:, None])[:, :, None]
-            & (torch.arange(crop_h, device=device) < box_h[:, None])[:, None, :]
-        )
-    padded = torch.zeros((count, crop_w, crop_h + 2), dtype=torch.bool, device=device)
-    padded[:, :, 1:-1] = columns
-    changes = (padded[:, :, 1:] != padded[:, :, :-1]).nonzero()  # (mask, column, row)
-    mask_ids = changes[:, 0]
-    positions = (first_col[mask_ids] + changes[:, 1]) * height + first_row[mask_ids] + changes[:, 2]
-    found = torch.stack((mask_ids, positions), 1).cpu().numpy()
-    return _coco_strings(found[:, 0], found[:, 1], count, height, width)
+    # Crop columns (COCO runs go down the columns) with a zero above and below: every run then
+    # starts and ends where a pixel differs from the one above it.
+    columns = F.pad(crops.bool().transpose(1, 2), (1, 1))
+    changes = (columns[:, :, 1:] != columns[:, :, :-1]).nonzero().cpu().numpy()
+    mask_ids, column, row = changes.T  # row: of the run's first pixel, or the one after its last
+    positions = (left[mask_ids] + column) * height + top[mask_ids] + row
+    return _coco_strings(mask_ids, positions, count, height, width)
 
 
 def _coco_strings(

@@ -1,6 +1,7 @@
 """The segmentor deployments' data path on a GPU, without Ray Serve: encoded frames in,
-nvJPEG on the device, cutouts composed on the device, PNG bytes out; a frame that fails to
-decode fails alone; the warm-up's memory measurement includes the decoder."""
+nvJPEG on the device, cutouts composed on the device, PNG bytes out. A frame that fails to
+decode failing alone is tested on the CPU with the same code
+(tests/unit/test_segmentor_replicas.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ import torch
 from PIL import Image
 
 from segmentation.encoders import jpeg
-from segmentation.errors import InvalidImageError
 from segmentation.imaging import decode_image, probe_image
-from segmentation_client.wire import cutout_rgba
 from segmentation_service.segmentors import RMBGDeployment, YoloDeployment
 from tests.conftest import RMBG_ARCH_DIR, product_frame
 
@@ -51,27 +50,21 @@ def test_rmbg_replica_decodes_jpegs_on_the_card_and_answers_pngs() -> None:
     data = jpeg(product_frame(1920, 1080, seed=2), quality=90)
     image = probe_image(data)
     assert replica.device_decodes(image)
-    broken = probe_image(data[: len(data) // 2])
-    answers = run(replica.remove_background_each([image, broken, image, image], "rgba"))
-    assert isinstance(answers[1], InvalidImageError)
+    answers = run(replica.remove_background_each([image, image, image], "rgba"))
     masks = run(replica.remove_background_each([image], "mask"))
     matte = pixels(masks[0])
     cutout = pixels(answers[0])
     assert cutout.shape == (1080, 1920, 4) and matte.shape == (1080, 1920)
+    assert answers[1] == answers[0] == answers[2]  # one batch, the same frame three times
     np.testing.assert_array_equal(cutout[..., 3], matte)
-    # Composed on the card from nvJPEG's pixels: exactly those pixels where alpha > 0.
-    from torchvision.io import decode_jpeg
-
-    on_card = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), device="cuda")
-    np.testing.assert_array_equal(
-        cutout, cutout_rgba(on_card.permute(1, 2, 0).cpu().numpy(), matte)
-    )
-    # and close to the CPU decoder's (the two decoders round differently)
-    assert (
-        np.abs(on_card.permute(1, 2, 0).cpu().numpy().astype(int) - decode_image(data)).mean() < 2
-    )
+    # Composed on the card: black where alpha is 0, the decoded frame elsewhere (nvJPEG
+    # rounds a little differently from libjpeg, so the pixels are compared within 3 levels).
+    assert not cutout[matte == 0][:, :3].any()
+    shown = matte > 0
+    reference = decode_image(data).astype(int)
+    assert np.abs(cutout[..., :3].astype(int)[shown] - reference[shown]).mean() < 3
     info = run(replica.info())
-    assert info["frames"]["bad_input"] >= 1 and info["frames"]["ok"] >= 4
+    assert info["frames"]["ok"] >= 4 and info["codec"]["host_pixels"] == 0
     torch.cuda.empty_cache()
 
 
