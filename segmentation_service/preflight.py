@@ -295,7 +295,25 @@ def check_app(app: Mapping[str, Any], environ: Mapping[str, str]) -> list[Findin
         need_weights=rmbg.load_format != "dummy",
     )
     findings += check_yolo(args.yolo.model or settings.yolo_model, env)
+    findings += check_api_key(args.router.api_key_env, env, name)
     return findings
+
+
+def check_api_key(variable: str | None, environ: Mapping[str, str], name: str) -> list[Finding]:
+    """The API key variable that ``router.api_key_env`` names must hold a key: the Router
+    refuses to start without one (authentication never fails open)."""
+    if variable is None or environ.get(variable, "").strip():
+        return []
+    return [
+        Finding(
+            f"{name} API key",
+            f"router.api_key_env is {variable!r}, but {variable} is "
+            f"{'empty' if variable in environ else 'not set'}: the Router would refuse to start",
+            f"export {variable}=<a long random key> before starting Ray (see docs/operations.md, "
+            "Authentication: not in runtime_env), or set router.api_key_env to null to run "
+            "without authentication",
+        )
+    ]
 
 
 def check_config(config: Mapping[str, Any], environ: Mapping[str, str], gpus: int) -> list[Finding]:

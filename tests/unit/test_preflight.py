@@ -196,3 +196,17 @@ def test_no_gpu_fails_in_seconds_with_exit_code_2(
     assert "GPU: the deployments need 1 GPU(s)" in run.stderr
     assert "make demo" in run.stderr
     assert f"{tmp_path / 'nowhere' / 'yolo11m-seg.pt'} does not exist" in run.stderr
+
+
+def test_the_shipped_config_without_its_api_key_says_how_to_set_it(
+    weights: tuple[Path, Path],
+) -> None:
+    config = _serve_config(str(weights[0]), str(weights[1]))
+    shipped = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    variable = shipped["applications"][0]["args"]["router"]["api_key_env"]
+    config["applications"][0]["args"]["router"] = {"api_key_env": variable}
+    for environ in ({}, {variable: "  "}):
+        (finding,) = check_config(config, environ, gpus=1)
+        assert finding.subject.endswith("API key") and variable in finding.cause
+        assert f"export {variable}=" in finding.fix and "api_key_env to null" in finding.fix
+    assert check_config(config, {variable: "k3y"}, gpus=1) == []
