@@ -16,8 +16,10 @@ never imports torch: the router processes hold no model.
 
 Deadlines: Serve's gRPC context does not carry the caller's deadline to the replica, so the
 client sends ``x-request-timeout-ms`` metadata beside its gRPC deadline (as ``X-Request-
-Timeout-Ms`` over HTTP); the models drop frames whose deadline passed. When the gRPC deadline
-passes first, the proxy cancels the call and the client sees DEADLINE_EXCEEDED.
+Timeout-Ms`` over HTTP). It counts from the call's arrival and bounds the whole call at the
+router, as over HTTP: DEADLINE_EXCEEDED when it passes, wherever the call is; the models drop
+frames whose deadline passed while they were queued. A value that is not 1 to
+``MAX_TIMEOUT_MS`` is INVALID_ARGUMENT.
 """
 
 from __future__ import annotations

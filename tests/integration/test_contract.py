@@ -43,15 +43,23 @@ for _media, _format in (
     )
 
 
-def test_every_answer_matches_the_published_contract(cluster: Cluster) -> None:
+#: Examples per operation and generation mode. A few minutes on two CPU cores with
+#: authentication off and on.
+EXAMPLES = 15
+KEY = "contract-key"
+
+
+def _check_contract(url: str, headers: dict[str, str] | None = None) -> None:
     """Each operation, valid then invalid requests, a fixed seed and a bounded number of
-    examples (a few minutes on two CPU cores)."""
+    examples, every answer checked against the schema the running service publishes."""
     # 504 is the documented answer to a deadline the client chose too short (generated
     # X-Request-Timeout-Ms values of a few ms), not a server fault.
     config = SchemathesisConfig.from_dict(
         {"checks": {"not_a_server_error": {"expected-statuses": ["2XX", "3XX", "4XX", "504"]}}}
     )
-    schema = schemathesis.openapi.from_url(f"{cluster.url}/openapi.json", config=config, timeout=60)
+    schema = schemathesis.openapi.from_url(
+        f"{url}/openapi.json", config=config, timeout=60, headers=headers
+    )
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 6
     for operation in operations:
@@ -63,7 +71,7 @@ def test_every_answer_matches_the_published_contract(cluster: Cluster) -> None:
 
             @seed(20261125)
             @settings(
-                max_examples=10,
+                max_examples=EXAMPLES,
                 deadline=None,
                 derandomize=True,
                 database=None,
@@ -72,6 +80,38 @@ def test_every_answer_matches_the_published_contract(cluster: Cluster) -> None:
             )
             @given(case=operation.as_strategy(generation_mode=mode))
             def check(case: Any) -> None:
-                case.call_and_validate(timeout=120, excluded_checks=[positive_data_acceptance])
+                case.call_and_validate(
+                    base_url=url,
+                    headers=headers,
+                    timeout=120,
+                    excluded_checks=[positive_data_acceptance],
+                )
 
             check()
+
+
+def test_every_answer_matches_the_published_contract(cluster: Cluster) -> None:
+    _check_contract(cluster.url)
+
+
+def test_the_contract_holds_with_authentication_on(cluster: Cluster) -> None:
+    """The same with ``router.api_key_env`` set: the key opens every operation (and the
+    schema itself), and the operations still answer as they say."""
+    config = cluster.app_config()
+    app = config["applications"][0]
+    secured = {
+        **app,
+        "name": "contract-secured",
+        "route_prefix": "/contract-secured",
+        "runtime_env": {"env_vars": {**app["runtime_env"]["env_vars"], "CONTRACT_KEY": KEY}},
+        "args": {**app["args"], "router": {**app["args"]["router"], "api_key_env": "CONTRACT_KEY"}},
+    }
+    config["applications"] = [app, secured]
+    cluster.deploy(config, "contract-secured.yaml")
+    url = f"{cluster.url}/contract-secured"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        cluster.wait_ready_at(url, headers=headers)
+        _check_contract(url, headers)
+    finally:
+        cluster.deploy(cluster.app_config(), "restore.yaml")

@@ -61,3 +61,42 @@ def test_a_router_whose_largest_request_cannot_be_admitted_is_refused_at_deploy_
     assert "max_frames_per_request=256" in message and "max_inflight_frames=192" in message
     args = RouterArgs(max_frames_per_request=192, max_inflight_frames=192)
     assert args.max_frames_per_request == args.max_inflight_frames == 192
+
+
+def test_pixels_are_budgeted_per_request_and_per_router() -> None:
+    from segmentation.errors import PayloadTooLargeError
+
+    budget = FrameBudget(limit=100, pixel_limit=1000, request_pixel_limit=600)
+    with pytest.raises(PayloadTooLargeError, match="max_request_pixels=600"), budget.admit(2, 700):
+        pass
+    with budget.admit(1, 600), budget.admit(1, 400):
+        assert budget.in_flight_pixels == 1000
+        with (
+            pytest.raises(OverloadedError, match="max_inflight_pixels") as info,
+            budget.admit(1, 1),
+        ):
+            pass
+        assert info.value.retry_after_s == 1
+    assert budget.in_flight_pixels == 0 and budget.in_flight == 0
+    # What a request already holds counts once against the per-request limit.
+    with (
+        budget.admit(1, 500),
+        pytest.raises(PayloadTooLargeError),
+        budget.admit(1, 200, held=1, held_pixels=500),
+    ):
+        pass
+
+
+def test_body_bytes_are_charged_as_they_arrive_and_given_back() -> None:
+    from segmentation_service.admission import ByteBudget
+
+    budget = ByteBudget(limit=100)
+    with budget.account() as charge:
+        charge(60)
+        with budget.account() as other:
+            with pytest.raises(OverloadedError, match="max_inflight_body_bytes=100"):
+                other(41)
+            other(40)
+            assert budget.held == 100
+        assert budget.held == 60
+    assert budget.held == 0 and budget.rejected == 1

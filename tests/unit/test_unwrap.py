@@ -47,3 +47,51 @@ def test_a_replica_error_is_taken_out_of_its_ray_wrapper() -> None:
 def test_an_unknown_error_stays_a_500_without_retry_after() -> None:
     response = error_response(ValueError("bug"))
     assert response.status_code == 500 and "Retry-After" not in response.headers
+
+
+def test_a_deployment_that_failed_to_deploy_is_a_503_not_a_500() -> None:
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    response = error_response(DeploymentUnavailableError("RMBGDeployment is DEPLOY_FAILED"))
+    assert response.status_code == 503 and response.headers["Retry-After"] == "10"
+    assert b"DEPLOY_FAILED" in response.body
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("1", True),
+        ("86400000", True),
+        ("0", False),
+        ("86400001", False),
+        ("9" * 400, False),
+        ("12a", False),
+        ("\u0661\u0662", False),
+        (" 50 ", True),
+    ],
+)
+def test_client_timeouts_are_whole_milliseconds_within_a_day(value: str, ok: bool) -> None:
+    from segmentation.errors import InvalidRequestError
+    from segmentation_service.deadlines import parse_timeout_ms
+
+    if ok:
+        assert parse_timeout_ms(value) == int(value)
+    else:
+        with pytest.raises(InvalidRequestError, match="x-request-timeout-ms"):
+            parse_timeout_ms(value)
+
+
+def test_api_keys_compare_as_bytes_and_fail_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from segmentation_service.auth import MissingApiKeyError, key_matches, load_api_key
+
+    assert key_matches("s3cret", "s3cret") and not key_matches("\u00e9t\u00e9", "s3cret")
+    assert not key_matches("\udcff", "s3cret")  # a lone surrogate, as a bad decode gives
+    assert load_api_key(None) is None
+    monkeypatch.delenv("PS_TEST_KEY", raising=False)
+    with pytest.raises(MissingApiKeyError, match="PS_TEST_KEY is not set"):
+        load_api_key("PS_TEST_KEY")
+    monkeypatch.setenv("PS_TEST_KEY", " ")
+    with pytest.raises(MissingApiKeyError, match="PS_TEST_KEY is empty"):
+        load_api_key("PS_TEST_KEY")
+    monkeypatch.setenv("PS_TEST_KEY", "k")
+    assert load_api_key("PS_TEST_KEY") == "k"
