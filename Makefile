@@ -20,11 +20,18 @@ protos: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
 		segmentation_client/proto/segmentor.proto
 
+## The ingress that measured best (docs/benchmarks.md): HAProxy in front of the Router replicas
+## and gRPC between deployments, set where Ray starts (docs/operations.md, Ingress); the gRPC
+## proxy refuses messages over router.max_body_bytes + 64 KiB; larger GPU asks placed first.
+INGRESS_ENV := RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
+	RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=2147483647 \
+	RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=27328512 RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY=1
+
 ## Run the service with the real models (serve_config.yaml), after checking in seconds that
-## the GPUs and weights it needs are here (exit 2 with the cause and the fix when not).
+## the GPUs, weights and API key it needs are here (exit 2 with the cause and the fix when not).
 serve: install
 	$(BIN)/python -m segmentation_service.preflight serve_config.yaml
-	$(BIN)/serve run serve_config.yaml
+	$(INGRESS_ENV) $(BIN)/serve run serve_config.yaml
 
 ## Run the whole application on a CPU with stand-in models: no GPU, no weights, no network.
 demo: install

@@ -39,7 +39,7 @@ from PIL import Image
 
 from benchmarks.frames import FRAME_SOURCES, frame_set
 from segmentation.device_decode import decode_jpegs_on
-from segmentation.imaging import EncodedJPEG
+from segmentation.imaging import EncodedImage
 from segmentation.models.rmbg20_segmentor import IMAGENET_MEAN, IMAGENET_STD, RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
 from segmentation.options import DetectOptions
@@ -320,7 +320,7 @@ def bench_yolo(
     frame_source = frame_set(source, size[0], size[1], count=min(16, max(batches)))
     distinct = frame_source.jpegs
     jpegs = [
-        EncodedJPEG(distinct[i % len(distinct)], size[0], size[1]) for i in range(max(batches))
+        EncodedImage(distinct[i % len(distinct)], size[0], size[1]) for i in range(max(batches))
     ]
     frames = [decode_image(j.data) for j in jpegs]
     about = frame_source.describe()
@@ -408,7 +408,7 @@ def _yolo_steps_and_jpeg(
     model: YoloSegmentor,
     name: str,
     frames: list[np.ndarray],
-    jpegs: list[EncodedJPEG],
+    jpegs: list[EncodedImage],
     batches: list[int],
     options: DetectOptions,
     min_frames: int = 128,
