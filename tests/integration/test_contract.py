@@ -58,7 +58,7 @@ def _check_contract(url: str, headers: dict[str, str] | None = None) -> None:
         {"checks": {"not_a_server_error": {"expected-statuses": ["2XX", "3XX", "4XX", "504"]}}}
     )
     schema = schemathesis.openapi.from_url(
-        f"{url}/openapi.json", config=config, timeout=60, headers=headers
+        f"{url}/openapi.json", config=config, timeout=60, headers=headers or {}
     )
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 6
