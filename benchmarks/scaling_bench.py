@@ -339,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
                 extra_env=env,
                 edit=lambda c: scale_config(c, most, routers, args.rmbg_dir, not args.no_gpu),
             ) as cluster:
+                # The application answers once one replica of each model is up; measure
+                # only once every replica asked for runs (a replica still capturing its
+                # graphs would serve part of the first window and be missed by /v1/models).
+                wait_for_replicas(cluster, most)
                 for index, gpus in enumerate(counts):
                     if index:  # scale the segmentors down; the routers stay
                         config = cluster.app_config()
