@@ -7,6 +7,10 @@ deployment, Serve's proxies and HAProxy. Divided by the frames answered in the w
 give the CPU-ms per frame of each process boundary the frames cross. Replicas also report
 ``gpu_busy_s``, the seconds their GPU thread spent on batches; its difference over the
 window's length is the busy fraction of each replica's GPU thread.
+
+Every matching process of the machine is counted: run it where the benchmark's cluster is the
+only Ray cluster (as on the GPU machines). The window is the load generator's whole run, its
+start-up included, so busy fractions read low when that start-up is long.
 """
 
 from __future__ import annotations
