@@ -126,6 +126,33 @@ class EncodedImage:
         return self.width * self.height
 
 
+@dataclass(frozen=True)
+class EncodedOutput:
+    """An answer encoded where it was made (a PNG cutout or matte, or raw matte bytes) and the
+    size of the image it shows: what a model replica hands back across the process boundary."""
+
+    data: bytes
+    width: int
+    height: int
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation from what opening the file parsed, without decoding pixels
+    (``getexif()`` of a PNG decodes the whole image when its EXIF is not ahead of the pixel
+    data). A broken EXIF block counts as none here and fails where the image is decoded."""
+    try:
+        if getattr(image, "tag_v2", None) is not None:
+            return 1  # TIFF: Pillow reports the size as shown already (and decodes it so)
+        raw = image.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return int(exif.get(0x0112, 1))
+    except Exception:
+        return 1
+
+
 def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> EncodedImage:
     """Read and check the header of ``data`` without decoding a pixel.
 
@@ -156,10 +183,7 @@ def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Encoded
                 f"image is {width}x{height} = {width * height} pixels, over the limit of "
                 f"{max_pixels}"
             )
-        try:
-            orientation = image.getexif().get(0x0112, 1)
-        except Exception:  # a broken EXIF block fails where the image is decoded
-            orientation = 1
+        orientation = _orientation(image)
         plain = image.format == "JPEG" and image.mode in ("RGB", "L") and orientation == 1
         fmt = str(image.format)
     if orientation in _QUARTER_TURNS:

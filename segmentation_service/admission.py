@@ -112,6 +112,12 @@ class ByteBudget:
 
         def charge(size: int) -> None:
             nonlocal charged
+            if charged + size > self.limit:  # this request alone: it could never fit
+                raise PayloadTooLargeError(
+                    f"this request needs {charged + size} bytes of body buffers (multipart "
+                    f"bodies count twice: read, then parsed); a router replica holds at most "
+                    f"max_inflight_body_bytes={self.limit}"
+                )
             if self.held + size > self.limit:
                 self.rejected += 1
                 raise OverloadedError(

@@ -71,7 +71,7 @@ class Deadline:
         try:
             left = self.remaining()
         except DeadlineExceededError:
-            _discard(awaitable)
+            discard(awaitable)
             raise
         limits = [t for t in (left, cap_s) if t is not None]
         timeout = min(limits) if limits else None
@@ -94,7 +94,7 @@ def as_deadline(deadline: Deadline | float | None) -> Deadline:
     return deadline if isinstance(deadline, Deadline) else Deadline(deadline)
 
 
-def _discard(awaitable: Awaitable[object]) -> None:
+def discard(awaitable: Awaitable[object]) -> None:
     """Close a coroutine that will not be awaited (no 'never awaited' warning)."""
     close = getattr(awaitable, "close", None)
     if asyncio.iscoroutine(awaitable) and close is not None:

@@ -126,11 +126,11 @@ class SegmentorServicer(_RouterBase):
         async def work(deadline: Deadline) -> pb.ImageReply:
             output = output_name(request.output)
             async with self._one_image(self._one_message_image(request.image), deadline) as image:
-                data = await self._call(
+                answer = await self._call(
                     self.rmbg.remove_background, image, output, deadline.at, deadline=deadline
                 )
             return pb.ImageReply(
-                format=request.output, data=data, width=image.width, height=image.height
+                format=request.output, data=answer.data, width=answer.width, height=answer.height
             )
 
         return await self._answer("RemoveBackground", grpc_context, pb.ImageReply(), work)
@@ -284,7 +284,7 @@ class SegmentorServicer(_RouterBase):
             deadline,
         )
         replies = []
-        for index, (image, result) in enumerate(zip(probed, results, strict=True), first_index):
+        for index, result in enumerate(results, first_index):
             if isinstance(result, BaseException):
                 error = unwrap(result)
                 if not isinstance(error, SegmentationError):
@@ -294,7 +294,10 @@ class SegmentorServicer(_RouterBase):
                 replies.append(pb.FrameReply(index=index, segmentation=segment_reply(result)))
             else:
                 reply = pb.ImageReply(
-                    format=request.output, data=result, width=image.width, height=image.height
+                    format=request.output,
+                    data=result.data,
+                    width=result.width,
+                    height=result.height,
                 )
                 replies.append(pb.FrameReply(index=index, matte=reply))
         return replies

@@ -72,9 +72,10 @@ logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(eq=False)
 class Pending:
-    """A decoded frame waiting for a batch, and where its answer goes."""
+    """A decoded frame waiting for a batch, and where its answer goes. Compared by identity:
+    a field-wise ``==`` would compare the frames' pixel arrays."""
 
     frame: Any  # uint8 HxWx3 array, or an EncodedImage decoded on the model's device
     options: Any
@@ -398,7 +399,9 @@ class SegmentorReplica:
             self.host_pixels -= image.pixels
 
     async def decode(self, data: bytes) -> np.ndarray:
-        """Decode on the codec threads; a bad image is counted and raised."""
+        """Decode on the codec threads; a bad image is counted and raised. The decode runs to
+        its end even when the caller goes away (a thread cannot be stopped), so the caller's
+        pixel budget is held by :meth:`prepared` until then."""
         submitted = time.perf_counter()
         started: list[float] = []
 
@@ -406,8 +409,12 @@ class SegmentorReplica:
             started.append(time.perf_counter())
             return decode_image(data, max_pixels=self.args.max_pixels)
 
+        job = asyncio.get_running_loop().run_in_executor(self._codec, work)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._codec, work)
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            await asyncio.gather(job, return_exceptions=True)  # until the thread let go
+            raise
         except SegmentationError as exc:
             self.metrics.reject(exc.code)
             self.metrics.answered(_outcome(exc))
@@ -428,13 +435,17 @@ class SegmentorReplica:
             self.metrics.stage(f"codec:{fn.__name__}", time.perf_counter() - started)
 
     async def encode(self, fn: Callable[..., T], *args: Any) -> T:
-        """Encode an output on the codec threads, counted in the batch loop's backpressure."""
+        """Encode an output on the codec threads, counted in the batch loop's backpressure
+        until the encode has really ended (a caller that goes away does not stop it)."""
         self._encoding += 1
-        try:
-            return await self.run_codec(fn, *args)
-        finally:
+        job = asyncio.ensure_future(self.run_codec(fn, *args))
+
+        def done(_: object) -> None:
             self._encoding -= 1
             self._encoded.set()
+
+        job.add_done_callback(done)
+        return await asyncio.shield(job)
 
     async def submit(
         self,
@@ -468,9 +479,11 @@ class SegmentorReplica:
         except asyncio.CancelledError:
             # Still queued: it leaves now (no slot held, nothing reported to the autoscaler).
             # Already running: _answer counts it when its batch ends.
-            if item in self._queue:
-                self._queue.remove(item)
-                self.metrics.answered("cancelled")
+            for index, queued in enumerate(self._queue):
+                if queued is item:
+                    del self._queue[index]
+                    self.metrics.answered("cancelled")
+                    break
             raise
         if isinstance(result, BaseException):
             raise result

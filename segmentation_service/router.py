@@ -22,14 +22,19 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from segmentation.encoders import b64
-from segmentation.errors import InvalidRequestError, PayloadTooLargeError, SegmentationError
-from segmentation.imaging import SUPPORTED_FORMATS, EncodedImage, probe_image
+from segmentation.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    SegmentationError,
+)
+from segmentation.imaging import SUPPORTED_FORMATS, EncodedImage, EncodedOutput, probe_image
 from segmentation.options import DetectOptions
 from segmentation_service.admission import ByteBudget, FrameBudget
 from segmentation_service.auth import key_matches, load_api_key
 from segmentation_service.config import RouterArgs
 from segmentation_service.crops import box_pixels, crop_box
-from segmentation_service.deadlines import MAX_TIMEOUT_MS, Deadline
+from segmentation_service.deadlines import MAX_TIMEOUT_MS, Deadline, discard
 from segmentation_service.errors import (
     RequestTimeoutError,
     UnauthorizedError,
@@ -396,7 +401,7 @@ class Router:
             png = await self._call(
                 self.rmbg.remove_background, image, output, deadline.at, deadline=deadline
             )
-        return Response(png, media_type="image/png")
+        return Response(png.data, media_type="image/png")
 
     @app.post(
         "/v1/segment",
@@ -455,7 +460,7 @@ class Router:
             Product(
                 **{k: inst[k] for k in ("box", "score", "class_id", "class_name")},
                 crop_box=box,
-                cutout=b64(png),
+                cutout=b64(png.data),
             )
             for inst, box, png in zip(found["instances"], boxes, cutouts, strict=True)
         ]
@@ -514,7 +519,7 @@ class Router:
             elif task == "segment":
                 entries.append(FrameSegmentation.model_validate({"index": index, **result}))
             else:
-                entries.append(FrameCutout(index=index, image=b64(result)))
+                entries.append(FrameCutout(index=index, image=b64(result.data)))
         failed = sum(isinstance(e, FrameError) for e in entries)
         return json_answer(
             FramesResult(task=task, count=len(entries), failed=failed, frames=entries)
@@ -543,7 +548,11 @@ class Router:
 
     async def _read_body(self, reading: Awaitable[T], deadline: Deadline) -> T:
         """``reading`` within ``body_timeout_s`` (408) and the request's deadline (504)."""
-        left = deadline.remaining()
+        try:
+            left = deadline.remaining()
+        except DeadlineExceededError:
+            discard(reading)
+            raise
         limit = self.args.body_timeout_s if left is None else min(left, self.args.body_timeout_s)
         try:
             return await asyncio.wait_for(reading, limit)
@@ -560,7 +569,7 @@ class Router:
 
     async def _products(
         self, image: EncodedImage, options: DetectOptions, margin: float, deadline: Deadline
-    ) -> tuple[dict[str, Any], list[list[int]], list[bytes]]:
+    ) -> tuple[dict[str, Any], list[list[int]], list[EncodedOutput]]:
         """Detections, crop boxes and cutout PNGs of one admitted image. The count is checked
         before any crop exists; the crops are made by the RMBG-2.0 replica, out of the image
         it decodes once."""

@@ -23,7 +23,7 @@ from segmentation.config import Settings
 from segmentation.encoders import cutout_png, mask_png
 from segmentation.errors import InvalidRequestError
 from segmentation.factory import build_segmentor
-from segmentation.imaging import EncodedImage
+from segmentation.imaging import EncodedImage, EncodedOutput
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
 from segmentation.options import OUTPUTS, DetectOptions, Output
@@ -85,9 +85,9 @@ class RMBGDeployment(SegmentorReplica):
         image: EncodedImage | np.ndarray | bytes,
         output: Output = "rgba",
         deadline: float | None = None,
-    ) -> bytes:
+    ) -> EncodedOutput:
         """One image's RGBA cutout PNG (``rgba``), grayscale matte PNG (``mask``) or raw
-        matte bytes (``raw``), at the image's own size."""
+        matte bytes (``raw``), at the image's own size (which the answer carries)."""
         _check_output(output)
         async with self.prepared(image) as frame:
             return await self._answer_one(frame, output, deadline)
@@ -97,11 +97,11 @@ class RMBGDeployment(SegmentorReplica):
         images: list[EncodedImage | np.ndarray | bytes],
         output: Output = "rgba",
         deadline: float | None = None,
-    ) -> list[bytes | BaseException]:
+    ) -> list[EncodedOutput | BaseException]:
         """The same for many images; a frame that fails gets its error in its place."""
         _check_output(output)
 
-        async def one(image: EncodedImage | np.ndarray | bytes) -> bytes:
+        async def one(image: EncodedImage | np.ndarray | bytes) -> EncodedOutput:
             async with self.prepared(image) as frame:
                 return await self._answer_one(frame, output, deadline)
 
@@ -112,7 +112,7 @@ class RMBGDeployment(SegmentorReplica):
         image: EncodedImage | np.ndarray | bytes,
         boxes: Sequence[Box],
         deadline: float | None = None,
-    ) -> list[bytes]:
+    ) -> list[EncodedOutput]:
         """RGBA cutout PNGs of the parts of one image inside ``boxes`` (``/v1/products``).
         The image is decoded once; each box is a frame of its own in the batches, a view of
         the decoded image, not a copy. All or nothing: the first box that fails cancels the
@@ -129,9 +129,10 @@ class RMBGDeployment(SegmentorReplica):
 
     async def _answer_one(
         self, frame: Any, output: Output, deadline: float | None, crop: Box | None = None
-    ) -> bytes:
+    ) -> EncodedOutput:
         result = await self.submit(frame, CutoutOptions(output), deadline, crop)
-        return await self.encode(_ENCODERS[output], result)
+        height, width = result.shape[:2]
+        return EncodedOutput(await self.encode(_ENCODERS[output], result), width, height)
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=10)

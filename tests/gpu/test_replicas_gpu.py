@@ -52,8 +52,8 @@ def test_rmbg_replica_decodes_jpegs_on_the_card_and_answers_pngs() -> None:
     assert replica.device_decodes(image)
     answers = run(replica.remove_background_each([image, image, image], "rgba"))
     masks = run(replica.remove_background_each([image], "mask"))
-    matte = pixels(masks[0])
-    cutout = pixels(answers[0])
+    matte = pixels(masks[0].data)
+    cutout = pixels(answers[0].data)
     assert cutout.shape == (1080, 1920, 4) and matte.shape == (1080, 1920)
     assert answers[1] == answers[0] == answers[2]  # one batch, the same frame three times
     np.testing.assert_array_equal(cutout[..., 3], matte)

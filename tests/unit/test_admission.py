@@ -100,3 +100,13 @@ def test_body_bytes_are_charged_as_they_arrive_and_given_back() -> None:
             assert budget.held == 100
         assert budget.held == 60
     assert budget.held == 0 and budget.rejected == 1
+
+
+def test_a_body_larger_than_the_whole_byte_budget_is_413_not_a_503_forever() -> None:
+    from segmentation_service.admission import ByteBudget
+
+    budget = ByteBudget(limit=100)
+    with budget.account() as charge, pytest.raises(PayloadTooLargeError, match="count twice"):
+        charge(60)
+        charge(60)  # the parsed copy of a multipart body
+    assert budget.held == 0 and budget.rejected == 0

@@ -257,3 +257,25 @@ def test_a_gpu_out_of_memory_in_the_jpeg_decoder_is_raised_not_blamed_on_the_ima
     outputs, report = runner(jpegs)
     assert all(isinstance(o, OverloadedError) for o in outputs)
     assert report.oom_splits >= 1
+
+
+def test_probing_a_png_reads_its_header_and_never_its_pixels() -> None:
+    """Pillow's ``getexif()`` decodes a whole PNG whose EXIF is not ahead of its pixels: the
+    probe must not, or the router would decode every PNG it admits."""
+    import tracemalloc
+
+    from segmentation.imaging import probe_image
+
+    png = _save(Image.fromarray(np.full((3000, 4000, 3), 90, np.uint8)), "PNG")  # 36 MB decoded
+    tracemalloc.start()
+    image = probe_image(png)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert (image.width, image.height, image.format) == (4000, 3000, "PNG")
+    assert peak < 5_000_000
+    rotated = Image.fromarray(product_frame(40, 20))
+    exif = _rotated_exif()
+    for fmt in ("PNG", "WEBP", "TIFF"):
+        probed = probe_image(_save(rotated, fmt, exif=exif))
+        assert (probed.width, probed.height) == (20, 40), fmt  # shown a quarter turned
+        assert decode_image(_save(rotated, fmt, exif=exif)).shape[:2] == (40, 20), fmt

@@ -69,10 +69,12 @@ def test_a_cutout_comes_back_as_the_png_the_client_gets(rmbg: Any) -> None:
     frame = product_frame(160, 120, seed=4)
     image = probe_image(encode(frame, "PNG"))
     png = run(rmbg.remove_background(image, "rgba"))
-    matte = _png_pixels(run(rmbg.remove_background(image, "mask")))
+    matte = _png_pixels(run(rmbg.remove_background(image, "mask")).data)
     raw = run(rmbg.remove_background(image, "raw"))
     assert matte.shape == (120, 160) and matte.dtype == np.uint8
-    assert raw == matte.tobytes()
+    assert (raw.width, raw.height, raw.data) == (160, 120, matte.tobytes())
+    assert (png.width, png.height) == (160, 120)
+    png = png.data
     # The cutout composed on the model's device is the frame's pixels where alpha > 0.
     np.testing.assert_array_equal(_png_pixels(png), cutout_rgba(frame, matte))
     assert 0 < int((matte > 0).sum()) < matte.size  # a product was found, not everything
@@ -89,8 +91,8 @@ def test_jpegs_decoded_on_the_model_device_give_the_cpu_path_answer(
     on_device = run(rmbg.remove_background_each([image, broken, image], "rgba"))
     assert isinstance(on_device[1], InvalidImageError)  # alone: the others are answered
     for answer in (on_device[0], on_device[2]):
-        got = _png_pixels(answer).astype(int)
-        want = _png_pixels(on_cpu_threads[0]).astype(int)
+        got = _png_pixels(answer.data).astype(int)
+        want = _png_pixels(on_cpu_threads[0].data).astype(int)
         # torchvision's and Pillow's libjpeg builds may round a few values apart
         assert got.shape == want.shape and np.abs(got - want).max() <= 3
 
@@ -101,7 +103,8 @@ def test_product_crops_are_cut_in_the_replica_from_one_decode(rmbg: Any) -> None
     boxes = [(10, 20, 90, 110), (100, 0, 200, 150)]
     cutouts = run(rmbg.cutouts(image, boxes))
     for (left, top, right, bottom), png in zip(boxes, cutouts, strict=True):
-        pixels = _png_pixels(png)
+        assert (png.width, png.height) == (right - left, bottom - top)
+        pixels = _png_pixels(png.data)
         assert pixels.shape == (bottom - top, right - left, 4)
         shown = pixels[..., 3] > 0
         np.testing.assert_array_equal(pixels[shown][:, :3], frame[top:bottom, left:right][shown])
@@ -141,4 +144,4 @@ def test_decoded_pixels_a_replica_holds_are_bounded(rmbg: Any) -> None:
             run(rmbg.remove_background(image, "mask"))
     finally:
         rmbg.host_pixels = 0
-    assert len(run(rmbg.remove_background(image, "mask"))) > 0
+    assert len(run(rmbg.remove_background(image, "mask")).data) > 0
