@@ -46,6 +46,21 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
     Grayscale, 16-bit, palette, RGBA, CMYK, and EXIF-rotated images are all normalised here.
     """
+    image = _open_checked(data, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return to_rgb_array(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """``data`` opened (its header parsed, no pixel decoded) and checked: an image in a format
+    the service takes, with pixels, and at most ``max_pixels`` of them (what stops
+    decompression bombs); the typed error of the first check that fails."""
     if not data:
         raise InvalidImageError("empty body: send the image bytes")
     try:
@@ -67,14 +82,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise PayloadTooLargeError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
         )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
-            return to_rgb_array(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImageError(f"corrupt or truncated image: {exc}") from None
+    return image
 
 
 def _sniff_format(data: bytes) -> str | None:
@@ -161,28 +169,8 @@ def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Encoded
     here, from the header). A header that parses but pixels that do not (a truncated file)
     fail later, where the image is decoded, with :class:`InvalidImageError` of their own.
     """
-    if not data:
-        raise InvalidImageError("empty body: send the image bytes")
-    try:
-        image: Image.Image = _pil_open()(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-    except UnidentifiedImageError:
-        other = _sniff_format(data)
-        if other is not None:
-            raise UnsupportedMediaTypeError(
-                f"image format {other} is not supported; send " + ", ".join(SUPPORTED_FORMATS)
-            ) from None
-        raise InvalidImageError("the body is not a recognised image") from None
-    except Exception as exc:
-        raise InvalidImageError(f"corrupt or truncated image header: {exc}") from None
-    with image:
+    with _open_checked(data, max_pixels) as image:
         width, height = image.size
-        if width < 1 or height < 1:
-            raise InvalidImageError(f"image has no pixels ({width}x{height})")
-        if width * height > max_pixels:
-            raise PayloadTooLargeError(
-                f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                f"{max_pixels}"
-            )
         orientation = _orientation(image)
         plain = image.format == "JPEG" and image.mode in ("RGB", "L") and orientation == 1
         fmt = str(image.format)

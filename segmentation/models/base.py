@@ -33,6 +33,24 @@ class ModelInfo:
         return dict(self.__dict__)
 
 
+#: A uint8 ``HxWx3`` RGB array, or a uint8 ``3xHxW`` tensor already decoded on a device.
+Frame = np.ndarray | torch.Tensor
+
+
+def frame_size(frame: Frame) -> tuple[int, int]:
+    """(height, width) of an ``HxWx3`` uint8 array or a ``3xHxW`` uint8 tensor; ValueError
+    for anything else (the model refuses the frame, alone)."""
+    if isinstance(frame, torch.Tensor):
+        if frame.ndim != 3 or frame.shape[0] != 3 or frame.dtype != torch.uint8:
+            raise ValueError(
+                f"expected a uint8 3xHxW tensor, got {frame.dtype} {tuple(frame.shape)}"
+            )
+        return int(frame.shape[1]), int(frame.shape[2])
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 RGB frame, got {frame.dtype} {frame.shape}")
+    return int(frame.shape[0]), int(frame.shape[1])
+
+
 class Segmentor(Protocol):
     """A model that takes a list of uint8 RGB frames and returns one result per frame.
 

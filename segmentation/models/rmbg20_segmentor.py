@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from segmentation.batching import pad_to_bucket
 from segmentation.config import DEFAULT_RMBG_MODEL
 from segmentation.models import rmbg20_fast
-from segmentation.models.base import ModelInfo, StageClock, host_batch
+from segmentation.models.base import Frame, ModelInfo, StageClock, frame_size, host_batch
 from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
 from segmentation_standins import describe as describe_standin
@@ -28,8 +28,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 LoadFormat = Literal["auto", "dummy"]
-#: A uint8 ``HxWx3`` RGB array, or a uint8 ``3xHxW`` tensor already decoded on a device.
-Frame = np.ndarray | torch.Tensor
 
 
 class RMBG20Segmentor:
@@ -171,7 +169,7 @@ class RMBG20Segmentor:
         rgb = [frame for group in pixels for frame in group] if any(wanted) else None
         mattes = self.postprocess(
             logits,
-            [_frame_size(frame) for frame in frames],
+            [frame_size(frame) for frame in frames],
             [rgb[i] if rgb is not None and wanted[i] else None for i in range(len(frames))],
         )
         clock.lap("postprocess")
@@ -305,26 +303,13 @@ def _in_fp32(model: torch.nn.Module) -> Iterator[None]:
             module._buffers[name] = buffer
 
 
-def _frame_size(frame: Frame) -> tuple[int, int]:
-    """(height, width) of an ``HxWx3`` uint8 array or a ``3xHxW`` uint8 tensor."""
-    if isinstance(frame, torch.Tensor):
-        if frame.ndim != 3 or frame.shape[0] != 3 or frame.dtype != torch.uint8:
-            raise ValueError(
-                f"expected a uint8 3xHxW tensor, got {frame.dtype} {tuple(frame.shape)}"
-            )
-        return int(frame.shape[1]), int(frame.shape[2])
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 HxWx3 RGB frame, got {frame.dtype} {frame.shape}")
-    return int(frame.shape[0]), int(frame.shape[1])
-
-
 def _upload_grouped(frames: Sequence[Frame], device: torch.device) -> list[torch.Tensor]:
     """Frames as uint8 ``[N, 3, H, W]`` tensors on ``device``, runs of same-size frames
     stacked; host arrays are copied once into a pinned batch, device tensors stay put."""
     groups: list[list[Frame]] = []
     for frame in frames:
-        size = _frame_size(frame)
-        if groups and _frame_size(groups[-1][0]) == size and _same_kind(groups[-1][0], frame):
+        size = frame_size(frame)
+        if groups and frame_size(groups[-1][0]) == size and _same_kind(groups[-1][0], frame):
             groups[-1].append(frame)
         else:
             groups.append([frame])

@@ -27,7 +27,7 @@ from segmentation.batching import pad_to_bucket
 from segmentation.config import DEFAULT_YOLO_MODEL
 from segmentation.encoders import encode_rle
 from segmentation.errors import ModelLoadError
-from segmentation.models.base import ModelInfo, StageClock, host_batch
+from segmentation.models.base import Frame, ModelInfo, StageClock, frame_size, host_batch
 from segmentation.options import DetectOptions
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
 from segmentation.rle import encode_boxed_rle, encode_rle_batch
@@ -44,9 +44,6 @@ PAD_VALUE = 114 / 255.0
 MASK_ELEMENT_BUDGET = 32 * 1024 * 1024
 #: The same bound for frames being letterboxed: 64 Mi elements, ten 1080p frames at a time.
 PREPROCESS_ELEMENT_BUDGET = 64 * 1024 * 1024
-
-#: A uint8 ``HxWx3`` RGB array, or a uint8 ``3xHxW`` tensor already decoded on a device.
-Frame = np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -183,7 +180,7 @@ class YoloSegmentor:
         A frame is a uint8 ``HxWx3`` RGB array, or a uint8 ``3xHxW`` tensor already decoded
         on a device (nvJPEG), which then never passes through host memory.
         """
-        sizes = [_frame_size(frame) for frame in frames]
+        sizes = [frame_size(frame) for frame in frames]
         if all(size == sizes[0] for size in sizes):
             out_h, out_w = self._rect_shape(*sizes[0])
         else:
@@ -372,19 +369,6 @@ def _split_heads(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def _chunk(size: tuple[int, int]) -> int:
     """Frames of this size whose float copies fit PREPROCESS_ELEMENT_BUDGET."""
     return max(1, PREPROCESS_ELEMENT_BUDGET // (3 * size[0] * size[1]))
-
-
-def _frame_size(frame: Frame) -> tuple[int, int]:
-    """(height, width) of an ``HxWx3`` uint8 array or a ``3xHxW`` uint8 tensor."""
-    if isinstance(frame, torch.Tensor):
-        if frame.ndim != 3 or frame.shape[0] != 3 or frame.dtype != torch.uint8:
-            raise ValueError(
-                f"expected a uint8 3xHxW tensor, got {frame.dtype} {tuple(frame.shape)}"
-            )
-        return int(frame.shape[1]), int(frame.shape[2])
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 HxWx3 RGB frame, got {frame.dtype} {frame.shape}")
-    return int(frame.shape[0]), int(frame.shape[1])
 
 
 def _load_ultralytics(path: str) -> torch.nn.Module:
