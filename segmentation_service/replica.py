@@ -59,7 +59,7 @@ from segmentation.errors import (
     PayloadTooLargeError,
     SegmentationError,
 )
-from segmentation.imaging import EncodedImage, decode_image, probe_image
+from segmentation.imaging import EncodedImage, decode_image
 from segmentation.models.base import StageClock, gpu_memory
 from segmentation_service.autoscaling import HELD_FRAMES
 from segmentation_service.config import BatchConfig, SegmentorArgs
@@ -366,7 +366,7 @@ class SegmentorReplica:
         )
 
     @asynccontextmanager
-    async def prepared(self, image: EncodedImage | np.ndarray | bytes) -> AsyncIterator[Any]:
+    async def prepared(self, image: EncodedImage | np.ndarray) -> AsyncIterator[Any]:
         """A frame ready for batching, for the block. Arrays pass through; JPEGs the device
         decodes stay encoded until their batch runs; anything else is decoded here, on the
         codec threads, while its pixels fit ``max_host_pixels`` (503 with Retry-After when
@@ -375,8 +375,6 @@ class SegmentorReplica:
         if isinstance(image, np.ndarray):
             yield image
             return
-        if isinstance(image, bytes):
-            image = await self.run_codec(probe_image, image, max_pixels=self.args.max_pixels)
         if image.pixels > self.args.max_pixels:
             raise PayloadTooLargeError(
                 f"image is {image.width}x{image.height} = {image.pixels} pixels, over the "

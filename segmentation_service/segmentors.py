@@ -82,7 +82,7 @@ class RMBGDeployment(SegmentorReplica):
 
     async def remove_background(
         self,
-        image: EncodedImage | np.ndarray | bytes,
+        image: EncodedImage | np.ndarray,
         output: Output = "rgba",
         deadline: float | None = None,
     ) -> EncodedOutput:
@@ -94,14 +94,14 @@ class RMBGDeployment(SegmentorReplica):
 
     async def remove_background_each(
         self,
-        images: list[EncodedImage | np.ndarray | bytes],
+        images: list[EncodedImage | np.ndarray],
         output: Output = "rgba",
         deadline: float | None = None,
     ) -> list[EncodedOutput | BaseException]:
         """The same for many images; a frame that fails gets its error in its place."""
         _check_output(output)
 
-        async def one(image: EncodedImage | np.ndarray | bytes) -> EncodedOutput:
+        async def one(image: EncodedImage | np.ndarray) -> EncodedOutput:
             async with self.prepared(image) as frame:
                 return await self._answer_one(frame, output, deadline)
 
@@ -109,7 +109,7 @@ class RMBGDeployment(SegmentorReplica):
 
     async def cutouts(
         self,
-        image: EncodedImage | np.ndarray | bytes,
+        image: EncodedImage | np.ndarray,
         boxes: Sequence[Box],
         deadline: float | None = None,
     ) -> list[EncodedOutput]:
@@ -172,7 +172,7 @@ class YoloDeployment(SegmentorReplica):
 
     async def segment(
         self,
-        image: EncodedImage | np.ndarray | bytes,
+        image: EncodedImage | np.ndarray,
         options: DetectOptions | None = None,
         deadline: float | None = None,
     ) -> dict[str, Any]:
@@ -184,7 +184,7 @@ class YoloDeployment(SegmentorReplica):
 
     async def segment_each(
         self,
-        images: list[EncodedImage | np.ndarray | bytes],
+        images: list[EncodedImage | np.ndarray],
         options: DetectOptions | None = None,
         deadline: float | None = None,
     ) -> list[dict[str, Any] | BaseException]:
