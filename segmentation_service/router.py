@@ -35,6 +35,7 @@ from segmentation_service.auth import key_matches, load_api_key
 from segmentation_service.config import RouterArgs
 from segmentation_service.crops import box_pixels, crop_box
 from segmentation_service.deadlines import MAX_TIMEOUT_MS, Deadline, discard
+from segmentation_service.docs_assets import serve_docs_offline
 from segmentation_service.errors import (
     RequestTimeoutError,
     UnauthorizedError,
@@ -67,7 +68,10 @@ app = FastAPI(
     version="0.1.0",
     description="Background removal (RMBG-2.0) and instance segmentation (YOLO11-seg) for "
     'product video frames. Errors are `{"error": {"code", "message"}}`.',
+    docs_url=None,  # FastAPI's pages load from CDNs: served offline below instead
+    redoc_url=None,
 )
+serve_docs_offline(app)
 install_handlers(app)
 
 #: Route templates have a bounded count; every path no route matches shares one entry.
