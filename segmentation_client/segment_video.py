@@ -2,8 +2,11 @@
 
     segment-video INPUT -o OUTPUT [--model rmbg|yolo] [--server URL] [--encode fast|balanced|small]
 
-OUTPUT is a directory (RGBA PNG sequence ``frame_000000.png``..., resumable) or a ``.webm``
-(VP9 with alpha) / ``.mov`` (ProRes 4444) file. With ``--server`` the frames go to a running
+OUTPUT is a directory (RGBA PNG sequence ``frame_000000.png``..., resumable; any name, dots
+included, or a path ending in ``/``) or a ``.webm`` (VP9 with alpha) / ``.mov`` (ProRes 4444)
+file. Every output frame keeps its source frame's timestamp (videos carry them, a PNG
+sequence's ``segment-video.json`` lists them), and a clip with a display matrix (a phone held
+upright) is segmented and written upright. With ``--server`` the frames go to a running
 service (bounded concurrency, retries on 503/429); without it the segmentor runs in this
 process, on the GPU when there is one, configured by the same environment variables as the
 service. ``--model rmbg`` keeps RMBG-2.0's alpha matte; ``--model yolo`` keeps the pixels of
@@ -15,8 +18,10 @@ them sets the pace. Every run ends with a summary: frames/s and the time to the 
 written; ``--profile-startup`` adds where the first seconds went (imports, model build,
 first batch) and each stage's busy seconds; ``--report FILE`` writes them as JSON.
 
-Exit status: 0 done, 1 the frames could not be segmented (service error, model error),
-2 bad arguments or unreadable input.
+Every path the run writes (OUTPUT, ``--report``) and the encoder at the clip's frame size are
+checked before the model is built. Exit status: 0 done, 1 the frames could not be segmented
+(service error, model error), 2 bad arguments, unreadable input or unwritable output (one
+line on stderr).
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ import numpy as np
 from tqdm import tqdm
 
 from segmentation_client.video import (
-    ALPHA_CODECS,
     DEFAULT_ENCODE,
     ENCODE_PRESETS,
     AlphaVideoWriter,
@@ -49,6 +53,9 @@ from segmentation_client.video import (
     StageTimer,
     VideoError,
     VideoReader,
+    check_writable_file,
+    fingerprint,
+    output_kind,
 )
 
 ModelKind = Literal["rmbg", "yolo"]
@@ -298,6 +305,11 @@ class RunReport:
     skipped: int
     width: int
     height: int
+    #: How the frames were turned upright (the input's display matrix), e.g. "rotated 90
+    #: degrees clockwise"; "upright" when they needed nothing.
+    orientation: str
+    #: Seconds from the input's first frame to the end of its last one (its timestamps).
+    duration: float
     seconds: float
     frames_per_s: float
     #: From process start to the first output frame written.
@@ -325,9 +337,10 @@ class RunReport:
             if self.frames_per_s_after_first_batch is not None
             else ""
         )
+        turned = f" ({self.orientation})" if self.orientation != "upright" else ""
         lines = [
-            f"segment-video: {self.frames + self.skipped} frames -> {self.output}{note}: "
-            f"{self.frames_per_s:.1f} frames/s{pace}{first}"
+            f"segment-video: {self.frames + self.skipped} frames{turned} -> {self.output}"
+            f"{note}: {self.frames_per_s:.1f} frames/s{pace}{first}"
         ]
         if profile:
             lines.append(
@@ -432,18 +445,53 @@ def open_writer(
     *,
     preset: EncodePreset = DEFAULT_ENCODE,
     timer: StageTimer | None = None,
+    recorded: dict[str, Any] | None = None,
 ) -> AlphaVideoWriter | PngSequenceWriter:
-    path = Path(output)
-    if path.suffix.lower() in ALPHA_CODECS:
-        if path.exists() and not overwrite:
-            raise VideoError(f"{output} exists; pass --overwrite to replace it")
-        return AlphaVideoWriter(path, reader.info, preset=preset, timer=timer)
-    if path.suffix and not path.is_dir():
-        raise VideoError(
-            f"cannot write {path.name!r}: use a directory (PNG sequence) or a "
-            f"{' / '.join(ALPHA_CODECS)} file (MP4 has no alpha channel)"
-        )
-    return PngSequenceWriter(path, manifest, overwrite=overwrite, preset=preset, timer=timer)
+    """The writer for ``output``, its path and encoder checked (no model is built yet).
+
+    A ``.webm`` / ``.mov`` name is a video file, refused when it exists (unless
+    ``overwrite``) or is a directory; anything else is a PNG sequence directory, whose
+    ``manifest`` (what identifies the job) decides whether it resumes.
+    """
+    kind = output_kind(output)
+    if kind != "png":
+        check_writable_file(output, "output", overwrite)
+        return AlphaVideoWriter(output, reader.info, preset=preset, timer=timer, times=reader.times)
+    return PngSequenceWriter(
+        output,
+        manifest,
+        overwrite=overwrite,
+        preset=preset,
+        timer=timer,
+        times=reader.times,
+        recorded=recorded,
+    )
+
+
+def job_manifest(
+    args: argparse.Namespace, reader: VideoReader, source: dict[str, Any]
+) -> dict[str, Any]:
+    """What a PNG sequence's frames depend on: the input (its size and first MiB's hash) and
+    every option that changes a frame's pixels. A resume must match it exactly. (``--encode``
+    is not here: every preset writes the same pixels.) ``source``: :func:`fingerprint`."""
+    info = reader.info
+    return {
+        "version": 2,
+        "input": os.path.basename(args.input),
+        "input_size": source["size"],
+        "input_sha256_first_mib": source["sha256_first_mib"],
+        "model": args.model,
+        "model_path": args.model_path,
+        "server": args.server,
+        "device": args.device,
+        "conf": args.conf,
+        "classes": args.classes,
+        "width": info.width,
+        "height": info.height,
+        "orientation": info.orientation.describe(),
+        "fps": str(info.fps),
+        "time_base": str(info.time_base),
+    }
 
 
 def _import_model_libraries() -> None:
@@ -503,16 +551,17 @@ async def run(args: argparse.Namespace) -> RunReport:
     began = time.perf_counter() - startup["process_start"]
     timer = StageTimer()
     with VideoReader(args.input) as reader:
-        manifest = {
-            "input": os.path.basename(args.input),
-            "model": args.model,
-            "model_path": args.model_path,
-            "width": reader.info.width,
-            "height": reader.info.height,
-            "fps": str(reader.info.fps),
-        }
+        identity = fingerprint(args.input)
+        manifest = job_manifest(args, reader, identity)
+        recorded = {"input_path": identity["path"], "input_mtime_ns": identity["mtime_ns"]}
         writer = open_writer(
-            args.output, reader, manifest, args.overwrite, preset=args.encode, timer=timer
+            args.output,
+            reader,
+            manifest,
+            args.overwrite,
+            preset=args.encode,
+            timer=timer,
+            recorded=recorded,
         )
         if not args.server:
             mark = time.perf_counter()
@@ -560,6 +609,8 @@ async def run(args: argparse.Namespace) -> RunReport:
         skipped=stats.skipped,
         width=reader.info.width,
         height=reader.info.height,
+        orientation=reader.info.orientation.describe(),
+        duration=round(reader.times.duration(), 6),
         seconds=round(elapsed, 3),
         frames_per_s=round(stats.processed / elapsed, 2) if elapsed > 0 else 0.0,
         time_to_first_frame=round(first - began, 3) if first is not None else None,
@@ -574,10 +625,22 @@ async def run(args: argparse.Namespace) -> RunReport:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from segmentation_client.client import ServiceError
+
     try:
+        if args.report:
+            check_writable_file(args.report, "report")
         report = asyncio.run(run(args))
+    except ServiceError as exc:
+        print(f"segment-video: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     except VideoError as exc:
         print(f"segment-video: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Reading the input or writing the output failed mid-run (a full disk, a lost mount).
+        where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
+        print(f"segment-video: error:{where} {_reason(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("segment-video: interrupted; run again to resume a PNG sequence", file=sys.stderr)
@@ -587,8 +650,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(report.summary(profile=args.profile_startup), file=sys.stderr)
     if args.report:
-        Path(args.report).write_text(json.dumps(asdict(report), indent=2))
+        try:
+            Path(args.report).write_text(json.dumps(asdict(report), indent=2))
+        except OSError as exc:
+            print(f"segment-video: error: cannot write the report: {_reason(exc)}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 if __name__ == "__main__":
