@@ -16,6 +16,8 @@ from segmentation_client.client import (
     Segmentation,
     SegmentorClient,
     ServiceError,
+    ServiceTimeout,
+    ServiceUnreachable,
 )
 
 __all__ = [
@@ -29,4 +31,6 @@ __all__ = [
     "Segmentation",
     "SegmentorClient",
     "ServiceError",
+    "ServiceTimeout",
+    "ServiceUnreachable",
 ]

@@ -10,8 +10,14 @@ An overloaded service answers 503 (or 429) with ``Retry-After``; the client wait
 again, so a burst never loses a frame. Any other 4xx raises :class:`ServiceError` at once with
 the service's own error code and message. ``max_concurrency`` bounds the requests in flight
 from one client, whatever the number of threads or tasks using it. ``timeout_s`` bounds each
-call as a whole, retries and waits included; the service is told the time left
-(``X-Request-Timeout-Ms``) so it drops frames nobody waits for any more.
+call as a whole: the wait for a free connection, retries and waits, slow uploads and answers
+that trickle in; the service is told the time left (``X-Request-Timeout-Ms``) so it drops
+frames nobody waits for any more.
+
+Every failure is a :class:`ServiceError`, whose original exception (httpx's, grpc's) is its
+``__cause__``: no answer in time is :class:`ServiceTimeout`, no service to answer
+:class:`ServiceUnreachable`. Until the service has answered once, connection failures are
+retried for ``connect_timeout_s`` only, so a wrong URL fails in seconds.
 
 A ``grpc://host:9000`` URL uses the gRPC API instead (the ``grpc`` extra): the same methods,
 results, retries and errors (``ServiceError.status`` is then the gRPC code name, e.g.
@@ -25,12 +31,16 @@ import email.utils
 import io
 import os
 import random
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import httpcore
 import httpx
 import numpy as np
 from PIL import Image as PILImage
@@ -48,16 +58,60 @@ Output = Literal["rgba", "mask"]
 
 RETRY_STATUSES = (429, 503)
 DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+#: The status of a call that got no answer in time, and of one that reached no service: what
+#: a gateway in front of the service answers for the same failures (gRPC: the code names).
+TIMEOUT_STATUS = 504
+UNREACHABLE_STATUS = 503
 
 
 class ServiceError(Exception):
-    """An error answer of the service (or a request that ran out of retries)."""
+    """An error answer of the service, a request that ran out of retries, or no answer at all.
+
+    ``status`` is the HTTP status (an int) or the gRPC code name (e.g. ``INVALID_ARGUMENT``);
+    ``code`` the service's error code (``invalid_image``, ``overloaded``...) or, when the
+    service could not answer, ``deadline_exceeded`` / ``unreachable``. The two failures that
+    come without an answer have their own subclasses, the same on both transports:
+    :class:`ServiceTimeout` and :class:`ServiceUnreachable`.
+    """
 
     def __init__(self, status: int | str, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.status, self.code, self.message)
+
+
+class ServiceTimeout(ServiceError):
+    """No answer within the call's ``timeout_s``: noticed by the client (status 504 or
+    ``DEADLINE_EXCEEDED``, code ``deadline_exceeded``) or by the service, which was told the
+    time left and answered 504 / ``DEADLINE_EXCEEDED`` (408 when the upload was too slow)."""
+
+
+class ServiceUnreachable(ServiceError):
+    """No service answered: the connection was refused, not made within ``connect_timeout_s``,
+    or broke before the answer (status 503 or ``UNAVAILABLE``, code ``unreachable``)."""
+
+
+def answer_error(status: int | str, code: str, message: str) -> ServiceError:
+    """The error of an error answer of the service, typed by its status."""
+    if status in (408, TIMEOUT_STATUS, "DEADLINE_EXCEEDED"):
+        return ServiceTimeout(status, code, message)
+    return ServiceError(status, code, message)
+
+
+def timeout_error(status: int | str, where: str, timeout_s: float, why: str = "") -> ServiceTimeout:
+    """The error of a call that had no answer from ``where`` within ``timeout_s``."""
+    message = f"no answer from {where} within the client's timeout of {timeout_s:g} s"
+    return ServiceTimeout(status, "deadline_exceeded", f"{message}{why}")
+
+
+def unreachable_error(status: int | str, where: str, why: str) -> ServiceUnreachable:
+    """The error of a call that reached no service at ``where``."""
+    return ServiceUnreachable(status, "unreachable", f"cannot reach the service at {where}: {why}")
 
 
 # -- results ----------------------------------------------------------------------------
@@ -244,6 +298,7 @@ class _Request:
     content: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
+    method: str = "POST"
 
     def send_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"params": self.params, "headers": self.headers}
@@ -266,12 +321,6 @@ def _image(response: httpx.Response) -> Image:
     return Image(response.content, response.headers.get("content-type", "image/png"))
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
-    _raise_for_error(response)
-    result: dict[str, Any] = response.json()
-    return result
-
-
 def _raise_for_error(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
@@ -281,7 +330,194 @@ def _raise_for_error(response: httpx.Response) -> None:
         code, message = str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
         pass
-    raise ServiceError(response.status_code, code, message)
+    raise answer_error(response.status_code, code, message)
+
+
+# -- one deadline for every socket operation of a call -------------------------------------
+#: When the call running in this thread (or task) must end, on ``time.monotonic()``'s clock.
+_CALL_DEADLINE: ContextVar[float | None] = ContextVar("segmentation_call_deadline", default=None)
+
+
+def _left(timeout: float | None, expired: type[Exception]) -> float | None:
+    """``timeout`` cut to the time left of the current call; raises ``expired`` when none is."""
+    deadline = _CALL_DEADLINE.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise expired("the call's timeout passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read, send and handshake ends by the calling thread's deadline.
+
+    httpx's timeouts are per socket operation: each read may take ``timeout``, so a body that
+    trickles in a byte every 50 ms kept a call with ``timeout_s=1`` going for 3.7 s, and
+    would have for ever. Here each operation gets what is left of the call's deadline.
+    """
+
+    def __init__(self, stream: httpcore.NetworkStream, tls_layers: int = 0) -> None:
+        self._stream = stream
+        self._tls_layers = tls_layers
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        sock = self._stream.get_extra_info("socket")
+        if self._tls_layers > 1 or not isinstance(sock, socket.socket):
+            # TLS inside TLS (through an HTTPS proxy): the socket is not ours to write to.
+            self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
+            return
+        # httpcore gives each send() of its loop the same timeout, so a peer that reads a
+        # byte now and then keeps one write going; here each send() gets the time left.
+        view = memoryview(buffer)
+        while view:
+            sock.settimeout(_left(timeout, httpcore.WriteTimeout))
+            try:
+                sent = sock.send(view)
+            except TimeoutError as exc:
+                raise httpcore.WriteTimeout(str(exc)) from exc
+            except OSError as exc:
+                raise httpcore.WriteError(str(exc)) from exc
+            view = view[sent:]
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _left(timeout, httpcore.ConnectTimeout)
+        stream = self._stream.start_tls(ssl_context, server_hostname, timeout)
+        return _DeadlineStream(stream, self._tls_layers + 1)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpx's own network backend, with each connection a :class:`_DeadlineStream`."""
+
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        )
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        timeout = _left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class _AsyncDeadlineStream(httpcore.AsyncNetworkStream):
+    """The asyncio flavour of :class:`_DeadlineStream` (anyio bounds a whole write already)."""
+
+    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
+        self._stream = stream
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        timeout = _left(timeout, httpcore.ConnectTimeout)
+        return _AsyncDeadlineStream(
+            await self._stream.start_tls(ssl_context, server_hostname, timeout)
+        )
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _AsyncDeadlineBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, backend: httpcore.AsyncNetworkBackend) -> None:
+        self._backend = backend
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        timeout = _left(timeout, httpcore.ConnectTimeout)
+        stream = await self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _AsyncDeadlineStream(stream)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        timeout = _left(timeout, httpcore.ConnectTimeout)
+        stream = await self._backend.connect_unix_socket(path, timeout, socket_options)
+        return _AsyncDeadlineStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+def _bound_by_call_deadline(http: httpx.Client | httpx.AsyncClient) -> None:
+    """Put every connection of ``http`` under the deadline of the call that uses it.
+
+    httpx takes no network backend; the httpcore pools it builds do (its direct transport's,
+    and those of proxies set in the environment), so the backend is wrapped there.
+    """
+    wrap: Callable[[Any], Any] = (
+        _AsyncDeadlineBackend if isinstance(http, httpx.AsyncClient) else _DeadlineBackend
+    )
+    transports = [getattr(http, "_transport", None), *getattr(http, "_mounts", {}).values()]
+    pools = [getattr(transport, "_pool", None) for transport in transports]
+    bounded: list[Any] = [pool for pool in pools if hasattr(pool, "_network_backend")]
+    if not bounded:
+        raise RuntimeError(
+            f"httpx {httpx.__version__} builds its connections in a way this client does not "
+            "know, so timeout_s could not bound a call; install httpx 0.27 or 0.28"
+        )
+    for pool in bounded:
+        pool._network_backend = wrap(pool._network_backend)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first cause that says why, e.g. ``[Errno 111] Connection refused`` where asyncio's
+    backend says only "All connection attempts failed"."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return f"[Errno {seen.errno}] {os.strerror(seen.errno)}"
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__
 
 
 class _Base:
@@ -293,7 +529,13 @@ class _Base:
         api_key: sent as ``Authorization: Bearer`` when the service requires one.
         max_concurrency: requests in flight at once from this client.
         retry: retry policy for 503/429 answers and connection failures.
-        timeout_s: the longest a call may take, all its retries and waits included.
+        timeout_s: the longest a call may take, from sending to the last byte of the
+            answer: the wait for a free connection, every retry and wait, slow uploads and
+            slow answers included. Past it: :class:`ServiceTimeout`.
+        connect_timeout_s: the longest wait for a connection. Until the service has answered
+            once, connection failures are retried only this long, so a wrong URL or a
+            service that is down fails in seconds (:class:`ServiceUnreachable`), not after
+            ``timeout_s``; later, they are retried within ``timeout_s`` (a restart).
         frame_format: how arrays and PIL images are encoded for upload (JPEG is ~10x faster
             to encode and upload than PNG; PNG is lossless).
         jpeg_quality: JPEG quality of those uploads.
@@ -307,21 +549,27 @@ class _Base:
         max_concurrency: int = 8,
         retry: RetryPolicy | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         frame_format: Literal["jpeg", "png"] = "jpeg",
         jpeg_quality: int = 95,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        if timeout_s <= 0 or connect_timeout_s <= 0:
+            raise ValueError("timeout_s and connect_timeout_s must be positive")
         self.base_url = base_url.rstrip("/")
         self.max_concurrency = max_concurrency
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.frame_format = frame_format
         self.jpeg_quality = jpeg_quality
         self.api_key = api_key
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         #: Answers that asked to retry (503/429) or failed to connect, over the client's life.
         self.retries = 0
+        #: Whether the service has answered this client once (see ``connect_timeout_s``).
+        self._reached = False
         self._open(httpx.Limits(max_connections=max_concurrency))
 
     @property
@@ -339,34 +587,72 @@ class _Base:
         if self.uses_grpc:
             raise ValueError(f"{what} is not in the gRPC API: use the service's http:// URL")
 
-    def _attempt(self, request: _Request, deadline: float) -> tuple[dict[str, Any], float]:
-        """Keyword arguments of one try, with the time left of ``deadline``; raises when
-        none is left."""
+    def _expired(self, request: _Request, why: str = "") -> ServiceTimeout:
+        where = f"{self.base_url}{request.path}"
+        return timeout_error(TIMEOUT_STATUS, where, self.timeout_s, why)
+
+    def _busy(self, request: _Request) -> ServiceTimeout:
+        why = f" (all {self.max_concurrency} connections of max_concurrency stayed busy)"
+        return self._expired(request, why)
+
+    def _remaining(self, request: _Request, deadline: float) -> float:
+        """Seconds left before ``deadline``; raises :class:`ServiceTimeout` when none are."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise httpx.TimeoutException(
-                f"no answer within the client's timeout of {self.timeout_s} s"
-            )
+            raise self._expired(request)
+        return remaining
+
+    def _attempt(self, request: _Request, deadline: float) -> dict[str, Any]:
+        """Keyword arguments of one try, with the time left of ``deadline``; raises when
+        none is left."""
+        remaining = self._remaining(request, deadline)
         kwargs = request.send_kwargs()
         ms = str(max(1, int(remaining * 1000)))
         kwargs["headers"] = {**kwargs["headers"], "X-Request-Timeout-Ms": ms}
-        kwargs["timeout"] = remaining
-        return kwargs, remaining
+        # Each socket operation is cut to the call's deadline as well (_DeadlineStream).
+        kwargs["timeout"] = httpx.Timeout(remaining, connect=min(remaining, self.connect_timeout_s))
+        return kwargs
 
-    def _next_wait(self, attempt: int, response: httpx.Response | None, deadline: float) -> float:
-        """Seconds before the next try after this attempt's ``response`` (None: the connection
-        failed), or -1 when there is none: the answer is final, the tries are spent, or the
-        wait would end past ``deadline``. Decided once per attempt (the wait has jitter)."""
-        if response is not None and not _retryable(response):
+    def _next_wait(
+        self, attempt: int, response: httpx.Response | None, started: float, deadline: float
+    ) -> float:
+        """Seconds before the next try after this attempt's ``response`` (None: no answer),
+        or -1 when there is none: the answer is final, the tries are spent, or the wait
+        would end past ``deadline`` (or, until the service has answered once, past
+        ``connect_timeout_s`` after the call started). Decided once per attempt (the wait
+        has jitter)."""
+        if response is not None:
+            self._reached = True
+            if not _retryable(response):
+                return -1.0
+        if attempt >= self.retry.attempts:
             return -1.0
-        if attempt == self.retry.attempts:
-            return -1.0
-        return self._wait(attempt, response, deadline)
-
-    def _wait(self, attempt: int, response: httpx.Response | None, deadline: float) -> float:
-        """Seconds before the next try, or -1 when it would start past ``deadline``."""
+        limit = deadline if self._reached else min(deadline, started + self.connect_timeout_s)
         wait = self.retry.wait(attempt, _retry_after(response))
-        return -1.0 if time.monotonic() + wait >= deadline else wait
+        return -1.0 if time.monotonic() + wait >= limit else wait
+
+    def _failed(self, request: _Request, exc: httpx.TransportError) -> ServiceError:
+        """The error of a call whose last try got no answer."""
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            return self._expired(request)
+        if isinstance(exc, httpx.ConnectTimeout):
+            waited = min(self.connect_timeout_s, self.timeout_s)
+            why = f"no connection within {waited:g} s"
+        elif isinstance(exc, httpx.ConnectError):
+            why = _root_cause(exc)
+        else:
+            why = f"the connection broke before the answer ({exc or type(exc).__name__})"
+        return unreachable_error(UNREACHABLE_STATUS, self.base_url, why)
+
+    def _outcome(
+        self, request: _Request, response: httpx.Response | None, failure: Exception | None
+    ) -> httpx.Response:
+        """The final answer of a call, or its error."""
+        if isinstance(failure, httpx.TransportError):
+            raise self._failed(request, failure) from failure
+        assert response is not None  # a try ends with an answer or a failure
+        _raise_for_error(response)
+        return response
 
     def _open(self, limits: httpx.Limits) -> None:
         """Create the HTTP client and the in-flight bound (sync or async flavour)."""
@@ -465,6 +751,7 @@ class SegmentorClient(_Base):
             timeout=self.timeout_s,
             limits=limits,
         )
+        _bound_by_call_deadline(self._http)
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
 
     def __enter__(self) -> SegmentorClient:
@@ -479,26 +766,31 @@ class SegmentorClient(_Base):
             self._grpc.close()
 
     def _send(self, request: _Request) -> httpx.Response:
-        deadline = time.monotonic() + self.timeout_s
-        for attempt in range(1, self.retry.attempts + 1):
-            response: httpx.Response | None = None
-            failure: httpx.TransportError | None = None
-            kwargs, _ = self._attempt(request, deadline)
-            with self._slots:
+        started = time.monotonic()
+        deadline = started + self.timeout_s
+        token = _CALL_DEADLINE.set(deadline)
+        try:
+            attempt = 0
+            while True:
+                attempt += 1
+                response: httpx.Response | None = None
+                failure: httpx.TransportError | None = None
+                if not self._slots.acquire(timeout=self._remaining(request, deadline)):
+                    raise self._busy(request)
                 try:
-                    response = self._http.post(request.path, **kwargs)
+                    kwargs = self._attempt(request, deadline)
+                    response = self._http.request(request.method, request.path, **kwargs)
                 except httpx.TransportError as exc:
                     failure = exc
-            wait = self._next_wait(attempt, response, deadline)
-            if wait < 0:
-                if failure is not None:
-                    raise failure
-                break
-            self.retries += 1
-            time.sleep(wait)
-        assert response is not None  # the loop ends with a response, or raises the failure
-        _raise_for_error(response)
-        return response
+                finally:
+                    self._slots.release()
+                wait = self._next_wait(attempt, response, started, deadline)
+                if wait < 0:
+                    return self._outcome(request, response, failure)
+                self.retries += 1
+                time.sleep(wait)
+        finally:
+            _CALL_DEADLINE.reset(token)
 
     def remove_background(self, image: ImageInput, output: Output = "rgba") -> Image:
         """RGBA cutout (``output="rgba"``) or grayscale matte (``"mask"``) as PNG."""
@@ -574,7 +866,8 @@ class SegmentorClient(_Base):
 
     def models(self) -> dict[str, Any]:
         self._http_only("models")
-        return _json(self._http.get("/v1/models"))
+        result: dict[str, Any] = self._send(_Request("/v1/models", {}, method="GET")).json()
+        return result
 
 
 class AsyncSegmentorClient(_Base):
@@ -592,6 +885,7 @@ class AsyncSegmentorClient(_Base):
             timeout=self.timeout_s,
             limits=limits,
         )
+        _bound_by_call_deadline(self._http)
         self._slots = asyncio.Semaphore(self.max_concurrency)
 
     async def __aenter__(self) -> AsyncSegmentorClient:
@@ -606,26 +900,34 @@ class AsyncSegmentorClient(_Base):
             await self._grpc.close()
 
     async def _send(self, request: _Request) -> httpx.Response:
-        deadline = time.monotonic() + self.timeout_s
-        for attempt in range(1, self.retry.attempts + 1):
-            response: httpx.Response | None = None
-            failure: httpx.TransportError | None = None
-            kwargs, _ = self._attempt(request, deadline)
-            async with self._slots:
+        started = time.monotonic()
+        deadline = started + self.timeout_s
+        token = _CALL_DEADLINE.set(deadline)
+        try:
+            attempt = 0
+            while True:
+                attempt += 1
+                response: httpx.Response | None = None
+                failure: httpx.TransportError | None = None
                 try:
-                    response = await self._http.post(request.path, **kwargs)
+                    async with asyncio.timeout(self._remaining(request, deadline)):
+                        await self._slots.acquire()
+                except TimeoutError:
+                    raise self._busy(request) from None
+                try:
+                    kwargs = self._attempt(request, deadline)
+                    response = await self._http.request(request.method, request.path, **kwargs)
                 except httpx.TransportError as exc:
                     failure = exc
-            wait = self._next_wait(attempt, response, deadline)
-            if wait < 0:
-                if failure is not None:
-                    raise failure
-                break
-            self.retries += 1
-            await asyncio.sleep(wait)
-        assert response is not None  # the loop ends with a response, or raises the failure
-        _raise_for_error(response)
-        return response
+                finally:
+                    self._slots.release()
+                wait = self._next_wait(attempt, response, started, deadline)
+                if wait < 0:
+                    return self._outcome(request, response, failure)
+                self.retries += 1
+                await asyncio.sleep(wait)
+        finally:
+            _CALL_DEADLINE.reset(token)
 
     async def _encoded(self, build: Callable[[], _Request]) -> _Request:
         # Encoding a 1080p frame takes milliseconds: keep it off the event loop.
@@ -698,4 +1000,6 @@ class AsyncSegmentorClient(_Base):
 
     async def models(self) -> dict[str, Any]:
         self._http_only("models")
-        return _json(await self._http.get("/v1/models"))
+        response = await self._send(_Request("/v1/models", {}, method="GET"))
+        result: dict[str, Any] = response.json()
+        return result

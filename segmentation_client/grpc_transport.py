@@ -4,7 +4,11 @@ Imported only when a client is given a grpc:// URL, so the base install works wi
 It keeps the HTTP client's contract: the same typed results, the same retries (an overloaded
 service answers RESOURCE_EXHAUSTED with ``retry-after`` trailing metadata, as 503 with
 Retry-After; UNAVAILABLE is retried like a refused connection), one overall deadline per call
-across all retries, and :class:`ServiceError` with the gRPC code name as ``status``.
+across all retries (the wait for a free slot included), and :class:`ServiceError` with the
+gRPC code name as ``status``: :class:`ServiceTimeout` for ``DEADLINE_EXCEEDED``,
+:class:`ServiceUnreachable` for a channel that cannot connect or a connection lost. Until the
+service has answered once, a call first waits up to ``connect_timeout_s`` for the channel to
+connect, so a wrong address fails in seconds rather than at the call's deadline.
 """
 
 from __future__ import annotations
@@ -18,6 +22,18 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from segmentation_client.client import (
+    FrameError,
+    Image,
+    Instance,
+    Segmentation,
+    ServiceError,
+    ServiceTimeout,
+    ServiceUnreachable,
+    answer_error,
+    timeout_error,
+    unreachable_error,
+)
 from segmentation_client.proto import segmentor_pb2 as pb
 from segmentation_client.proto.segmentor_pb2_grpc import SegmentorStub
 
@@ -68,11 +84,10 @@ class _Common:
     """What the sync and async transports share: metadata, retries, deadlines, parsing."""
 
     def __init__(self, client: Any) -> None:
-        from segmentation_client.client import ServiceError
-
         self.client = client
         self.target = grpc_target(client.base_url)
-        self.error_type = ServiceError
+        #: Whether the channel has connected once (see the client's ``connect_timeout_s``).
+        self.reached = False
 
     def metadata(self, remaining_s: float) -> list[tuple[str, str]]:
         # The service drops frames past this deadline (Serve does not pass the gRPC one on).
@@ -81,17 +96,42 @@ class _Common:
             metadata.append(("authorization", f"Bearer {self.client.api_key}"))
         return metadata
 
-    def error(self, err: grpc.RpcError) -> Exception:
-        code = err.code()
-        service_code = trailing(err).get("error-code", code.name.lower())
-        return self.error_type(code.name, service_code, err.details() or "")
+    def where(self, method: str) -> str:
+        return f"{self.client.base_url}/{method}"
 
-    def expired(self) -> Exception:
-        return self.error_type(
-            "DEADLINE_EXCEEDED",
-            "deadline_exceeded",
-            f"no answer within the client's timeout of {self.client.timeout_s} s",
-        )
+    def error(self, method: str, err: grpc.RpcError) -> ServiceError:
+        """The error of a failed call: the service's answer, or none (a deadline that passed,
+        a connection that failed), told apart by the service's ``error-code`` trailer."""
+        code = err.code()
+        service_code = trailing(err).get("error-code")
+        if service_code is None and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return timeout_error(code.name, self.where(method), self.client.timeout_s)
+        if service_code is None and code == grpc.StatusCode.UNAVAILABLE:
+            return unreachable_error(code.name, self.client.base_url, err.details() or code.name)
+        return answer_error(code.name, service_code or code.name.lower(), err.details() or "")
+
+    def expired(self, method: str, why: str = "") -> ServiceTimeout:
+        return timeout_error("DEADLINE_EXCEEDED", self.where(method), self.client.timeout_s, why)
+
+    def busy(self, method: str) -> ServiceTimeout:
+        slots = self.client.max_concurrency
+        return self.expired(method, f" (all {slots} slots of max_concurrency stayed busy)")
+
+    def remaining(self, method: str, deadline: float) -> float:
+        """Seconds left before ``deadline``; raises :class:`ServiceTimeout` when none are."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise self.expired(method)
+        return remaining
+
+    def connect_limit(self, started: float, deadline: float) -> float:
+        """When waiting for the channel's first connection gives up."""
+        return min(deadline, started + self.client.connect_timeout_s)
+
+    def not_connected(self, started: float) -> ServiceUnreachable:
+        waited = time.monotonic() - started
+        why = f"no connection within {waited:.1f} s (is the service's gRPC port right?)"
+        return unreachable_error("UNAVAILABLE", self.client.base_url, why)
 
     def next_wait(self, attempt: int, err: grpc.RpcError, deadline: float) -> float | None:
         """Seconds to wait before the next try; None to give up and raise."""
@@ -104,14 +144,10 @@ class _Common:
         self.client.retries += 1
         return wait
 
-    def image(self, reply: pb.ImageReply) -> Any:
-        from segmentation_client.client import Image
-
+    def image(self, reply: pb.ImageReply) -> Image:
         return Image(reply.data, "image/png")
 
-    def segmentation(self, reply: pb.SegmentReply) -> Any:
-        from segmentation_client.client import Instance, Segmentation
-
+    def segmentation(self, reply: pb.SegmentReply) -> Segmentation:
         instances = []
         for inst in reply.instances:
             x1, y1, x2, y2 = inst.box
@@ -121,9 +157,7 @@ class _Common:
             )
         return Segmentation(reply.width, reply.height, reply.model, instances)
 
-    def frame(self, reply: pb.FrameReply) -> Any:
-        from segmentation_client.client import FrameError
-
+    def frame(self, reply: pb.FrameReply) -> Image | Segmentation | FrameError:
         kind = reply.WhichOneof("result")
         if kind == "error":
             return FrameError(reply.index, reply.error.code, reply.error.message)
@@ -152,22 +186,38 @@ class GrpcTransport(_Common):
         self.channel.close()
 
     def call(self, method: str, request: Any) -> Any:
-        deadline = time.monotonic() + self.client.timeout_s
+        started = time.monotonic()
+        deadline = started + self.client.timeout_s
         rpc: Callable[..., Any] = getattr(self.stub, method)
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self.expired()
+            self.connect(started, deadline)
+            if not self.slots.acquire(timeout=self.remaining(method, deadline)):
+                raise self.busy(method)
             try:
-                with self.slots:
-                    return rpc(request, timeout=remaining, metadata=self.metadata(remaining))
+                remaining = self.remaining(method, deadline)
+                return rpc(request, timeout=remaining, metadata=self.metadata(remaining))
             except grpc.RpcError as err:
                 wait = self.next_wait(attempt, err, deadline)
                 if wait is None:
-                    raise self.error(err) from None
+                    raise self.error(method, err) from err
+            finally:
+                self.slots.release()
             time.sleep(wait)
+
+    def connect(self, started: float, deadline: float) -> None:
+        """Until the channel has connected once, wait for it (``connect_timeout_s`` at most)."""
+        if self.reached:
+            return
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=max(0.0, self.connect_limit(started, deadline) - time.monotonic()))
+        except grpc.FutureTimeoutError as exc:
+            raise self.not_connected(started) from exc
+        finally:
+            ready.cancel()
+        self.reached = True
 
 
 class AsyncGrpcTransport(_Common):
@@ -186,19 +236,36 @@ class AsyncGrpcTransport(_Common):
         if self.channel is None:
             self.channel = grpc.aio.insecure_channel(self.target)
             self.stub = SegmentorStub(self.channel)
-        deadline = time.monotonic() + self.client.timeout_s
+        started = time.monotonic()
+        deadline = started + self.client.timeout_s
         rpc: Callable[..., Any] = getattr(self.stub, method)
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self.expired()
+            await self.connect(self.channel, started, deadline)
             try:
-                async with self.slots:
-                    return await rpc(request, timeout=remaining, metadata=self.metadata(remaining))
+                async with asyncio.timeout(self.remaining(method, deadline)):
+                    await self.slots.acquire()
+            except TimeoutError:
+                raise self.busy(method) from None
+            try:
+                remaining = self.remaining(method, deadline)
+                return await rpc(request, timeout=remaining, metadata=self.metadata(remaining))
             except grpc.RpcError as err:
                 wait = self.next_wait(attempt, err, deadline)
                 if wait is None:
-                    raise self.error(err) from None
+                    raise self.error(method, err) from err
+            finally:
+                self.slots.release()
             await asyncio.sleep(wait)
+
+    async def connect(self, channel: grpc.aio.Channel, started: float, deadline: float) -> None:
+        """Until the channel has connected once, wait for it (``connect_timeout_s`` at most)."""
+        if self.reached:
+            return
+        limit = self.connect_limit(started, deadline)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), max(0.0, limit - time.monotonic()))
+        except TimeoutError as exc:
+            raise self.not_connected(started) from exc
+        self.reached = True

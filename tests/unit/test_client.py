@@ -18,6 +18,8 @@ from segmentation_client.client import (
     Segmentation,
     SegmentorClient,
     ServiceError,
+    ServiceTimeout,
+    ServiceUnreachable,
     parse_frames,
     parse_retry_after,
     sniff_content_type,
@@ -137,21 +139,28 @@ def test_the_timeout_bounds_all_retries_and_is_sent_as_the_remaining_time() -> N
 def test_read_timeouts_are_not_retried_past_the_overall_deadline() -> None:
     import httpx
 
-    attempts: list[float] = []
+    attempts: list[tuple[float, int]] = []
 
     def slow(request: httpx.Request) -> httpx.Response:
-        attempts.append(time.monotonic())
+        attempts.append((time.monotonic(), int(request.headers["X-Request-Timeout-Ms"])))
         time.sleep(0.15)
         raise httpx.ReadTimeout("no answer", request=request)
 
     client = _http_client(slow, timeout_s=0.5)
     started = time.monotonic()
-    with pytest.raises(httpx.TimeoutException):
+    with pytest.raises(ServiceTimeout) as error:
         client.remove_background(b"\x89PNG")
-    # Every attempt starts before the overall deadline, and the retry budget (9 tries without
-    # a deadline) is cut short by it: at most 0.5 s / 0.15 s per try.
-    assert attempts and all(at - started < 0.5 for at in attempts)
+    ended = time.monotonic() - started
+    assert (error.value.status, error.value.code) == (504, "deadline_exceeded")
+    assert isinstance(error.value.__cause__, httpx.ReadTimeout)
+    # Every attempt starts before the overall deadline (0.25 s for a busy machine to reach the
+    # handler: a third try, the first that could start late, would come at 0.9 s at the
+    # earliest), each told less than the 0.5 s, and the retry budget (9 tries without a
+    # deadline) is cut short by it: at most 0.5 s / 0.15 s per try.
+    assert attempts and all(at - started < 0.5 + 0.25 for at, _ in attempts)
+    assert all(0 < left_ms <= 500 for _, left_ms in attempts)
     assert len(attempts) <= 4
+    assert ended < 0.5 + 1.0
 
 
 def test_a_connection_failure_whose_retry_would_pass_the_deadline_raises_that_failure() -> None:
@@ -178,8 +187,9 @@ def test_a_connection_failure_whose_retry_would_pass_the_deadline_raises_that_fa
 
     client = _http_client(unreachable, timeout_s=5.0)
     client.retry = ShortThenLong()
-    with pytest.raises(httpx.ConnectError, match="connection refused"):
+    with pytest.raises(ServiceUnreachable, match="connection refused") as error:
         client.remove_background(b"\x89PNG")
+    assert isinstance(error.value.__cause__, httpx.ConnectError)
     assert tries == 2
 
 
