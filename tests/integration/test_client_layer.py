@@ -89,3 +89,51 @@ def test_segment_video_through_the_service_imports_neither_torch_nor_ray(
     assert len(written) == len(frames)
     for png, frame in zip(written, frames, strict=True):
         assert_cutout(np.asarray(PILImage.open(png)), frame)
+
+
+_UNREACHABLE = """
+import importlib.abc, json, socket, sys, time
+
+BLOCKED = {blocked!r}
+
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"the client layer imported {{name}}")
+        return None
+
+
+if {block}:
+    sys.meta_path.insert(0, Refuse())
+from segmentation_client import SegmentorClient, ServiceUnreachable
+
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    url = "http://127.0.0.1:%d" % probe.getsockname()[1]
+started = time.monotonic()
+try:
+    with SegmentorClient(url) as client:
+        client.remove_background(b"\\x89PNG")
+    raised = None
+except ServiceUnreachable as exc:
+    raised = [type(exc).__name__, exc.status, exc.code, type(exc.__cause__).__name__]
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set(BLOCKED))
+print(json.dumps({{"raised": raised, "seconds": time.monotonic() - started, "loaded": loaded}}))
+"""
+
+
+def test_an_unreachable_service_fails_in_seconds_without_server_packages(tmp_path: Path) -> None:
+    """No service at the URL: the client says so within its connect timeout (5 s), with the
+    same error as over gRPC, and its error path imports nothing of the server's."""
+    python, block = _client_python()
+    script = _UNREACHABLE.format(blocked=SERVER_SIDE, block=block)
+    env = {**os.environ, "PYTHONPATH": "" if not block else str(REPO_ROOT)}
+    run = subprocess.run(
+        [python, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["raised"] == ["ServiceUnreachable", 503, "unreachable", "ConnectError"]
+    assert report["loaded"] == []
+    assert report["seconds"] < 5.0 + 1.5
