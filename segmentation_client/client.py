@@ -631,25 +631,45 @@ class _Base:
         wait = self.retry.wait(attempt, _retry_after(response))
         return -1.0 if time.monotonic() + wait >= limit else wait
 
-    def _failed(self, request: _Request, exc: httpx.TransportError) -> ServiceError:
-        """The error of a call whose last try got no answer."""
-        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+    def _failed(
+        self, request: _Request, exc: httpx.TransportError, deadline: float
+    ) -> ServiceError:
+        """The error of a call whose last try got no answer. A connection attempt that the
+        call's deadline cut short is a timeout: given its ``connect_timeout_s`` in full, it
+        might have connected."""
+        connecting = isinstance(exc, httpx.ConnectTimeout)
+        if isinstance(exc, httpx.TimeoutException) and (
+            not connecting or self._connect_cut_short(exc, deadline)
+        ):
             return self._expired(request)
-        if isinstance(exc, httpx.ConnectTimeout):
-            waited = min(self.connect_timeout_s, self.timeout_s)
-            why = f"no connection within {waited:g} s"
+        if connecting:
+            why = f"no connection within {self.connect_timeout_s:g} s"
         elif isinstance(exc, httpx.ConnectError):
             why = _root_cause(exc)
         else:
             why = f"the connection broke before the answer ({exc or type(exc).__name__})"
         return unreachable_error(UNREACHABLE_STATUS, self.base_url, why)
 
+    def _connect_cut_short(self, exc: httpx.TransportError, deadline: float) -> bool:
+        """Whether the call's deadline, not ``connect_timeout_s``, ended this connecting."""
+        try:
+            given = exc.request.extensions.get("timeout", {}).get("connect")
+        except RuntimeError:  # an exception raised without its request
+            given = None
+        if given is not None and given < self.connect_timeout_s:
+            return True
+        return time.monotonic() >= deadline
+
     def _outcome(
-        self, request: _Request, response: httpx.Response | None, failure: Exception | None
+        self,
+        request: _Request,
+        response: httpx.Response | None,
+        failure: Exception | None,
+        deadline: float,
     ) -> httpx.Response:
         """The final answer of a call, or its error."""
         if isinstance(failure, httpx.TransportError):
-            raise self._failed(request, failure) from failure
+            raise self._failed(request, failure, deadline) from failure
         assert response is not None  # a try ends with an answer or a failure
         _raise_for_error(response)
         return response
@@ -786,7 +806,7 @@ class SegmentorClient(_Base):
                     self._slots.release()
                 wait = self._next_wait(attempt, response, started, deadline)
                 if wait < 0:
-                    return self._outcome(request, response, failure)
+                    return self._outcome(request, response, failure, deadline)
                 self.retries += 1
                 time.sleep(wait)
         finally:
@@ -923,7 +943,7 @@ class AsyncSegmentorClient(_Base):
                     self._slots.release()
                 wait = self._next_wait(attempt, response, started, deadline)
                 if wait < 0:
-                    return self._outcome(request, response, failure)
+                    return self._outcome(request, response, failure, deadline)
                 self.retries += 1
                 await asyncio.sleep(wait)
         finally:

@@ -29,7 +29,6 @@ from segmentation_client.client import (
     Segmentation,
     ServiceError,
     ServiceTimeout,
-    ServiceUnreachable,
     answer_error,
     timeout_error,
     unreachable_error,
@@ -128,9 +127,13 @@ class _Common:
         """When waiting for the channel's first connection gives up."""
         return min(deadline, started + self.client.connect_timeout_s)
 
-    def not_connected(self, started: float) -> ServiceUnreachable:
-        waited = time.monotonic() - started
-        why = f"no connection within {waited:.1f} s (is the service's gRPC port right?)"
+    def not_connected(self, method: str, started: float, deadline: float) -> ServiceError:
+        """The error of a channel that did not connect in time: unreachable after
+        ``connect_timeout_s``, a timeout when the call's deadline cut the wait short."""
+        if self.connect_limit(started, deadline) == deadline:
+            return self.expired(method)
+        waited = self.client.connect_timeout_s
+        why = f"no connection within {waited:g} s (is the service's gRPC port right?)"
         return unreachable_error("UNAVAILABLE", self.client.base_url, why)
 
     def next_wait(self, attempt: int, err: grpc.RpcError, deadline: float) -> float | None:
@@ -192,7 +195,7 @@ class GrpcTransport(_Common):
         attempt = 0
         while True:
             attempt += 1
-            self.connect(started, deadline)
+            self.connect(method, started, deadline)
             if not self.slots.acquire(timeout=self.remaining(method, deadline)):
                 raise self.busy(method)
             try:
@@ -206,7 +209,7 @@ class GrpcTransport(_Common):
                 self.slots.release()
             time.sleep(wait)
 
-    def connect(self, started: float, deadline: float) -> None:
+    def connect(self, method: str, started: float, deadline: float) -> None:
         """Until the channel has connected once, wait for it (``connect_timeout_s`` at most)."""
         if self.reached:
             return
@@ -214,7 +217,7 @@ class GrpcTransport(_Common):
         try:
             ready.result(timeout=max(0.0, self.connect_limit(started, deadline) - time.monotonic()))
         except grpc.FutureTimeoutError as exc:
-            raise self.not_connected(started) from exc
+            raise self.not_connected(method, started, deadline) from exc
         finally:
             ready.cancel()
         self.reached = True
@@ -242,7 +245,7 @@ class AsyncGrpcTransport(_Common):
         attempt = 0
         while True:
             attempt += 1
-            await self.connect(self.channel, started, deadline)
+            await self.connect(self.channel, method, started, deadline)
             try:
                 async with asyncio.timeout(self.remaining(method, deadline)):
                     await self.slots.acquire()
@@ -259,7 +262,9 @@ class AsyncGrpcTransport(_Common):
                 self.slots.release()
             await asyncio.sleep(wait)
 
-    async def connect(self, channel: grpc.aio.Channel, started: float, deadline: float) -> None:
+    async def connect(
+        self, channel: grpc.aio.Channel, method: str, started: float, deadline: float
+    ) -> None:
         """Until the channel has connected once, wait for it (``connect_timeout_s`` at most)."""
         if self.reached:
             return
@@ -267,5 +272,5 @@ class AsyncGrpcTransport(_Common):
         try:
             await asyncio.wait_for(channel.channel_ready(), max(0.0, limit - time.monotonic()))
         except TimeoutError as exc:
-            raise self.not_connected(started) from exc
+            raise self.not_connected(method, started, deadline) from exc
         self.reached = True

@@ -399,6 +399,23 @@ def test_a_host_that_never_accepts_is_unreachable_at_the_connect_timeout(
     assert 1.0 <= took < 1.0 + SLACK_S
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_connecting_cut_short_by_the_call_deadline_is_a_timeout(transport: str, mode: str) -> None:
+    """Given its whole connect timeout the connection might have been made: the call ran out
+    of time, which says nothing of the service being down."""
+    if transport == "grpc":
+        pytest.importorskip("grpc")
+    with full_backlog() as port:
+        url = f"{transport}://127.0.0.1:{port}"
+        took, error = call(url, mode, timeout_s=1.0, connect_timeout_s=5.0)
+    assert isinstance(error, ServiceTimeout), error
+    assert error.code == "deadline_exceeded" and error.__cause__ is not None
+    if transport == "http":
+        assert isinstance(error.__cause__, httpx.ConnectTimeout)
+    assert 1.0 <= took < 1.0 + SLACK_S
+
+
 def test_a_service_that_hangs_up_without_answering_is_unreachable() -> None:
     with tcp_server(hangs_up) as port:
         took, error = call(
