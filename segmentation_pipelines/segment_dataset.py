@@ -4,9 +4,12 @@
 
 INPUT and OUTPUT are local paths or bucket URIs (``s3://``, ``gs://``, anything pyarrow's
 filesystems read). Images (``a/b.jpg``) give ``OUTPUT/a/b.png``; videos (``a/clip.mp4``) give
-``OUTPUT/a/clip/frame_000000.png``...; with ``--model yolo`` each also gets a ``.json`` of its
-instances (boxes, classes, COCO RLE masks). Outputs are RGBA cutouts (``--output cutout``) or
-grayscale mattes (``--output mask``).
+``OUTPUT/a/clip/frame_000000.png``... (upright: a clip's display matrix is applied); with
+``--model yolo`` each also gets a ``.json`` of its instances (boxes, classes, COCO RLE
+masks). Outputs are RGBA cutouts (``--output cutout``) or grayscale mattes (``--output mask``).
+Two inputs that would write one file (``a.jpg`` and ``a.png``; ``clip.mp4`` beside
+``clip/frame_000000.png``) are refused before anything runs, naming both, and so is an OUTPUT
+that cannot be written; the summary counts the frame files found on disk at the end.
 
 Files are read and decoded by CPU tasks; the segmentors run in a pool of ``--replicas`` actors
 (``map_batches`` with ``--num-gpus`` each, so 0.5 puts two on one GPU) built from the same
@@ -22,6 +25,8 @@ import argparse
 import io
 import json
 import logging
+import posixpath
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
+#: A video's frame files (``frame_000000``... past a million frames, more digits).
+_FRAME_NAME = re.compile(r"frame_\d{6,}")
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
@@ -71,6 +78,67 @@ def list_inputs(uri: str) -> list[dict[str, str]]:
         relative = str(PurePosixPath(entry.path).relative_to(base))
         rows.append({"uri": uri, "path": entry.path, "name": relative, "kind": kind})
     return sorted(rows, key=lambda row: row["name"])
+
+
+def output_stem(name: str) -> str:
+    """Where input ``name``'s results go, under OUTPUT, without suffix: ``a/b.jpg`` -> ``a/b``
+    (an image's ``a/b.png`` and ``.json``; a video's directory ``a/b/``)."""
+    return str(PurePosixPath(name).with_suffix(""))
+
+
+def find_collisions(inputs: list[dict[str, str]]) -> list[tuple[str, str, str]]:
+    """``(input, other input, output they share)`` for every two inputs that would write one
+    file: images or videos of one stem (``a.jpg``, ``a.png``), an image whose output is one
+    of a video's frames (``clip/frame_000000.png`` beside ``clip.mp4``), or a video whose
+    frame directory is an image's output file (``a.png.mp4`` beside ``a.png``)."""
+    images: dict[str, str] = {}
+    videos: dict[str, str] = {}
+    clashes: list[tuple[str, str, str]] = []
+    for row in inputs:
+        stem = output_stem(row["name"])
+        table, shared = (images, f"{stem}.png") if row["kind"] == "image" else (videos, f"{stem}/")
+        if stem in table:
+            clashes.append((table[stem], row["name"], shared))
+        else:
+            table[stem] = row["name"]
+    for stem, name in images.items():
+        parent, leaf = posixpath.split(stem)
+        if parent in videos and _FRAME_NAME.fullmatch(leaf):
+            clashes.append((videos[parent], name, f"{stem}.png"))
+    for stem, name in videos.items():
+        base, suffix = posixpath.splitext(stem)
+        if suffix in (".png", ".json") and base in images:
+            clashes.append((images[base], name, stem))
+    return clashes
+
+
+def check_output(uri: str) -> None:
+    """Raise ``OSError`` unless OUTPUT is (or can be made) a directory this job can write
+    files in: a file there, a parent that is a file or a missing permission shows before
+    Ray starts. A probe file is written and removed."""
+    import pyarrow
+    from pyarrow import fs
+
+    try:
+        filesystem, root = _filesystem(uri)
+        if filesystem.get_file_info(root).type == fs.FileType.File:
+            raise NotADirectoryError(f"{uri} is a file, not a directory")
+        filesystem.create_dir(root, recursive=True)
+        probe = str(PurePosixPath(root) / ".segment-dataset-write-check")
+        with filesystem.open_output_stream(probe) as out:
+            out.write(b"")
+        filesystem.delete_file(probe)
+    except (pyarrow.ArrowException, ValueError) as exc:
+        raise OSError(f"{uri}: {exc}") from None
+
+
+def files_on_disk(uri: str, paths: set[str]) -> set[str]:
+    """Those of ``paths`` (under OUTPUT) that are files now: one listing of OUTPUT."""
+    from pyarrow import fs
+
+    filesystem, root = _filesystem(uri)
+    listing = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    return {entry.path for entry in listing if entry.type == fs.FileType.File} & paths
 
 
 def _row(name: str, frame: int, image: np.ndarray | None, error: str = "") -> dict[str, Any]:
@@ -171,7 +239,7 @@ class WriteOutputs:
             if error:
                 written.append("")
                 continue
-            stem = str(PurePosixPath(root) / PurePosixPath(str(name)).with_suffix(""))
+            stem = str(PurePosixPath(root) / output_stem(str(name)))
             target = f"{stem}/frame_{int(frame):06d}" if int(frame) >= 0 else stem
             filesystem.create_dir(str(PurePosixPath(target).parent), recursive=True)
             pixels = cutout_rgba(image, alpha) if self.kind == "cutout" else alpha
@@ -265,8 +333,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    import ray
-
     try:
         inputs = list_inputs(args.input)
     except (FileNotFoundError, OSError) as exc:
@@ -275,6 +341,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not inputs:
         print(f"segment-dataset: error: no images or videos under {args.input}", file=sys.stderr)
         return 2
+    clashes = find_collisions(inputs)
+    if clashes:
+        for first, second, shared in clashes:
+            print(
+                f"segment-dataset: error: {first} and {second} would both write "
+                f"{posixpath.join(args.output, shared)}",
+                file=sys.stderr,
+            )
+        print("segment-dataset: rename one of each pair; nothing was written", file=sys.stderr)
+        return 2
+    try:
+        check_output(args.output)
+    except OSError as exc:
+        print(f"segment-dataset: error: cannot write the output: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+
     ray.init(address=args.address, num_cpus=args.num_cpus if args.address == "local" else None)
     num_gpus = args.num_gpus
     if num_gpus is None:
@@ -292,19 +376,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_kind=args.output_kind,
         detect=detect,
     )
-    written = failed = 0
+    outputs: set[str] = set()
+    failed = 0
     for row in dataset.iter_rows():
         if row["error"]:
             failed += 1
             print(f"segment-dataset: skipped {row['name']}: {row['error']}", file=sys.stderr)
         else:
-            written += 1
+            outputs.add(str(row["output"]))
+    # What is on disk, not what the tasks said: a file written twice or lost counts once or
+    # not at all.
+    written = files_on_disk(args.output, outputs)
+    for missing in sorted(outputs - written):
+        print(f"segment-dataset: {missing} was written but is not there", file=sys.stderr)
     print(
-        f"segment-dataset: {written} frames written to {args.output} from {len(inputs)} files"
-        + (f"; {failed} files could not be read" if failed else ""),
+        f"segment-dataset: {len(written)} frames written to {args.output} from "
+        f"{len(inputs)} files" + (f"; {failed} files could not be read" if failed else ""),
         file=sys.stderr,
     )
-    return 1 if failed else 0
+    return 1 if failed or len(written) < len(outputs) else 0
 
 
 if __name__ == "__main__":
