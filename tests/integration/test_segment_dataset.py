@@ -71,3 +71,93 @@ def test_dataset_of_images_and_videos(tmp_path: Path, standin_cache: Path) -> No
     for png, frame in zip(frames, clip, strict=True):
         assert_cutout(np.asarray(Image.open(png)), frame)
     assert not (out / "notes.png").exists() and not (out / "broken.png").exists()
+
+
+def _segment_dataset(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    command = [sys.executable, "-m", "segmentation_pipelines.segment_dataset", *args]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_two_inputs_that_would_write_one_file_are_refused_before_ray_starts(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "in"
+    (source / "clip").mkdir(parents=True)
+    for name in ("a.png", "a.jpg", "clip/frame_000000.png", "b.png"):
+        Image.fromarray(product_frame(32, 24)).save(source / name)
+    write_video(source / "clip.mp4", [product_frame(32, 24, seed=i) for i in range(3)], fps=5)
+    out = tmp_path / "out"
+    done = _segment_dataset(str(source), str(out), "--address", "local", "--num-cpus", "1")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"a.jpg and a.png would both write {out}/a.png" in done.stderr
+    assert (
+        f"clip.mp4 and clip/frame_000000.png would both write {out}/clip/frame_000000.png"
+        in done.stderr
+    )
+    assert "b.png" not in done.stderr  # only the pairs that clash
+    assert "Traceback" not in done.stderr and "Started a local Ray" not in done.stderr
+    assert not out.exists()  # nothing was written, no model was built
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    Image.fromarray(product_frame(32, 24)).save(source / "a.png")
+    a_file = tmp_path / "cutouts"
+    a_file.write_text("a file, not a directory")
+    for output, reason in (
+        (a_file, "is a file, not a directory"),
+        (a_file / "sub", "Not a directory"),
+        (Path("/proc/segment-dataset-test"), "No such file or directory"),
+    ):
+        done = _segment_dataset(str(source), str(output), "--address", "local")
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert "cannot write the output" in done.stderr and reason in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr  # one line: Ray never started
+
+
+def test_inputs_clash_only_where_their_outputs_would_be_one_file() -> None:
+    from segmentation_pipelines.segment_dataset import find_collisions
+
+    rows = [
+        {"name": "a.png", "kind": "image"},
+        {"name": "a.jpg", "kind": "image"},
+        {"name": "shots/clip.mov", "kind": "video"},
+        {"name": "shots/clip.mp4", "kind": "video"},
+        {"name": "shots/clip/frame_000012.png", "kind": "image"},
+        {"name": "shots/clip/other.png", "kind": "image"},
+        {"name": "x.png", "kind": "image"},
+        {"name": "x.png.mp4", "kind": "video"},
+    ]
+    assert find_collisions(rows) == [
+        ("a.png", "a.jpg", "a.png"),
+        ("shots/clip.mov", "shots/clip.mp4", "shots/clip/"),
+        ("shots/clip.mov", "shots/clip/frame_000012.png", "shots/clip/frame_000012.png"),
+        ("x.png", "x.png.mp4", "x.png"),
+    ]
+    assert find_collisions([r for r in rows if r["name"] in ("a.png", "x.png.mp4")]) == []
+
+
+def test_load_frames_turns_a_rotated_clip_upright(tmp_path: Path) -> None:
+    """The display matrix of a phone clip is applied before the segmentor sees a frame."""
+    import av
+
+    from segmentation_pipelines.segment_dataset import load_frames
+
+    upright = product_frame(24, 40, seed=3)
+    clip = tmp_path / "portrait.mov"
+    with av.open(str(clip), mode="w") as container:
+        stream = container.add_stream("png", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 40, 24, "rgb24"
+        stream.set_display_rotation(-90)  # stored landscape; shown turned clockwise
+        for _ in range(2):
+            stored = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(upright, 1)))
+            container.mux(stream.encode(stored))
+        container.mux(stream.encode(None))
+    item = {"uri": str(tmp_path), "path": str(clip), "name": "portrait.mov", "kind": "video"}
+    rows = list(load_frames(item))
+    assert [row["frame"] for row in rows] == [0, 1]
+    assert all(np.array_equal(row["image"], upright) and not row["error"] for row in rows)
