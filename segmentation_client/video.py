@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import struct
 import threading
@@ -245,7 +246,12 @@ class Orientation:
             return Orientation()
         m = struct.unpack("<9i", matrix[:36])
         # FFmpeg's get_rotation(): theta = -av_display_rotation_get(), in [0, 360).
-        theta = round(-frame.rotation) % 360
+        if not math.hypot(m[0], m[3]) or not math.hypot(m[1], m[4]):
+            return Orientation()
+        theta = math.degrees(
+            math.atan2(m[1] / math.hypot(m[1], m[4]), m[0] / math.hypot(m[0], m[3]))
+        )
+        theta = round(theta) % 360
         quarter = round(theta / 90) % 4 * 90
         if quarter == 90:  # transpose=clock, or cclock_flip when m[3] > 0
             return Orientation(90, mirrored=m[3] > 0)
@@ -421,7 +427,7 @@ class VideoReader:
             raise VideoError(f"{self.path!r}: frames can be read once")
         frame, self._first = self._first, None
         while frame is not None:
-            self.times.add(frame.pts, frame.duration)
+            self.times.add(frame.pts, getattr(frame, "duration", None))
             if self._source_matrix:
                 pixels = frame.reformat(format="rgb24", src_colorspace=self._source_matrix)
                 pixels = pixels.to_ndarray()
@@ -794,10 +800,6 @@ class AlphaVideoWriter:
         with self.timer.timed("encode"):
             frame.pts = self.times.relative(index) if self.times is not None else index
             frame.time_base = self._stream.codec_context.time_base
-            frame.color_primaries = self.colour.primaries
-            frame.color_trc = self.colour.transfer
-            frame.colorspace = self.colour.colorspace
-            frame.color_range = 1
             self._mux(self._stream.encode(frame))
         self._next += 1
 

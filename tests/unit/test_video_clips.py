@@ -48,13 +48,15 @@ def make_clip(
     last: float | None = None,
     codec: str = "png",
     rotation: float | None = None,
+    hflip: bool = False,
     audio: bool = False,
     options: dict[str, str] | None = None,
 ) -> None:
     """``frames`` at ``times`` (seconds; default 25 fps), in ``TIME_BASE`` ticks, each packet
     as long as the gap to the next (the last: ``last``). ``png`` is lossless RGB; ``libx264``
     uses B-frames. ``rotation`` sets the display matrix (PyAV's counter-clockwise degrees, as
-    ``VideoFrame.rotation`` reads it back); ``audio`` adds an AAC track."""
+    ``VideoFrame.rotation`` reads it back), ``hflip`` a left-right flip after it; ``audio``
+    adds an AAC track."""
     times = times or [i / 25 for i in range(len(frames))]
     ticks = [round(t / TIME_BASE) for t in times]
     ends = [*ticks[1:], ticks[-1] + round((last or 1 / 25) / TIME_BASE)]
@@ -66,7 +68,7 @@ def make_clip(
         stream.codec_context.time_base = TIME_BASE
         stream.time_base = TIME_BASE
         if rotation is not None:
-            stream.set_display_rotation(rotation)
+            stream.set_display_rotation(rotation, hflip=hflip)
         sound: Any = container.add_stream("aac", rate=48000) if audio else None
 
         def mux(packets: list[Any]) -> None:
@@ -247,6 +249,18 @@ def test_the_reader_turns_frames_upright_by_the_display_matrix(
         assert reader.info.orientation.describe() == described
         got = list(reader)
     assert len(got) == 2 and all(np.array_equal(g, upright) for g in got)
+
+
+def test_a_mirrored_display_matrix_is_applied_as_ffmpeg_applies_it(tmp_path: Path) -> None:
+    """A quarter turn with a flip (a front camera's selfie): FFmpeg shows it transposed
+    (``transpose=cclock_flip``), and so does the reader."""
+    upright = _portrait()
+    clip = tmp_path / "selfie.mov"
+    make_clip(clip, [np.ascontiguousarray(upright.transpose(1, 0, 2))], rotation=-90, hflip=True)
+    with VideoReader(clip) as reader:
+        assert reader.info.orientation.describe() == "rotated 90 degrees clockwise, mirrored"
+        (got,) = list(reader)
+    assert np.array_equal(got, upright)
 
 
 def test_a_portrait_phone_clip_is_segmented_and_written_upright(tmp_path: Path, capsys) -> None:
