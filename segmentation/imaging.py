@@ -136,12 +136,17 @@ class EncodedImage:
 
 @dataclass(frozen=True)
 class EncodedOutput:
-    """An answer encoded where it was made (a PNG cutout or matte, or raw matte bytes) and the
-    size of the image it shows: what a model replica hands back across the process boundary."""
+    """An answer encoded where it was made (a cutout or matte as PNG, WebP or JPEG, or raw
+    matte bytes), the size of the image it shows and its media type: what a model replica
+    hands back across the process boundary. ``subject`` is the box ``(left, top, right,
+    bottom)`` of the matte's non-zero pixels in the input image, None when the matte is 0
+    everywhere or was not looked at (raw mattes)."""
 
     data: bytes
     width: int
     height: int
+    media_type: str = "image/png"
+    subject: tuple[int, int, int, int] | None = None
 
 
 def _orientation(image: Image.Image) -> int:

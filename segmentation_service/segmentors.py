@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 from ray import serve
 
+from segmentation.compose import Composed
 from segmentation.config import Settings
-from segmentation.encoders import cutout_png, mask_png
+from segmentation.encoders import encode_pixels
 from segmentation.errors import InvalidRequestError
 from segmentation.factory import build_segmentor
 from segmentation.imaging import EncodedImage, EncodedOutput
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
-from segmentation.options import OUTPUTS, DetectOptions, Output
+from segmentation.options import CutoutOptions, DetectOptions, Output
 from segmentation_service.concurrency import all_or_cancel
 from segmentation_service.config import SegmentorArgs
 from segmentation_service.replica import Pending, SegmentorReplica
@@ -40,14 +40,10 @@ def raw_matte(alpha: np.ndarray) -> bytes:
     return np.ascontiguousarray(alpha, dtype=np.uint8).tobytes()
 
 
-_ENCODERS = {"rgba": cutout_png, "mask": mask_png, "raw": raw_matte}
-
-
-@dataclass(frozen=True)
-class CutoutOptions:
-    """What one frame of ``RMBGDeployment`` answers."""
-
-    output: Output = "rgba"
+def cutout_options(output: Output | CutoutOptions) -> CutoutOptions:
+    """What one frame of ``RMBGDeployment`` answers: an output name (``rgba``, ``mask``,
+    ``raw``: the plain cutout or matte) or full :class:`CutoutOptions` (422 if invalid)."""
+    return output if isinstance(output, CutoutOptions) else CutoutOptions(output)
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
@@ -60,17 +56,19 @@ class RMBGDeployment(SegmentorReplica):
         return cast(RMBG20Segmentor, build_segmentor("rmbg", settings, **args.model_overrides()))
 
     def warmup_options(self) -> CutoutOptions:
-        return CutoutOptions("rgba")  # the composition on the device is part of the peak
+        # The composition on the device is part of the peak, edge-colour refinement included.
+        return CutoutOptions("rgba", refine=True)
 
     def run_model(self, items: list[Pending]) -> list[Any]:
-        """Mattes, or RGBA cutouts composed on the device, of one batch; a frame that failed
-        to decode keeps its error in its place."""
+        """Raw mattes, or outputs composed on the device (cutouts, mattes, cropped, scaled,
+        refined, on a background), of one batch; a frame that failed to decode keeps its
+        error in its place."""
         frames = self.device_frames(items)
         good = [i for i, frame in enumerate(frames) if not isinstance(frame, Exception)]
-        outputs = self.segmentor.predict(
+        outputs = self.segmentor.predict_outputs(
             [frames[i] for i in good],
+            [items[i].options for i in good],
             self.step_timings,
-            cutouts=[items[i].options.output == "rgba" for i in good],
         )
         for index, output in zip(good, outputs, strict=True):
             frames[index] = output
@@ -83,27 +81,29 @@ class RMBGDeployment(SegmentorReplica):
     async def remove_background(
         self,
         image: EncodedImage | np.ndarray,
-        output: Output = "rgba",
+        output: Output | CutoutOptions = "rgba",
         deadline: float | None = None,
     ) -> EncodedOutput:
         """One image's RGBA cutout PNG (``rgba``), grayscale matte PNG (``mask``) or raw
-        matte bytes (``raw``), at the image's own size (which the answer carries)."""
-        _check_output(output)
+        matte bytes (``raw``), at the image's own size (which the answer carries); or what
+        full :class:`CutoutOptions` ask for (cropped, scaled, refined, on a background, in
+        PNG, WebP or JPEG), with the size it has and the subject's box."""
+        options = cutout_options(output)
         async with self.prepared(image) as frame:
-            return await self._answer_one(frame, output, deadline)
+            return await self._answer_one(frame, options, deadline)
 
     async def remove_background_each(
         self,
         images: list[EncodedImage | np.ndarray],
-        output: Output = "rgba",
+        output: Output | CutoutOptions = "rgba",
         deadline: float | None = None,
     ) -> list[EncodedOutput | BaseException]:
         """The same for many images; a frame that fails gets its error in its place."""
-        _check_output(output)
+        options = cutout_options(output)
 
         async def one(image: EncodedImage | np.ndarray) -> EncodedOutput:
             async with self.prepared(image) as frame:
-                return await self._answer_one(frame, output, deadline)
+                return await self._answer_one(frame, options, deadline)
 
         return list(await asyncio.gather(*(one(image) for image in images), return_exceptions=True))
 
@@ -112,11 +112,14 @@ class RMBGDeployment(SegmentorReplica):
         image: EncodedImage | np.ndarray,
         boxes: Sequence[Box],
         deadline: float | None = None,
+        options: CutoutOptions | None = None,
     ) -> list[EncodedOutput]:
-        """RGBA cutout PNGs of the parts of one image inside ``boxes`` (``/v1/products``).
-        The image is decoded once; each box is a frame of its own in the batches, a view of
-        the decoded image, not a copy. All or nothing: the first box that fails cancels the
-        others (their frames leave the queue) and its error is raised."""
+        """RGBA cutout PNGs of the parts of one image inside ``boxes`` (``/v1/products``), or
+        what ``options`` ask for of each. The image is decoded once; each box is a frame of
+        its own in the batches, a view of the decoded image, not a copy. All or nothing: the
+        first box that fails cancels the others (their frames leave the queue) and its error
+        is raised."""
+        options = options or CutoutOptions()
         if not boxes:
             return []
         async with self.prepared(image) as frame:
@@ -124,15 +127,21 @@ class RMBGDeployment(SegmentorReplica):
             for box in boxes:
                 _check_box(box, width, height)
             return await all_or_cancel(
-                self._answer_one(frame, "rgba", deadline, _box(box)) for box in boxes
+                self._answer_one(frame, options, deadline, _box(box)) for box in boxes
             )
 
     async def _answer_one(
-        self, frame: Any, output: Output, deadline: float | None, crop: Box | None = None
+        self, frame: Any, options: CutoutOptions, deadline: float | None, crop: Box | None = None
     ) -> EncodedOutput:
-        result = await self.submit(frame, CutoutOptions(output), deadline, crop)
-        height, width = result.shape[:2]
-        return EncodedOutput(await self.encode(_ENCODERS[output], result), width, height)
+        result = await self.submit(frame, options, deadline, crop)
+        if not isinstance(result, Composed):  # output=raw: the matte's bytes
+            height, width = result.shape[:2]
+            return EncodedOutput(
+                await self.encode(raw_matte, result), width, height, options.media_type
+            )
+        height, width = result.pixels.shape[:2]
+        data = await self.encode(encode_pixels, result.pixels, options)
+        return EncodedOutput(data, width, height, options.media_type, result.subject)
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
@@ -206,11 +215,6 @@ class YoloDeployment(SegmentorReplica):
                 f"(ids {min(names, default=0)}-{max(names, default=0)})"
             )
         return options
-
-
-def _check_output(output: str) -> None:
-    if output not in OUTPUTS:
-        raise InvalidRequestError(f"output={output!r}: expected one of {', '.join(OUTPUTS)}")
 
 
 def _size(frame: Any) -> tuple[int, int]:

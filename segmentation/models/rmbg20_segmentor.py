@@ -7,17 +7,19 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from segmentation.batching import pad_to_bucket
+from segmentation.compose import Composed, compose, plain_cutout
 from segmentation.config import DEFAULT_RMBG_MODEL
 from segmentation.models import rmbg20_fast
 from segmentation.models.base import Frame, ModelInfo, StageClock, frame_size, host_batch
 from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
+from segmentation.options import CutoutOptions
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
 from segmentation_standins import describe as describe_standin
 
@@ -152,11 +154,27 @@ class RMBG20Segmentor:
         ``timings``, when given, receives the seconds spent in each step (``preprocess``,
         ``forward``, ``postprocess``).
         """
-        if not frames:
-            return []
         wanted = [cutouts] * len(frames) if isinstance(cutouts, bool) else list(cutouts)
         if len(wanted) != len(frames):
             raise ValueError(f"{len(wanted)} cutout flags for {len(frames)} frames")
+        plain = CutoutOptions()
+        outputs = self.predict_outputs(frames, [plain if w else None for w in wanted], timings)
+        return [out.pixels if isinstance(out, Composed) else out for out in outputs]
+
+    @torch.inference_mode()
+    def predict_outputs(
+        self,
+        frames: Sequence[Frame],
+        options: Sequence[CutoutOptions | None],
+        timings: dict[str, float] | None = None,
+    ) -> list[np.ndarray | Composed]:
+        """Per frame, what its ``options`` ask for (:func:`segmentation.compose.compose`:
+        cutout or matte, cropped, scaled, edge colours refined, on a background), composed
+        on the device; the plain matte (uint8 ``HxW``) where they are None or ``raw``."""
+        if len(options) != len(frames):
+            raise ValueError(f"{len(options)} options for {len(frames)} frames")
+        if not frames:
+            return []
         clock = StageClock(self.device, timings)
         pixels = _upload_grouped(frames, self.device)
         batch = self._normalised(pixels)
@@ -166,14 +184,16 @@ class RMBG20Segmentor:
             if logits.dtype == torch.float16:
                 logits = self._recompute_non_finite(batch, logits)
             clock.lap("forward")
-        rgb = [frame for group in pixels for frame in group] if any(wanted) else None
-        mattes = self.postprocess(
+        composed = [o if o is not None and o.output != "raw" else None for o in options]
+        rgb = [frame for group in pixels for frame in group] if any(composed) else None
+        outputs = self.postprocess(
             logits,
             [frame_size(frame) for frame in frames],
-            [rgb[i] if rgb is not None and wanted[i] else None for i in range(len(frames))],
+            [rgb[i] if rgb is not None and composed[i] else None for i in range(len(frames))],
+            composed,
         )
         clock.lap("postprocess")
-        return mattes
+        return outputs
 
     def _recompute_non_finite(self, batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Recompute in FP32 the frames whose FP16 logits overflowed (inf/NaN).
@@ -248,16 +268,35 @@ class RMBG20Segmentor:
         """Batch sizes replayed from CUDA graphs (empty: every batch runs eagerly)."""
         return self._graphs.batch_sizes if self._graphs is not None else []
 
+    @overload
     def postprocess(
         self,
         logits: torch.Tensor,
         sizes: Sequence[tuple[int, ...]],
         pixels: Sequence[torch.Tensor | None] | None = None,
-    ) -> list[np.ndarray]:
+    ) -> list[np.ndarray]: ...
+
+    @overload
+    def postprocess(
+        self,
+        logits: torch.Tensor,
+        sizes: Sequence[tuple[int, ...]],
+        pixels: Sequence[torch.Tensor | None] | None,
+        options: Sequence[CutoutOptions | None],
+    ) -> list[np.ndarray | Composed]: ...
+
+    def postprocess(
+        self,
+        logits: torch.Tensor,
+        sizes: Sequence[tuple[int, ...]],
+        pixels: Sequence[torch.Tensor | None] | None = None,
+        options: Sequence[CutoutOptions | None] | None = None,
+    ) -> list[np.ndarray] | list[np.ndarray | Composed]:
         """Sigmoid, resize back to each frame's size, quantise to uint8 on the device; where
-        ``pixels`` has the frame's ``3xHxW`` uint8 tensor, its RGBA cutout instead."""
+        ``pixels`` has the frame's ``3xHxW`` uint8 tensor, its composed output instead (the
+        plain RGBA cutout, or what ``options`` of that frame ask for)."""
         probs = logits.float().sigmoid_()
-        outputs: list[np.ndarray] = []
+        outputs: list[np.ndarray | Composed] = []
         for index, (height, width) in enumerate(sizes):
             alpha = F.interpolate(
                 probs[index : index + 1],
@@ -267,13 +306,13 @@ class RMBG20Segmentor:
             )
             matte = alpha.mul_(255.0).round_().to(torch.uint8)[0, 0]
             rgb = pixels[index] if pixels is not None else None
+            chosen = options[index] if options is not None else None
             if rgb is None:
                 outputs.append(matte.cpu().numpy())
-                continue
-            rgba = torch.empty((int(height), int(width), 4), dtype=torch.uint8, device=matte.device)
-            torch.mul(rgb.permute(1, 2, 0), (matte > 0).unsqueeze(-1), out=rgba[..., :3])
-            rgba[..., 3] = matte
-            outputs.append(rgba.cpu().numpy())
+            elif chosen is None:
+                outputs.append(plain_cutout(rgb, matte).cpu().numpy())
+            else:
+                outputs.append(compose(rgb, matte, chosen))
         return outputs
 
 
