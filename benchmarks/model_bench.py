@@ -182,13 +182,14 @@ FAST_VARIANTS: list[tuple[str, bool, Any, bool]] = [
     ("sdpa+windows", True, ("sdpa", "windows"), False),
     ("decoder", True, ("decoder",), False),
     ("sdpa+windows+decoder", True, ("sdpa", "windows", "decoder"), False),
-    ("eager FP16 + graphs", True, False, True),
-    ("sdpa+windows+decoder+graphs", True, ("sdpa", "windows", "decoder"), True),
+    ("sdpa+windows+decoder+deform", True, ("sdpa", "windows", "decoder", "deform"), False),
+    ("deform + graphs", True, ("deform",), True),
+    ("sdpa+windows+decoder+deform+graphs", True, ("sdpa", "windows", "decoder", "deform"), True),
 ]
 COMPILE_VARIANT = (
-    "sdpa+windows+decoder+compile+graphs",
+    "sdpa+windows+decoder+deform+compile+graphs",
     True,
-    ("sdpa", "windows", "decoder", "compile"),
+    ("sdpa", "windows", "decoder", "deform", "compile"),
     True,
 )
 

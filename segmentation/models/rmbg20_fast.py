@@ -29,6 +29,13 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
     so ``conv1x1(up(a)) == up(conv1x1(a))``; this upsamples 1 channel to 1024x1024 instead of
     192 (400 MB of FP16 writes per frame) and folds the 48-channel input branch into its
     last convolution.
+``deform``
+    The decoder's deformable convolutions (``DeformableConv2d``) through
+    :func:`segmentation.models.deform_conv.deform_conv2d` instead of torchvision's kernel,
+    which runs on the legacy default stream: off the current stream it races other work, and
+    CUDA-graph capture does not record it, so replays reused the capture's columns. Without
+    this step the model is not captured in graphs (:func:`graph_blocker`). It also bounds the
+    sampling buffer (torchvision's columns take 6.6 GB in FP16 at batch 16).
 ``compile``
     Optional (``RMBG_COMPILE``): ``torch.compile`` (Inductor) of the Swin block body, one
     function shared by every block, so each distinct geometry compiles once, with the batch
@@ -47,16 +54,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from segmentation.models.deform_conv import deform_conv2d
+
 logger = logging.getLogger(__name__)
 
 SDPA = "sdpa"
 WINDOWS = "windows"
 DECODER = "decoder"
+DEFORM = "deform"
 COMPILE = "compile"
 #: The steps :func:`optimize` applies unless told otherwise (compile is opt-in: see
 #: docs/benchmarks.md for its cold start).
-DEFAULT_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER)
-ALL_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, COMPILE)
+DEFAULT_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM)
+ALL_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, COMPILE)
 
 _Cache = dict[tuple[Any, ...], Any]
 
@@ -89,6 +99,9 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
         elif DECODER in wanted and kind == "Decoder" and _is_birefnet_decoder(module):
             _patch(module, _decoder, _fast_dtype=dtype)
             applied[DECODER] += 1
+        elif DEFORM in wanted and kind == "DeformableConv2d" and _is_deformable_conv(module):
+            _patch(module, _deformable_conv, _fast_deform=True)
+            applied[DEFORM] += 1
     if COMPILE in wanted and applied[WINDOWS]:
         compiled = _compiled_block_body()
         for module in model.modules():
@@ -104,6 +117,18 @@ def path_name(steps: Iterable[str], graphs: bool) -> str:
     """How ``/v1/models`` names the path that runs: ``eager``, or the steps joined by ``+``."""
     names = [*steps, *(["graphs"] if graphs else [])]
     return "+".join(names) if names else "eager"
+
+
+def graph_blocker(model: torch.nn.Module) -> str | None:
+    """Why ``model`` must not be captured in a CUDA graph, or None: a published
+    ``DeformableConv2d`` still calling torchvision's kernel (see the ``deform`` step)."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "DeformableConv2d" and not hasattr(module, "_fast_deform"):
+            return (
+                f"{name} calls torchvision's deform_conv2d, which CUDA-graph capture does not "
+                "record (it runs on the legacy default stream); enable the 'deform' step"
+            )
+    return None
 
 
 def _patch(module: torch.nn.Module, forward: Callable[..., Any], **attributes: Any) -> None:
@@ -149,6 +174,19 @@ def _is_birefnet_decoder(module: torch.nn.Module) -> bool:
         and getattr(config, "out_ref", False)
         and hasattr(module, "get_patches_batch")
         and len(getattr(module, "conv_out1", ())) == 1
+    )
+
+
+def _is_deformable_conv(module: torch.nn.Module) -> bool:
+    regular = getattr(module, "regular_conv", None)
+    return (
+        isinstance(getattr(module, "offset_conv", None), torch.nn.Conv2d)
+        and isinstance(getattr(module, "modulator_conv", None), torch.nn.Conv2d)
+        and isinstance(regular, torch.nn.Conv2d)
+        and regular.groups == 1
+        and tuple(regular.dilation) == (1, 1)
+        and hasattr(module, "padding")
+        and hasattr(module, "stride")
     )
 
 
@@ -407,3 +445,22 @@ def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
     logits = _up(F.conv2d(p1, features_weight), x)
     logits = logits + F.conv2d(self.ipt_blk1.conv1(x), folded, bias, padding=1)
     return [m4, m3, m2, logits]
+
+
+# --- deform: the decoder's deformable convolutions -------------------------------------------
+
+
+def _deformable_conv(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """``DeformableConv2d.forward`` with the same offsets, modulation and weights, sampled on
+    the current stream."""
+    offset = self.offset_conv(x)
+    modulator = 2.0 * torch.sigmoid(self.modulator_conv(x))
+    return deform_conv2d(
+        x,
+        offset,
+        self.regular_conv.weight,
+        self.regular_conv.bias,
+        stride=self.stride,
+        padding=self.padding,
+        mask=modulator,
+    )

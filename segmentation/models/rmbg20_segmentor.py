@@ -252,6 +252,11 @@ class RMBG20Segmentor:
             return False
         from segmentation.graphs import try_capture
 
+        blocker = rmbg20_fast.graph_blocker(self.model)
+        if blocker is not None:
+            self.graph_error = blocker
+            logger.warning("CUDA graphs unavailable for %s (%s)", self.source, blocker)
+            return False
         size = self.input_size
         examples = [
             torch.zeros((n, 3, size, size), dtype=self.dtype, device=self.device)

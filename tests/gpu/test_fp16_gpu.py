@@ -60,7 +60,7 @@ def _peak(fn: Callable[[], object]) -> int:
 def test_rmbg_activations_are_fp16_inside_the_model(rmbg_dir: Path) -> None:
     segmentor = _load(rmbg_dir, fp16=True)
     assert segmentor.precision.name == "fp16"
-    assert segmentor.info().inference_path == "sdpa+windows+decoder"
+    assert segmentor.info().inference_path == "sdpa+windows+decoder+deform"
     dtypes: dict[str, set[torch.dtype]] = {}
 
     def record(module: torch.nn.Module, args: tuple, output: object) -> None:
@@ -121,7 +121,13 @@ def test_rmbg_fp16_output_close_to_fp32(rmbg_dir: Path) -> None:
 @needs_arch
 @pytest.mark.parametrize(
     "steps",
-    [("sdpa",), ("sdpa", "windows"), ("decoder",), ("sdpa", "windows", "decoder", "compile")],
+    [
+        ("sdpa",),
+        ("sdpa", "windows"),
+        ("decoder",),
+        ("deform",),
+        ("sdpa", "windows", "decoder", "deform", "compile"),
+    ],
 )
 def test_rmbg_each_fast_step_in_fp16_stays_within_2_of_255_of_eager_fp32(
     rmbg_dir: Path, steps: tuple[str, ...]
@@ -162,7 +168,7 @@ def test_rmbg_compiled_blocks_serve_every_batch_size_and_an_fp32_recompute_compi
         str(rmbg_dir),
         device="cuda",
         trust_remote_code=True,
-        optimized=("sdpa", "windows", "decoder", "compile"),
+        optimized=("sdpa", "windows", "decoder", "deform", "compile"),
     )
     frames = [product_frame(640, 480, seed=20 + i) for i in range(4)]
     with torch.inference_mode():

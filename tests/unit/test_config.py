@@ -109,7 +109,7 @@ def test_rmbg_compile_adds_the_compiled_blocks_to_the_fast_path() -> None:
     assert rmbg_steps(load_settings({})) is True  # the fast path's default steps
     assert rmbg_steps(load_settings({"RMBG_OPTIMIZED": "no"})) is False
     compiled = rmbg_steps(load_settings({"RMBG_COMPILE": "Enable"}))
-    assert compiled == ("sdpa", "windows", "decoder", "compile")
+    assert compiled == ("sdpa", "windows", "decoder", "deform", "compile")
 
 
 def test_rmbg_compile_without_the_fast_path_is_refused_with_the_fix() -> None:

@@ -354,8 +354,8 @@ def test_published_architecture_reports_its_fast_path() -> None:
         pytest.skip("published RMBG-2.0 code absent")
     kwargs = dict(device="cpu", trust_remote_code=True, load_format="dummy", input_size=128)
     fast = RMBG20Segmentor(str(RMBG_ARCH_DIR), **kwargs)  # type: ignore[arg-type]
-    assert fast.info().inference_path == "sdpa+windows+decoder"
-    assert fast.info().as_dict()["inference_path"] == "sdpa+windows+decoder"
+    assert fast.info().inference_path == "sdpa+windows+decoder+deform"
+    assert fast.info().as_dict()["inference_path"] == "sdpa+windows+decoder+deform"
     eager = RMBG20Segmentor(str(RMBG_ARCH_DIR), optimized=False, **kwargs)  # type: ignore[arg-type]
     assert eager.info().inference_path == "eager" and eager.fast_steps == ()
 
