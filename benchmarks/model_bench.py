@@ -25,6 +25,7 @@ with peak memory and the capture/compile time. The JSON is rewritten after every
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -200,8 +201,10 @@ def bench_rmbg_fast(
     compile_blocks: bool,
     sink: Callable[[dict[str, Any]], None],
     only: list[str] | None = None,
+    input_sizes: tuple[int, ...] = (1024,),
 ) -> None:
-    """Forward-only rows per variant and batch at 1024x1024; ``sink`` gets each row.
+    """Forward-only rows per variant, input size and batch (1024x1024 unless told otherwise);
+    ``sink`` gets each row.
 
     ``only`` keeps the variants of those labels. A compiled row's ``compile_s`` is the first
     forward at each batch: a cold compile, or a load from Inductor's on-disk cache
@@ -214,7 +217,7 @@ def bench_rmbg_fast(
         if unknown:
             raise SystemExit(f"unknown --fast-variants {sorted(unknown)}")
         variants = [v for v in variants if v[0] in only]
-    for label, fp16, steps, graphs in variants:
+    for (label, fp16, steps, graphs), size in itertools.product(variants, input_sizes):
         torch.manual_seed(0)  # the same random weights for every variant
         started = time.perf_counter()
         model = RMBG20Segmentor(
@@ -224,11 +227,12 @@ def bench_rmbg_fast(
             trust_remote_code=True,
             load_format="dummy",
             optimized=steps,
+            input_size=size,
         )
         load_s = time.perf_counter() - started
         generator = torch.Generator(device="cuda").manual_seed(1)
         inputs = {
-            b: torch.randn((b, 3, 1024, 1024), device="cuda", generator=generator).to(model.dtype)
+            b: torch.randn((b, 3, size, size), device="cuda", generator=generator).to(model.dtype)
             for b in batches
         }
         setup: dict[str, Any] = {"load_s": round(load_s, 1)}
@@ -250,6 +254,7 @@ def bench_rmbg_fast(
                 row = {
                     "model": "rmbg-2.0",
                     "path": label,
+                    "input_size": size,
                     "inference_path": model.inference_path,
                     "precision": model.precision.name,
                     **setup,
@@ -491,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated labels of the fast-path rows to run (default: all)",
     )
+    parser.add_argument(
+        "--input-sizes", default="1024", help="fast-path rows: the model's square input sizes"
+    )
     parser.add_argument("--profile", default=None, help="write a fast-path profile here")
     args = parser.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
@@ -510,7 +518,14 @@ def main(argv: list[str] | None = None) -> int:
 
         only = [v for v in args.fast_variants.split(",") if v]
         fast["inductor_cache_dir"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-        bench_rmbg_fast(args.rmbg_dir, ints(args.fast_batches), args.compile, sink, only)
+        bench_rmbg_fast(
+            args.rmbg_dir,
+            ints(args.fast_batches),
+            args.compile,
+            sink,
+            only,
+            tuple(ints(args.input_sizes)),
+        )
         if args.profile:
             profile_rmbg_fast(args.rmbg_dir, 8, args.profile)
         return 0
