@@ -50,46 +50,16 @@ ENCODE_PRESETS: tuple[EncodePreset, ...] = ("fast", "balanced", "small")
 DEFAULT_ENCODE: EncodePreset = "fast"
 #: Container suffixes that hold a video with alpha, and their codecs.
 ALPHA_CODECS: dict[str, str] = {".webm": "VP9", ".mov": "ProRes 4444"}
+# fmt: off
 #: Suffixes of video and image files without an alpha video codec here: ``-o clip.mp4`` is
 #: refused rather than taken for a directory. Any other name is a directory (``shots/a.frames``).
-MEDIA_SUFFIXES = frozenset(
-    [
-        ".mp4",
-        ".m4v",
-        ".mkv",
-        ".avi",
-        ".mpg",
-        ".mpeg",
-        ".ts",
-        ".m2ts",
-        ".mts",
-        ".flv",
-        ".wmv",
-        ".asf",
-        ".ogv",
-        ".3gp",
-        ".3g2",
-        ".mxf",
-        ".y4m",
-        ".ivf",
-        ".nut",
-        ".vob",
-        ".dv",
-        ".h264",
-        ".h265",
-        ".hevc",
-        ".gif",
-        ".apng",
-        ".png",
-        ".jpg",
-        ".jpeg",
-        ".webp",
-        ".avif",
-        ".tif",
-        ".tiff",
-        ".bmp",
-    ]
-)
+MEDIA_SUFFIXES = frozenset((
+    ".mp4", ".m4v", ".mkv", ".avi", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts", ".flv", ".wmv",
+    ".asf", ".ogv", ".3gp", ".3g2", ".mxf", ".y4m", ".ivf", ".nut", ".vob", ".dv", ".h264",
+    ".h265", ".hevc", ".gif", ".apng", ".png", ".jpg", ".jpeg", ".webp", ".avif", ".tif",
+    ".tiff", ".bmp",
+))
+# fmt: on
 #: zlib level of PNG frames per preset (1: 4x the speed of Pillow's default 6, 10% larger).
 #: ``fast`` frames go through FFmpeg's PNG encoder (see :class:`PngSequenceWriter`).
 PNG_COMPRESS_LEVELS: dict[EncodePreset, int] = {"fast": 1, "balanced": 3, "small": 6}

@@ -139,8 +139,15 @@ def test_segment_video_through_the_service(
     import av
 
     with av.open(str(video)) as container:
-        assert container.streams.video[0].average_rate == 30
-        assert sum(1 for _ in container.decode(video=0)) == 10
+        stream = container.streams.video[0]
+        assert stream.average_rate == 30
+        frames = list(container.decode(stream))
+    assert len(frames) == 10
+    # Each frame at its source frame's time (1/30 s apart), the clip's length kept.
+    assert [round(f.time * 30) for f in frames] == list(range(10))
+    manifest = json.loads((out / "segment-video.json").read_text())
+    assert manifest["server"] == cluster.url
+    assert manifest["timestamps"]["times"] == pytest.approx([i / 30 for i in range(10)], abs=1e-6)
 
 
 def test_segment_video_reports_an_unreachable_server(tmp_path: Path, capsys) -> None:
@@ -148,5 +155,8 @@ def test_segment_video_reports_an_unreachable_server(tmp_path: Path, capsys) -> 
     code = segment_video(
         [str(tmp_path / "clip.mov"), "-o", str(tmp_path / "o"), "--server", "http://127.0.0.1:9"]
     )
+    # A service error (exit 1), not an output or input problem (2): the client's typed error.
     assert code == 1
-    assert "ConnectError" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "segment-video: error: ServiceUnreachable" in err and "127.0.0.1:9" in err
+    assert "Traceback" not in err
