@@ -117,7 +117,8 @@ def unreachable_error(status: int | str, where: str, why: str) -> ServiceUnreach
 # -- results ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Image:
-    """An encoded image answer (PNG): an RGBA cutout or a grayscale matte."""
+    """An encoded image answer (PNG unless a cutout option chose WebP or JPEG): an RGBA
+    cutout, an RGB one on an opaque background, or a grayscale matte."""
 
     data: bytes
     content_type: str = "image/png"
@@ -128,9 +129,14 @@ class Image:
             return np.asarray(image)
 
     def alpha(self) -> np.ndarray:
-        """The uint8 ``HxW`` alpha matte, whether this is a cutout or a matte."""
+        """The uint8 ``HxW`` alpha matte, whether this is a cutout or a matte (255 everywhere
+        for a cutout on an opaque background)."""
         pixels = self.to_array()
-        return pixels[..., 3] if pixels.ndim == 3 else pixels
+        if pixels.ndim == 2:
+            return pixels
+        if pixels.shape[2] == 4:
+            return pixels[..., 3]
+        return np.full(pixels.shape[:2], 255, dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,7 @@ class Products:
                     class_id=int(p["class_id"]),
                     class_name=str(p["class_name"]),
                     crop_box=(c1, c2, c3, c4),
-                    cutout=Image(_b64decode(p["cutout"])),
+                    cutout=Image(_b64decode(p["cutout"]), p.get("media_type", "image/png")),
                 )
             )
         return cls(width=int(data["width"]), height=int(data["height"]), products=products)
@@ -729,6 +735,30 @@ def _detect_params(
     return {"conf": conf, "iou": iou, "classes": classes, "max_det": max_det}
 
 
+def _cutout_params(
+    refine: bool | None = None,
+    background: str | Sequence[int] | None = None,
+    crop: bool | None = None,
+    crop_margin: str | int | None = None,
+    format: str | None = None,
+    quality: int | None = None,
+    lossless: bool | None = None,
+) -> dict[str, Any]:
+    """The cutout options as query parameters (None: the service's default). ``background``:
+    a colour as the service reads it (``ffffff``, ``white``) or ``(r, g, b[, a])``."""
+    if background is not None and not isinstance(background, str):
+        background = ",".join(str(int(c)) for c in background)
+    return {
+        "refine": refine,
+        "background": background,
+        "crop": crop,
+        "crop_margin": crop_margin,
+        "format": format,
+        "quality": quality,
+        "lossless": lossless,
+    }
+
+
 def pb() -> Any:
     """The generated messages, imported on first use (grpc:// clients only)."""
     from segmentation_client.proto import segmentor_pb2
@@ -812,13 +842,21 @@ class SegmentorClient(_Base):
         finally:
             _CALL_DEADLINE.reset(token)
 
-    def remove_background(self, image: ImageInput, output: Output = "rgba") -> Image:
-        """RGBA cutout (``output="rgba"``) or grayscale matte (``"mask"``) as PNG."""
+    def remove_background(self, image: ImageInput, output: Output = "rgba", **cutout: Any) -> Image:
+        """RGBA cutout (``output="rgba"``) or grayscale matte (``"mask"``) as PNG. Cutout
+        options (HTTP only): ``refine`` (edge colours), ``background`` (``"ffffff"``,
+        ``"white"`` or ``(r, g, b[, a])``), ``crop``, ``crop_margin`` (``"10%"``, ``"30px"``),
+        ``format`` (``png``, ``webp``, ``jpeg``), ``quality``, ``lossless``."""
+        params = _clean(_cutout_params(**cutout))
         if self._grpc is not None:
+            if params:
+                self._http_only("cutout options")
             data, _ = self.encode(image)
             request = pb().ImageRequest(image=data, output=self._grpc_output(output))
             return self._grpc.image(self._grpc.call("RemoveBackground", request))
-        response = self._send(self._single("/v1/remove-background", image, {"output": output}))
+        response = self._send(
+            self._single("/v1/remove-background", image, {"output": output, **params})
+        )
         return _image(response)
 
     def segment(
@@ -848,9 +886,14 @@ class SegmentorClient(_Base):
         classes: Sequence[int] | None = None,
         max_det: int | None = None,
         margin: float | None = None,
+        **cutout: Any,
     ) -> Products:
         self._http_only("products")
-        params = {**_detect_params(conf, iou, classes, max_det), "margin": margin}
+        params = {
+            **_detect_params(conf, iou, classes, max_det),
+            "margin": margin,
+            **_cutout_params(**cutout),
+        }
         response = self._send(self._single("/v1/products", image, params))
         return Products.from_json(response.json())
 
@@ -953,13 +996,18 @@ class AsyncSegmentorClient(_Base):
         # Encoding a 1080p frame takes milliseconds: keep it off the event loop.
         return await asyncio.to_thread(build)
 
-    async def remove_background(self, image: ImageInput, output: Output = "rgba") -> Image:
+    async def remove_background(
+        self, image: ImageInput, output: Output = "rgba", **cutout: Any
+    ) -> Image:
+        params = _clean(_cutout_params(**cutout))
         if self._grpc is not None:
+            if params:
+                self._http_only("cutout options")
             data, _ = await asyncio.to_thread(self.encode, image)
             message = pb().ImageRequest(image=data, output=self._grpc_output(output))
             return self._grpc.image(await self._grpc.call("RemoveBackground", message))
         request = await self._encoded(
-            lambda: self._single("/v1/remove-background", image, {"output": output})
+            lambda: self._single("/v1/remove-background", image, {"output": output, **params})
         )
         response = await self._send(request)
         return _image(response)
@@ -991,9 +1039,14 @@ class AsyncSegmentorClient(_Base):
         classes: Sequence[int] | None = None,
         max_det: int | None = None,
         margin: float | None = None,
+        **cutout: Any,
     ) -> Products:
         self._http_only("products")
-        params = {**_detect_params(conf, iou, classes, max_det), "margin": margin}
+        params = {
+            **_detect_params(conf, iou, classes, max_det),
+            "margin": margin,
+            **_cutout_params(**cutout),
+        }
         request = await self._encoded(lambda: self._single("/v1/products", image, params))
         return Products.from_json((await self._send(request)).json())
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import Message
@@ -61,6 +61,21 @@ async def read_form_files(
     too_many = f"the limit is {setting}{max_files}"
     body = await read_body(request, limit, charge)
     charge(len(body))  # the parsed files are a second copy
+    try:
+        form = await parse_form(request, body, max_files=max_files + 1, max_fields=max_files + 16)
+    except PayloadTooLargeError:
+        raise PayloadTooLargeError(f"too many files in {field!r}; {too_many}") from None
+    files = [item for item in form.getlist(field) if isinstance(item, UploadFile)]
+    if not files:
+        raise InvalidRequestError(f"multipart body has no file field {field!r}")
+    if len(files) > max_files:
+        raise PayloadTooLargeError(f"{len(files)} files in {field!r}; {too_many}")
+    return [await item.read() for item in files]
+
+
+async def parse_form(request: Request, body: bytes, max_files: int, max_fields: int) -> FormData:
+    """The multipart or url-encoded form of ``request`` whose ``body`` was read already (within
+    its limit); 413 past ``max_files`` files, 422 for a malformed body."""
     sent = False
 
     async def replay() -> Message:
@@ -71,21 +86,15 @@ async def read_form_files(
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, receive=replay).form(
-            max_files=max_files + 1, max_fields=max_files + 16
+        return await Request(request.scope, receive=replay).form(
+            max_files=max_files, max_fields=max_fields
         )
     except HTTPException as exc:  # Starlette's answer to a MultiPartException
         if "Too many files" in str(exc.detail):
-            raise PayloadTooLargeError(f"too many files in {field!r}; {too_many}") from None
-        raise InvalidRequestError(f"malformed multipart body: {exc.detail}") from None
+            raise PayloadTooLargeError(f"too many files: at most {max_files - 1}") from None
+        raise InvalidRequestError(f"malformed form body: {exc.detail}") from None
     except Exception as exc:
-        raise InvalidRequestError(f"malformed multipart body: {exc}") from None
-    files = [item for item in form.getlist(field) if isinstance(item, UploadFile)]
-    if not files:
-        raise InvalidRequestError(f"multipart body has no file field {field!r}")
-    if len(files) > max_files:
-        raise PayloadTooLargeError(f"{len(files)} files in {field!r}; {too_many}")
-    return [await item.read() for item in files]
+        raise InvalidRequestError(f"malformed form body: {exc}") from None
 
 
 async def read_image(request: Request, limit: int, charge: Charge = _no_charge) -> bytes:

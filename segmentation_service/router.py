@@ -6,6 +6,7 @@ service against it.
 """
 
 import asyncio
+import dataclasses
 import os
 import sys
 import time
@@ -29,7 +30,14 @@ from segmentation.errors import (
     SegmentationError,
 )
 from segmentation.imaging import SUPPORTED_FORMATS, EncodedImage, EncodedOutput, probe_image
-from segmentation.options import DetectOptions
+from segmentation.options import (
+    CutoutOptions,
+    DetectOptions,
+    ImageFormat,
+    parse_color,
+    parse_margin,
+)
+from segmentation_service import compat
 from segmentation_service.admission import ByteBudget, FrameBudget
 from segmentation_service.auth import key_matches, load_api_key
 from segmentation_service.config import RouterArgs
@@ -172,11 +180,13 @@ FRAMES_BODY = {
         },
     }
 }
+CUTOUT_MEDIA_TYPES = ("image/png", "image/webp", "image/jpeg")
 PNG_ANSWER: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "PNG at the input's size: RGBA cutout (output=rgba) or grayscale matte "
-        "(output=mask).",
-        "content": {"image/png": {"schema": _BINARY}},
+        "description": "The cutout (output=rgba: RGBA, or RGB on an opaque background) or "
+        "grayscale matte (output=mask), at the input's size unless cropped; PNG unless "
+        "`format` says otherwise.",
+        "content": {media: {"schema": _BINARY} for media in CUTOUT_MEDIA_TYPES},
     }
 }
 _ERRORS: dict[int, str] = {
@@ -260,6 +270,68 @@ def checked_options(
     )
 
 
+def product_cutout_options(
+    refine: Annotated[
+        bool,
+        Query(
+            description="Estimate the foreground's own colour at soft edges (hair, blur) "
+            "instead of keeping the original pixels, which carry the old background's colour."
+        ),
+    ] = False,
+    background: Annotated[
+        str | None,
+        Query(
+            description="Compose onto this colour: hex (ffffff, fff, 81d4fa77 with alpha), a "
+            "colour name (white) or r,g,b[,a]. Opaque: an RGB image. Omitted: keep alpha."
+        ),
+    ] = None,
+    crop: Annotated[
+        bool,
+        Query(description="Cut to the subject (the matte's non-zero pixels) plus crop_margin."),
+    ] = False,
+    crop_margin: Annotated[
+        str,
+        Query(
+            description="Margin around the subject with crop: pixels (30, 30px) or a share of "
+            "its size (10%); 1, 2 or 4 values (top, right, bottom, left). Past the frame's "
+            "edge it is transparent (or the background)."
+        ),
+    ] = "0",
+    format: Annotated[
+        ImageFormat,
+        Query(
+            description="png, webp (alpha kept; lossy unless lossless) or jpeg (needs an "
+            "opaque background)."
+        ),
+    ] = "png",
+    quality: Annotated[
+        int, Query(ge=1, le=100, description="Quality of jpeg and lossy webp, 1-100.")
+    ] = 90,
+    lossless: Annotated[bool, Query(description="webp only: lossless WebP.")] = False,
+) -> CutoutOptions:
+    """The cutout options of a request (422 naming each bad value)."""
+    return CutoutOptions(
+        refine=refine,
+        background=parse_color(background) if background else None,
+        crop=crop,
+        crop_margin=parse_margin(crop_margin),
+        format=format,
+        quality=quality,
+        lossless=lossless,
+    )
+
+
+def cutout_query_options(
+    options: Annotated[CutoutOptions, Depends(product_cutout_options)],
+    output: Annotated[
+        Literal["rgba", "mask"],
+        Query(description="rgba: the cutout; mask: the grayscale alpha matte."),
+    ] = "rgba",
+) -> CutoutOptions:
+    """``output`` beside the cutout options; a mask takes no refine or background (422)."""
+    return dataclasses.replace(options, output=output)
+
+
 def request_deadline(request: Request, timeout_ms: Timeout = None) -> Deadline:
     """The request's deadline, counted from its arrival (504 at once if it already passed)."""
     arrived = getattr(request.state, "arrived", None) or time.time()
@@ -286,6 +358,8 @@ async def require_api_key(
 
 Auth = Depends(require_api_key)
 RequestDeadline = Annotated[Deadline, Depends(request_deadline)]
+# remove.bg's and rembg's drop-in routes: the same path as /v1/remove-background (Router.cutout)
+compat.install(app, bearer_scheme="APIKey")
 
 
 _generate_openapi = app.openapi
@@ -296,6 +370,7 @@ def _openapi() -> dict[str, Any]:
     credentials (``{}`` in its security list), as this deployment does."""
     if app.openapi_schema is None:
         schema = _generate_openapi()
+        compat.document(schema)
         router = getattr(app.state, "router", None)
         if router is None or router.api_key is None:
             for operations in schema.get("paths", {}).values():
@@ -395,17 +470,18 @@ class Router:
         self,
         request: Request,
         deadline: RequestDeadline,
-        output: Annotated[
-            Literal["rgba", "mask"],
-            Query(description="rgba: the cutout; mask: the grayscale alpha matte."),
-        ] = "rgba",
+        options: Annotated[CutoutOptions, Depends(cutout_query_options)],
     ) -> Response:
-        """RGBA cutout (``output=rgba``) or grayscale alpha matte (``output=mask``) as PNG."""
-        async with self._one_image(self._http_image(request), deadline) as image:
-            png = await self._call(
-                self.rmbg.remove_background, image, output, deadline.at, deadline=deadline
-            )
-        return Response(png.data, media_type="image/png")
+        """RGBA cutout (``output=rgba``) or grayscale alpha matte (``output=mask``), as PNG
+        unless ``format`` says otherwise; edge colours refined, on a background colour,
+        cropped to the subject, as asked. Composed on the model's device, encoded there."""
+        read = self._http_image(request)
+
+        async def image_and_options(charge: Charge) -> tuple[bytes, CutoutOptions]:
+            return await read(charge), options
+
+        out = await self.cutout(image_and_options, deadline)
+        return Response(out.data, media_type=out.media_type)
 
     @app.post(
         "/v1/segment",
@@ -439,6 +515,7 @@ class Router:
         self,
         request: Request,
         options: Annotated[DetectOptions, Depends(detect_options)],
+        cutout: Annotated[CutoutOptions, Depends(product_cutout_options)],
         deadline: RequestDeadline,
         margin: Annotated[
             float | None,
@@ -450,7 +527,9 @@ class Router:
             ),
         ] = None,
     ) -> Response:
-        """YOLO finds the objects; RMBG-2.0 cuts each one out (crop plus margin) as RGBA PNG.
+        """YOLO finds the objects; RMBG-2.0 cuts each one out (crop plus margin) as RGBA PNG,
+        or as the cutout options ask (refined edges, a background, cropped to the subject,
+        WebP or JPEG: ``media_type`` says which).
 
         Holds 1 frame of the admission budget for the detection, then 1 more per object
         found (and its crop's pixels) while their cutouts run: 503 if the budget cannot
@@ -459,14 +538,15 @@ class Router:
         self._check_max_det(options)
         margin = self.args.product_margin if margin is None else margin
         async with self._one_image(self._http_image(request), deadline) as image:
-            found, boxes, cutouts = await self._products(image, options, margin, deadline)
+            found, boxes, cutouts = await self._products(image, options, margin, deadline, cutout)
         products = [
             Product(
                 **{k: inst[k] for k in ("box", "score", "class_id", "class_name")},
                 crop_box=box,
-                cutout=b64(png.data),
+                cutout=b64(out.data),
+                media_type=out.media_type,
             )
-            for inst, box, png in zip(found["instances"], boxes, cutouts, strict=True)
+            for inst, box, out in zip(found["instances"], boxes, cutouts, strict=True)
         ]
         return json_answer(
             ProductsResult(width=found["width"], height=found["height"], products=products)
@@ -530,6 +610,29 @@ class Router:
         )
 
     # -- the work both transports share ----------------------------------------------------
+    @property
+    def max_body_bytes(self) -> int:
+        return self.args.max_body_bytes
+
+    async def cutout(self, read: compat.Read, deadline: Deadline) -> EncodedOutput:
+        """One image's background removed as its request asks: ``read`` reads the body
+        (within ``body_timeout_s``, its bytes counted) and gives the image and the options
+        it asks for; the image's header is checked, it is admitted, and the RMBG-2.0 replica
+        answers the encoded output. ``/v1/remove-background`` and the drop-in routes
+        (``compat``) all come here."""
+        chosen: list[CutoutOptions] = []
+
+        async def image_only(charge: Charge) -> bytes:
+            data, options = await read(charge)
+            chosen.append(options)
+            return data
+
+        async with self._one_image(image_only, deadline) as image:
+            out: EncodedOutput = await self._call(
+                self.rmbg.remove_background, image, chosen[0], deadline.at, deadline=deadline
+            )
+        return out
+
     def _http_image(self, request: Request) -> Callable[[Charge], Awaitable[bytes]]:
         """How to read the one image of an HTTP request (raw body or multipart ``image``)."""
         return lambda charge: read_image(request, self.args.max_body_bytes, charge)
@@ -572,7 +675,12 @@ class Router:
         return await self._run_codec(probe_image, data, max_pixels=self.args.max_pixels)
 
     async def _products(
-        self, image: EncodedImage, options: DetectOptions, margin: float, deadline: Deadline
+        self,
+        image: EncodedImage,
+        options: DetectOptions,
+        margin: float,
+        deadline: Deadline,
+        cutout: CutoutOptions | None = None,
     ) -> tuple[dict[str, Any], list[list[int]], list[EncodedOutput]]:
         """Detections, crop boxes and cutout PNGs of one admitted image. The count is checked
         before any crop exists; the crops are made by the RMBG-2.0 replica, out of the image
@@ -595,7 +703,9 @@ class Router:
             too_large=f"{len(boxes)} objects were found; lower max_det (asked {options.max_det})",
         ):
             cutouts = (
-                await self._call(self.rmbg.cutouts, image, boxes, deadline.at, deadline=deadline)
+                await self._call(
+                    self.rmbg.cutouts, image, boxes, deadline.at, cutout, deadline=deadline
+                )
                 if boxes
                 else []
             )

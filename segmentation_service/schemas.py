@@ -74,7 +74,11 @@ class Product(_Closed):
     crop_box: Annotated[list[int], Field(min_length=4, max_length=4)] = Field(
         description="[left, top, right, bottom] of the crop (box plus margin) in frame pixels."
     )
-    cutout: str = Field(description="Base64 RGBA PNG of the crop, transparent background.")
+    cutout: str = Field(
+        description="Base64 image of the crop: an RGBA PNG with a transparent background, "
+        "unless the cutout options asked otherwise (media_type)."
+    )
+    media_type: str = Field(default="image/png", description="The cutout's image type.")
 
 
 class ProductsResult(_Closed):
