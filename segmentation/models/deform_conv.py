@@ -15,7 +15,8 @@ This version samples with ``F.grid_sample`` (bilinear, zero outside the image: t
 sampling rule) and multiplies by the weights with one batched matmul per chunk, every op on
 the current stream. It also bounds its own memory: torchvision builds the columns of up to 32
 frames at once (``C * kh * kw * H * W`` values each, 6.6 GB in FP16 for 16 frames at the
-decoder's 256x256 level); here a chunk of frames is sized to ``chunk_bytes``. Sampling
+decoder's 256x256 level); here a chunk of frames, or of one frame's kernel taps, is sized to
+``chunk_bytes``, and the taps of a chunk are summed into the output in the output's dtype. Sampling
 coordinates are computed in FP32 whatever the input dtype (torchvision computes them in the
 input's dtype: an eighth of a pixel at 256 in FP16).
 """
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 #: Largest FP32 sampling buffer one chunk of frames may use.
-CHUNK_BYTES = 1 << 30
+CHUNK_BYTES = 256 << 20
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -70,29 +71,38 @@ def deform_conv2d(
     tap_cols = torch.arange(kw, device=device, dtype=torch.float32).repeat(kh) * dw
     base_y = (tap_rows.view(taps, 1, 1) + rows.view(1, out_h, 1)).expand(taps, out_h, out_w)
     base_x = (tap_cols.view(taps, 1, 1) + cols.view(1, 1, out_w)).expand(taps, out_h, out_w)
-    flat_weight = weight.reshape(out_channels, channels * taps)
-    per_frame = channels * taps * out_h * out_w * 4
-    step = max(1, min(batch, chunk_bytes // max(per_frame, 1)))
+    taps_weight = weight.reshape(out_channels, channels, taps)
+    # A chunk is `frames` frames by `group` taps, its FP32 samples within `chunk_bytes`.
+    per_tap = channels * out_h * out_w * 4
+    frames = max(1, min(batch, chunk_bytes // max(per_tap * taps, 1)))
+    group = taps if frames > 1 else max(1, min(taps, chunk_bytes // max(per_tap, 1)))
     out = x.new_empty((batch, out_channels, out_h * out_w))
-    for start in range(0, batch, step):
-        stop = min(batch, start + step)
-        shift = offset[start:stop].float().view(stop - start, taps, 2, out_h, out_w)
-        # grid_sample's unnormalisation with align_corners=False: p = ((g + 1) * size - 1) / 2.
-        gy = (base_y + shift[:, :, 0]).mul_(2.0 / height).add_(1.0 / height - 1.0)
-        gx = (base_x + shift[:, :, 1]).mul_(2.0 / width).add_(1.0 / width - 1.0)
-        grid = torch.stack((gx, gy), dim=-1).view(stop - start, taps * out_h, out_w, 2)
-        sampled = F.grid_sample(
-            x[start:stop].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # [n, C, taps * Ho, Wo]: the columns, tap-major inside each channel
-        sampled = sampled.view(stop - start, channels, taps, out_h * out_w)
-        if mask is not None:
-            modulation = mask[start:stop].float().view(stop - start, 1, taps, out_h * out_w)
-            columns = torch.mul(sampled, modulation).to(x.dtype)
-        else:
-            columns = sampled.to(x.dtype)
-        torch.matmul(
-            flat_weight, columns.view(stop - start, channels * taps, -1), out=out[start:stop]
-        )
+    for start in range(0, batch, frames):
+        stop = min(batch, start + frames)
+        n = stop - start
+        source = x[start:stop].float()
+        shift = offset[start:stop].float().view(n, taps, 2, out_h, out_w)
+        target = out[start:stop]
+        for first in range(0, taps, group):
+            last = min(taps, first + group)
+            # grid_sample's unnormalisation with align_corners=False: p = ((g + 1) * size - 1) / 2.
+            gy = (base_y[first:last] + shift[:, first:last, 0]).mul_(2.0 / height)
+            gx = (base_x[first:last] + shift[:, first:last, 1]).mul_(2.0 / width)
+            grid = torch.stack(
+                (gx.add_(1.0 / width - 1.0), gy.add_(1.0 / height - 1.0)), dim=-1
+            ).view(n, (last - first) * out_h, out_w, 2)
+            sampled = F.grid_sample(
+                source, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            ).view(n, channels, last - first, out_h * out_w)  # the columns, tap-major per channel
+            if mask is not None:
+                modulation = mask[start:stop, first:last].float()
+                sampled.mul_(modulation.reshape(n, 1, last - first, out_h * out_w))
+            columns = sampled.to(x.dtype).view(n, channels * (last - first), -1)
+            part = taps_weight[:, :, first:last].reshape(out_channels, -1)
+            if first == 0:
+                torch.matmul(part, columns, out=target)
+            else:
+                target.baddbmm_(part.expand(n, -1, -1), columns)
     result = out.view(batch, out_channels, out_h, out_w)
     if bias is not None:
         result = result + bias.view(1, -1, 1, 1)

@@ -22,7 +22,7 @@ from segmentation.models.deform_conv import deform_conv2d
         (1, 2, 1, 5, 3, 3, 1, 1, 1),  # one row: every vertical tap but one reads the padding
     ],
 )
-@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # a frame per chunk, and all at once
+@pytest.mark.parametrize("chunk_bytes", [1, 20_000, 1 << 30])  # a tap, some taps, all
 def test_equals_torchvision_deform_conv2d(
     batch: int,
     channels: int,
