@@ -82,6 +82,15 @@ class Call:
     error: str = ""
 
 
+class FramesFailed(Exception):
+    """A ``/v1/frames`` answer (200) in which some frames failed on their own."""
+
+    def __init__(self, answered: int, errors: list[str]) -> None:
+        super().__init__(f"{len(errors)} frames failed: {errors[:3]}")
+        self.answered = answered
+        self.errors = errors
+
+
 class _RecordingClient(SegmentorClient):
     """The project's client, noting the status and time of every HTTP answer it receives
     (answers it then retried included)."""
@@ -133,7 +142,10 @@ class Load:
 
         def frames(task: Task) -> int:
             results = client.frames([frame] * batch, task=task, output="mask")
-            return sum(not isinstance(r, FrameError) for r in results)
+            errors = [f"{r.code}: {r.message}"[:200] for r in results if isinstance(r, FrameError)]
+            if errors:  # answered 200, but these frames failed: lost, and why
+                raise FramesFailed(batch - len(errors), errors)
+            return len(results)
 
         return [
             (1, lambda: len(client.remove_background(frame, output="mask").data) > 0),
@@ -150,6 +162,8 @@ class Load:
             turn += 1
             try:
                 answered, error = int(call()), ""
+            except FramesFailed as exc:
+                answered, error = exc.answered, f"frame errors: {sorted(set(exc.errors))}"[:300]
             except Exception as exc:  # every way a call fails is counted
                 answered, error = 0, f"{type(exc).__name__}: {exc}"[:300]
             if answered < sent and not error:

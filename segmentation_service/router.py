@@ -26,6 +26,7 @@ from segmentation.encoders import b64
 from segmentation.errors import (
     DeadlineExceededError,
     InvalidRequestError,
+    OverloadedError,
     PayloadTooLargeError,
     SegmentationError,
 )
@@ -763,8 +764,11 @@ class Router:
     ) -> list[Any]:
         """``method`` on ``frames`` in calls of ``frames_per_call``; frames that failed before
         (an exception in their place) are not sent and keep their error. A call refused as a
-        whole for the request's options (422) fails the request; any other error of a call
-        is each of its frames' own (e.g. the replica's queue was full: 503 per frame)."""
+        whole for the request's options (422) fails the request, and so does a call that
+        could not run now (503 with Retry-After: the replica holding it stopped, e.g. in a
+        rollout or with its node, or its queue was full), so that a client's retry sends
+        every frame again: a frame error inside a 200 answer is never retried. Any other
+        error of a call is each of its frames' own."""
         good = [i for i, frame in enumerate(frames) if not isinstance(frame, BaseException)]
         size = self.args.frames_per_call
         chunks = [good[start : start + size] for start in range(0, len(good), size)]
@@ -777,7 +781,7 @@ class Router:
         )
         results = list(frames)
         for chunk, answer in zip(chunks, answers, strict=True):
-            if isinstance(answer, InvalidRequestError):
+            if isinstance(answer, (InvalidRequestError, OverloadedError)):
                 raise answer
             if isinstance(answer, SegmentationError):
                 answer = [answer] * len(chunk)
