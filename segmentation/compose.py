@@ -96,8 +96,9 @@ def clean_matte(matte: torch.Tensor) -> torch.Tensor:
     taps = torch.arange(5, dtype=torch.float32, device=x.device) - 2
     kernel = torch.exp(-(taps**2) / (2 * 2.0**2))
     kernel = kernel / kernel.sum()
-    blurred = F.conv2d(F.pad(opened, (2, 2, 0, 0), mode="reflect"), kernel.view(1, 1, 1, 5))
-    blurred = F.conv2d(F.pad(blurred, (0, 0, 2, 2), mode="reflect"), kernel.view(1, 1, 5, 1))
+    # Edges replicated, not reflected: a reflection needs more pixels than the pad (1x1 images).
+    blurred = F.conv2d(F.pad(opened, (2, 2, 0, 0), mode="replicate"), kernel.view(1, 1, 1, 5))
+    blurred = F.conv2d(F.pad(blurred, (0, 0, 2, 2), mode="replicate"), kernel.view(1, 1, 5, 1))
     return torch.where(blurred[0, 0] < 127, 0, 255).to(torch.uint8)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segmentation_client import SegmentorClient, ServiceError
 from tests.conftest import encode, product_frame
 from tests.serve_cluster import Cluster
 
@@ -134,6 +135,26 @@ def test_products_take_the_cutout_options(client: httpx.Client) -> None:
         left, top, right, bottom = product["crop_box"]
         assert image.format == "WEBP" and image.size == (right - left, bottom - top)
         assert image.mode == "RGB"  # an opaque background: no alpha channel
+
+
+def test_the_python_client_takes_the_cutout_options(cluster: Cluster) -> None:
+    with SegmentorClient(cluster.url) as client:
+        image = client.remove_background(
+            PNG, refine=True, background=(0, 0, 255), format="jpeg", quality=95
+        )
+        assert image.content_type == "image/jpeg"
+        assert image.to_array().shape == (200, 320, 3)
+        assert (image.alpha() == 255).all()
+        cropped = client.remove_background(PNG, crop=True, crop_margin="10%", format="webp")
+        assert cropped.content_type == "image/webp" and cropped.to_array().shape[2] == 4
+        found = client.products(
+            encode(product_frame(400, 300, seed=22), "PNG"), max_det=3, background="white"
+        )
+        assert found.products
+        assert all(p.cutout.to_array().ndim == 3 for p in found.products)
+        with pytest.raises(ServiceError) as caught:
+            client.remove_background(PNG, format="jpeg")
+        assert caught.value.status == 422 and "no alpha channel" in caught.value.message
 
 
 # -- remove.bg --------------------------------------------------------------------------------

@@ -161,3 +161,21 @@ def test_each_format_decodes_to_the_composed_pixels(
         assert np.array_equal(decoded, expected)
     else:  # lossy, of a frame of random noise: close on average only
         assert np.abs(decoded.astype(int) - expected.astype(int)).mean() < 32
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (2, 3)])
+def test_every_option_works_on_the_smallest_images(size: tuple[int, int]) -> None:
+    frame = torch.full((3, *size), 200, dtype=torch.uint8)
+    matte = torch.full(size, 128, dtype=torch.uint8)
+    options = CutoutOptions(
+        refine=True,
+        background=(0, 0, 0, 128),
+        crop=True,
+        crop_margin=parse_margin("2px"),
+        clean_matte=True,
+        max_pixels=1,
+        format="webp",
+    )
+    out = compose(frame, matte, options)
+    assert out.pixels.shape == (1, 1, 4)
+    assert Image.open(io.BytesIO(encode_pixels(out.pixels, options))).size == (1, 1)
