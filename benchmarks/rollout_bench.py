@@ -768,6 +768,12 @@ def main(argv: list[str] | None = None) -> int:
         app_index = names.index(args.app) if args.app else 0
         if args.nodes > 1:
             per_node(base["applications"][app_index], args.nodes)
+        for model in (base["applications"][app_index].get("args") or {}).values():
+            # A relative model path (configs/gpu-bench.yaml's third_party/rmbg20) is this
+            # checkout's: replicas run elsewhere.
+            source = model.get("model") if isinstance(model, dict) else None
+            if isinstance(source, str) and source and Path(source).exists():
+                model["model"] = str(Path(model["model"]).resolve())
         report = run(
             cluster,
             base,

@@ -11,6 +11,7 @@ EveryNode``); on one machine the worker's proxy takes the ports its
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -137,6 +138,7 @@ def test_losing_the_worker_node_under_load_loses_no_frame_and_serve_restores_it(
         time.sleep(3)
         whole = counts(load, killed, time.monotonic(), 0.0)
 
+    print(json.dumps({"head_alone": on_head_alone, "kill_to_restored": whole}))  # with -s
     assert on_head_alone["frames_answered"] > 0, f"the head stopped answering: {on_head_alone}"
     assert whole["frames_lost"] == 0, f"lost: {whole['lost_because']}; {whole}"
     assert whole["calls_5xx_reaching_caller"] == 0, f"{whole['lost_because']}; {whole}"

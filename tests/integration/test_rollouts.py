@@ -10,6 +10,7 @@ and reads Serve's status; the windows are shorter than its defaults.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,7 @@ def rollouts(cluster: Cluster) -> Iterator[dict[str, dict[str, Any]]]:
             client_timeout_s=120,
             converge_timeout_s=300,
         )
+        print(json.dumps(report, indent=1))  # shown with -s: the counts and Serve's events
         yield {case["case"]: case for case in report["cases"]}
     finally:
         cluster.deploy(base, "restore.yaml")
