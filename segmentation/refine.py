@@ -11,10 +11,13 @@ Colour Estimation" (ICIP 2021), the step BiRefNet's ``refine_foreground`` runs a
 matte: local means of the foreground and the background, each weighted by how much of it a
 pixel holds, give ``F_hat`` and ``B_hat``; then ``F = F_hat + alpha * (I - alpha * F_hat -
 (1 - alpha) * B_hat)`` puts back what the means do not explain. It runs twice: a wide window
-(90 px) finds the colours, a narrow one (6 px) sharpens them with the first pass's
-background. It is a closed form (no iterations), which is what makes it cheap on a GPU next
-to the multi-level solver it approximates (Germer et al., "Fast Multi-Level Foreground
-Estimation", ICPR 2020).
+finds the colours, a narrow one (6 px) sharpens them with the first pass's background. The
+wide window is BiRefNet's 90 px (chosen for 1024-pixel mattes), and an eighth of the
+frame's longer side on larger frames: on 1080p composites 90 px left the soft band's colour
+error at 0.48-0.50 of the plain cutout's, 180 px at 0.37-0.40, 270 px at 0.30-0.35; the
+window costs nothing more (below). It is a closed form (no iterations), which is what makes
+it cheap on a GPU next to the multi-level solver it approximates (Germer et al., "Fast
+Multi-Level Foreground Estimation", ICPR 2020).
 
 Box means are computed from cumulative sums (integral images), so their cost does not grow
 with the window: a few memory passes per channel whatever the radius. Windows are clipped at
@@ -27,8 +30,10 @@ from __future__ import annotations
 
 import torch
 
-#: Window sizes of the two passes, in pixels (BiRefNet's choice for 1024-pixel mattes).
+#: Window sizes of the two passes, in pixels (BiRefNet's choice for 1024-pixel mattes); the
+#: wide one grows to ``1 / WIDE_SHARE`` of the longer side on larger frames.
 WIDE_WINDOW = 90
+WIDE_SHARE = 8
 NARROW_WINDOW = 6
 _EPS = 1e-5
 
@@ -79,10 +84,15 @@ def _blur_fusion(
     return estimate.clamp_(0, 1), mean_bg
 
 
+def wide_window(height: int, width: int) -> int:
+    """The first pass's window for a ``height`` x ``width`` frame (see the module doc)."""
+    return max(WIDE_WINDOW, round(max(height, width) / WIDE_SHARE))
+
+
 def estimate_foreground(
     image: torch.Tensor,
     alpha: torch.Tensor,
-    wide: int = WIDE_WINDOW,
+    wide: int | None = None,
     narrow: int = NARROW_WINDOW,
 ) -> torch.Tensor:
     """The foreground colour ``F`` of ``image`` under ``alpha``.
@@ -90,12 +100,15 @@ def estimate_foreground(
     Args:
         image: ``[..., 3, H, W]`` float colours in 0-1.
         alpha: ``[..., 1, H, W]`` float opacities in 0-1.
-        wide, narrow: window sizes of the two passes.
+        wide, narrow: window sizes of the two passes (``wide``: :func:`wide_window` of the
+            frame's size when None).
 
     Returns ``[..., 3, H, W]`` float colours in 0-1; where ``alpha`` is 1 it is ``image``.
     """
     if image.shape[-3] != 3 or alpha.shape[-3] != 1 or image.shape[-2:] != alpha.shape[-2:]:
         raise ValueError(f"image {tuple(image.shape)} and alpha {tuple(alpha.shape)} do not match")
+    if wide is None:
+        wide = wide_window(image.shape[-2], image.shape[-1])
     first, mean_bg = _blur_fusion(image, image, image, alpha, wide)
     refined, _ = _blur_fusion(image, first, mean_bg, alpha, narrow)
     return refined

@@ -8,7 +8,7 @@ import torch
 
 from segmentation.compose import compose
 from segmentation.options import CutoutOptions
-from segmentation.refine import box_mean, edge_colour_error, estimate_foreground
+from segmentation.refine import box_mean, edge_colour_error, estimate_foreground, wide_window
 from segmentation_standins.composites import soft_composite
 
 
@@ -69,3 +69,9 @@ def test_a_refined_cutout_keeps_the_matte_and_zeroes_what_it_hides() -> None:
     assert not out[..., :3][composite.alpha == 0].any()
     opaque = composite.alpha == 255
     assert np.abs(out[..., :3][opaque].astype(int) - composite.image[opaque].astype(int)).max() <= 1
+
+
+def test_the_wide_window_grows_with_frames_larger_than_the_model_input() -> None:
+    assert wide_window(270, 480) == 90  # BiRefNet's window up to 720-pixel frames
+    assert wide_window(1080, 1920) == 240
+    assert wide_window(2160, 3840) == 480
