@@ -197,7 +197,7 @@ def timeline(
     rows = []
     statuses = list(ramp.client.statuses)
     at = start
-    while at < end:
+    while end - at >= window_s / 2:  # a last sliver of a window would give no rate
         stop = min(end, at + window_s)
         calls = [c for c in ramp.calls if at <= c.ended < stop]
         latencies = sorted(c.ended - c.started for c in calls if not c.error)
