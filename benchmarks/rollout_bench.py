@@ -246,7 +246,9 @@ class Watcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = snapshot(self.dashboard, self.app)
-            if now is not None:
+            # While the controller builds a new version of the application (build_app in a
+            # task of its own) the REST API lists no deployments: nothing stopped then.
+            if now is not None and now.deployments:
                 seen = set()
                 for name, (_, replicas) in now.deployments.items():
                     for replica, state in replicas.items():
