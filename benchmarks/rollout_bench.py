@@ -35,6 +35,15 @@ first as the baseline, then each change):
         --dashboard http://127.0.0.1:8265 --url http://127.0.0.1:8000 \\
         --api-key-env SEGMENTOR_API_KEY --frame-size 1920x1080 --out rollouts-gpu.json
 
+Two Ray nodes on this machine (``--nodes 2``: a head and a worker with its own temp dir,
+process group and proxy ports; ``--gpus 1`` gives each node its own card), one replica of
+each deployment per node, and the ``node-loss`` case beside the rollouts: the worker node
+killed under load (SIGKILL to its processes only), a node like it started again, counted
+until Serve has put a replica of each deployment back on it:
+
+    python -m benchmarks.rollout_bench --start-cluster --nodes 2 --gpus 1 --cpus 16 \
+        --config configs/gpu-bench.yaml --frame-size 1920x1080 --out two-nodes-gpu.json
+
 The cases run in order on one cluster, each from the config the previous one left deployed.
 """
 
