@@ -157,7 +157,9 @@ def parse_color(text: str) -> Color:
     value = text.strip()
     if "," in value:
         parts = [p.strip() for p in value.split(",")]
-        if len(parts) in (3, 4) and all(p.isdigit() and int(p) <= 255 for p in parts):
+        if len(parts) in (3, 4) and all(
+            p.isascii() and p.isdigit() and int(p) <= 255 for p in parts
+        ):
             channels = [int(p) for p in parts]
             return (channels[0], channels[1], channels[2], channels[3] if len(parts) == 4 else 255)
         raise InvalidRequestError(

@@ -56,7 +56,7 @@ from segmentation_service.compat_openapi import (
     REMOVEBG_TYPES,
     X_API_KEY_SCHEME,
 )
-from segmentation_service.deadlines import MAX_TIMEOUT_MS, Deadline
+from segmentation_service.deadlines import Deadline, parse_timeout_ms
 from segmentation_service.errors import (
     RequestTimeoutError,
     UnauthorizedError,
@@ -112,14 +112,7 @@ def _authorize(request: Request) -> None:
 
 def _deadline(request: Request) -> Deadline:
     """The request's deadline from ``X-Request-Timeout-Ms``, counted from its arrival."""
-    raw = request.headers.get("x-request-timeout-ms")
-    timeout_ms = None
-    if raw is not None:
-        if not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_TIMEOUT_MS:
-            raise InvalidRequestError(
-                f"X-Request-Timeout-Ms={raw!r}: expected milliseconds, 1 to {MAX_TIMEOUT_MS}"
-            )
-        timeout_ms = int(raw)
+    timeout_ms = parse_timeout_ms(request.headers.get("x-request-timeout-ms"))
     arrived = getattr(request.state, "arrived", None) or time.time()
     deadline = Deadline.after(arrived, timeout_ms)
     deadline.remaining()

@@ -46,7 +46,9 @@ def test_colours_are_read_as_people_write_them(text: str, rgba: tuple[int, ...])
     assert parse_color(text) == rgba
 
 
-@pytest.mark.parametrize("text", ["", "nocolour", "12345", "#ggg", "256,0,0", "1,2"])
+@pytest.mark.parametrize(
+    "text", ["", "nocolour", "12345", "#ggg", "256,0,0", "1,2", "1,\u00b2,3", "\u0661,2,3"]
+)  # only ASCII digits: str.isdigit takes a superscript two, which int() refuses
 def test_a_bad_colour_is_refused_with_what_is_accepted(text: str) -> None:
     with pytest.raises(InvalidRequestError, match=r"hex|r,g,b"):
         parse_color(text)
