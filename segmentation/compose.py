@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segmentation.options import MAX_MARGIN_PX, MAX_MARGIN_SHARE, CutoutOptions, Margin
+from segmentation.options import CutoutOptions, margin_region
 from segmentation.refine import estimate_foreground
 
 #: ``(left, top, right, bottom)`` in pixels, right and bottom exclusive.
@@ -48,26 +48,6 @@ def subject_box(matte: torch.Tensor) -> Box | None:
     top, bottom = int(row_index[0]), int(row_index[-1]) + 1
     left, right = int(col_index[0]), int(col_index[-1]) + 1
     return left, top, right, bottom
-
-
-def margin_region(box: Box, margin: Margin) -> Box:
-    """``box`` grown by ``margin`` (top, right, bottom, left), each side capped at the
-    larger of half the subject's size along it and 500 pixels; may reach past the frame."""
-    left, top, right, bottom = box
-    width, height = right - left, bottom - top
-
-    def side(index: int, extent: int) -> int:
-        value, relative = margin[index]
-        pixels = value * extent if relative else value
-        cap = max(MAX_MARGIN_SHARE * extent, MAX_MARGIN_PX)
-        return round(min(pixels, cap))
-
-    return (
-        left - side(3, width),
-        top - side(0, height),
-        right + side(1, width),
-        bottom + side(2, height),
-    )
 
 
 def _cut(image: torch.Tensor, region: Box) -> torch.Tensor:

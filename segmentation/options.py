@@ -223,3 +223,23 @@ def parse_bool(name: str, value: object) -> bool:
     if text in ("false", "0", "no", "off", ""):
         return False
     raise InvalidRequestError(f"{name}={value!r}: expected true or false")
+
+
+def margin_region(box: tuple[int, int, int, int], margin: Margin) -> tuple[int, int, int, int]:
+    """``box`` grown by ``margin`` (top, right, bottom, left), each side capped at the
+    larger of half the subject's size along it and 500 pixels; may reach past the frame."""
+    left, top, right, bottom = box
+    width, height = right - left, bottom - top
+
+    def side(index: int, extent: int) -> int:
+        value, relative = margin[index]
+        pixels = value * extent if relative else value
+        cap = max(MAX_MARGIN_SHARE * extent, MAX_MARGIN_PX)
+        return round(min(pixels, cap))
+
+    return (
+        left - side(3, width),
+        top - side(0, height),
+        right + side(1, width),
+        bottom + side(2, height),
+    )

@@ -198,6 +198,9 @@ class Product:
     class_name: str
     crop_box: tuple[int, int, int, int]
     cutout: Image = field(repr=False)
+    #: Frame pixels the cutout image covers: ``crop_box``, or the subject plus its margin
+    #: when the cutout was cropped (``crop=True``); may reach past the frame's edge.
+    cutout_box: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,8 @@ class Products:
         for p in data["products"]:
             x1, y1, x2, y2 = (float(v) for v in p["box"])
             c1, c2, c3, c4 = (int(v) for v in p["crop_box"])
+            covered = p.get("cutout_box") or p["crop_box"]
+            k1, k2, k3, k4 = (int(v) for v in covered)
             products.append(
                 Product(
                     box=(x1, y1, x2, y2),
@@ -220,6 +225,7 @@ class Products:
                     class_name=str(p["class_name"]),
                     crop_box=(c1, c2, c3, c4),
                     cutout=Image(_b64decode(p["cutout"]), p.get("media_type", "image/png")),
+                    cutout_box=(k1, k2, k3, k4),
                 )
             )
         return cls(width=int(data["width"]), height=int(data["height"]), products=products)

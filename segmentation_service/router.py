@@ -35,6 +35,7 @@ from segmentation.options import (
     CutoutOptions,
     DetectOptions,
     ImageFormat,
+    margin_region,
     parse_color,
     parse_margin,
 )
@@ -322,6 +323,18 @@ def product_cutout_options(
     )
 
 
+def covered(
+    crop: list[int], subject: tuple[int, int, int, int] | None, options: CutoutOptions
+) -> list[int]:
+    """Frame pixels a product's cutout image covers: its crop, or with ``crop`` the subject
+    found in the crop (crop coordinates) grown by the margin (the whole crop when the matte
+    is empty: nothing was cut)."""
+    if not options.crop or subject is None:
+        return list(crop)
+    left, top, right, bottom = margin_region(subject, options.crop_margin)
+    return [crop[0] + left, crop[1] + top, crop[0] + right, crop[1] + bottom]
+
+
 def cutout_query_options(
     options: Annotated[CutoutOptions, Depends(product_cutout_options)],
     output: Annotated[
@@ -546,6 +559,7 @@ class Router:
                 crop_box=box,
                 cutout=b64(out.data),
                 media_type=out.media_type,
+                cutout_box=covered(box, out.subject, cutout),
             )
             for inst, box, out in zip(found["instances"], boxes, cutouts, strict=True)
         ]

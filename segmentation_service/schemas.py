@@ -79,6 +79,11 @@ class Product(_Closed):
         "unless the cutout options asked otherwise (media_type)."
     )
     media_type: str = Field(default="image/png", description="The cutout's image type.")
+    cutout_box: Annotated[list[int], Field(min_length=4, max_length=4)] = Field(
+        description="[left, top, right, bottom] in frame pixels that the cutout image covers: "
+        "crop_box, or with crop=true the subject found in it plus crop_margin (may reach past "
+        "the frame's edge; the whole crop when the matte is empty)."
+    )
 
 
 class ProductsResult(_Closed):

@@ -135,6 +135,37 @@ def test_products_take_the_cutout_options(client: httpx.Client) -> None:
         left, top, right, bottom = product["crop_box"]
         assert image.format == "WEBP" and image.size == (right - left, bottom - top)
         assert image.mode == "RGB"  # an opaque background: no alpha channel
+        assert product["cutout_box"] == product["crop_box"]
+
+
+def test_a_product_cut_to_its_subject_says_which_pixels_it_covers(client: httpx.Client) -> None:
+    frame = product_frame(400, 300, seed=22)
+    response = client.post(
+        "/v1/products",
+        params={"crop": "true", "crop_margin": "4px", "max_det": 3},
+        content=encode(frame, "PNG"),
+        headers={"Content-Type": "image/png"},
+    )
+    assert response.status_code == 200, response.text
+    products = response.json()["products"]
+    assert products
+    cut = 0
+    for product in products:
+        image = np.asarray(decoded(base64.b64decode(product["cutout"])))
+        left, top, right, bottom = product["cutout_box"]
+        assert image.shape[:2] == (bottom - top, right - left)
+        crop_left, crop_top, crop_right, crop_bottom = product["crop_box"]
+        if image[..., 3].any() and (right - left, bottom - top) != (
+            crop_right - crop_left,
+            crop_bottom - crop_top,
+        ):
+            # cut to the subject: 4 px of transparent margin on each side, the matte inside
+            alpha = image[..., 3]
+            assert not alpha[:4].any() and not alpha[-4:].any()
+            assert not alpha[:, :4].any() and not alpha[:, -4:].any()
+            assert alpha[4:-4, 4:-4].any()
+            cut += 1
+    assert cut, "no product was cut to its subject"
 
 
 def test_the_python_client_takes_the_cutout_options(cluster: Cluster) -> None:
