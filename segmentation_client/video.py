@@ -95,7 +95,11 @@ def alpha_codec(
     noise), ``balanced`` ``prores_ks`` (finer rate control, slices on ``threads``), ``small``
     ``prores_ks`` with the LT quantiser matrix (17% smaller on a 320x240 test clip, softer
     detail). ``prores_aw`` cannot open at an odd width or height, so such frames take
-    ``prores_ks`` at every preset. Each keeps alpha within one level of 255.
+    ``prores_ks`` at every preset. Each keeps alpha within one level of 255, except that at
+    a width that is not a multiple of 16 both ProRes encoders of FFmpeg 8 sometimes write
+    alpha blocks of the wrong level (seen at 65, 66 and 72 pixels, never at 64, 80 or 1280;
+    it varies from one encode to the next): such clips are written as QuickTime Animation
+    (``qtrle``, lossless ARGB, read by the same editors), larger but exact.
     """
     if suffix == ".webm":
         tiles = min(max(threads, 1).bit_length() - 1, max(width // 256, 1).bit_length() - 1, 6)
@@ -113,6 +117,8 @@ def alpha_codec(
         }
         return "libvpx-vp9", "yuva420p", options
     if suffix == ".mov":
+        if width % 16:
+            return "qtrle", "argb", {}
         if preset == "fast" and width % 2 == 0 and height % 2 == 0:
             return "prores_aw", "yuva444p10le", {"profile": "4", "threads": str(threads)}
         options = {"profile": "4444", "threads": str(threads)}
@@ -736,8 +742,10 @@ class AlphaVideoWriter:
         context.time_base = time_base
         context.color_primaries = self.colour.primaries
         context.color_trc = self.colour.transfer
-        context.colorspace = self.colour.colorspace
-        context.color_range = 1  # limited ("MPEG"), as converted
+        #: RGB codecs (qtrle) take the pixels as they are: no YUV matrix, full range.
+        self._rgb = pix_fmt in ("argb", "rgba")
+        context.colorspace = 0 if self._rgb else self.colour.colorspace  # 0: AVCOL_SPC_RGB
+        context.color_range = 2 if self._rgb else 1  # full ("JPEG") RGB, limited YUV
         self._stream.thread_type = "AUTO"
         self._format = pix_fmt
         self._next = 0
@@ -759,6 +767,8 @@ class AlphaVideoWriter:
     def _convert(self, frame: np.ndarray, alpha: np.ndarray) -> av.VideoFrame:
         with self.timer.timed("convert"):
             rgba = av.VideoFrame.from_ndarray(cutout_rgba(frame, alpha), format="rgba")
+            if self._rgb:
+                return rgba.reformat(format=self._format)
             return rgba.reformat(
                 format=self._format, dst_colorspace=self.colour.matrix, dst_color_range="MPEG"
             )
