@@ -100,6 +100,45 @@ def test_grpc_calls_need_the_key(cluster: Cluster, secured: str) -> None:
         assert (reply.width, reply.height, len(reply.data)) == (64, 48, 64 * 48)
 
 
+def test_the_drop_in_endpoints_need_the_key_in_their_own_way(secured: str) -> None:
+    """remove.bg clients send ``X-Api-Key`` and get remove.bg's 403; rembg's route takes the
+    service's bearer key and answers 401 as FastAPI does; both serve with the key."""
+    image = encode(product_frame(64, 48), "PNG")
+
+    def removebg(headers: dict[str, str]) -> httpx.Response:
+        return httpx.post(
+            f"{secured}/v1.0/removebg",
+            files={"image_file": ("frame.png", image, "image/png")},
+            headers=headers,
+            timeout=120,
+        )
+
+    for headers in ({}, {"X-Api-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
+        refused = removebg(headers)
+        assert refused.status_code == 403, (headers, refused.text[:300])
+        assert refused.json()["errors"][0]["code"] == "auth_failed"
+    for headers in ({"X-Api-Key": KEY}, {"Authorization": f"Bearer {KEY}"}):
+        served = removebg(headers)
+        assert served.status_code == 200, headers
+        assert served.headers["content-type"] == "image/png"
+        assert (served.headers["X-Width"], served.headers["X-Height"]) == ("64", "48")
+
+    def rembg(headers: dict[str, str]) -> httpx.Response:
+        return httpx.post(
+            f"{secured}/api/remove",
+            files={"file": ("frame.png", image, "image/png")},
+            headers=headers,
+            timeout=120,
+        )
+
+    refused = rembg({})
+    assert refused.status_code == 401 and "detail" in refused.json()
+    assert rembg({"X-Api-Key": "wrong"}).status_code == 401
+    served = rembg({"Authorization": f"Bearer {KEY}"})
+    assert served.status_code == 200 and served.content.startswith(b"\x89PNG")
+
+
+# Last in this module: it deploys the main application alone, which removes "secured".
 def test_a_router_whose_key_variable_is_missing_refuses_to_start(cluster: Cluster) -> None:
     """Auth never fails open: a node without the key fails the deploy, naming the variable."""
     config = cluster.app_config()
@@ -125,41 +164,3 @@ def test_a_router_whose_key_variable_is_missing_refuses_to_start(cluster: Cluste
         assert httpx.get(f"{cluster.url}/keyless/v1/models", timeout=30).status_code != 200
     finally:
         cluster.deploy(cluster.app_config(), "restore.yaml")
-
-
-def test_the_drop_in_endpoints_need_the_key_in_their_own_way(secured: str) -> None:
-    """remove.bg clients send ``X-Api-Key`` and get remove.bg's 403; rembg's route takes the
-    service's bearer key and answers 401 as FastAPI does; both serve with the key."""
-    image = encode(product_frame(64, 48), "PNG")
-
-    def removebg(headers: dict[str, str]) -> httpx.Response:
-        return httpx.post(
-            f"{secured}/v1.0/removebg",
-            files={"image_file": ("frame.png", image, "image/png")},
-            headers=headers,
-            timeout=120,
-        )
-
-    for headers in ({}, {"X-Api-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
-        refused = removebg(headers)
-        assert refused.status_code == 403, headers
-        assert refused.json()["errors"][0]["code"] == "auth_failed"
-    for headers in ({"X-Api-Key": KEY}, {"Authorization": f"Bearer {KEY}"}):
-        served = removebg(headers)
-        assert served.status_code == 200, headers
-        assert served.headers["content-type"] == "image/png"
-        assert (served.headers["X-Width"], served.headers["X-Height"]) == ("64", "48")
-
-    def rembg(headers: dict[str, str]) -> httpx.Response:
-        return httpx.post(
-            f"{secured}/api/remove",
-            files={"file": ("frame.png", image, "image/png")},
-            headers=headers,
-            timeout=120,
-        )
-
-    refused = rembg({})
-    assert refused.status_code == 401 and "detail" in refused.json()
-    assert rembg({"X-Api-Key": "wrong"}).status_code == 401
-    served = rembg({"Authorization": f"Bearer {KEY}"})
-    assert served.status_code == 200 and served.content.startswith(b"\x89PNG")
