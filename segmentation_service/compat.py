@@ -27,7 +27,7 @@ import base64
 import binascii
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
@@ -195,34 +195,20 @@ def removebg_options(fields: Mapping[str, Any]) -> RemoveBgRequest:
                 f"invalid_{name}", f"Invalid value for parameter '{name}'", str(exc)
             ) from None
 
-    size = text("size", "preview")
-    if size not in REMOVEBG_SIZES:
-        raise _invalid(
-            "invalid_size",
-            "Invalid value for parameter 'size'",
-            f"size={size!r}: expected one of {', '.join(REMOVEBG_SIZES)}",
-        )
-    foreground_type = text("type", "auto")
-    if foreground_type not in REMOVEBG_TYPES:
-        raise _invalid(
-            "invalid_type",
-            "Invalid value for parameter 'type'",
-            f"type={foreground_type!r}: expected one of {', '.join(REMOVEBG_TYPES)}",
-        )
-    type_level = text("type_level", "1")
-    if type_level not in REMOVEBG_TYPE_LEVELS:
-        raise _invalid(
-            "invalid_type_level",
-            "Invalid value for parameter 'type_level'",
-            f"type_level={type_level!r}: expected one of {', '.join(REMOVEBG_TYPE_LEVELS)}",
-        )
-    channels = text("channels", "rgba")
-    if channels not in ("rgba", "alpha"):
-        raise _invalid(
-            "invalid_channels",
-            "Invalid value for parameter 'channels'",
-            f"channels={channels!r}: expected rgba or alpha",
-        )
+    def choice(name: str, default: str, allowed: Collection[str]) -> str:
+        value = text(name, default)
+        if value not in allowed:
+            raise _invalid(
+                f"invalid_{name}",
+                f"Invalid value for parameter '{name}'",
+                f"{name}={value!r}: expected one of {', '.join(allowed)}",
+            )
+        return value
+
+    size = choice("size", "preview", REMOVEBG_SIZES)
+    foreground_type = choice("type", "auto", REMOVEBG_TYPES)
+    type_level = choice("type_level", "1", REMOVEBG_TYPE_LEVELS)
+    channels = choice("channels", "rgba", ("rgba", "alpha"))
     fmt = text("format", "auto")
     if fmt not in REMOVEBG_FORMATS or fmt == "zip":
         raise _invalid(
