@@ -37,10 +37,9 @@ from typing import Any
 
 from benchmarks.ingress import PACK_SCHEDULING, ingress_env
 from benchmarks.load_test import synthetic_jpeg
-from benchmarks.rollout_bench import FramesFailed, _RecordingClient, snapshot
+from benchmarks.rollout_bench import RecordingClient, attempt, frames_call, snapshot
 from benchmarks.scaling_bench import GPU_SHARE
 from segmentation_client import RetryPolicy
-from segmentation_client.client import FrameError
 from tests.conftest import REPO_ROOT
 from tests.serve_cluster import running_cluster
 
@@ -99,7 +98,7 @@ class Ramp:
     """Client threads added and removed in steps, every call recorded."""
 
     def __init__(self, url: str, frame: bytes, batch: int, timeout_s: float) -> None:
-        self.client = _RecordingClient(
+        self.client = RecordingClient(
             url,
             max_concurrency=256,
             retry=RetryPolicy(attempts=1000, max_wait_s=2.0),
@@ -114,20 +113,9 @@ class Ramp:
     def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             started = time.monotonic()
-            try:
-                results = self.client.frames(
-                    [self.frame] * self.batch, task="remove-background", output="mask"
-                )
-                errors = [
-                    f"{r.code}: {r.message}"[:200] for r in results if isinstance(r, FrameError)
-                ]
-                if errors:
-                    raise FramesFailed(self.batch - len(errors), errors)
-                answered, error = len(results), ""
-            except FramesFailed as exc:
-                answered, error = exc.answered, f"frame errors: {sorted(set(exc.errors))}"[:300]
-            except Exception as exc:  # every way a call fails is counted
-                answered, error = 0, f"{type(exc).__name__}: {exc}"[:300]
+            answered, error = attempt(
+                lambda: frames_call(self.client, self.frame, self.batch, "remove-background")
+            )
             with self._lock:
                 self.calls.append(Call(started, time.monotonic(), self.batch, answered, error))
 

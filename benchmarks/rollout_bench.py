@@ -100,7 +100,27 @@ class FramesFailed(Exception):
         self.errors = errors
 
 
-class _RecordingClient(SegmentorClient):
+def frames_call(client: SegmentorClient, frame: bytes, batch: int, task: Task) -> int:
+    """One ``/v1/frames`` request of ``batch`` copies of ``frame`` (mask out): the frames
+    answered, or :class:`FramesFailed` when some failed inside a 200 answer."""
+    results = client.frames([frame] * batch, task=task, output="mask")
+    errors = [f"{r.code}: {r.message}"[:200] for r in results if isinstance(r, FrameError)]
+    if errors:  # answered 200, but these frames failed: lost, and why
+        raise FramesFailed(batch - len(errors), errors)
+    return len(results)
+
+
+def attempt(call: Callable[[], int]) -> tuple[int, str]:
+    """(frames answered, why any was lost: "" when none) of one call of the load."""
+    try:
+        return int(call()), ""
+    except FramesFailed as exc:
+        return exc.answered, f"frame errors: {sorted(set(exc.errors))}"[:300]
+    except Exception as exc:  # every way a call fails is counted
+        return 0, f"{type(exc).__name__}: {exc}"[:300]
+
+
+class RecordingClient(SegmentorClient):
     """The project's client, noting the status and time of every HTTP answer it receives
     (answers it then retried included)."""
 
@@ -130,7 +150,7 @@ class Load:
         api_key: str | None = None,
         timeout_s: float = 60.0,
     ) -> None:
-        self.client = _RecordingClient(
+        self.client = RecordingClient(
             url,
             api_key=api_key,
             max_concurrency=threads,
@@ -150,11 +170,7 @@ class Load:
         client, frame, batch = self.client, self.frame, self.batch
 
         def frames(task: Task) -> int:
-            results = client.frames([frame] * batch, task=task, output="mask")
-            errors = [f"{r.code}: {r.message}"[:200] for r in results if isinstance(r, FrameError)]
-            if errors:  # answered 200, but these frames failed: lost, and why
-                raise FramesFailed(batch - len(errors), errors)
-            return len(results)
+            return frames_call(client, frame, batch, task)
 
         return [
             (1, lambda: len(client.remove_background(frame, output="mask").data) > 0),
@@ -169,12 +185,7 @@ class Load:
         while not self._stop.is_set():
             sent, call = kinds[turn % len(kinds)]
             turn += 1
-            try:
-                answered, error = int(call()), ""
-            except FramesFailed as exc:
-                answered, error = exc.answered, f"frame errors: {sorted(set(exc.errors))}"[:300]
-            except Exception as exc:  # every way a call fails is counted
-                answered, error = 0, f"{type(exc).__name__}: {exc}"[:300]
+            answered, error = attempt(call)
             if answered < sent and not error:
                 error = "frame errors in the answer"
             with self._lock:
