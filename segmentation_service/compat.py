@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -113,10 +112,7 @@ def _authorize(request: Request) -> None:
 def _deadline(request: Request) -> Deadline:
     """The request's deadline from ``X-Request-Timeout-Ms``, counted from its arrival."""
     timeout_ms = parse_timeout_ms(request.headers.get("x-request-timeout-ms"))
-    arrived = getattr(request.state, "arrived", None) or time.time()
-    deadline = Deadline.after(arrived, timeout_ms)
-    deadline.remaining()
-    return deadline
+    return Deadline.of_request(getattr(request.state, "arrived", None), timeout_ms)
 
 
 async def _fields(request: Request, body: bytes, charge: Charge) -> dict[str, Any]:

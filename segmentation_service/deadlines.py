@@ -51,6 +51,14 @@ class Deadline:
     def after(cls, arrived: float, timeout_ms: int | None) -> Deadline:
         return cls(None if timeout_ms is None else arrived + timeout_ms / 1000.0)
 
+    @classmethod
+    def of_request(cls, arrived: float | None, timeout_ms: int | None) -> Deadline:
+        """A request's deadline counted from its arrival (now when it was not stamped); 504
+        at once if it already passed."""
+        deadline = cls.after(arrived or time.time(), timeout_ms)
+        deadline.remaining()
+        return deadline
+
     def remaining(self) -> float | None:
         """Seconds left (``None``: unbounded); raises 504 when none are."""
         if self.at is None:

@@ -348,10 +348,7 @@ def cutout_query_options(
 
 def request_deadline(request: Request, timeout_ms: Timeout = None) -> Deadline:
     """The request's deadline, counted from its arrival (504 at once if it already passed)."""
-    arrived = getattr(request.state, "arrived", None) or time.time()
-    deadline = Deadline.after(arrived, timeout_ms)
-    deadline.remaining()
-    return deadline
+    return Deadline.of_request(getattr(request.state, "arrived", None), timeout_ms)
 
 
 _bearer = HTTPBearer(
