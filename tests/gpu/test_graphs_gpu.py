@@ -210,3 +210,29 @@ def test_in_process_quick_start_gives_the_same_mattes() -> None:
     assert torch.backends.cuda.cudnn_sdp_enabled()  # back for everything else
     for a, b in zip(default, quick, strict=True):
         assert np.abs(a.alpha.astype(int) - b.alpha.astype(int)).max() <= 2
+
+
+@pytest.mark.skipif(
+    not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
+)
+def test_rmbg_without_the_deform_step_runs_eagerly_and_says_why() -> None:
+    """torchvision's deformable convolution is not recorded by a capture: without the
+    ``deform`` step no graph is captured, the forward stays eager and the reason is kept."""
+    model = RMBG20Segmentor(
+        str(RMBG_ARCH_DIR.resolve()),
+        device="cuda",
+        trust_remote_code=True,
+        load_format="dummy",
+        optimized=("sdpa", "windows", "decoder"),
+    )
+    assert model.capture_graphs((1, 2)) is False
+    assert model.graph_batch_sizes == []
+    assert model.info().inference_path == "sdpa+windows+decoder"
+    assert model.graph_error is not None
+    assert "calls torchvision's deform_conv2d" in model.graph_error
+    assert "enable the 'deform' step" in model.graph_error
+    frames = [product_frame(320, 240, seed=1)]
+    mattes = model.predict(frames)
+    assert mattes[0].shape == (240, 320) and mattes[0].dtype == np.uint8
+    del model
+    torch.cuda.empty_cache()
