@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import re
 import socket
 import threading
 import time
@@ -115,7 +116,20 @@ def never_reads(conn: socket.socket, stop: threading.Event) -> None:
 
 
 def hangs_up(conn: socket.socket, stop: threading.Event) -> None:
-    read_request(conn)
+    """Reads the whole request, then closes without a byte of answer.
+
+    Reading the body too matters: closing with unread bytes makes the kernel send a reset,
+    which the client reports as a read error rather than a server that hung up.
+    """
+    data = read_request(conn)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    remaining = int(length.group(1)) - len(body) if length else 0
+    while remaining > 0:
+        chunk = conn.recv(min(remaining, 65536))
+        if not chunk:
+            break
+        remaining -= len(chunk)
     conn.close()
 
 
