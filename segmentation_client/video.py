@@ -1,4 +1,5 @@
-"""Video frames in (PyAV), RGBA frames out: a PNG sequence or a video with an alpha channel.
+"""Video frames in (PyAV), RGBA frames out: a PNG sequence or a video with an alpha channel
+(or, composed on an opaque colour, RGB frames: PNGs or a video without one).
 
 Outputs keep the input's frame count, order and timing: each output frame carries its source
 frame's timestamp (a variable-frame-rate clip keeps every frame's time and its duration), and
@@ -8,7 +9,9 @@ no rotation of its own. A PNG sequence is written one file per frame, durably (t
 name, ``fsync``, then rename), and a frame file is trusted on resume only when it is whole,
 so an interrupted run resumes where it stopped. Videos with alpha are WebM (VP9,
 ``yuva420p``) or QuickTime (ProRes 4444, ``yuva444p10le``), at any size, odd ones included;
-MP4 has no widely supported alpha codec. Their YUV is BT.709 for HD (720 lines or 1280
+MP4 has no widely supported alpha codec, so it is written (H.264) only for frames on an
+opaque colour, which need no alpha; on such a colour WebM and QuickTime drop theirs too
+(``yuv420p``, ``yuv444p10le``). Their YUV is BT.709 for HD (720 lines or 1280
 columns and up) and BT.601 below, and tagged so, since players assume BT.709 for untagged HD.
 Encoders use every core by default (see :data:`DEFAULT_ENCODE` for the measurements): at
 libvpx's default effort VP9 with alpha ran at 2.4 frames/s on a 16-core H100 host, a
@@ -37,7 +40,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from segmentation_client.wire import cutout_rgba
+from segmentation_client.wire import Color, cutout_rgba, over_color
 
 #: ``--encode`` presets: ``fast`` keeps up with the model, ``small`` trades speed for size.
 EncodePreset = Literal["fast", "balanced", "small"]
@@ -50,9 +53,12 @@ ENCODE_PRESETS: tuple[EncodePreset, ...] = ("fast", "balanced", "small")
 DEFAULT_ENCODE: EncodePreset = "fast"
 #: Container suffixes that hold a video with alpha, and their codecs.
 ALPHA_CODECS: dict[str, str] = {".webm": "VP9", ".mov": "ProRes 4444"}
+#: Container suffixes written only without alpha (frames on an opaque colour), and their codecs.
+OPAQUE_CODECS: dict[str, str] = {".mp4": "H.264"}
 # fmt: off
-#: Suffixes of video and image files without an alpha video codec here: ``-o clip.mp4`` is
-#: refused rather than taken for a directory. Any other name is a directory (``shots/a.frames``).
+#: Suffixes of video and image files without an alpha video codec here: ``-o clip.mkv`` is
+#: refused rather than taken for a directory (``clip.mp4`` too, unless the frames are
+#: opaque). Any other name is a directory (``shots/a.frames``).
 MEDIA_SUFFIXES = frozenset((
     ".mp4", ".m4v", ".mkv", ".avi", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts", ".flv", ".wmv",
     ".asf", ".ogv", ".3gp", ".3g2", ".mxf", ".y4m", ".ivf", ".nut", ".vob", ".dv", ".h264",
@@ -81,10 +87,26 @@ def encode_threads() -> int:
     return max(1, min(64, cores or 1))
 
 
-def alpha_codec(
-    suffix: str, preset: EncodePreset, threads: int, width: int, height: int = 2
+#: libx264 ``preset`` and ``crf`` per ``--encode`` preset (``fast``: ``veryfast``, which keeps
+#: up with the model on a few cores at 1080p, as VP9 at ``realtime`` does).
+X264_SETTINGS: dict[EncodePreset, tuple[str, str]] = {
+    "fast": ("veryfast", "20"),
+    "balanced": ("medium", "20"),
+    "small": ("slow", "23"),
+}
+
+
+def video_codec(
+    suffix: str,
+    preset: EncodePreset,
+    threads: int,
+    width: int,
+    height: int = 2,
+    *,
+    alpha: bool = True,
 ) -> tuple[str, str, dict[str, str]]:
-    """(encoder, pixel format with alpha, encoder options) for a ``suffix`` video.
+    """(encoder, pixel format, encoder options) for a ``suffix`` video, with an alpha
+    channel unless ``alpha`` is False (frames on an opaque colour).
 
     VP9 (libvpx): ``deadline=realtime`` with ``cpu-used`` 8 (``fast``) or 6 (``balanced``),
     ``good``/2 for ``small``; ``row-mt`` plus as many tile columns as the width allows (one
@@ -100,7 +122,19 @@ def alpha_codec(
     alpha blocks of the wrong level (seen at 65, 66 and 72 pixels, never at 64, 80 or 1280;
     it varies from one encode to the next): such clips are written as QuickTime Animation
     (``qtrle``, lossless ARGB, read by the same editors), larger but exact.
+
+    Without alpha, VP9 is ``yuv420p``, ProRes 4444 ``yuv444p10le`` (its alpha-block fault
+    does not arise, so only odd sizes take ``prores_ks``) and ``.mp4`` is H.264 ``yuv420p``
+    (:data:`X264_SETTINGS`), which needs an even width and height.
     """
+    if not alpha and suffix == ".mp4":
+        if width % 2 or height % 2:
+            raise VideoError(
+                f"H.264 in MP4 needs an even width and height, not {width}x{height}: "
+                "write a .webm or .mov instead"
+            )
+        speed, crf = X264_SETTINGS[preset]
+        return "libx264", "yuv420p", {"preset": speed, "crf": crf, "threads": str(threads)}
     if suffix == ".webm":
         tiles = min(max(threads, 1).bit_length() - 1, max(width // 256, 1).bit_length() - 1, 6)
         deadline, cpu_used = {"fast": ("realtime", 8), "balanced": ("realtime", 6)}.get(
@@ -115,19 +149,21 @@ def alpha_codec(
             "crf": "30" if preset != "small" else "34",
             "b:v": "0",
         }
-        return "libvpx-vp9", "yuva420p", options
+        return "libvpx-vp9", "yuva420p" if alpha else "yuv420p", options
     if suffix == ".mov":
-        if width % 16:
+        if width % 16 and alpha:
             return "qtrle", "argb", {}
+        pix_fmt = "yuva444p10le" if alpha else "yuv444p10le"
         if preset == "fast" and width % 2 == 0 and height % 2 == 0:
-            return "prores_aw", "yuva444p10le", {"profile": "4", "threads": str(threads)}
+            return "prores_aw", pix_fmt, {"profile": "4", "threads": str(threads)}
         options = {"profile": "4444", "threads": str(threads)}
         if preset == "small":
             options["quant_mat"] = "lt"
-        return "prores_ks", "yuva444p10le", options
+        return "prores_ks", pix_fmt, options
     raise VideoError(
         f"cannot write a {suffix or 'suffix-less'} video: use a directory (PNG sequence), "
         f"{' or '.join(ALPHA_CODECS)} (video with alpha)"
+        + ("" if alpha else f", or {' or '.join(OPAQUE_CODECS)} (on an opaque colour)")
     )
 
 
@@ -437,15 +473,16 @@ def fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-OutputKind = Literal["png", ".webm", ".mov"]
+OutputKind = Literal["png", ".webm", ".mov", ".mp4"]
 
 
-def output_kind(output: str) -> OutputKind:
-    """What ``-o output`` names: a ``.webm`` / ``.mov`` video, or a directory of PNGs.
+def output_kind(output: str, *, opaque: bool = False) -> OutputKind:
+    """What ``-o output`` names: a ``.webm`` / ``.mov`` video (``.mp4`` too when the frames
+    are ``opaque``: composed on an opaque colour), or a directory of PNGs.
 
     A path ending in a separator, or an existing directory whose name is not a video's, is a
     directory whatever dots its name holds; a name ending in another video or image suffix
-    (``.mp4``, ``.png``...) is refused, since this tool cannot write it.
+    (``.mkv``, ``.png``...) is refused, since this tool cannot write it.
     """
     path = Path(output)
     if output.endswith((os.sep, "/")):
@@ -453,10 +490,17 @@ def output_kind(output: str) -> OutputKind:
     suffix = path.suffix.lower()
     if suffix in ALPHA_CODECS:
         return ".webm" if suffix == ".webm" else ".mov"
+    if opaque and suffix in OPAQUE_CODECS:
+        return ".mp4"
     if suffix in MEDIA_SUFFIXES and not path.is_dir():
+        files = " / ".join([*ALPHA_CODECS, *(OPAQUE_CODECS if opaque else ())])
+        why = (
+            "MP4 has no alpha channel (an opaque --bg-color needs none): "
+            if suffix in OPAQUE_CODECS
+            else ""
+        )
         raise VideoError(
-            f"cannot write {path.name!r}: use a directory (PNG sequence) or a "
-            f"{' / '.join(ALPHA_CODECS)} file (MP4 has no alpha channel)"
+            f"cannot write {path.name!r}: {why}use a directory (PNG sequence) or a {files} file"
         )
     return "png"
 
@@ -540,6 +584,19 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def frame_pixels(
+    frame: np.ndarray, matte: np.ndarray, background: Color | None = None
+) -> np.ndarray:
+    """One output frame's pixels from its RGB ``frame`` and ``matte``: an ``HxW`` alpha (the
+    frame's pixels under it, as :func:`cutout_rgba` makes them) or an ``HxWx4`` cutout taken
+    as it is (edge colours refined); laid over ``background`` when given (``HxWx3`` RGB when
+    the colour is opaque, see :func:`over_color`)."""
+    if matte.shape[:2] != frame.shape[:2]:
+        raise ValueError(f"matte {matte.shape} does not match frame {frame.shape[:2]}")
+    rgba = matte if matte.ndim == 3 else cutout_rgba(frame, matte)
+    return rgba if background is None else over_color(rgba, background)
+
+
 def _differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
     def show(value: Any) -> str:
         text = json.dumps(value) if not isinstance(value, str) else value
@@ -555,7 +612,7 @@ def _differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]
         else:
             lines.append(
                 f"different {key} ({show(previous.get(key, '(none)'))} then, "
-                f"{show(current.get(key))} now)"
+                f"{show(current.get(key, '(none)'))} now)"
             )
     return lines
 
@@ -568,7 +625,8 @@ class PngSequenceWriter:
     PNG encoder with the ``sub`` row filter at zlib level 1 (23 ms a 1080p cutout against
     Pillow's 62 at the same level, 1% larger: Pillow tries every filter on every row);
     ``balanced`` and ``small`` use Pillow at zlib levels 3 and 6. Each frame's cutout is
-    composed in its worker too, off the caller's event loop.
+    composed in its worker too, off the caller's event loop (:func:`frame_pixels`: on
+    ``background`` when given, RGB PNGs when it is opaque).
 
     ``directory/segment-video.json`` records what the frames are: the input's identity and
     every option that changes a frame's pixels (``manifest``), beside ``recorded`` facts
@@ -590,8 +648,10 @@ class PngSequenceWriter:
         timer: StageTimer | None = None,
         times: FrameTimes | None = None,
         recorded: dict[str, Any] | None = None,
+        background: Color | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.background = background
         check_writable_directory(self.directory)
         self._manifest = {**manifest, "recorded": recorded or {}}
         self._size = (manifest.get("width"), manifest.get("height"))
@@ -653,34 +713,39 @@ class PngSequenceWriter:
         self.repaired += 1
         return False
 
-    def submit(self, index: int, frame: np.ndarray, alpha: np.ndarray) -> Future[None]:
-        return self._pool.submit(self._write, index, frame, alpha)
+    def submit(self, index: int, frame: np.ndarray, matte: np.ndarray) -> Future[None]:
+        """Write frame ``index``; ``matte`` as :func:`frame_pixels` takes it."""
+        return self._pool.submit(self._write, index, frame, matte)
 
-    def _write(self, index: int, frame: np.ndarray, alpha: np.ndarray) -> None:
+    def _write(self, index: int, frame: np.ndarray, matte: np.ndarray) -> None:
         with self.timer.timed("encode"):
-            rgba = cutout_rgba(frame, alpha)
+            pixels = frame_pixels(frame, matte, self.background)
             if self._fast:
-                data = self._encode_png(rgba)
+                data = self._encode_png(pixels)
             else:
                 buffer = io.BytesIO()
-                Image.fromarray(rgba, mode="RGBA").save(
-                    buffer, format="PNG", compress_level=self._level
-                )
+                Image.fromarray(pixels).save(buffer, format="PNG", compress_level=self._level)
                 data = buffer.getvalue()
             _write_durably(self.path_of(index), data)
 
-    def _encode_png(self, rgba: np.ndarray) -> bytes:
-        """One PNG file's bytes from FFmpeg's encoder (this thread's, made for this size)."""
-        height, width = rgba.shape[:2]
+    def _encode_png(self, pixels: np.ndarray) -> bytes:
+        """One PNG file's bytes (RGBA, or RGB for ``HxWx3`` pixels) from FFmpeg's encoder
+        (this thread's, made for this size and format)."""
+        height, width, channels = pixels.shape
+        pix_fmt = "rgba" if channels == 4 else "rgb24"
         encoder: Any = getattr(self._encoders, "png", None)
-        if encoder is None or (encoder.width, encoder.height) != (width, height):
+        if encoder is None or (encoder.width, encoder.height, encoder.pix_fmt) != (
+            width,
+            height,
+            pix_fmt,
+        ):
             encoder = av.CodecContext.create("png", "w")
-            encoder.width, encoder.height, encoder.pix_fmt = width, height, "rgba"
+            encoder.width, encoder.height, encoder.pix_fmt = width, height, pix_fmt
             encoder.time_base = Fraction(1, 1)
             encoder.thread_count = 1  # frames run in parallel on the pool's threads instead
             encoder.options = {"pred": "sub", "compression_level": str(self._level)}
             self._encoders.png = encoder
-        packets = encoder.encode(av.VideoFrame.from_ndarray(rgba, format="rgba"))
+        packets = encoder.encode(av.VideoFrame.from_ndarray(pixels, format=pix_fmt))
         return b"".join(bytes(packet) for packet in packets)
 
     def close(self) -> None:
@@ -696,9 +761,11 @@ class AlphaVideoWriter:
     """A video with alpha, each frame at its source frame's timestamp, in submission order.
 
     Two stages so that neither waits for the other: a pool of threads composes each cutout
-    and converts it to the encoder's pixel format (swscale, 10-20 ms a 1080p frame, without
-    the interpreter lock), and one thread feeds the converted frames to the encoder in index
-    order (the encoder itself runs on ``threads``; see :func:`alpha_codec`).
+    (:func:`frame_pixels`) and converts it to the encoder's pixel format (swscale, 10-20 ms
+    a 1080p frame, without the interpreter lock), and one thread feeds the converted frames
+    to the encoder in index order (the encoder itself runs on ``threads``; see
+    :func:`video_codec`). On an opaque ``background`` the video has no alpha channel (and
+    may be an ``.mp4``); on a translucent one it keeps it.
 
     Timestamps come from ``times`` (the reader's) in the source stream's time base, counted
     from the first frame; without it, frame ``i`` is at ``i / info.fps``. Each packet's
@@ -716,11 +783,20 @@ class AlphaVideoWriter:
         threads: int | None = None,
         timer: StageTimer | None = None,
         times: FrameTimes | None = None,
+        background: Color | None = None,
     ) -> None:
         self.path = Path(path)
         self.threads = threads or encode_threads()
-        codec, pix_fmt, options = alpha_codec(
-            self.path.suffix.lower(), preset, self.threads, info.width, info.height
+        self.background = background
+        #: Whether the frames keep an alpha channel (no opaque background).
+        self.alpha = background is None or background[3] < 255
+        codec, pix_fmt, options = video_codec(
+            self.path.suffix.lower(),
+            preset,
+            self.threads,
+            info.width,
+            info.height,
+            alpha=self.alpha,
         )
         check_encoder(codec, pix_fmt, info.width, info.height, options)
         self.codec = codec
@@ -760,16 +836,20 @@ class AlphaVideoWriter:
     def has(self, index: int) -> bool:
         return False
 
-    def submit(self, index: int, frame: np.ndarray, alpha: np.ndarray) -> Future[None]:
-        converted = self._convert_pool.submit(self._convert, frame, alpha)
+    def submit(self, index: int, frame: np.ndarray, matte: np.ndarray) -> Future[None]:
+        """Encode frame ``index`` (in order); ``matte`` as :func:`frame_pixels` takes it."""
+        converted = self._convert_pool.submit(self._convert, frame, matte)
         return self._encode_pool.submit(self._encode, index, converted)
 
-    def _convert(self, frame: np.ndarray, alpha: np.ndarray) -> av.VideoFrame:
+    def _convert(self, frame: np.ndarray, matte: np.ndarray) -> av.VideoFrame:
         with self.timer.timed("convert"):
-            rgba = av.VideoFrame.from_ndarray(cutout_rgba(frame, alpha), format="rgba")
+            pixels = frame_pixels(frame, matte, self.background)
+            picture = av.VideoFrame.from_ndarray(
+                pixels, format="rgba" if pixels.shape[2] == 4 else "rgb24"
+            )
             if self._rgb:
-                return rgba.reformat(format=self._format)
-            return rgba.reformat(
+                return picture.reformat(format=self._format)
+            return picture.reformat(
                 format=self._format, dst_colorspace=self.colour.matrix, dst_color_range="MPEG"
             )
 

@@ -29,6 +29,7 @@ from segmentation_client.video import (
     VideoError,
     VideoReader,
 )
+from segmentation_client.wire import cutout_rgba, over_color, parse_color
 from tests.conftest import assert_cutout, product_frame, write_video
 
 FRAMES = 12
@@ -387,3 +388,84 @@ def test_png_written_atomically(tmp_path: Path) -> None:
     pixels = np.asarray(Image.open(io.BytesIO((tmp_path / "frame_000003.png").read_bytes())))
     assert_cutout(pixels, frame)
     assert (pixels[..., 3] == 7).all()
+
+
+# -- cutouts over a colour, and cutouts the writers take as they are ----------------------
+
+COLOUR_SPELLINGS = [
+    "ffffff",
+    "#FFF",
+    "81d4fa77",
+    "#81d4fa",
+    "0f08",
+    "white",
+    "Green",
+    "10,20,30",
+    " 10, 20, 30, 40 ",
+]
+BAD_COLOURS = ["", "nope", "12345", "#ggg", "1,2", "1,2,3,256", "1,2,-3", "ffffff00ff"]
+
+
+@pytest.mark.parametrize("text", COLOUR_SPELLINGS)
+def test_the_client_reads_a_colour_as_the_service_reads_it(text: str) -> None:
+    from segmentation.options import parse_color as service_parse_color
+
+    assert parse_color(text) == service_parse_color(text)
+
+
+@pytest.mark.parametrize("text", BAD_COLOURS)
+def test_a_colour_neither_side_reads_is_refused_by_both(text: str) -> None:
+    from segmentation.errors import InvalidRequestError
+    from segmentation.options import parse_color as service_parse_color
+
+    with pytest.raises(ValueError, match="colour"):
+        parse_color(text)
+    with pytest.raises(InvalidRequestError):
+        service_parse_color(text)
+
+
+@pytest.mark.parametrize(
+    "colour",
+    [(255, 255, 255, 255), (10, 200, 30, 255), (0, 0, 0, 255), (129, 212, 250, 119),
+     (255, 0, 0, 254), (5, 5, 5, 1), (0, 0, 0, 0)],
+)  # fmt: skip
+def test_a_cutout_over_a_colour_agrees_with_the_service_within_one_level(
+    colour: tuple[int, int, int, int],
+) -> None:
+    import torch
+
+    from segmentation.compose import compose
+    from segmentation.options import CutoutOptions
+
+    rng = np.random.default_rng(sum(colour))
+    frame = rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)
+    matte = rng.integers(0, 256, (61, 83), dtype=np.uint8)
+    matte[:8], matte[8:16] = 0, 255  # whole rows hidden and shown, as real mattes have
+    service = compose(
+        torch.from_numpy(frame).permute(2, 0, 1).contiguous(),
+        torch.from_numpy(matte),
+        CutoutOptions(background=colour),
+    ).pixels
+    client = over_color(cutout_rgba(frame, matte), colour)
+    assert client.shape == service.shape == (61, 83, 3 if colour[3] == 255 else 4)
+    assert np.abs(client.astype(int) - service.astype(int)).max() <= 1
+    if colour[3] == 255:  # where the matte is 0 the colour, where it is 255 the frame
+        assert (client[:8] == colour[:3]).all() and np.array_equal(client[8:16], frame[8:16])
+
+
+def test_writers_take_a_cutout_as_it_is_and_lay_it_over_the_colour(tmp_path: Path) -> None:
+    """An ``HxWx4`` cutout (edge colours refined) is written as it is; with a background it is
+    composed first: RGB PNGs on an opaque colour, RGBA on a translucent one."""
+    frame = product_frame(40, 30)
+    rng = np.random.default_rng(1)
+    cutout = rng.integers(0, 256, (30, 40, 4), dtype=np.uint8)
+    for background, name in [(None, "as-is"), ((0, 128, 255, 255), "opaque"), ((9, 9, 9, 99), "x")]:
+        writer = PngSequenceWriter(tmp_path / name, {}, background=background)
+        writer.submit(0, frame, cutout).result()
+        writer.close()
+        pixels = _png(tmp_path / name / "frame_000000.png")
+        expected = cutout if background is None else over_color(cutout, background)
+        assert np.array_equal(pixels, expected)
+    assert _png(tmp_path / "opaque" / "frame_000000.png").shape == (30, 40, 3)
+    with pytest.raises(ValueError, match="does not match"):
+        PngSequenceWriter(tmp_path / "bad", {}).submit(0, frame, cutout[:20]).result()
