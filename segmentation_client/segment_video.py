@@ -1,6 +1,7 @@
 """``segment-video``: cut every frame of a video out of its background.
 
     segment-video INPUT -o OUTPUT [--model rmbg|yolo] [--server URL] [--encode fast|balanced|small]
+                  [--refine] [--bg-color COLOUR]
 
 OUTPUT is a directory (RGBA PNG sequence ``frame_000000.png``..., resumable; any name, dots
 included, or a path ending in ``/``) or a ``.webm`` (VP9 with alpha) / ``.mov`` (ProRes 4444)
@@ -11,6 +12,14 @@ service (bounded concurrency, retries on 503/429); without it the segmentor runs
 process, on the GPU when there is one, configured by the same environment variables as the
 service. ``--model rmbg`` keeps RMBG-2.0's alpha matte; ``--model yolo`` keeps the pixels of
 the objects YOLO11-seg finds (the union of their instance masks). Audio is not copied.
+
+``--refine`` (rmbg) estimates the foreground's own colour at the matte's soft edges, so the
+old background does not show through as a fringe: through ``--server`` the service does (its
+``refine``), in-process the model's device does. ``--bg-color`` lays each cutout over a
+colour, here, as the service's ``background`` does (within one level); an opaque colour
+gives frames without alpha: RGB PNGs, VP9 / ProRes without an alpha channel, or an ``.mp4``
+(H.264). ``--crop`` is refused: every frame of a video, and of a PNG sequence an editor
+imports as footage, has one size.
 
 Decoding, the model and encoding run at the same time (a decode thread, one model thread, a
 pool of encoder threads, bounded queues between them, frame order kept), so the slowest of
@@ -57,6 +66,7 @@ from segmentation_client.video import (
     fingerprint,
     output_kind,
 )
+from segmentation_client.wire import Color, parse_color
 
 ModelKind = Literal["rmbg", "yolo"]
 MODEL_KINDS: tuple[ModelKind, ...] = ("rmbg", "yolo")
@@ -72,7 +82,9 @@ QUICK_START_FRAMES = 1400
 
 
 class MatteSource(Protocol):
-    """Turns frames into alpha mattes; ``chunk`` frames per call, ``window`` calls in flight."""
+    """Turns frames into alpha mattes (``HxW``), or into cutouts (``HxWx4``, edge colours
+    refined) that the writer takes as they are; ``chunk`` frames per call, ``window`` calls
+    in flight."""
 
     chunk: int
     window: int
@@ -83,23 +95,40 @@ class MatteSource(Protocol):
 class Writer(Protocol):
     def has(self, index: int) -> bool: ...
 
-    def submit(self, index: int, frame: np.ndarray, alpha: np.ndarray) -> Future[None]: ...
+    def submit(self, index: int, frame: np.ndarray, matte: np.ndarray) -> Future[None]: ...
 
     def close(self) -> None: ...
 
 
+def with_refined_edges(frame: np.ndarray, refined: np.ndarray) -> np.ndarray:
+    """The service's refined cutout of ``frame`` (``HxWx4``) with the frame's own pixels
+    where it is opaque: the service refined the JPEG it was sent, whose colours are within
+    a few levels of the frame's, and only the soft edges (0 < alpha < 255) carry estimated
+    colours; elsewhere the output is the plain cutout's, to the level."""
+    if refined.shape != (*frame.shape[:2], 4):
+        raise ValueError(f"the refined cutout is {refined.shape}, not {frame.shape[:2]} RGBA")
+    cutout = np.array(refined)  # decoded images are read-only
+    np.copyto(cutout[..., :3], frame, where=cutout[..., 3:] == 255)
+    return cutout
+
+
 @dataclass
 class ServiceMattes:
-    """Mattes from a running service: one request per frame, ``window`` in flight."""
+    """Mattes from a running service: one request per frame, ``window`` in flight; with
+    ``refine``, RGBA cutouts whose edge colours the service estimated."""
 
     client: Any  # AsyncSegmentorClient
     model: ModelKind
     detect: dict[str, Any] = field(default_factory=dict)
     chunk: int = 1
     window: int = 16
+    refine: bool = False
 
     async def mattes(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         async def one(frame: np.ndarray) -> np.ndarray:
+            if self.model == "rmbg" and self.refine:
+                answer = await self.client.remove_background(frame, output="rgba", refine=True)
+                return await asyncio.to_thread(lambda: with_refined_edges(frame, answer.to_array()))
             if self.model == "rmbg":
                 matte = await self.client.remove_background(frame, output="mask")
                 return await asyncio.to_thread(matte.alpha)
@@ -138,7 +167,7 @@ class LocalMattes:
         self.timer.add("model", elapsed)
         if self.first_call is None:
             self.first_call = elapsed
-        return [output.alpha for output in outputs]
+        return [o.cutout if o.cutout is not None else o.alpha for o in outputs]
 
     async def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
@@ -324,6 +353,9 @@ class RunReport:
     stages: dict[str, float]
     #: Why ``--cuda-graphs`` could not capture (the model then ran eagerly).
     cuda_graphs_error: str | None = None
+    #: The options of the run: those that change the frames (:func:`output_options`) and
+    #: those that only change its pace.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, profile: bool = False) -> str:
         first = (
@@ -378,7 +410,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--output",
         required=True,
         help="a directory (PNG sequence, resumable), or a .webm (VP9 + alpha) or .mov "
-        "(ProRes 4444) file",
+        "(ProRes 4444) file; with an opaque --bg-color also an .mp4 (H.264)",
     )
     parser.add_argument("--model", choices=MODEL_KINDS, default="rmbg")
     parser.add_argument(
@@ -408,6 +440,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(capture 0.2-0.8 s; no gain measured on a 16-core H100 machine, where the pipeline "
         "is not bound by kernel launches; see docs/benchmarks.md)",
     )
+    parser.add_argument(
+        "--refine",
+        action="store_true",
+        help="rmbg: estimate the foreground's own colour at soft edges (hair, motion blur), "
+        "so the old background does not show through as a fringe; through --server the "
+        "service estimates it, in-process the model's device",
+    )
+    parser.add_argument(
+        "--bg-color",
+        type=_colour,
+        metavar="COLOUR",
+        help="lay each cutout over this colour: hex (ffffff, fff, 81d4fa77 with alpha), a "
+        "name (white) or r,g,b[,a]; an opaque colour gives frames without alpha (RGB PNGs, "
+        "VP9 / ProRes without an alpha channel, or an .mp4)",
+    )
+    parser.add_argument(
+        "--crop",
+        action="store_true",
+        help="not supported: every frame of a video (and of a PNG sequence an editor "
+        "imports as footage) has one size, so frames are not cut to their subject; crop "
+        "single images through the service (/v1/remove-background?crop=true)",
+    )
     parser.add_argument("--conf", type=float, help="yolo: minimum detection score")
     parser.add_argument("--classes", help="yolo: comma-separated class ids to keep")
     parser.add_argument(
@@ -430,11 +484,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.batch_size < 1:
         parser.error("--concurrency and --batch-size must be at least 1")
+    if args.crop:
+        parser.error(
+            "--crop is not supported: every frame of a video or PNG sequence has one size, "
+            "and a crop to each frame's subject would change it from frame to frame"
+        )
+    if args.refine and args.model != "rmbg":
+        parser.error(
+            f"--refine needs --model rmbg: {args.model}'s masks are hard (0 or 255), with no "
+            "soft edges to refine"
+        )
     try:
         args.classes = [int(c) for c in args.classes.split(",")] if args.classes else None
     except ValueError:
         parser.error(f"--classes {args.classes!r}: expected comma-separated integers")
     return args
+
+
+def _colour(text: str) -> Color:
+    try:
+        return parse_color(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _hex(colour: Color | None) -> str | None:
+    return None if colour is None else "".join(f"{c:02x}" for c in colour)
 
 
 def open_writer(
@@ -446,17 +521,26 @@ def open_writer(
     preset: EncodePreset = DEFAULT_ENCODE,
     timer: StageTimer | None = None,
     recorded: dict[str, Any] | None = None,
+    background: Color | None = None,
 ) -> AlphaVideoWriter | PngSequenceWriter:
     """The writer for ``output``, its path and encoder checked (no model is built yet).
 
-    A ``.webm`` / ``.mov`` name is a video file, refused when it exists (unless
-    ``overwrite``) or is a directory; anything else is a PNG sequence directory, whose
-    ``manifest`` (what identifies the job) decides whether it resumes.
+    A ``.webm`` / ``.mov`` name (``.mp4`` too on an opaque ``background``) is a video file,
+    refused when it exists (unless ``overwrite``) or is a directory; anything else is a PNG
+    sequence directory, whose ``manifest`` (what identifies the job) decides whether it
+    resumes.
     """
-    kind = output_kind(output)
+    kind = output_kind(output, opaque=background is not None and background[3] == 255)
     if kind != "png":
         check_writable_file(output, "output", overwrite)
-        return AlphaVideoWriter(output, reader.info, preset=preset, timer=timer, times=reader.times)
+        return AlphaVideoWriter(
+            output,
+            reader.info,
+            preset=preset,
+            timer=timer,
+            times=reader.times,
+            background=background,
+        )
     return PngSequenceWriter(
         output,
         manifest,
@@ -465,7 +549,23 @@ def open_writer(
         timer=timer,
         times=reader.times,
         recorded=recorded,
+        background=background,
     )
+
+
+def output_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option that changes an output frame's pixels, as the manifest and ``--report``
+    record them (``bg_color`` as 8 hex digits, so ``white`` and ``fff`` are one colour)."""
+    return {
+        "model": args.model,
+        "model_path": args.model_path,
+        "server": args.server,
+        "device": args.device,
+        "conf": args.conf,
+        "classes": args.classes,
+        "refine": args.refine,
+        "bg_color": _hex(args.bg_color),
+    }
 
 
 def job_manifest(
@@ -473,19 +573,23 @@ def job_manifest(
 ) -> dict[str, Any]:
     """What a PNG sequence's frames depend on: the input (its size and first MiB's hash) and
     every option that changes a frame's pixels. A resume must match it exactly. (``--encode``
-    is not here: every preset writes the same pixels.) ``source``: :func:`fingerprint`."""
+    is not here: every preset writes the same pixels.) ``source``: :func:`fingerprint`.
+
+    ``refine`` and ``bg_color`` are written only when set, so a directory written before
+    they existed (plain cutouts) still resumes, and one that has them does not resume
+    without them."""
     info = reader.info
+    options = {
+        key: value
+        for key, value in output_options(args).items()
+        if key not in ("refine", "bg_color") or value
+    }
     return {
         "version": 2,
         "input": os.path.basename(args.input),
         "input_size": source["size"],
         "input_sha256_first_mib": source["sha256_first_mib"],
-        "model": args.model,
-        "model_path": args.model_path,
-        "server": args.server,
-        "device": args.device,
-        "conf": args.conf,
-        "classes": args.classes,
+        **options,
         "width": info.width,
         "height": info.height,
         "orientation": info.orientation.describe(),
@@ -516,7 +620,10 @@ def build_matte_source(
         client = AsyncSegmentorClient(
             args.server, api_key=args.api_key, max_concurrency=args.concurrency
         )
-        return ServiceMattes(client, args.model, detect, window=args.concurrency), client.close
+        source = ServiceMattes(
+            client, args.model, detect, window=args.concurrency, refine=args.refine
+        )
+        return source, client.close
     try:
         from segmentation.config import load_settings
         from segmentation.factory import build_segmentor
@@ -538,6 +645,7 @@ def build_matte_source(
         detect=DetectOptions(**detect),
         cuda_graphs=args.cuda_graphs,
         quick_start=not frames or frames < QUICK_START_FRAMES,
+        refine=args.refine,
     )
 
     async def nothing() -> None:
@@ -562,6 +670,7 @@ async def run(args: argparse.Namespace) -> RunReport:
             preset=args.encode,
             timer=timer,
             recorded=recorded,
+            background=args.bg_color,
         )
         if not args.server:
             mark = time.perf_counter()
@@ -620,6 +729,13 @@ async def run(args: argparse.Namespace) -> RunReport:
         startup=startup,
         stages={k: round(v, 3) for k, v in timer.seconds.items()},
         cuda_graphs_error=cuda_graphs_error,
+        options={
+            **output_options(args),
+            "batch_size": args.batch_size,
+            "concurrency": args.concurrency,
+            "cuda_graphs": args.cuda_graphs,
+            "overwrite": args.overwrite,
+        },
     )
 
 

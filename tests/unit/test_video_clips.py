@@ -519,3 +519,157 @@ def test_directory_names_may_hold_dots(tmp_path: Path, short_clip) -> None:
     assert run(clip, f"{out}/") == 0
     assert len(list(out.glob("frame_*.png"))) == len(frames)
     assert run(clip, out) == 0  # the same directory, without the slash: resumed, not refused
+
+
+# Cutout options: edge colours refined, cutouts over a colour. The product stand-in's mattes
+# are 0 on the background, 255 inside the object and soft between (the tiny one's are soft
+# everywhere), so what changes where can be told apart.
+
+PRODUCT = ["--model-path", standins.PRODUCT_RMBG, "--device", "cpu", "--no-progress"]
+#: The colour of product_frame's object (an ellipse, hard-edged, on a light noisy ground).
+OBJECT_COLOUR = np.array([180, 40, 30])
+
+
+def product_run(clip: Path, output: Path, *extra: str) -> int:
+    return main([str(clip), "-o", str(output), *PRODUCT, *extra])
+
+
+def frame_png(directory: Path, index: int) -> np.ndarray:
+    return np.asarray(Image.open(directory / f"frame_{index:06d}.png"))
+
+
+def over(frame: np.ndarray, alpha: np.ndarray, colour: tuple[int, int, int, int]) -> np.ndarray:
+    """``frame`` under ``alpha`` laid over ``colour`` ("over" compositing), in float64 and
+    rounded to levels: RGB on an opaque colour, RGBA otherwise."""
+    a = alpha[..., None] / 255
+    back, back_alpha = np.array(colour[:3]) / 255, colour[3] / 255
+    out_alpha = a + back_alpha * (1 - a)
+    colours = (frame / 255 * a + back * back_alpha * (1 - a)) / np.maximum(out_alpha, 1e-12)
+    levels = np.round(np.where(out_alpha > 0, colours, 0) * 255)
+    return levels if colour[3] == 255 else np.concatenate([levels, np.round(out_alpha * 255)], -1)
+
+
+def test_bg_color_lays_every_frame_over_the_colour(tmp_path: Path, short_clip) -> None:
+    clip, frames = short_clip
+    assert product_run(clip, tmp_path / "plain") == 0
+    for text, colour in [("81d4fa", (129, 212, 250, 255)), ("10,20,30,128", (10, 20, 30, 128))]:
+        out, report = tmp_path / text, tmp_path / f"{text}.json"
+        assert product_run(clip, out, "--bg-color", text, "--report", str(report)) == 0
+        options = json.loads(report.read_text())["options"]
+        assert options["bg_color"] == "".join(f"{c:02x}" for c in colour)
+        assert options["refine"] is False and options["model_path"] == standins.PRODUCT_RMBG
+        for index, frame in enumerate(frames):
+            alpha = frame_png(tmp_path / "plain", index)[..., 3]
+            assert (alpha == 0).any() and (alpha == 255).any() and (alpha % 255 > 0).any()
+            pixels = frame_png(out, index)
+            assert pixels.shape == (48, 64, 3 if colour[3] == 255 else 4)
+            assert np.abs(pixels.astype(int) - over(frame, alpha, colour)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("suffix", "codec"), [(".mp4", "h264"), (".webm", "vp9"), (".mov", "prores")]
+)
+def test_an_opaque_bg_color_writes_videos_without_alpha(
+    tmp_path: Path, short_clip, suffix: str, codec: str
+) -> None:
+    clip, frames = short_clip
+    assert product_run(clip, tmp_path / "plain") == 0
+    out = tmp_path / f"on-blue{suffix}"
+    colour = (0, 90, 200, 255)
+    assert product_run(clip, out, "--bg-color", "0,90,200") == 0
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.name == codec
+    written = alpha_frames(out)
+    assert len(written) == len(frames)
+    for index, (picture, frame) in enumerate(zip(written, frames, strict=True)):
+        assert not picture.format.name.startswith(("yuva", "argb", "rgba")), picture.format.name
+        alpha = frame_png(tmp_path / "plain", index)[..., 3]
+        error = np.abs(picture.to_ndarray(format="rgb24").astype(int) - over(frame, alpha, colour))
+        # Lossy 4:2:0 (4:4:4 for ProRes) on a noisy ground: a few levels on average; the
+        # flat colour itself, away from the object's edge, within two.
+        assert error.mean() <= 6, error.mean()
+        background = ~np.pad(alpha > 0, 4, mode="edge")  # the object's edge and 4 px beyond
+        background = ~np.lib.stride_tricks.sliding_window_view(background, (9, 9)).any((2, 3))
+        assert np.median(error[background]) <= 2
+
+
+def test_refine_in_process_changes_only_the_soft_edges(tmp_path: Path, short_clip) -> None:
+    import torch
+
+    from segmentation.compose import compose
+    from segmentation.options import CutoutOptions
+
+    clip, frames = short_clip
+    assert product_run(clip, tmp_path / "plain") == 0
+    report = tmp_path / "report.json"
+    assert product_run(clip, tmp_path / "refined", "--refine", "--report", str(report)) == 0
+    assert json.loads(report.read_text())["options"]["refine"] is True
+    for index, frame in enumerate(frames):
+        plain, refined = (
+            frame_png(tmp_path / "plain", index),
+            frame_png(tmp_path / "refined", index),
+        )
+        alpha = plain[..., 3]
+        assert np.array_equal(refined[..., 3], alpha)
+        soft = (alpha > 0) & (alpha < 255)
+        assert soft.any() and np.array_equal(refined[~soft], plain[~soft])
+        # The edges carry the object's colour, not the light ground's: the fringe is gone
+        # (72-75 levels from it on average before, 9-11 after).
+        plain_off, refined_off = (
+            np.abs(pixels[soft][:, :3].astype(int) - OBJECT_COLOUR).mean()
+            for pixels in (plain, refined)
+        )
+        assert refined_off < plain_off / 3
+        # What the service answers for refine=true on this frame and matte.
+        rgb = torch.from_numpy(frame).permute(2, 0, 1).contiguous()
+        matte = torch.from_numpy(alpha.copy())
+        expected = compose(rgb, matte, CutoutOptions(refine=True)).pixels
+        assert np.array_equal(refined, expected)
+
+
+def test_changed_cutout_options_do_not_resume_into_the_frames(
+    tmp_path: Path, short_clip, capsys
+) -> None:
+    clip, _ = short_clip
+    out = tmp_path / "seq"
+    assert run(clip, out) == 0
+    capsys.readouterr()
+    assert run(clip, out, "--bg-color", "white") == 2
+    assert "different bg_color ((none) then, ffffffff now)" in capsys.readouterr().err
+    assert run(clip, out, "--refine") == 2
+    assert "different refine ((none) then, true now)" in capsys.readouterr().err
+
+    on_white = tmp_path / "on-white"
+    assert run(clip, on_white, "--bg-color", "fff") == 0
+    capsys.readouterr()
+    assert run(clip, on_white, "--bg-color", "White") == 0  # one colour, however spelt
+    assert "(6 were already done)" in capsys.readouterr().err
+    assert run(clip, on_white, "--bg-color", "black") == 2
+    err = capsys.readouterr().err
+    assert "different bg_color (ffffffff then, 000000ff now)" in err and err.count("\n") == 1
+    assert run(clip, on_white) == 2
+    assert "different bg_color (ffffffff then, (none) now)" in capsys.readouterr().err
+
+
+def test_bad_cutout_options_exit_2_with_a_message(tmp_path: Path, short_clip, capsys) -> None:
+    clip, _ = short_clip
+    for extra, expected in [
+        (["--bg-color", "nope"], "argument --bg-color: colour 'nope': expected hex"),
+        (["--bg-color", "1,2,300"], "decimal colours are r,g,b or r,g,b,a, each 0-255"),
+        (["--crop"], "--crop is not supported: every frame of a video or PNG sequence"),
+        (["--refine", "--model", "yolo"], "--refine needs --model rmbg"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            run(clip, tmp_path / "out", *extra)
+        assert exit_info.value.code == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--crop" in capsys.readouterr().out  # and says why it is not supported
+    # An MP4 needs opaque frames of an even size.
+    mp4 = tmp_path / "out.mp4"
+    _refused(capsys, [str(clip), "-o", str(mp4), "--bg-color", "ffffff80"], "no alpha channel")
+    odd = tmp_path / "odd.mov"
+    make_clip(odd, [product_frame(65, 48)])
+    _refused(capsys, [str(odd), "-o", str(mp4), "--bg-color", "fff"], "even width and height")
