@@ -160,3 +160,46 @@ def test_segment_video_reports_an_unreachable_server(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err
     assert "segment-video: error: ServiceUnreachable" in err and "127.0.0.1:9" in err
     assert "Traceback" not in err
+
+
+def test_segment_video_refines_edges_and_lays_cutouts_over_a_colour_through_the_service(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    import torch
+
+    from segmentation.compose import compose
+    from segmentation.options import CutoutOptions
+
+    clip = tmp_path / "clip.mov"
+    frames = write_video(clip, [product_frame(128, 96, seed=60 + i) for i in range(4)], fps=30)
+
+    def run(output: Path, *extra: str) -> int:
+        argv = [str(clip), "-o", str(output), "--server", cluster.url, "--no-progress", *extra]
+        return segment_video(argv)
+
+    assert run(tmp_path / "plain") == 0
+    assert run(tmp_path / "refined", "--refine") == 0
+    assert run(tmp_path / "on-white", "--bg-color", "white") == 0
+    white = CutoutOptions(background=(255, 255, 255, 255))
+    with SegmentorClient(cluster.url) as client:  # JPEG uploads, as segment-video's
+        for index, frame in enumerate(frames):
+            plain, refined, on_white = (
+                np.asarray(PILImage.open(tmp_path / name / f"frame_{index:06d}.png"))
+                for name in ("plain", "refined", "on-white")
+            )
+            alpha = plain[..., 3]
+            soft = (alpha > 0) & (alpha < 255)
+            assert soft.any() and (alpha == 255).any()
+            # Refined: the same matte; the frame's own pixels where it is 0 or 255, and at
+            # the soft edges the colours the service estimated (for the JPEG it was sent).
+            assert np.array_equal(refined[..., 3], alpha)
+            assert np.array_equal(refined[~soft], plain[~soft])
+            answer = client.remove_background(frame, output="rgba", refine=True).to_array()
+            assert np.array_equal(refined[soft], answer[soft])
+            assert (refined[soft] != plain[soft]).any()
+            # On white: the frame under the demo model's matte, composed as the service
+            # composes, within one level.
+            rgb = torch.from_numpy(frame).permute(2, 0, 1).contiguous()
+            expected = compose(rgb, torch.from_numpy(alpha.copy()), white).pixels
+            assert on_white.shape == (96, 128, 3)
+            assert np.abs(on_white.astype(int) - expected.astype(int)).max() <= 1
