@@ -122,6 +122,9 @@ class Image:
 
     data: bytes
     content_type: str = "image/png"
+    #: With ``crop=True``: the frame pixels the image covers, ``(left, top, right, bottom)``
+    #: (the subject plus its margin; may reach past the frame's edge).
+    cutout_box: tuple[int, int, int, int] | None = None
 
     def to_array(self) -> np.ndarray:
         """Decoded pixels: uint8 ``HxWx4`` for a cutout, ``HxW`` for a matte."""
@@ -259,7 +262,14 @@ def parse_frames(data: dict[str, Any]) -> list[FrameResult]:
         elif data["task"] == "segment":
             results.append(Segmentation.from_json(entry))
         else:
-            results.append(Image(_b64decode(entry["image"]), entry.get("content_type", "")))
+            box = entry.get("cutout_box")
+            results.append(
+                Image(
+                    _b64decode(entry["image"]),
+                    entry.get("content_type", "image/png"),
+                    cutout_box=_box(box) if box else None,
+                )
+            )
     return results
 
 
@@ -330,7 +340,17 @@ def _retry_after(response: httpx.Response | None) -> str | None:
 
 
 def _image(response: httpx.Response) -> Image:
-    return Image(response.content, response.headers.get("content-type", "image/png"))
+    box = response.headers.get("x-cutout-box")
+    return Image(
+        response.content,
+        response.headers.get("content-type", "image/png"),
+        cutout_box=_box(box.split(",")) if box else None,
+    )
+
+
+def _box(values: Sequence[Any]) -> tuple[int, int, int, int]:
+    left, top, right, bottom = (int(v) for v in values)
+    return left, top, right, bottom
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -780,6 +800,13 @@ def _grpc_options(
     return detect_options(conf, iou, classes, max_det)
 
 
+def _grpc_cutout(cutout: dict[str, Any]) -> Any:
+    """The cutout keyword arguments as the proto's ``CutoutOptions``."""
+    from segmentation_client.grpc_transport import cutout_options
+
+    return cutout_options(**_cutout_params(**cutout))
+
+
 def sniff_content_type(data: bytes) -> str:
     """The image type of encoded bytes by their signature (the service checks it too)."""
     if data.startswith(b"\xff\xd8"):
@@ -850,15 +877,16 @@ class SegmentorClient(_Base):
 
     def remove_background(self, image: ImageInput, output: Output = "rgba", **cutout: Any) -> Image:
         """RGBA cutout (``output="rgba"``) or grayscale matte (``"mask"``) as PNG. Cutout
-        options (HTTP only): ``refine`` (edge colours), ``background`` (``"ffffff"``,
-        ``"white"`` or ``(r, g, b[, a])``), ``crop``, ``crop_margin`` (``"10%"``, ``"30px"``),
-        ``format`` (``png``, ``webp``, ``jpeg``), ``quality``, ``lossless``."""
+        options: ``refine`` (edge colours), ``background`` (``"ffffff"``, ``"white"`` or
+        ``(r, g, b[, a])``), ``crop``, ``crop_margin`` (``"10%"``, ``"30px"``), ``format``
+        (``png``, ``webp``, ``jpeg``), ``quality``, ``lossless``. With ``crop`` the answer's
+        ``cutout_box`` says which frame pixels it covers."""
         params = _clean(_cutout_params(**cutout))
         if self._grpc is not None:
-            if params:
-                self._http_only("cutout options")
             data, _ = self.encode(image)
-            request = pb().ImageRequest(image=data, output=self._grpc_output(output))
+            request = pb().ImageRequest(
+                image=data, output=self._grpc_output(output), cutout=_grpc_cutout(cutout)
+            )
             return self._grpc.image(self._grpc.call("RemoveBackground", request))
         response = self._send(
             self._single("/v1/remove-background", image, {"output": output, **params})
@@ -913,17 +941,26 @@ class SegmentorClient(_Base):
         iou: float | None = None,
         classes: Sequence[int] | None = None,
         max_det: int | None = None,
+        **cutout: Any,
     ) -> list[FrameResult]:
-        """Many frames in one request; results in input order, a bad frame as FrameError."""
+        """Many frames in one request; results in input order, a bad frame as FrameError.
+        ``task="remove-background"`` takes the cutout options of :meth:`remove_background`
+        for every frame; ``task="segment"`` the detection options."""
         if self._grpc is not None:
             request = self._grpc.frames_request(
                 [self.encode(i)[0] for i in images],
                 task,
                 output,
                 _grpc_options(conf, iou, classes, max_det),
+                _grpc_cutout(cutout),
             )
             return [self._grpc.frame(r) for r in self._grpc.call("Frames", request).frames]
-        params = {"task": task, "output": output, **_detect_params(conf, iou, classes, max_det)}
+        params = {
+            "task": task,
+            "output": output,
+            **_detect_params(conf, iou, classes, max_det),
+            **_cutout_params(**cutout),
+        }
         return parse_frames(self._send(self._frames(images, params)).json())
 
     def map(self, fn: Callable[[T], Any], items: Iterable[T]) -> list[Any]:
@@ -1007,10 +1044,10 @@ class AsyncSegmentorClient(_Base):
     ) -> Image:
         params = _clean(_cutout_params(**cutout))
         if self._grpc is not None:
-            if params:
-                self._http_only("cutout options")
             data, _ = await asyncio.to_thread(self.encode, image)
-            message = pb().ImageRequest(image=data, output=self._grpc_output(output))
+            message = pb().ImageRequest(
+                image=data, output=self._grpc_output(output), cutout=_grpc_cutout(cutout)
+            )
             return self._grpc.image(await self._grpc.call("RemoveBackground", message))
         request = await self._encoded(
             lambda: self._single("/v1/remove-background", image, {"output": output, **params})
@@ -1066,14 +1103,20 @@ class AsyncSegmentorClient(_Base):
         iou: float | None = None,
         classes: Sequence[int] | None = None,
         max_det: int | None = None,
+        **cutout: Any,
     ) -> list[FrameResult]:
         if self._grpc is not None:
             data = await asyncio.to_thread(lambda: [self.encode(i)[0] for i in images])
             options = _grpc_options(conf, iou, classes, max_det)
-            message = self._grpc.frames_request(data, task, output, options)
+            message = self._grpc.frames_request(data, task, output, options, _grpc_cutout(cutout))
             reply = await self._grpc.call("Frames", message)
             return [self._grpc.frame(r) for r in reply.frames]
-        params = {"task": task, "output": output, **_detect_params(conf, iou, classes, max_det)}
+        params = {
+            "task": task,
+            "output": output,
+            **_detect_params(conf, iou, classes, max_det),
+            **_cutout_params(**cutout),
+        }
         request = await self._encoded(lambda: self._frames(images, params))
         return parse_frames((await self._send(request)).json())
 

@@ -61,6 +61,35 @@ def detect_options(
     return options
 
 
+IMAGE_TYPES = {"png": pb.PNG, "webp": pb.WEBP, "jpeg": pb.JPEG}
+
+
+def cutout_options(
+    refine: bool | None = None,
+    background: str | None = None,
+    crop: bool | None = None,
+    crop_margin: str | int | None = None,
+    format: str | None = None,
+    quality: int | None = None,
+    lossless: bool | None = None,
+) -> pb.CutoutOptions:
+    """The cutout options as the proto's message (None: the service's default); the values
+    are those of the HTTP query (``background`` already a string)."""
+    if format is not None and format not in IMAGE_TYPES:
+        raise ValueError(f"format={format!r}: expected one of {', '.join(IMAGE_TYPES)}")
+    options = pb.CutoutOptions(
+        refine=bool(refine),
+        background=background or "",
+        crop=bool(crop),
+        crop_margin="" if crop_margin is None else str(crop_margin),
+        format=IMAGE_TYPES[format or "png"],
+        lossless=bool(lossless),
+    )
+    if quality is not None:
+        options.quality = quality
+    return options
+
+
 def trailing(err: grpc.RpcError) -> dict[str, str]:
     """Trailing metadata of a failed call as a dict (empty when there is none)."""
     metadata = getattr(err, "trailing_metadata", lambda: None)()
@@ -148,7 +177,13 @@ class _Common:
         return wait
 
     def image(self, reply: pb.ImageReply) -> Image:
-        return Image(reply.data, "image/png")
+        default = "application/octet-stream" if reply.format == pb.RAW_ALPHA else "image/png"
+        box = tuple(reply.cutout_box)
+        return Image(
+            reply.data,
+            reply.media_type or default,
+            cutout_box=(box[0], box[1], box[2], box[3]) if len(box) == 4 else None,
+        )
 
     def segmentation(self, reply: pb.SegmentReply) -> Segmentation:
         instances = []
@@ -169,10 +204,15 @@ class _Common:
         return self.image(reply.matte)
 
     def frames_request(
-        self, data: list[bytes], task: str, output: str, options: pb.DetectOptions
+        self,
+        data: list[bytes],
+        task: str,
+        output: str,
+        options: pb.DetectOptions,
+        cutout: pb.CutoutOptions | None = None,
     ) -> pb.FramesRequest:
         return pb.FramesRequest(
-            frames=data, task=TASKS[task], output=OUTPUTS[output], options=options
+            frames=data, task=TASKS[task], output=OUTPUTS[output], options=options, cutout=cutout
         )
 
 

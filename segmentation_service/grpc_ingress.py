@@ -25,6 +25,7 @@ frames whose deadline passed while they were queued. A value that is not 1 to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -40,11 +41,18 @@ from segmentation.errors import (
     PayloadTooLargeError,
     SegmentationError,
 )
-from segmentation.options import DetectOptions, Output
+from segmentation.imaging import EncodedOutput
+from segmentation.options import CutoutOptions, DetectOptions, ImageFormat, Output
 from segmentation_client.proto import segmentor_pb2 as pb
 from segmentation_service.deadlines import Deadline, parse_timeout_ms
 from segmentation_service.errors import grpc_status, unwrap
-from segmentation_service.router import Router, checked_options
+from segmentation_service.router import (
+    Router,
+    check_no_cutout_options,
+    checked_options,
+    frame_cutout_box,
+    product_cutout_options,
+)
 
 if TYPE_CHECKING:
     _RouterBase = Router
@@ -55,6 +63,7 @@ logger = logging.getLogger("ray.serve")
 Reply = TypeVar("Reply")
 
 _OUTPUT_NAMES: dict[int, Output] = {pb.RGBA_PNG: "rgba", pb.MATTE_PNG: "mask", pb.RAW_ALPHA: "raw"}
+_IMAGE_TYPES: dict[int, ImageFormat] = {pb.PNG: "png", pb.WEBP: "webp", pb.JPEG: "jpeg"}
 
 
 def detect_options(message: pb.DetectOptions) -> DetectOptions:
@@ -64,6 +73,38 @@ def detect_options(message: pb.DetectOptions) -> DetectOptions:
         message.iou if message.HasField("iou") else 0.7,
         message.max_det if message.HasField("max_det") else 300,
         tuple(message.classes),
+    )
+
+
+def cutout_options(message: pb.CutoutOptions, output: int) -> CutoutOptions:
+    """The HTTP query's cutout options (same parsing, defaults and 422s) from the proto's;
+    unset fields take the defaults, so an unset message is the plain cutout."""
+    if message.format not in _IMAGE_TYPES:
+        raise InvalidRequestError(f"cutout.format={message.format}: not an ImageType")
+    options = product_cutout_options(
+        refine=message.refine,
+        background=message.background or None,
+        crop=message.crop,
+        crop_margin=message.crop_margin or "0",
+        format=_IMAGE_TYPES[message.format],
+        quality=message.quality if message.HasField("quality") else 90,
+        lossless=message.lossless,
+    )
+    return dataclasses.replace(options, output=output_name(output))
+
+
+def image_reply(
+    output: pb.OutputFormat, answer: EncodedOutput, options: CutoutOptions
+) -> pb.ImageReply:
+    """A cutout, matte or raw matte as the proto's reply."""
+    box = frame_cutout_box(answer, options)
+    return pb.ImageReply(
+        format=output,
+        data=answer.data,
+        width=answer.width,
+        height=answer.height,
+        media_type="" if options.output == "raw" else answer.media_type,
+        cutout_box=box or [],
     )
 
 
@@ -124,14 +165,12 @@ class SegmentorServicer(_RouterBase):
         self, request: pb.ImageRequest, grpc_context: RayServegRPCContext
     ) -> pb.ImageReply:
         async def work(deadline: Deadline) -> pb.ImageReply:
-            output = output_name(request.output)
+            options = cutout_options(request.cutout, request.output)
             async with self._one_image(self._one_message_image(request.image), deadline) as image:
                 answer = await self._call(
-                    self.rmbg.remove_background, image, output, deadline.at, deadline=deadline
+                    self.rmbg.remove_background, image, options, deadline.at, deadline=deadline
                 )
-            return pb.ImageReply(
-                format=request.output, data=answer.data, width=answer.width, height=answer.height
-            )
+            return image_reply(request.output, answer, options)
 
         return await self._answer("RemoveBackground", grpc_context, pb.ImageReply(), work)
 
@@ -263,8 +302,9 @@ class SegmentorServicer(_RouterBase):
         # A bad option fails the call, not each frame.
         if request.task == pb.TASK_SEGMENT:
             self._check_max_det(detect_options(request.options))
+            check_no_cutout_options(cutout_options(request.cutout, pb.RGBA_PNG), "segment")
         else:
-            output_name(request.output)
+            cutout_options(request.cutout, request.output)
         return frames
 
     async def _frame_replies(
@@ -276,10 +316,11 @@ class SegmentorServicer(_RouterBase):
     ) -> list[pb.FrameReply]:
         """One reply per frame, in order; a frame that failed carries its own error."""
         segment = request.task == pb.TASK_SEGMENT
+        cutout = CutoutOptions() if segment else cutout_options(request.cutout, request.output)
         results = await self._run_each(
             list(probed),
             "segment" if segment else "remove-background",
-            "rgba" if segment else output_name(request.output),
+            cutout,
             detect_options(request.options),
             deadline,
         )
@@ -293,12 +334,7 @@ class SegmentorServicer(_RouterBase):
             elif segment:
                 replies.append(pb.FrameReply(index=index, segmentation=segment_reply(result)))
             else:
-                reply = pb.ImageReply(
-                    format=request.output,
-                    data=result.data,
-                    width=result.width,
-                    height=result.height,
-                )
+                reply = image_reply(request.output, result, cutout)
                 replies.append(pb.FrameReply(index=index, matte=reply))
         return replies
 

@@ -35,6 +35,7 @@ from segmentation.options import (
     CutoutOptions,
     DetectOptions,
     ImageFormat,
+    Output,
     margin_region,
     parse_color,
     parse_margin,
@@ -189,6 +190,14 @@ PNG_ANSWER: dict[int | str, dict[str, Any]] = {
         "grayscale matte (output=mask), at the input's size unless cropped; PNG unless "
         "`format` says otherwise.",
         "content": {media: {"schema": _BINARY} for media in CUTOUT_MEDIA_TYPES},
+        "headers": {
+            "X-Cutout-Box": {
+                "description": "With crop=true: the frame pixels the image covers, "
+                "left,top,right,bottom (the subject plus crop_margin; may reach past the "
+                "frame's edge).",
+                "schema": {"type": "string", "pattern": r"^-?\d+,-?\d+,-?\d+,-?\d+$"},
+            }
+        },
     }
 }
 _ERRORS: dict[int, str] = {
@@ -333,6 +342,25 @@ def covered(
         return list(crop)
     left, top, right, bottom = margin_region(subject, options.crop_margin)
     return [crop[0] + left, crop[1] + top, crop[0] + right, crop[1] + bottom]
+
+
+def frame_cutout_box(out: EncodedOutput, options: CutoutOptions) -> list[int] | None:
+    """With ``crop``: the frame pixels a cutout covers (the subject plus its margin; the
+    whole frame when nothing was found); None without ``crop``."""
+    if not options.crop:
+        return None
+    if out.subject is None:
+        return [0, 0, out.width, out.height]
+    return list(margin_region(out.subject, options.crop_margin))
+
+
+def check_no_cutout_options(options: CutoutOptions, task: str) -> None:
+    """422 when a request that makes no cutout sets cutout options (they would be ignored)."""
+    if options != CutoutOptions():
+        raise InvalidRequestError(
+            f"cutout options (output, refine, background, crop, crop_margin, format, quality, "
+            f"lossless) apply to task=remove-background, not task={task}"
+        )
 
 
 def cutout_query_options(
@@ -492,7 +520,9 @@ class Router:
             return await read(charge), options
 
         out = await self.cutout(image_and_options, deadline)
-        return Response(out.data, media_type=out.media_type)
+        box = frame_cutout_box(out, options)
+        headers = {"X-Cutout-Box": ",".join(map(str, box))} if box else None
+        return Response(out.data, media_type=out.media_type, headers=headers)
 
     @app.post(
         "/v1/segment",
@@ -576,23 +606,23 @@ class Router:
         request: Request,
         options: Annotated[DetectOptions, Depends(detect_options)],
         deadline: RequestDeadline,
+        cutout: Annotated[CutoutOptions, Depends(cutout_query_options)],
         task: Annotated[
             Literal["remove-background", "segment"],
             Query(description="What to do with each frame."),
         ] = "remove-background",
-        output: Annotated[
-            Literal["rgba", "mask"],
-            Query(description="For task=remove-background: RGBA cutouts or grayscale mattes."),
-        ] = "rgba",
     ) -> Response:
         """Many frames (repeated multipart field ``frames``), results in order; a bad frame
         gets an error entry of its own. Holds one frame of the admission budget per frame,
-        and the pixels each decodes to."""
+        and the pixels each decodes to. With ``task=remove-background`` every frame takes the
+        cutout options (``output``, ``refine``, ``background``, ``crop``, ``format``...) as
+        ``/v1/remove-background`` does; ``task=segment`` takes the detection options."""
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
             raise InvalidRequestError("send frames as multipart/form-data, repeated field 'frames'")
         if task == "segment":
             self._check_max_det(options)
+            check_no_cutout_options(cutout, task)
         with self.body_bytes.account() as charge:
             files = await self._read_body(
                 read_form_files(
@@ -605,7 +635,7 @@ class Router:
                 ),
                 deadline,
             )
-            results = await self._each(files, task, output, options, deadline)
+            results = await self._each(files, task, cutout, options, deadline)
         entries: list[FrameCutout | FrameSegmentation | FrameError] = []
         for index, result in enumerate(results):
             if isinstance(result, SegmentationError):
@@ -615,7 +645,16 @@ class Router:
             elif task == "segment":
                 entries.append(FrameSegmentation.model_validate({"index": index, **result}))
             else:
-                entries.append(FrameCutout(index=index, image=b64(result.data)))
+                entries.append(
+                    FrameCutout(
+                        index=index,
+                        content_type=result.media_type,
+                        image=b64(result.data),
+                        width=result.width,
+                        height=result.height,
+                        cutout_box=frame_cutout_box(result, cutout),
+                    )
+                )
         failed = sum(isinstance(e, FrameError) for e in entries)
         return json_answer(
             FramesResult(task=task, count=len(entries), failed=failed, frames=entries)
@@ -727,7 +766,7 @@ class Router:
         self,
         files: Sequence[bytes],
         task: str,
-        output: str,
+        output: Output | CutoutOptions,
         options: DetectOptions,
         deadline: Deadline,
     ) -> list[Any]:
@@ -758,7 +797,7 @@ class Router:
         self,
         probed: list[Any],
         task: str,
-        output: str,
+        output: Output | CutoutOptions,
         options: DetectOptions,
         deadline: Deadline,
     ) -> list[Any]:

@@ -93,11 +93,23 @@ class ProductsResult(_Closed):
 
 
 class FrameCutout(_Closed):
-    """A frame of ``task=remove-background``: its PNG, base64."""
+    """A frame of ``task=remove-background``: its encoded image, base64."""
 
     index: int = Field(ge=0, description="Position of the frame in the request.")
-    content_type: Literal["image/png"] = "image/png"
-    image: str = Field(description="Base64 PNG: RGBA cutout or grayscale matte (output=mask).")
+    content_type: Literal["image/png", "image/webp", "image/jpeg"] = Field(
+        default="image/png", description="The image's type: PNG unless `format` asked otherwise."
+    )
+    image: str = Field(
+        description="Base64 image: the cutout (RGBA, or RGB on an opaque background) or the "
+        "grayscale matte (output=mask), as the cutout options asked."
+    )
+    width: int = Field(ge=1, description="Width of the image in pixels.")
+    height: int = Field(ge=1, description="Height of the image in pixels.")
+    cutout_box: Annotated[list[int], Field(min_length=4, max_length=4)] | None = Field(
+        default=None,
+        description="With crop=true: the frame pixels the image covers, [left, top, right, "
+        "bottom] (the subject plus crop_margin; may reach past the frame's edge).",
+    )
 
 
 class FrameSegmentation(SegmentationResult):

@@ -24,39 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)segmentation_client/proto/segmentor.proto\x12\x13productsegmentor.v1\"x\n\rDetectOptions\x12\x11\n\x04\x63onf\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x03iou\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\x05\x12\x14\n\x07max_det\x18\x04 \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05_confB\x06\n\x04_iouB\n\n\x08_max_det\"P\n\x0cImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x31\n\x06output\x18\x02 \x01(\x0e\x32!.productsegmentor.v1.OutputFormat\"l\n\nImageReply\x12\x31\n\x06\x66ormat\x18\x01 \x01(\x0e\x32!.productsegmentor.v1.OutputFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\"T\n\x0eSegmentRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x33\n\x07options\x18\x02 \x01(\x0b\x32\".productsegmentor.v1.DetectOptions\"#\n\x03Rle\x12\x0c\n\x04size\x18\x01 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\t\"t\n\x08Instance\x12\x0b\n\x03\x62ox\x18\x01 \x03(\x01\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08\x63lass_id\x18\x03 \x01(\x05\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12&\n\x04mask\x18\x05 \x01(\x0b\x32\x18.productsegmentor.v1.Rle\"n\n\x0cSegmentReply\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x30\n\tinstances\x18\x04 \x03(\x0b\x32\x1d.productsegmentor.v1.Instance\"\xb0\x01\n\rFramesRequest\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\x12\'\n\x04task\x18\x02 \x01(\x0e\x32\x19.productsegmentor.v1.Task\x12\x31\n\x06output\x18\x03 \x01(\x0e\x32!.productsegmentor.v1.OutputFormat\x12\x33\n\x07options\x18\x04 \x01(\x0b\x32\".productsegmentor.v1.DetectOptions\";\n\nFrameError\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xc4\x01\n\nFrameReply\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x30\n\x05matte\x18\x02 \x01(\x0b\x32\x1f.productsegmentor.v1.ImageReplyH\x00\x12\x39\n\x0csegmentation\x18\x03 \x01(\x0b\x32!.productsegmentor.v1.SegmentReplyH\x00\x12\x30\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1f.productsegmentor.v1.FrameErrorH\x00\x42\x08\n\x06result\"\x86\x01\n\x0b\x46ramesReply\x12\'\n\x04task\x18\x01 \x01(\x0e\x32\x19.productsegmentor.v1.Task\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\x12/\n\x06\x66rames\x18\x04 \x03(\x0b\x32\x1f.productsegmentor.v1.FrameReply*:\n\x0cOutputFormat\x12\x0c\n\x08RGBA_PNG\x10\x00\x12\r\n\tMATTE_PNG\x10\x01\x12\r\n\tRAW_ALPHA\x10\x02*4\n\x04Task\x12\x1a\n\x16TASK_REMOVE_BACKGROUND\x10\x00\x12\x10\n\x0cTASK_SEGMENT\x10\x01\x32\xdd\x02\n\tSegmentor\x12V\n\x10RemoveBackground\x12!.productsegmentor.v1.ImageRequest\x1a\x1f.productsegmentor.v1.ImageReply\x12Q\n\x07Segment\x12#.productsegmentor.v1.SegmentRequest\x1a!.productsegmentor.v1.SegmentReply\x12N\n\x06\x46rames\x12\".productsegmentor.v1.FramesRequest\x1a .productsegmentor.v1.FramesReply\x12U\n\x0cStreamFrames\x12\".productsegmentor.v1.FramesRequest\x1a\x1f.productsegmentor.v1.FrameReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)segmentation_client/proto/segmentor.proto\x12\x13productsegmentor.v1\"\xba\x01\n\rCutoutOptions\x12\x0e\n\x06refine\x18\x01 \x01(\x08\x12\x12\n\nbackground\x18\x02 \x01(\t\x12\x0c\n\x04\x63rop\x18\x03 \x01(\x08\x12\x13\n\x0b\x63rop_margin\x18\x04 \x01(\t\x12.\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x1e.productsegmentor.v1.ImageType\x12\x14\n\x07quality\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x08lossless\x18\x07 \x01(\x08\x42\n\n\x08_quality\"x\n\rDetectOptions\x12\x11\n\x04\x63onf\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x03iou\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\x05\x12\x14\n\x07max_det\x18\x04 \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05_confB\x06\n\x04_iouB\n\n\x08_max_det\"\x84\x01\n\x0cImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x31\n\x06output\x18\x02 \x01(\x0e\x32!.productsegmentor.v1.OutputFormat\x12\x32\n\x06\x63utout\x18\x03 \x01(\x0b\x32\".productsegmentor.v1.CutoutOptions\"\x94\x01\n\nImageReply\x12\x31\n\x06\x66ormat\x18\x01 \x01(\x0e\x32!.productsegmentor.v1.OutputFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x12\n\nmedia_type\x18\x05 \x01(\t\x12\x12\n\ncutout_box\x18\x06 \x03(\x05\"T\n\x0eSegmentRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x33\n\x07options\x18\x02 \x01(\x0b\x32\".productsegmentor.v1.DetectOptions\"#\n\x03Rle\x12\x0c\n\x04size\x18\x01 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\t\"t\n\x08Instance\x12\x0b\n\x03\x62ox\x18\x01 \x03(\x01\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08\x63lass_id\x18\x03 \x01(\x05\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12&\n\x04mask\x18\x05 \x01(\x0b\x32\x18.productsegmentor.v1.Rle\"n\n\x0cSegmentReply\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x30\n\tinstances\x18\x04 \x03(\x0b\x32\x1d.productsegmentor.v1.Instance\"\xe4\x01\n\rFramesRequest\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\x12\'\n\x04task\x18\x02 \x01(\x0e\x32\x19.productsegmentor.v1.Task\x12\x31\n\x06output\x18\x03 \x01(\x0e\x32!.productsegmentor.v1.OutputFormat\x12\x33\n\x07options\x18\x04 \x01(\x0b\x32\".productsegmentor.v1.DetectOptions\x12\x32\n\x06\x63utout\x18\x05 \x01(\x0b\x32\".productsegmentor.v1.CutoutOptions\";\n\nFrameError\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xc4\x01\n\nFrameReply\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x30\n\x05matte\x18\x02 \x01(\x0b\x32\x1f.productsegmentor.v1.ImageReplyH\x00\x12\x39\n\x0csegmentation\x18\x03 \x01(\x0b\x32!.productsegmentor.v1.SegmentReplyH\x00\x12\x30\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1f.productsegmentor.v1.FrameErrorH\x00\x42\x08\n\x06result\"\x86\x01\n\x0b\x46ramesReply\x12\'\n\x04task\x18\x01 \x01(\x0e\x32\x19.productsegmentor.v1.Task\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\x12/\n\x06\x66rames\x18\x04 \x03(\x0b\x32\x1f.productsegmentor.v1.FrameReply*:\n\x0cOutputFormat\x12\x0c\n\x08RGBA_PNG\x10\x00\x12\r\n\tMATTE_PNG\x10\x01\x12\r\n\tRAW_ALPHA\x10\x02*(\n\tImageType\x12\x07\n\x03PNG\x10\x00\x12\x08\n\x04WEBP\x10\x01\x12\x08\n\x04JPEG\x10\x02*4\n\x04Task\x12\x1a\n\x16TASK_REMOVE_BACKGROUND\x10\x00\x12\x10\n\x0cTASK_SEGMENT\x10\x01\x32\xdd\x02\n\tSegmentor\x12V\n\x10RemoveBackground\x12!.productsegmentor.v1.ImageRequest\x1a\x1f.productsegmentor.v1.ImageReply\x12Q\n\x07Segment\x12#.productsegmentor.v1.SegmentRequest\x1a!.productsegmentor.v1.SegmentReply\x12N\n\x06\x46rames\x12\".productsegmentor.v1.FramesRequest\x1a .productsegmentor.v1.FramesReply\x12U\n\x0cStreamFrames\x12\".productsegmentor.v1.FramesRequest\x1a\x1f.productsegmentor.v1.FrameReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'segmentation_client.proto.segmentor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=1309
-  _globals['_OUTPUTFORMAT']._serialized_end=1367
-  _globals['_TASK']._serialized_start=1369
-  _globals['_TASK']._serialized_end=1421
-  _globals['_DETECTOPTIONS']._serialized_start=66
-  _globals['_DETECTOPTIONS']._serialized_end=186
-  _globals['_IMAGEREQUEST']._serialized_start=188
-  _globals['_IMAGEREQUEST']._serialized_end=268
-  _globals['_IMAGEREPLY']._serialized_start=270
-  _globals['_IMAGEREPLY']._serialized_end=378
-  _globals['_SEGMENTREQUEST']._serialized_start=380
-  _globals['_SEGMENTREQUEST']._serialized_end=464
-  _globals['_RLE']._serialized_start=466
-  _globals['_RLE']._serialized_end=501
-  _globals['_INSTANCE']._serialized_start=503
-  _globals['_INSTANCE']._serialized_end=619
-  _globals['_SEGMENTREPLY']._serialized_start=621
-  _globals['_SEGMENTREPLY']._serialized_end=731
-  _globals['_FRAMESREQUEST']._serialized_start=734
-  _globals['_FRAMESREQUEST']._serialized_end=910
-  _globals['_FRAMEERROR']._serialized_start=912
-  _globals['_FRAMEERROR']._serialized_end=971
-  _globals['_FRAMEREPLY']._serialized_start=974
-  _globals['_FRAMEREPLY']._serialized_end=1170
-  _globals['_FRAMESREPLY']._serialized_start=1173
-  _globals['_FRAMESREPLY']._serialized_end=1307
-  _globals['_SEGMENTOR']._serialized_start=1424
-  _globals['_SEGMENTOR']._serialized_end=1773
+  _globals['_OUTPUTFORMAT']._serialized_start=1644
+  _globals['_OUTPUTFORMAT']._serialized_end=1702
+  _globals['_IMAGETYPE']._serialized_start=1704
+  _globals['_IMAGETYPE']._serialized_end=1744
+  _globals['_TASK']._serialized_start=1746
+  _globals['_TASK']._serialized_end=1798
+  _globals['_CUTOUTOPTIONS']._serialized_start=67
+  _globals['_CUTOUTOPTIONS']._serialized_end=253
+  _globals['_DETECTOPTIONS']._serialized_start=255
+  _globals['_DETECTOPTIONS']._serialized_end=375
+  _globals['_IMAGEREQUEST']._serialized_start=378
+  _globals['_IMAGEREQUEST']._serialized_end=510
+  _globals['_IMAGEREPLY']._serialized_start=513
+  _globals['_IMAGEREPLY']._serialized_end=661
+  _globals['_SEGMENTREQUEST']._serialized_start=663
+  _globals['_SEGMENTREQUEST']._serialized_end=747
+  _globals['_RLE']._serialized_start=749
+  _globals['_RLE']._serialized_end=784
+  _globals['_INSTANCE']._serialized_start=786
+  _globals['_INSTANCE']._serialized_end=902
+  _globals['_SEGMENTREPLY']._serialized_start=904
+  _globals['_SEGMENTREPLY']._serialized_end=1014
+  _globals['_FRAMESREQUEST']._serialized_start=1017
+  _globals['_FRAMESREQUEST']._serialized_end=1245
+  _globals['_FRAMEERROR']._serialized_start=1247
+  _globals['_FRAMEERROR']._serialized_end=1306
+  _globals['_FRAMEREPLY']._serialized_start=1309
+  _globals['_FRAMEREPLY']._serialized_end=1505
+  _globals['_FRAMESREPLY']._serialized_start=1508
+  _globals['_FRAMESREPLY']._serialized_end=1642
+  _globals['_SEGMENTOR']._serialized_start=1801
+  _globals['_SEGMENTOR']._serialized_end=2150
 # @@protoc_insertion_point(module_scope)

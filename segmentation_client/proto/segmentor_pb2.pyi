@@ -13,6 +13,12 @@ class OutputFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MATTE_PNG: _ClassVar[OutputFormat]
     RAW_ALPHA: _ClassVar[OutputFormat]
 
+class ImageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PNG: _ClassVar[ImageType]
+    WEBP: _ClassVar[ImageType]
+    JPEG: _ClassVar[ImageType]
+
 class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TASK_REMOVE_BACKGROUND: _ClassVar[Task]
@@ -20,8 +26,29 @@ class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 RGBA_PNG: OutputFormat
 MATTE_PNG: OutputFormat
 RAW_ALPHA: OutputFormat
+PNG: ImageType
+WEBP: ImageType
+JPEG: ImageType
 TASK_REMOVE_BACKGROUND: Task
 TASK_SEGMENT: Task
+
+class CutoutOptions(_message.Message):
+    __slots__ = ("refine", "background", "crop", "crop_margin", "format", "quality", "lossless")
+    REFINE_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
+    CROP_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    LOSSLESS_FIELD_NUMBER: _ClassVar[int]
+    refine: bool
+    background: str
+    crop: bool
+    crop_margin: str
+    format: ImageType
+    quality: int
+    lossless: bool
+    def __init__(self, refine: _Optional[bool] = ..., background: _Optional[str] = ..., crop: _Optional[bool] = ..., crop_margin: _Optional[str] = ..., format: _Optional[_Union[ImageType, str]] = ..., quality: _Optional[int] = ..., lossless: _Optional[bool] = ...) -> None: ...
 
 class DetectOptions(_message.Message):
     __slots__ = ("conf", "iou", "classes", "max_det")
@@ -36,24 +63,30 @@ class DetectOptions(_message.Message):
     def __init__(self, conf: _Optional[float] = ..., iou: _Optional[float] = ..., classes: _Optional[_Iterable[int]] = ..., max_det: _Optional[int] = ...) -> None: ...
 
 class ImageRequest(_message.Message):
-    __slots__ = ("image", "output")
+    __slots__ = ("image", "output", "cutout")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    CUTOUT_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     output: OutputFormat
-    def __init__(self, image: _Optional[bytes] = ..., output: _Optional[_Union[OutputFormat, str]] = ...) -> None: ...
+    cutout: CutoutOptions
+    def __init__(self, image: _Optional[bytes] = ..., output: _Optional[_Union[OutputFormat, str]] = ..., cutout: _Optional[_Union[CutoutOptions, _Mapping]] = ...) -> None: ...
 
 class ImageReply(_message.Message):
-    __slots__ = ("format", "data", "width", "height")
+    __slots__ = ("format", "data", "width", "height", "media_type", "cutout_box")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CUTOUT_BOX_FIELD_NUMBER: _ClassVar[int]
     format: OutputFormat
     data: bytes
     width: int
     height: int
-    def __init__(self, format: _Optional[_Union[OutputFormat, str]] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    media_type: str
+    cutout_box: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, format: _Optional[_Union[OutputFormat, str]] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., media_type: _Optional[str] = ..., cutout_box: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
     __slots__ = ("image", "options")
@@ -98,16 +131,18 @@ class SegmentReply(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
 
 class FramesRequest(_message.Message):
-    __slots__ = ("frames", "task", "output", "options")
+    __slots__ = ("frames", "task", "output", "options", "cutout")
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CUTOUT_FIELD_NUMBER: _ClassVar[int]
     frames: _containers.RepeatedScalarFieldContainer[bytes]
     task: Task
     output: OutputFormat
     options: DetectOptions
-    def __init__(self, frames: _Optional[_Iterable[bytes]] = ..., task: _Optional[_Union[Task, str]] = ..., output: _Optional[_Union[OutputFormat, str]] = ..., options: _Optional[_Union[DetectOptions, _Mapping]] = ...) -> None: ...
+    cutout: CutoutOptions
+    def __init__(self, frames: _Optional[_Iterable[bytes]] = ..., task: _Optional[_Union[Task, str]] = ..., output: _Optional[_Union[OutputFormat, str]] = ..., options: _Optional[_Union[DetectOptions, _Mapping]] = ..., cutout: _Optional[_Union[CutoutOptions, _Mapping]] = ...) -> None: ...
 
 class FrameError(_message.Message):
     __slots__ = ("status", "code", "message")
