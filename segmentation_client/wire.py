@@ -113,32 +113,44 @@ def over_color(rgba: np.ndarray, color: Color) -> np.ndarray:
     """An ``HxWx4`` uint8 cutout laid over ``color`` ("over" compositing): ``HxWx3`` RGB
     when the colour is opaque, ``HxWx4`` otherwise.
 
-    Exact integer arithmetic on the 0-255 levels, each result rounded to the nearest level,
-    so it agrees with the service's float composition (``segmentation.compose``) within one
-    level. The opaque case, the common one, stays in uint16: ``(C * a + B * (255 - a) +
-    127) // 255`` never passes 65,152.
+    Exact arithmetic on the 0-255 levels, each result rounded to the nearest level, so it
+    agrees with the service's float composition (``segmentation.compose``) within one level.
+    One channel at a time: contiguous planes ran 3-5x as fast as the interleaved ``HxWx3``
+    array (1080p on an opaque colour: 23-32 ms against 84-115, 2 busy cores). The opaque
+    case, the common one, stays in uint16 with no division: ``C * a + B * (255 - a)`` is at
+    most 255 * 255, where ``(x + 128 + ((x + 128) >> 8)) >> 8`` is ``x / 255`` rounded.
     """
     if rgba.ndim != 3 or rgba.shape[2] != 4:
         raise ValueError(f"expected an HxWx4 cutout, got {rgba.shape}")
     red, green, blue, opacity = color
-    alpha = rgba[..., 3:4]
+    alpha = rgba[..., 3]
+    out = np.empty((*alpha.shape, 3 if opacity == 255 else 4), dtype=np.uint8)
     if opacity == 255:
-        back = np.array([red, green, blue], dtype=np.uint16)
-        out = rgba[..., :3].astype(np.uint16)
-        out *= alpha
-        out += back * (255 - alpha.astype(np.uint16))
-        out += 127
-        out //= 255
-        return out.astype(np.uint8)
-    # Levels: out alpha * 255^2 = a * 255 + A * (255 - a); colour = (C * a * 255 +
-    # B * A * (255 - a)) / that; both at most 255^3 * 2, well inside int32.
-    a = alpha.astype(np.int32)
-    weight = opacity * (255 - a)
-    total = a * 255 + weight
-    back = np.array([red, green, blue], dtype=np.int32)
-    colour = rgba[..., :3].astype(np.int32) * (a * 255) + back * weight
-    colour = (2 * colour + total) // np.maximum(2 * total, 1)
-    out = np.empty(rgba.shape, dtype=np.uint8)
-    out[..., :3] = colour
-    out[..., 3:] = (total + 127) // 255
+        a = alpha.astype(np.uint16)
+        inverse = 255 - a
+        level, under = np.empty_like(a), np.empty_like(a)
+        for channel, back in enumerate((red, green, blue)):
+            np.multiply(rgba[..., channel], a, out=level)
+            level += np.multiply(inverse, back, out=under)
+            out[..., channel] = _div255(level)
+        return out
+    # Out alpha (in 255ths of a level) is a * 255 + A * (255 - a), at most 255 * 255; each
+    # colour is (C * a * 255 + B * A * (255 - a)) over it. float64 holds both exactly and
+    # divides correctly rounded, so floor(q + 0.5) is q rounded, ties up.
+    shown = alpha * np.int32(255)
+    weight = opacity * (255 - alpha.astype(np.int32))
+    total = shown + weight
+    divisor = np.maximum(total, 1).astype(np.float64)  # total 0: colour 0 over 1
+    for channel, back in enumerate((red, green, blue)):
+        mixed = rgba[..., channel] * shown + back * weight
+        out[..., channel] = np.floor(mixed / divisor + 0.5)
+    out[..., 3] = _div255(total)
     return out
+
+
+def _div255(levels: np.ndarray) -> np.ndarray:
+    """``levels / 255`` rounded, for 0 <= levels <= 255 * 255, without a division (in place)."""
+    levels += 128
+    levels += levels >> 8
+    levels >>= 8
+    return levels

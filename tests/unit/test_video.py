@@ -453,6 +453,22 @@ def test_a_cutout_over_a_colour_agrees_with_the_service_within_one_level(
         assert (client[:8] == colour[:3]).all() and np.array_equal(client[8:16], frame[8:16])
 
 
+@pytest.mark.parametrize("colour", [(10, 200, 30, 255), (129, 212, 250, 119), (255, 0, 0, 1)])
+def test_a_cutout_over_a_colour_is_exact_for_every_level_and_alpha(
+    colour: tuple[int, int, int, int],
+) -> None:
+    """Every (level, alpha) pair: the nearest level to the exact "over" result (ties up)."""
+    level, alpha = (x.astype(np.int64) for x in np.mgrid[0:256, 0:256])
+    rgba = np.stack([level] * 3 + [alpha], -1).astype(np.uint8)
+    back, opacity = np.array(colour[:3]), colour[3]
+    total = alpha * 255 + opacity * (255 - alpha)  # out alpha, in 255ths of a level
+    mixed = level[..., None] * alpha[..., None] * 255 + back * opacity * (255 - alpha[..., None])
+    expected = (2 * mixed + total[..., None]) // np.maximum(2 * total[..., None], 1)
+    if opacity < 255:
+        expected = np.concatenate([expected, ((2 * total + 255) // 510)[..., None]], -1)
+    assert np.array_equal(over_color(rgba, colour), expected)
+
+
 def test_writers_take_a_cutout_as_it_is_and_lay_it_over_the_colour(tmp_path: Path) -> None:
     """An ``HxWx4`` cutout (edge colours refined) is written as it is; with a background it is
     composed first: RGB PNGs on an opaque colour, RGBA on a translucent one."""
