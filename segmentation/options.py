@@ -3,6 +3,7 @@ the router imports them)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -242,4 +243,24 @@ def margin_region(box: tuple[int, int, int, int], margin: Margin) -> tuple[int, 
         top - side(0, height),
         right + side(1, width),
         bottom + side(2, height),
+    )
+
+
+def output_pixels_bound(width: int, height: int, options: CutoutOptions) -> int:
+    """The most pixels the output of a ``width`` x ``height`` frame can have under
+    ``options``, whatever its matte: what admission can hold for it before the model runs.
+
+    A crop is largest for a subject that fills the frame (each side's margin grows with the
+    subject's size), then ``max_pixels`` caps it. A scaled size is floored to at most
+    ``max_pixels`` except for a region thinner than the scale, which keeps one pixel across
+    and then up to ``sqrt(max_pixels x its length)`` along (``compose.fit_size``)."""
+    region_width, region_height = width, height
+    if options.crop:
+        left, top, right, bottom = margin_region((0, 0, width, height), options.crop_margin)
+        region_width, region_height = right - left, bottom - top
+    pixels = region_width * region_height
+    if options.max_pixels is None or pixels <= options.max_pixels:
+        return pixels
+    return max(
+        options.max_pixels, math.isqrt(options.max_pixels * max(region_width, region_height))
     )

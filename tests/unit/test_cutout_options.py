@@ -12,7 +12,14 @@ from PIL import Image
 from segmentation.compose import compose, fit_size
 from segmentation.encoders import encode_pixels
 from segmentation.errors import InvalidRequestError
-from segmentation.options import CutoutOptions, parse_bool, parse_color, parse_margin
+from segmentation.options import (
+    CutoutOptions,
+    margin_region,
+    output_pixels_bound,
+    parse_bool,
+    parse_color,
+    parse_margin,
+)
 from segmentation_client.wire import cutout_rgba
 
 
@@ -136,6 +143,56 @@ def test_an_empty_matte_has_no_subject_and_crop_keeps_the_frame() -> None:
         CutoutOptions(crop=True),
     )
     assert out.subject is None and out.pixels.shape == (60, 80, 4)
+
+
+def test_the_output_pixel_bound_of_a_frame() -> None:
+    full = CutoutOptions(crop=True, crop_margin=parse_margin("100%"))
+    assert output_pixels_bound(1000, 800, CutoutOptions()) == 800_000
+    assert output_pixels_bound(1000, 800, full) == 2000 * 1800  # 500 px a side: 1800, not 1600
+    assert output_pixels_bound(4000, 3000, full) == 8000 * 6000  # half the subject a side
+    assert output_pixels_bound(100, 100, CutoutOptions(crop=True)) == 100 * 100
+    tiny = CutoutOptions(crop=True, crop_margin=parse_margin("1000px"))
+    assert output_pixels_bound(100, 100, tiny) == 1100 * 1100  # 500 px, more than half of 100
+    assert output_pixels_bound(1000, 800, CutoutOptions(max_pixels=250_000)) == 250_000
+    assert output_pixels_bound(100, 100, CutoutOptions(max_pixels=250_000)) == 10_000
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        CutoutOptions(),
+        CutoutOptions(crop=True),
+        CutoutOptions(crop=True, crop_margin=parse_margin("3px 40% 0 2")),
+        CutoutOptions(crop=True, crop_margin=parse_margin("600px")),
+        CutoutOptions(crop=True, crop_margin=parse_margin("50%"), max_pixels=40),
+        CutoutOptions(max_pixels=5),
+        CutoutOptions(crop=True, crop_margin=parse_margin("1px"), max_pixels=3),
+    ],
+)
+@pytest.mark.parametrize(("width", "height"), [(9, 6), (1, 12), (31, 2)])
+def test_no_subject_gives_an_output_over_the_bound(
+    options: CutoutOptions, width: int, height: int
+) -> None:
+    """Every box a subject can have in the frame, and none: the region it gives, scaled as
+    compose scales it."""
+    bound = output_pixels_bound(width, height, options)
+    boxes = [
+        (left, top, right, bottom)
+        for left in range(width)
+        for right in range(left + 1, width + 1)
+        for top in range(height)
+        for bottom in range(top + 1, height + 1)
+    ]
+    largest = 0
+    for box in [*boxes, None]:
+        region = (0, 0, width, height)
+        if options.crop and box is not None:
+            region = margin_region(box, options.crop_margin)
+        size = fit_size(region[3] - region[1], region[2] - region[0], options.max_pixels)
+        largest = max(largest, size[0] * size[1])
+    assert largest <= bound
+    if options.max_pixels is None:
+        assert largest == bound
 
 
 @pytest.mark.parametrize(
