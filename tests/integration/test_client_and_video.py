@@ -173,19 +173,21 @@ def test_segment_video_refines_edges_and_lays_cutouts_over_a_colour_through_the_
     clip = tmp_path / "clip.mov"
     frames = write_video(clip, [product_frame(128, 96, seed=60 + i) for i in range(4)], fps=30)
 
-    def run(output: Path, *extra: str) -> int:
-        argv = [str(clip), "-o", str(output), "--server", cluster.url, "--no-progress", *extra]
+    def run(output: Path, *extra: str, server: str = cluster.url) -> int:
+        argv = [str(clip), "-o", str(output), "--server", server, "--no-progress", *extra]
         return segment_video(argv)
 
     assert run(tmp_path / "plain") == 0
     assert run(tmp_path / "refined", "--refine") == 0
+    grpc_url = f"grpc://{cluster.grpc_target}"
+    assert run(tmp_path / "refined-grpc", "--refine", server=grpc_url) == 0
     assert run(tmp_path / "on-white", "--bg-color", "white") == 0
     white = CutoutOptions(background=(255, 255, 255, 255))
     with SegmentorClient(cluster.url) as client:  # JPEG uploads, as segment-video's
         for index, frame in enumerate(frames):
-            plain, refined, on_white = (
+            plain, refined, refined_grpc, on_white = (
                 np.asarray(PILImage.open(tmp_path / name / f"frame_{index:06d}.png"))
-                for name in ("plain", "refined", "on-white")
+                for name in ("plain", "refined", "refined-grpc", "on-white")
             )
             alpha = plain[..., 3]
             soft = (alpha > 0) & (alpha < 255)
@@ -197,6 +199,7 @@ def test_segment_video_refines_edges_and_lays_cutouts_over_a_colour_through_the_
             answer = client.remove_background(frame, output="rgba", refine=True).to_array()
             assert np.array_equal(refined[soft], answer[soft])
             assert (refined[soft] != plain[soft]).any()
+            assert np.array_equal(refined_grpc, refined)  # the same options over gRPC
             # On white: the frame under the demo model's matte, composed as the service
             # composes, within one level.
             rgb = torch.from_numpy(frame).permute(2, 0, 1).contiguous()
