@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,6 +25,9 @@ FALSE_SPELLINGS = ("0", "false", "no", "disable")
 #: RMBG-2.0 on the Hugging Face hub (gated, non-commercial licence).
 DEFAULT_RMBG_MODEL = "briaai/RMBG-2.0"
 DEFAULT_YOLO_MODEL = "yolo11m-seg.pt"
+
+#: Lower-precision formats of RMBG-2.0's transformer linear layers (segmentation/quantize.py).
+LinearFormat = Literal["fp8", "int8"]
 
 
 def parse_bool(value: str) -> bool:
@@ -47,6 +50,17 @@ class Settings(BaseModel):
 
     use_fp16: bool = Field(
         True, description="Run models in FP16 where a CUDA GPU supports it (USE_FP16)."
+    )
+    use_fp8: bool = Field(
+        False,
+        description="Keep RMBG-2.0's transformer linear layers (Swin qkv, proj, MLP) in FP8, "
+        "the rest in FP16; needs a CUDA GPU of compute capability 8.9+ and torchao, the model "
+        "refuses to build elsewhere (USE_FP8).",
+    )
+    use_int8: bool = Field(
+        False,
+        description="Keep RMBG-2.0's transformer linear layers (Swin qkv, proj, MLP) as INT8 "
+        "weights, the rest in FP16 (FP32 on a CPU); any device, needs torchao (USE_INT8).",
     )
     device: str = Field(
         "auto",
@@ -104,6 +118,22 @@ class Settings(BaseModel):
             raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return value
 
+    @property
+    def linear_format(self) -> LinearFormat | None:
+        """The format of RMBG-2.0's transformer linear layers: ``fp8``, ``int8`` or None."""
+        if self.use_fp8:
+            return "fp8"
+        return "int8" if self.use_int8 else None
+
+    @model_validator(mode="after")
+    def _one_linear_format(self) -> Settings:
+        if self.use_fp8 and self.use_int8:
+            raise ValueError(
+                "USE_FP8 and USE_INT8 are both set: choose one (USE_FP8 needs a GPU of compute "
+                "capability 8.9 or newer, USE_INT8 runs on any device) and unset the other"
+            )
+        return self
+
     @model_validator(mode="after")
     def _compile_needs_fast_path(self) -> Settings:
         if self.rmbg_compile and not self.rmbg_optimized:
@@ -124,6 +154,8 @@ class Settings(BaseModel):
 #: Environment variable -> settings field. ``.env.example`` and the README document each one.
 ENV_VARS: dict[str, str] = {
     "USE_FP16": "use_fp16",
+    "USE_FP8": "use_fp8",
+    "USE_INT8": "use_int8",
     "DEVICE": "device",
     "RMBG_MODEL": "rmbg_model",
     "RMBG_REVISION": "rmbg_revision",
@@ -135,7 +167,14 @@ ENV_VARS: dict[str, str] = {
     "YOLO_IMGSZ": "yolo_imgsz",
     "HF_TOKEN": "hf_token",
 }
-_BOOL_FIELDS = {"use_fp16", "rmbg_trust_remote_code", "rmbg_optimized", "rmbg_compile"}
+_BOOL_FIELDS = {
+    "use_fp16",
+    "use_fp8",
+    "use_int8",
+    "rmbg_trust_remote_code",
+    "rmbg_optimized",
+    "rmbg_compile",
+}
 
 
 class SettingsError(ValueError):

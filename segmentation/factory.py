@@ -38,6 +38,7 @@ def build_segmentor(
             load_format=load_format,
             input_size=input_size or settings.rmbg_input_size,
             optimized=rmbg_steps(settings),
+            linear_format=settings.linear_format,
         )
     if kind == "yolo":
         return YoloSegmentor(

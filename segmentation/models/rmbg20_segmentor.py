@@ -13,9 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segmentation import quantize
 from segmentation.batching import pad_to_bucket
 from segmentation.compose import Composed, compose, plain_cutout
-from segmentation.config import DEFAULT_RMBG_MODEL
+from segmentation.config import DEFAULT_RMBG_MODEL, LinearFormat
 from segmentation.models import rmbg20_fast
 from segmentation.models.base import Frame, ModelInfo, StageClock, frame_size, host_batch
 from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
@@ -45,6 +46,10 @@ class RMBG20Segmentor:
         optimized: the fast inference path of :mod:`segmentation.models.rmbg20_fast`
             (``True``: its default steps; a sequence names the steps; ``False``: the published
             eager code, the reference). ``info().inference_path`` says what runs.
+        linear_format: ``fp8`` or ``int8`` keeps the transformer linear layers in that format
+            (:mod:`segmentation.quantize`; ``USE_FP8``, ``USE_INT8``); the precision's name
+            then says so (``fp16+int8-linear``). FP8 on a device that cannot run it, or
+            either without torchao, is refused here, before any weight is loaded.
     """
 
     name = "rmbg-2.0"
@@ -61,10 +66,13 @@ class RMBG20Segmentor:
         load_format: LoadFormat = "auto",
         input_size: int = 1024,
         optimized: bool | Sequence[str] = True,
+        linear_format: LinearFormat | None = None,
     ) -> None:
         import segmentation_standins as standins
 
         self.device = resolve_device(device)
+        if linear_format is not None:
+            quantize.check_supported(linear_format, self.device)
         self.source = model_path
         self.revision = revision
         self.input_size = input_size
@@ -96,6 +104,9 @@ class RMBG20Segmentor:
             prepare=cast_attention_masks,
         )
         self.model = model.to(self.device)
+        if linear_format is not None:
+            done = quantize.quantize_linears(self.model, linear_format, self.device)
+            self.precision = self.precision.with_linear(linear_format, done.describe())
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the FP32 tensors the build and the conversion left
         steps = rmbg20_fast.DEFAULT_STEPS if optimized is True else (optimized or ())
@@ -329,15 +340,28 @@ def _last_map(outputs: Any) -> tuple[torch.Tensor]:
 @contextmanager
 def _in_fp32(model: torch.nn.Module) -> Iterator[None]:
     """``model`` in FP32 inside the block, then with its own FP16 tensors again (the same
-    storage, not a copy: graphs captured on it read that memory)."""
-    params = [(param, param.data) for param in model.parameters()]
+    storage, not a copy: graphs captured on it read that memory).
+
+    Quantized weights (``USE_FP8``, ``USE_INT8``: torchao tensors) stay as they are: their
+    layers answer in their input's dtype, and torchao has no cast of them under inference
+    mode (``model.float()`` raised NotImplementedError for ``aten.to.dtype``)."""
+    # Plain floating-point tensors only: restoring a quantized one (``param.data = ...``)
+    # is not implemented by torchao either.
+    params = [
+        (param, param.data)
+        for param in model.parameters()
+        if type(param.data) is torch.Tensor and param.is_floating_point()
+    ]
     buffers = [
         (module, name, buffer)
         for module in model.modules()
         for name, buffer in module._buffers.items()
-        if buffer is not None
+        if buffer is not None and buffer.is_floating_point()
     ]
-    model.float()
+    for param, data in params:
+        param.data = data.float()
+    for module, name, buffer in buffers:
+        module._buffers[name] = buffer.float()
     try:
         yield
     finally:

@@ -84,6 +84,8 @@ def test_defaults_point_at_real_models() -> None:
         ({"YOLO_IMGSZ": "650"}, "YOLO_IMGSZ", "multiple of 32"),
         ({"RMBG_INPUT_SIZE": "big"}, "RMBG_INPUT_SIZE", "integer"),
         ({"RMBG_TRUST_REMOTE_CODE": "sure"}, "RMBG_TRUST_REMOTE_CODE", "accepted values"),
+        ({"USE_FP8": "sure"}, "USE_FP8", "accepted values"),
+        ({"USE_INT8": "2"}, "USE_INT8", "accepted values"),
     ],
 )
 def test_invalid_settings_name_the_variable(
@@ -117,3 +119,34 @@ def test_rmbg_compile_without_the_fast_path_is_refused_with_the_fix() -> None:
         load_settings({"RMBG_COMPILE": "true", "RMBG_OPTIMIZED": "false"})
     message = str(caught.value)
     assert "RMBG_COMPILE" in message and "RMBG_OPTIMIZED=true" in message
+
+
+def test_fp8_and_int8_are_off_by_default() -> None:
+    settings = load_settings({})
+    assert settings.use_fp8 is False and settings.use_int8 is False
+    assert settings.linear_format is None
+
+
+@pytest.mark.parametrize("variable", ["USE_FP8", "USE_INT8"])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(s, True) for s in TRUE_SPELLINGS]
+    + [(s, False) for s in FALSE_SPELLINGS]
+    + [("YES", True), ("Disable", False)],
+)
+def test_fp8_and_int8_read_every_boolean_spelling(variable: str, raw: str, expected: bool) -> None:
+    settings = load_settings({variable: raw})
+    assert getattr(settings, variable.lower()) is expected
+    wanted = variable.removeprefix("USE_").lower() if expected else None
+    assert settings.linear_format == wanted
+
+
+def test_fp8_and_int8_together_are_refused_naming_both() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"USE_FP8": "true", "USE_INT8": "1"})
+    message = str(caught.value)
+    assert "USE_FP8 and USE_INT8 are both set" in message and "choose one" in message
+
+
+def test_fp8_with_int8_off_is_fine() -> None:
+    assert load_settings({"USE_FP8": "true", "USE_INT8": "false"}).linear_format == "fp8"

@@ -176,3 +176,33 @@ def test_failed_prepare_falls_back_to_fp32(caplog: pytest.LogCaptureFixture) -> 
     assert all(p.dtype == torch.float32 for p in module.parameters())
     assert any("falling back to FP32" in m for m in caplog.messages)
     assert module(torch.randn(2, 64)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("capability", [(8, 9), (9, 0), (10, 0), (12, 1)])
+def test_fp8_runs_from_compute_capability_8_9(capability: tuple[int, int]) -> None:
+    assert precision.fp8_unsupported_reason("cuda", capability) is None
+
+
+@pytest.mark.parametrize("capability", [(8, 6), (8, 0), (7, 5)])
+def test_fp8_is_refused_below_8_9_naming_the_capability(capability: tuple[int, int]) -> None:
+    reason = precision.fp8_unsupported_reason("cuda", capability)
+    assert reason is not None
+    assert f"{capability[0]}.{capability[1]}" in reason and "8.9" in reason
+
+
+@pytest.mark.parametrize(("device_type", "capability"), [("cpu", None), ("cuda", None)])
+def test_fp8_is_refused_without_a_cuda_capability(
+    device_type: str, capability: tuple[int, int] | None
+) -> None:
+    reason = precision.fp8_unsupported_reason(device_type, capability)
+    assert reason is not None and device_type in reason and "8.9" in reason
+
+
+def test_a_lower_linear_format_shows_in_the_name_and_the_reason() -> None:
+    base = Precision(torch.float16, "FP16 enabled on a CUDA GPU")
+    assert base.name == "fp16" and base.linear is None
+    int8 = base.with_linear("int8", "96 layers in INT8 (USE_INT8)")
+    assert int8.name == "fp16+int8-linear" and int8.dtype == torch.float16
+    assert int8.reason == "FP16 enabled on a CUDA GPU; 96 layers in INT8 (USE_INT8)"
+    cpu = Precision(torch.float32, "device is cpu").with_linear("int8", "x")
+    assert cpu.name == "fp32+int8-linear"

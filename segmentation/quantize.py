@@ -1,0 +1,170 @@
+"""FP8 or INT8 weights for RMBG-2.0's transformer linear layers (``USE_FP8``, ``USE_INT8``).
+
+Which layers: in every window-attention block, the attention's ``qkv`` and ``proj`` and the
+MLP's linear layers (``fc1``, ``fc2``). In the published RMBG-2.0 these are the 24 Swin
+blocks' 96 layers: 188.5 M of its 220.2 M parameters and 1,885 of the 2,323 GFLOP a frame
+costs at 1024x1024 on the fast path (81%; torch's FLOP counter, docs/benchmarks.md
+2026-11-28). Everything else keeps the model's dtype (FP16 on a GPU, FP32 elsewhere): the
+patch embedding and merging, norms, the attention itself and the whole decoder.
+
+``fp8``
+    torchao's ``Float8DynamicActivationFloat8WeightConfig``, one scale per tensor: weights
+    stored as e4m3 with their scale, each activation scaled to e4m3 at every call, the
+    product by ``torch._scaled_mm`` in the activation dtype. Per-row scales would fit the
+    weights more closely but need BF16 activations (MEASUREMENTS.md), and the model runs in
+    FP16. Needs CUDA compute capability 8.9 or newer
+    (:func:`segmentation.precision.fp8_unsupported_reason`); anywhere else the model refuses
+    to build. On an H100, unfused dynamic scaling cost more than the FP8 matmuls saved in a
+    probe of the same layers (31.1 against 47.0 frames/s eager, MEASUREMENTS.md): the setting
+    is here to measure and to compile, not yet a speed-up.
+``int8``
+    torchao's ``Int8WeightOnlyConfig``: INT8 weights with one scale per output row; the
+    activations stay in the model's dtype and each call multiplies them by the weights cast
+    back to it. Chosen over dynamic INT8 activations because it runs the same on a CPU and on
+    any CUDA GPU (plain matmuls, no ``torch._int_mm`` shape or architecture limits), and only
+    the weights are rounded: on the trained stand-in it stayed closest to FP32
+    (docs/benchmarks.md, 2026-11-28). It halves those layers' weight memory; it saves no FLOPs.
+
+torchao is imported only when one of the settings is on, so the library works without it;
+when it is missing the model refuses to build and says what to install.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, cast
+
+import torch
+
+from segmentation.config import LinearFormat
+from segmentation.errors import ModelLoadError
+from segmentation.precision import fp8_unsupported_reason
+
+logger = logging.getLogger(__name__)
+
+#: The environment variable that asks for each format (messages name it).
+SETTING: dict[str, str] = {"fp8": "USE_FP8", "int8": "USE_INT8"}
+#: The torchao release these paths were written and tested against.
+TORCHAO_REQUIREMENT = "torchao>=0.18"
+
+
+@dataclass(frozen=True)
+class QuantizedLinears:
+    """What :func:`quantize_linears` did: the format, the layers and their weights."""
+
+    format: LinearFormat
+    layers: int
+    parameters: int
+
+    def describe(self) -> str:
+        """One line for the precision's reason (``/v1/models``) and the log."""
+        return (
+            f"{self.layers} transformer linear layers ({self.parameters / 1e6:.1f} M weights) "
+            f"in {self.format.upper()} ({SETTING[self.format]})"
+        )
+
+
+def transformer_linears(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the layers quantized: in every module with an ``attn`` holding
+    ``qkv`` and ``proj`` linear layers and an ``mlp`` (a Swin block), those two and every
+    linear layer of the ``mlp``."""
+    names: list[str] = []
+    for block_name, block in model.named_modules():
+        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+        projections = (getattr(attn, "qkv", None), getattr(attn, "proj", None))
+        if not isinstance(mlp, torch.nn.Module) or not all(
+            isinstance(layer, torch.nn.Linear) for layer in projections
+        ):
+            continue
+        prefix = f"{block_name}." if block_name else ""
+        names += [f"{prefix}attn.qkv", f"{prefix}attn.proj"]
+        names += [
+            f"{prefix}mlp.{name}"
+            for name, layer in mlp.named_modules()
+            if isinstance(layer, torch.nn.Linear)
+        ]
+    return names
+
+
+def check_supported(fmt: LinearFormat, device: torch.device) -> None:
+    """Raise :class:`ModelLoadError` naming the setting, the device and the fix when ``fmt``
+    cannot run on ``device`` or torchao is missing; before any weight is loaded."""
+    if fmt == "fp8":
+        capability: tuple[int, int] | None = None
+        described = str(device)
+        if device.type == "cuda" and torch.cuda.is_available():
+            capability = torch.cuda.get_device_capability(device)
+            described = (
+                f"{device} ({torch.cuda.get_device_name(device)}, "
+                f"compute capability {capability[0]}.{capability[1]})"
+            )
+        elif device.type == "cuda":
+            described = f"{device} (CUDA is not available)"
+        else:
+            described = f"{device} (no CUDA compute capability)"
+        reason = fp8_unsupported_reason(device.type, capability)
+        if reason is not None:
+            raise ModelLoadError(
+                f"USE_FP8 is set, but the model's device {described} cannot run it: {reason}. "
+                "Unset USE_FP8 (or set it to false); USE_INT8=true runs on any device."
+            )
+    _torchao(fmt)
+
+
+def quantize_linears(
+    model: torch.nn.Module, fmt: LinearFormat, device: torch.device
+) -> QuantizedLinears:
+    """Quantize ``model``'s transformer linear layers (:func:`transformer_linears`) to ``fmt``
+    in place; the model is on ``device`` and has its serving dtype already."""
+    check_supported(fmt, device)
+    names = set(transformer_linears(model))
+    if not names:
+        raise ModelLoadError(
+            f"{SETTING[fmt]} is set, but the model has no transformer linear layers to "
+            f"quantize (no block with attn.qkv, attn.proj and an mlp); unset {SETTING[fmt]}"
+        )
+    parameters = sum(_linear(model, name).weight.numel() for name in names)
+    quantization = _torchao(fmt)
+    quantization.quantize_(model, _config(quantization, fmt), filter_fn=_named(names))
+    done = QuantizedLinears(fmt, len(names), parameters)
+    logger.info("RMBG-2.0: %s", done.describe())
+    return done
+
+
+def _linear(model: torch.nn.Module, name: str) -> torch.nn.Linear:
+    """The layer ``name`` of :func:`transformer_linears` (which names linear layers only)."""
+    return cast(torch.nn.Linear, model.get_submodule(name))
+
+
+def _named(names: set[str]) -> Any:
+    def keep(module: torch.nn.Module, fqn: str) -> bool:
+        return fqn in names and isinstance(module, torch.nn.Linear)
+
+    return keep
+
+
+def _config(quantization: ModuleType, fmt: LinearFormat) -> Any:
+    # set_inductor_config=False: a model's precision must not change Inductor's global
+    # settings for everything else compiled in the process (RMBG_COMPILE's blocks).
+    if fmt == "fp8":
+        from torchao.quantization.granularity import PerTensor
+
+        return quantization.Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerTensor(), set_inductor_config=False
+        )
+    return quantization.Int8WeightOnlyConfig(set_inductor_config=False)
+
+
+def _torchao(fmt: LinearFormat) -> ModuleType:
+    """``torchao.quantization``, or a :class:`ModelLoadError` saying what to install."""
+    try:
+        import torchao.quantization
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"{SETTING[fmt]} needs the torchao package ({exc}): install it with "
+            f"pip install '{TORCHAO_REQUIREMENT}' (part of the project's 'models' extra), "
+            f"or unset {SETTING[fmt]}"
+        ) from None
+    return torchao.quantization

@@ -1,0 +1,238 @@
+"""FP8 and INT8 transformer linear layers (USE_FP8, USE_INT8) on the CPU: INT8 for real on the
+trained stand-in, FP8's refusal for real, and what happens without torchao."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import segmentation_standins as standins
+from segmentation import quantize
+from segmentation.config import load_settings
+from segmentation.errors import ModelLoadError
+from segmentation.factory import build_segmentor
+from segmentation.models import rmbg20_segmentor
+from segmentation.models.rmbg20_segmentor import RMBG20Segmentor, _in_fp32
+from segmentation.quantize import check_supported, quantize_linears, transformer_linears
+from segmentation_standins import synthetic
+from segmentation_standins.quality import matte_iou
+from tests.conftest import RMBG_ARCH_DIR
+
+torchao_quantization = pytest.importorskip("torchao.quantization")
+
+#: INT8 weights are held to what FP16 may cost against FP32 on the same stand-in
+#: (tests/gpu/test_quality_gpu.py): at most 4/255 anywhere and 0.05/255 on average; and no
+#: more than 0.1% of the pixels more than 2/255 off. Weight-only INT8 rounds each weight by
+#: at most half a step, 1/254 of its row's largest weight, in 8 of the stand-in's layers.
+INT8_MAX_DIFF = 4
+INT8_MEAN_DIFF = 0.05
+INT8_OVER_2 = 0.001
+STANDIN_SIZE = 256  # the stand-in's training size
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[synthetic.Scene]:
+    return [synthetic.scene(3100 + i, 0, 320, 240) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def fp32() -> RMBG20Segmentor:
+    return RMBG20Segmentor(standins.PRODUCT_RMBG, device="cpu", input_size=STANDIN_SIZE)
+
+
+@pytest.fixture(scope="module")
+def int8() -> RMBG20Segmentor:
+    return RMBG20Segmentor(
+        standins.PRODUCT_RMBG, device="cpu", input_size=STANDIN_SIZE, linear_format="int8"
+    )
+
+
+def test_the_quantized_layers_are_each_blocks_attention_and_mlp_linears(
+    fp32: RMBG20Segmentor,
+) -> None:
+    names = transformer_linears(fp32.model)
+    blocks = [name for name, m in fp32.model.named_modules() if type(m).__name__ == "Block"]
+    assert blocks
+    expected = [
+        f"{block}.{layer}"
+        for block in blocks
+        for layer in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")
+    ]
+    assert names == expected
+
+
+@pytest.mark.skipif(
+    not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
+)
+def test_in_the_published_model_they_are_the_swin_blocks_qkv_proj_fc1_fc2_only() -> None:
+    from segmentation.models.rmbg20_loader import build_model
+
+    model = build_model(RMBG_ARCH_DIR, load_weights=False, device=torch.device("cpu"))
+    names = transformer_linears(model)
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "SwinTransformerBlock"]
+    assert blocks and len(names) == 4 * len(blocks)
+    assert {name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1] for name in names} == {
+        "attn.qkv",
+        "attn.proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    }
+    others = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(names)
+    assert others and all(name.endswith("downsample.reduction") for name in others)
+
+
+def test_int8_quantizes_those_layers_and_says_so(int8: RMBG20Segmentor) -> None:
+    names = set(transformer_linears(int8.model))
+    for name, module in int8.model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert isinstance(module.weight, torchao_quantization.Int8Tensor) == (name in names)
+            if name in names:
+                assert module.weight.qdata.dtype == torch.int8
+    plain = [p for p in int8.model.parameters() if type(p) is torch.nn.Parameter]
+    assert plain and {p.dtype for p in plain} == {torch.float32}  # the rest as on a CPU
+    assert int8.precision.name == int8.info().precision == "fp32+int8-linear"
+    assert int8.precision.linear == "int8"
+    assert "USE_INT8" in int8.info().precision_reason
+    assert "cpu" in int8.info().precision_reason
+
+
+def test_int8_stand_in_gives_uint8_mattes_at_each_frames_size(
+    int8: RMBG20Segmentor, scenes: list[synthetic.Scene]
+) -> None:
+    frames = [scenes[0].image, scenes[1].image[:200, :300].copy()]
+    mattes = int8.predict(frames)
+    assert [m.shape for m in mattes] == [(240, 320), (200, 300)]
+    assert all(m.dtype == np.uint8 for m in mattes)
+    with torch.inference_mode():
+        logits = int8.forward(int8.preprocess(frames[:1]))
+    assert logits.dtype == torch.float32
+    assert logits.shape == (1, 1, STANDIN_SIZE, STANDIN_SIZE)
+
+
+def test_int8_mattes_stay_within_the_fp16_bound_of_fp32_on_the_trained_stand_in(
+    fp32: RMBG20Segmentor, int8: RMBG20Segmentor, scenes: list[synthetic.Scene]
+) -> None:
+    frames = [scene.image for scene in scenes]
+    reference, quantized = fp32.predict(frames), int8.predict(frames)
+    diff = np.concatenate(
+        [
+            np.abs(a.astype(int) - b.astype(int)).ravel()
+            for a, b in zip(reference, quantized, strict=True)
+        ]
+    )
+    print(f"\nINT8 vs FP32: max {diff.max()}/255, mean {diff.mean():.2e}/255")
+    assert diff.max() <= INT8_MAX_DIFF
+    assert diff.mean() <= INT8_MEAN_DIFF
+    assert (diff > 2).mean() <= INT8_OVER_2
+    for matte, scene in zip(quantized, scenes, strict=True):
+        assert matte_iou(matte, scene) >= 0.9  # still finds the products
+
+
+class _Block(torch.nn.Module):
+    """The shape quantize recognises: ``attn`` with ``qkv`` and ``proj``, and an ``mlp``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.attn = torch.nn.Module()
+        self.attn.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.attn.proj = torch.nn.Linear(3 * dim, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attn.proj(self.attn.qkv(x)))
+
+
+def test_an_fp32_recompute_runs_through_int8_layers_and_leaves_them_int8() -> None:
+    """The segmentor's overflow path (FP16 logits not finite: the frame again in FP32) casts
+    the model up for one call and gives it its own tensors back."""
+    torch.manual_seed(0)
+    block = _Block(32).half()
+    quantize_linears(block, "int8", torch.device("cpu"))
+    weight = block.attn.qkv.weight
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        half = block(x.half())
+        with _in_fp32(block):
+            full = block(x)
+        again = block(x.half())
+    assert half.dtype == again.dtype == torch.float16 and full.dtype == torch.float32
+    assert block.attn.qkv.weight is weight
+    assert isinstance(weight, torchao_quantization.Int8Tensor)
+    assert torch.equal(half, again)
+    assert torch.allclose(full, half.float(), atol=1e-2)
+
+
+def test_fp8_is_refused_on_the_cpu_before_any_weight_is_loaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built before FP8 was refused")
+
+    monkeypatch.setattr(rmbg20_segmentor, "build_model", never)
+    with pytest.raises(ModelLoadError) as caught:
+        RMBG20Segmentor(standins.PRODUCT_RMBG, device="cpu", linear_format="fp8")
+    message = str(caught.value)
+    assert "USE_FP8" in message and "cpu" in message
+    assert "8.9" in message and "Unset USE_FP8" in message
+
+
+def test_fp8_on_an_older_gpu_names_the_gpu_and_its_capability(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No GPU here: fake one of compute capability 8.0 (an A100).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ModelLoadError) as caught:
+        check_supported("fp8", torch.device("cuda:0"))
+    message = str(caught.value)
+    assert "USE_FP8" in message and "cuda:0 (NVIDIA A100, compute capability 8.0)" in message
+    assert "Unset USE_FP8" in message
+
+
+def test_without_torchao_either_setting_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao raises ImportError
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(ModelLoadError) as caught:
+        RMBG20Segmentor(standins.PRODUCT_RMBG, device="cpu", linear_format="int8")
+    message = str(caught.value)
+    assert "USE_INT8" in message and "torchao" in message and "pip install" in message
+
+
+def test_the_library_imports_and_runs_without_torchao() -> None:
+    code = (
+        "import sys; sys.modules['torchao'] = None\n"
+        "import numpy as np\n"
+        "from segmentation.factory import build_segmentor\n"
+        "from segmentation.config import load_settings\n"
+        "import segmentation.quantize\n"
+        "s = build_segmentor('rmbg', load_settings({'DEVICE': 'cpu'}),"
+        " model='standin:product-birefnet', input_size=128)\n"
+        "print(s.precision.name, s.predict([np.zeros((64, 64, 3), np.uint8)])[0].shape)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "fp32 (64, 64)"
+
+
+def test_use_int8_reaches_the_segmentor_through_the_factory() -> None:
+    settings = load_settings({"USE_INT8": "Enable", "DEVICE": "cpu"})
+    segmentor = build_segmentor(
+        "rmbg", settings, model=standins.PRODUCT_RMBG, input_size=STANDIN_SIZE
+    )
+    assert segmentor.precision.name == "fp32+int8-linear"
+
+
+def test_a_model_without_transformer_blocks_is_refused_by_name() -> None:
+    with pytest.raises(ModelLoadError, match="USE_INT8 is set, but the model has no"):
+        quantize.quantize_linears(
+            torch.nn.Sequential(torch.nn.Linear(4, 4)), "int8", torch.device("cpu")
+        )
