@@ -139,7 +139,8 @@ class EncodedOutput:
     """An answer encoded where it was made (a cutout or matte as PNG, WebP or JPEG, or raw
     matte bytes), the size of the image it shows and its media type: what a model replica
     hands back across the process boundary. ``subject`` is the box ``(left, top, right,
-    bottom)`` of the matte's non-zero pixels in the input image, None when the matte is 0
+    bottom)`` of the matte's non-zero pixels in the input image, ``foreground`` the box of
+    the same in the answered image (after a crop and any scaling); None when the matte is 0
     everywhere or was not looked at (raw mattes)."""
 
     data: bytes
@@ -147,6 +148,7 @@ class EncodedOutput:
     height: int
     media_type: str = "image/png"
     subject: tuple[int, int, int, int] | None = None
+    foreground: tuple[int, int, int, int] | None = None
 
 
 def _orientation(image: Image.Image) -> int:

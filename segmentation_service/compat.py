@@ -4,7 +4,9 @@
   as multipart ``image_file`` or ``image_file_b64`` (multipart, url-encoded form or JSON);
   ``size``, ``type``, ``type_level``, ``format``, ``bg_color``, ``crop``, ``crop_margin``,
   ``channels``; the key in ``X-Api-Key``. Answers the image (``X-Width``, ``X-Height``,
-  ``X-Type``, ``X-Credits-Charged``), or ``{"data": {"result_b64"}}`` to ``Accept:
+  ``X-Type``, ``X-Credits-Charged``, and the foreground's box in it: ``X-Foreground-Top``,
+  ``-Left``, ``-Width``, ``-Height``), or ``{"data": {"result_b64", "foreground_top",
+  "foreground_left", "foreground_width", "foreground_height"}}`` to ``Accept:
   application/json``; errors ``{"errors": [{"title", "code", "detail"}]}`` (400 for bad
   input, 403 for the key, 429 with ``Retry-After`` when busy).
 - ``POST /api/remove``: rembg's HTTP server (``rembg s``): multipart ``file`` and form
@@ -339,6 +341,16 @@ def removebg_error(exc: BaseException) -> JSONResponse:
     return JSONResponse({"errors": [error]}, status_code=status, headers=headers)
 
 
+def foreground_position(box: tuple[int, int, int, int] | None) -> dict[str, int]:
+    """remove.bg's foreground position (``top``, ``left``, ``width``, ``height``, pixels of
+    the result image) of the box ``(left, top, right, bottom)`` the replica found there;
+    nothing when it found none (scaling left none of a faint subject)."""
+    if box is None:
+        return {}
+    left, top, right, bottom = box
+    return {"top": top, "left": left, "width": right - left, "height": bottom - top}
+
+
 async def removebg(request: Request) -> Response:
     """remove.bg's ``POST /v1.0/removebg``; see the module doc."""
     try:
@@ -379,9 +391,12 @@ async def _removebg(request: Request) -> Response:
     if asked.type_level != "none":
         # This service does not classify the foreground: the type asked for, else "other".
         headers["X-Type"] = asked.foreground_type if asked.foreground_type != "auto" else "other"
+    position = foreground_position(out.foreground)
+    headers.update({f"X-Foreground-{name.title()}": str(value) for name, value in position.items()})
     if asked.wants_json:
-        body = {"data": {"result_b64": base64.b64encode(out.data).decode("ascii")}}
-        return JSONResponse(body, headers=headers)
+        data: dict[str, Any] = {"result_b64": base64.b64encode(out.data).decode("ascii")}
+        data.update({f"foreground_{name}": value for name, value in position.items()})
+        return JSONResponse({"data": data}, headers=headers)
     return Response(out.data, media_type=out.media_type, headers=headers)
 
 

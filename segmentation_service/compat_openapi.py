@@ -111,6 +111,20 @@ def _int_header(description: str) -> dict[str, Any]:
     return {"description": description, "schema": {"type": "integer"}}
 
 
+#: The foreground's box in the result image, as remove.bg answers it: each side's name, what
+#: it is. Headers ``X-Foreground-<Name>``, JSON fields ``data.foreground_<name>``.
+_FOREGROUND = {
+    "top": "Top edge of the foreground in the result image, in pixels from its top.",
+    "left": "Left edge of the foreground in the result image, in pixels from its left.",
+    "width": "Width of the foreground in the result image, in pixels.",
+    "height": "Height of the foreground in the result image, in pixels.",
+}
+_FOREGROUND_NOTE = (
+    " The foreground: the result's pixels whose matte (its alpha, on an opaque bg_color the "
+    "alpha it would have) is not 0, after crop and size; absent only when scaling left none."
+)
+
+
 REMOVEBG_OPENAPI: dict[str, Any] = {
     "parameters": [_TIMEOUT_HEADER],
     "requestBody": {
@@ -131,7 +145,8 @@ REMOVEBG_OPENAPI: dict[str, Any] = {
     "responses": {
         "200": {
             "description": "The image without its background (the format asked for), or "
-            '`{"data": {"result_b64"}}` to `Accept: application/json`.',
+            '`{"data": {"result_b64", "foreground_top", "foreground_left", "foreground_width", '
+            '"foreground_height"}}` to `Accept: application/json`.',
             "headers": {
                 "X-Width": _int_header("Width of the result image."),
                 "X-Height": _int_header("Height of the result image."),
@@ -143,6 +158,10 @@ REMOVEBG_OPENAPI: dict[str, Any] = {
                 "X-Credits-Charged": {
                     "description": "Always 0.",
                     "schema": {"type": "number"},
+                },
+                **{
+                    f"X-Foreground-{name.title()}": _int_header(text + _FOREGROUND_NOTE)
+                    for name, text in _FOREGROUND.items()
                 },
             },
             "content": {
@@ -157,7 +176,17 @@ REMOVEBG_OPENAPI: dict[str, Any] = {
                             "data": {
                                 "type": "object",
                                 "required": ["result_b64"],
-                                "properties": {"result_b64": {"type": "string"}},
+                                "properties": {
+                                    "result_b64": {"type": "string"},
+                                    **{
+                                        f"foreground_{name}": {
+                                            "type": "integer",
+                                            "minimum": 0,
+                                            "description": text + _FOREGROUND_NOTE,
+                                        }
+                                        for name, text in _FOREGROUND.items()
+                                    },
+                                },
                             }
                         },
                     }
