@@ -152,36 +152,15 @@ class CutoutOptions:
 
 def parse_color(text: str) -> Color:
     """An RGBA colour from what people write: hex ``81d4fa``, ``#fff``, ``81d4fa77`` (with
-    alpha), a CSS colour name (``green``), or decimal ``r,g,b`` / ``r,g,b,a``."""
-    from PIL import ImageColor
+    alpha), a CSS colour name (``green``), or decimal ``r,g,b`` / ``r,g,b,a``: the client's
+    parser (``segmentation_client.wire.parse_color``), so both read a colour alike; 422
+    naming what is accepted."""
+    from segmentation_client import wire
 
-    value = text.strip()
-    if "," in value:
-        parts = [p.strip() for p in value.split(",")]
-        if len(parts) in (3, 4) and all(
-            p.isascii() and p.isdigit() and int(p) <= 255 for p in parts
-        ):
-            channels = [int(p) for p in parts]
-            return (channels[0], channels[1], channels[2], channels[3] if len(parts) == 4 else 255)
-        raise InvalidRequestError(
-            f"colour {text!r}: decimal colours are r,g,b or r,g,b,a, each 0-255"
-        )
-    digits = value.removeprefix("#")
-    if len(digits) in (3, 4, 6, 8) and all(c in "0123456789abcdefABCDEF" for c in digits):
-        if len(digits) in (3, 4):
-            digits = "".join(c * 2 for c in digits)
-        channels = [int(digits[i : i + 2], 16) for i in range(0, len(digits), 2)]
-        return (channels[0], channels[1], channels[2], channels[3] if len(channels) == 4 else 255)
-    if value.isalpha():
-        try:
-            red, green, blue = ImageColor.getrgb(value.lower())[:3]
-        except ValueError:
-            pass
-        else:
-            return (red, green, blue, 255)
-    raise InvalidRequestError(
-        f"colour {text!r}: expected hex (81d4fa, fff, 81d4fa77), a colour name (green) or r,g,b[,a]"
-    )
+    try:
+        return wire.parse_color(text)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
 
 
 def parse_margin(text: str) -> Margin:

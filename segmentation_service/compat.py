@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -49,6 +50,7 @@ from segmentation.errors import (
 from segmentation.imaging import EncodedOutput
 from segmentation.options import CutoutOptions, parse_bool, parse_color, parse_margin
 from segmentation_service.compat_openapi import (
+    REMBG_MODEL_PATTERN,
     REMBG_OPENAPI,
     REMOVEBG_FORMATS,
     REMOVEBG_OPENAPI,
@@ -429,6 +431,11 @@ def rembg_options(fields: Mapping[str, Any], query: Mapping[str, str]) -> Cutout
         if number < 0 or (high is not None and number > high):
             limit = f"0-{high}" if high is not None else "0 or more"
             raise _rembg_validation("body", name, f"{name} must be an integer, {limit}", value)
+    model = fields.get("model", "u2net")
+    if not isinstance(model, str) or not re.search(REMBG_MODEL_PATTERN, model):
+        raise _rembg_validation(
+            "body", "model", f"String should match pattern '{REMBG_MODEL_PATTERN}'", model
+        )
     only_mask = flag("om")
     matting = flag("a")
     clean = flag("ppm")

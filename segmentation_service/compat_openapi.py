@@ -7,6 +7,29 @@ from typing import Any
 
 from segmentation_service.deadlines import MAX_TIMEOUT_MS
 
+#: rembg's server checks ``model`` against its session names with this (unanchored)
+#: pattern and answers 422 when it does not match; the model is then ignored here.
+REMBG_MODELS = (
+    "u2net",
+    "u2netp",
+    "u2net_human_seg",
+    "u2net_cloth_seg",
+    "u2net_custom",
+    "silueta",
+    "isnet-general-use",
+    "isnet-anime",
+    "sam",
+    "birefnet-general",
+    "birefnet-general-lite",
+    "birefnet-portrait",
+    "birefnet-dis",
+    "birefnet-hrsod",
+    "birefnet-cod",
+    "birefnet-massive",
+    "bria-rmbg",
+)
+REMBG_MODEL_PATTERN = "(" + "|".join(REMBG_MODELS) + ")"
+
 #: Most output pixels per ``size`` (remove.bg's table; "auto" and "full" up to 25 MP).
 REMOVEBG_SIZES: dict[str, int] = {
     "preview": 250_000,
@@ -251,7 +274,9 @@ REMBG_OPENAPI: dict[str, Any] = {
                         "model": {
                             "type": "string",
                             "default": "u2net",
-                            "description": "Accepted and ignored: RMBG-2.0 answers.",
+                            "pattern": REMBG_MODEL_PATTERN,
+                            "description": "One of rembg's model names, checked as rembg's "
+                            "server does, then ignored: RMBG-2.0 answers.",
                         },
                         "a": {
                             **_BOOL_TEXT,

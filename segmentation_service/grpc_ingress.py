@@ -93,6 +93,13 @@ def cutout_options(message: pb.CutoutOptions, output: int) -> CutoutOptions:
     return dataclasses.replace(options, output=output_name(output))
 
 
+def request_cutout(request: pb.FramesRequest) -> CutoutOptions:
+    """What each frame of a Frames request is composed as (the plain cutout to segment)."""
+    if request.task == pb.TASK_SEGMENT:
+        return CutoutOptions()
+    return cutout_options(request.cutout, request.output)
+
+
 def image_reply(
     output: pb.OutputFormat, answer: EncodedOutput, options: CutoutOptions
 ) -> pb.ImageReply:
@@ -166,7 +173,8 @@ class SegmentorServicer(_RouterBase):
     ) -> pb.ImageReply:
         async def work(deadline: Deadline) -> pb.ImageReply:
             options = cutout_options(request.cutout, request.output)
-            async with self._one_image(self._one_message_image(request.image), deadline) as image:
+            data = self._one_message_image(request.image)
+            async with self._one_image(data, deadline, lambda: options) as image:
                 answer = await self._call(
                     self.rmbg.remove_background, image, options, deadline.at, deadline=deadline
                 )
@@ -196,7 +204,7 @@ class SegmentorServicer(_RouterBase):
             with self.body_bytes.account() as charge:
                 charge(sum(len(f) for f in frames))
                 probed = await self._probe_all(frames)
-                with self._admit_all(probed):
+                with self._admit_all(probed, request_cutout(request)):
                     replies = await self._frame_replies(request, probed, 0, deadline)
             failed = sum(reply.HasField("error") for reply in replies)
             return pb.FramesReply(
@@ -221,7 +229,7 @@ class SegmentorServicer(_RouterBase):
             with self.body_bytes.account() as charge:
                 charge(sum(len(f) for f in frames))
                 probed = await self._probe_all(frames)
-                with self._admit_all(probed):
+                with self._admit_all(probed, request_cutout(request)):
                     size = self.args.frames_per_call
                     calls = [
                         asyncio.ensure_future(
@@ -316,7 +324,7 @@ class SegmentorServicer(_RouterBase):
     ) -> list[pb.FrameReply]:
         """One reply per frame, in order; a frame that failed carries its own error."""
         segment = request.task == pb.TASK_SEGMENT
-        cutout = CutoutOptions() if segment else cutout_options(request.cutout, request.output)
+        cutout = request_cutout(request)
         results = await self._run_each(
             list(probed),
             "segment" if segment else "remove-background",

@@ -32,11 +32,13 @@ from segmentation.errors import (
 )
 from segmentation.imaging import SUPPORTED_FORMATS, EncodedImage, EncodedOutput, probe_image
 from segmentation.options import (
+    NO_MARGIN,
     CutoutOptions,
     DetectOptions,
     ImageFormat,
     Output,
     margin_region,
+    output_pixels_bound,
     parse_color,
     parse_margin,
 )
@@ -352,6 +354,24 @@ def frame_cutout_box(out: EncodedOutput, options: CutoutOptions) -> list[int] | 
     if out.subject is None:
         return [0, 0, out.width, out.height]
     return list(margin_region(out.subject, options.crop_margin))
+
+
+def admitted_pixels(image: EncodedImage, cutout: CutoutOptions | None) -> int:
+    """Pixels admission holds for one image: what it decodes to, or more when the cutout
+    options can make its output larger (a crop whose margin reaches past the frame)."""
+    if cutout is None or cutout.output == "raw":
+        return image.pixels
+    return max(image.pixels, output_pixels_bound(image.width, image.height, cutout))
+
+
+def crop_hint(cutout: CutoutOptions | None) -> str:
+    """What a request that can never fit can change, when its crop margin grows it."""
+    if cutout is None or not cutout.crop or cutout.crop_margin == NO_MARGIN:
+        return ""
+    return (
+        "; with crop, a margin grows the output past the image (up to half the subject or "
+        "500 px a side): ask for a smaller crop_margin"
+    )
 
 
 def check_no_cutout_options(options: CutoutOptions, task: str) -> None:
@@ -678,7 +698,7 @@ class Router:
             chosen.append(options)
             return data
 
-        async with self._one_image(image_only, deadline) as image:
+        async with self._one_image(image_only, deadline, lambda: chosen[0]) as image:
             out: EncodedOutput = await self._call(
                 self.rmbg.remove_background, image, chosen[0], deadline.at, deadline=deadline
             )
@@ -690,10 +710,14 @@ class Router:
 
     @asynccontextmanager
     async def _one_image(
-        self, read: Callable[[Charge], Awaitable[bytes]] | bytes, deadline: Deadline
+        self,
+        read: Callable[[Charge], Awaitable[bytes]] | bytes,
+        deadline: Deadline,
+        cutout: Callable[[], CutoutOptions | None] = lambda: None,
     ) -> AsyncIterator[EncodedImage]:
         """A request's one image, read (within ``body_timeout_s``), its header checked, and
-        admitted: one frame and the pixels it decodes to, held for the block."""
+        admitted: one frame and the pixels it decodes to, or the most its output can have
+        under the ``cutout`` options (known once the body is read), held for the block."""
         with self.body_bytes.account() as charge:
             if isinstance(read, bytes):
                 charge(len(read))
@@ -701,7 +725,10 @@ class Router:
             else:
                 data = await self._read_body(read(charge), deadline)
             image = await self._probe(data)
-            with self.budget.admit(1, image.pixels):
+            options = cutout()
+            with self.budget.admit(
+                1, admitted_pixels(image, options), too_large=crop_hint(options)
+            ):
                 yield image
 
     async def _read_body(self, reading: Awaitable[T], deadline: Deadline) -> T:
@@ -774,7 +801,8 @@ class Router:
         segmentation dict, or the frame's own :class:`SegmentationError`. The frames whose
         header is fine are admitted together (frames and pixels) for the whole call."""
         probed = await self._probe_all(files)
-        with self._admit_all(probed):
+        cutout = output if isinstance(output, CutoutOptions) and task != "segment" else None
+        with self._admit_all(probed, cutout):
             return await self._run_each(probed, task, output, options, deadline)
 
     async def _probe_all(self, files: Sequence[bytes]) -> list[Any]:
@@ -785,12 +813,16 @@ class Router:
                 raise result
         return list(probed)
 
-    def _admit_all(self, probed: Sequence[Any]) -> AbstractContextManager[None]:
+    def _admit_all(
+        self, probed: Sequence[Any], cutout: CutoutOptions | None = None
+    ) -> AbstractContextManager[None]:
+        """Admission of a many-frame request: its frames, and their pixels (or the most
+        their outputs can have under ``cutout``)."""
         return self.budget.admit(
             len(probed),
-            sum(image.pixels for image in probed if isinstance(image, EncodedImage)),
+            sum(admitted_pixels(i, cutout) for i in probed if isinstance(i, EncodedImage)),
             too_large=f"send at most max_frames_per_request={self.args.max_frames_per_request} "
-            "frames, and fewer or smaller images",
+            f"frames, and fewer or smaller images{crop_hint(cutout)}",
         )
 
     async def _run_each(

@@ -141,7 +141,9 @@ class RMBGDeployment(SegmentorReplica):
             )
         height, width = result.pixels.shape[:2]
         data = await self.encode(encode_pixels, result.pixels, options)
-        return EncodedOutput(data, width, height, options.media_type, result.subject)
+        return EncodedOutput(
+            data, width, height, options.media_type, result.subject, result.foreground
+        )
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=10)

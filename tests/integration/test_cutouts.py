@@ -252,6 +252,68 @@ def test_removebg_form_fields_size_crop_channels(client: httpx.Client, matte: np
     assert cropped.headers["x-type"] == "product"
 
 
+def foreground_answered(response: httpx.Response) -> tuple[int, int, int, int]:
+    """``(top, left, width, height)`` of the foreground as the answer gives it: its headers,
+    and the same in ``data`` of a JSON answer."""
+    names = ("top", "left", "width", "height")
+    position = tuple(int(response.headers[f"x-foreground-{name}"]) for name in names)
+    if response.headers["content-type"] == "application/json":
+        data = response.json()["data"]
+        assert tuple(data[f"foreground_{name}"] for name in names) == position
+    top, left, width, height = position
+    return top, left, width, height
+
+
+def foreground_shown(alpha: np.ndarray) -> tuple[int, int, int, int]:
+    """``(top, left, width, height)`` of the non-zero pixels of ``alpha``."""
+    left, top, right, bottom = subject_box(alpha)
+    return top, left, right - left, bottom - top
+
+
+def test_removebg_answers_where_the_foreground_is_in_the_result(
+    client: httpx.Client, matte: np.ndarray
+) -> None:
+    """``X-Foreground-*`` and ``data.foreground_*`` are the box of the answered image's
+    non-zero alpha: in the whole frame, cropped with a margin past the frame's edge, and
+    scaled down to remove.bg's preview size."""
+    image = {"image_file": ("f.png", PNG, "image/png")}
+    whole = removebg(client, files=image, data={"size": "full"})
+    assert whole.status_code == 200, whole.text
+    alpha = np.asarray(decoded(whole.content))[..., 3]
+    assert foreground_answered(whole) == foreground_shown(alpha) == foreground_shown(matte)
+
+    left, top, right, bottom = subject_box(matte)
+    cropped = removebg(
+        client,
+        files=image,
+        data={"size": "full", "crop": "true", "crop_margin": "200px"},
+        headers={"Accept": "application/json"},
+    )
+    assert cropped.status_code == 200, cropped.text
+    result = decoded(base64.b64decode(cropped.json()["data"]["result_b64"]))
+    assert result.size == (right - left + 400, bottom - top + 400)  # past every edge of 320x200
+    shown = foreground_shown(np.asarray(result)[..., 3])
+    assert foreground_answered(cropped) == shown == (200, 200, right - left, bottom - top)
+
+    big = product_frame(1000, 700, seed=23)
+    for data in ({}, {"crop": "true", "crop_margin": "10%"}):
+        scaled = removebg(client, files={"image_file": ("b.jpg", encode(big, "JPEG"))}, data=data)
+        assert scaled.status_code == 200, scaled.text
+        rgba = np.asarray(decoded(scaled.content))
+        assert rgba.shape[0] * rgba.shape[1] <= 250_000
+        assert foreground_answered(scaled) == foreground_shown(rgba[..., 3])
+
+    on_white = removebg(
+        client,
+        files=image,
+        data={"size": "full", "crop": "true", "crop_margin": "5px", "bg_color": "white"},
+        headers={"Accept": "application/json"},
+    )
+    assert on_white.status_code == 200, on_white.text
+    assert decoded(base64.b64decode(on_white.json()["data"]["result_b64"])).mode == "RGB"
+    assert foreground_answered(on_white) == (5, 5, right - left, bottom - top)
+
+
 @pytest.mark.parametrize(
     ("data", "code", "fragment"),
     [
@@ -318,6 +380,7 @@ def test_rembg_published_curl_example(client: httpx.Client, matte: np.ndarray) -
 def test_rembg_only_mask_post_process_and_background(
     client: httpx.Client, matte: np.ndarray
 ) -> None:
+    assert rembg(client, model="isnet-general-use").status_code == 200  # checked, then ignored
     mask = decoded(rembg(client, om="true").content)
     assert mask.mode == "L" and np.array_equal(np.asarray(mask), matte)
     hard = np.asarray(decoded(rembg(client, om="true", ppm="true").content))
@@ -333,6 +396,8 @@ def test_rembg_only_mask_post_process_and_background(
         ({"af": "300"}, None, "af"),
         ({"om": "perhaps"}, None, "om"),
         ({}, {"bgc": "red-ish"}, "bgc"),
+        ({"model": "no-such-model"}, None, "model"),
+        ({"model": "-8e284"}, None, "model"),
     ],
 )
 def test_rembg_bad_values_are_fastapi_style_422(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -195,3 +196,22 @@ def test_the_client_sends_cutout_options_on_both_transports(
         assert isinstance(result, Image) and not isinstance(result, FrameError)
         assert (result.content_type, result.cutout_box) == ("image/webp", box)
         assert np.array_equal(result.to_array(), want)
+
+
+def test_a_crop_margin_that_grows_outputs_past_the_request_limit_is_refused_from_headers(
+    client: httpx.Client,
+) -> None:
+    """Two blank 6320x6320 PNGs decode to 80 M pixels; cropped with a margin of a whole
+    subject per side (capped at half of it) each output can be 12640x12640 = 160 M, and two
+    of them are over the router's max_request_pixels (300 M): 413 before anything decodes."""
+    buffer = io.BytesIO()
+    PILImage.new("L", (6320, 6320)).save(buffer, "PNG", optimize=True)
+    files = [("frames", (f"f{i}.png", buffer.getvalue(), "image/png")) for i in range(2)]
+    started = time.monotonic()
+    response = client.post(
+        "/v1/frames", params={"crop": "true", "crop_margin": "100%"}, files=files
+    )
+    assert response.status_code == 413, response.text
+    message = response.json()["error"]["message"]
+    assert f"{2 * 12640 * 12640} pixels" in message and "crop_margin" in message
+    assert time.monotonic() - started < 20
