@@ -72,6 +72,13 @@ class SegmentorArgs(_Strict):
         "nvJPEG on the device as their batch runs; other images are decoded on this "
         "replica's codec threads.",
     )
+    decode_ahead: bool = Field(
+        False,
+        description="With device JPEG decoding: decode the next batch's JPEGs on a thread and "
+        "CUDA stream of their own while the current batch runs the model, instead of first "
+        "thing in each batch on the GPU thread (holds one more batch of decoded frames on "
+        "the device).",
+    )
     max_host_pixels: int = Field(
         400_000_000,
         ge=1,

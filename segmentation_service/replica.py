@@ -37,9 +37,10 @@ import asyncio
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -50,7 +51,13 @@ import numpy as np
 import torch
 
 from segmentation import encoders
-from segmentation.batching import AdaptiveBatchCap, BatchReport, OOMSafeRunner, batch_buckets
+from segmentation.batching import (
+    AdaptiveBatchCap,
+    BatchReport,
+    OOMSafeRunner,
+    batch_buckets,
+    is_oom,
+)
 from segmentation.config import Settings, load_settings
 from segmentation.device_decode import decode_jpegs_on
 from segmentation.errors import (
@@ -120,6 +127,14 @@ class SegmentorReplica:
         self.runner = OOMSafeRunner(with_faults(self.run_model, self.args, self.name), self.cap)
         self.metrics = SegmentorMetrics(self.name)
         self._gpu = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-gpu")
+        #: ``args.decode_ahead``: the next batch's device decode, beside the GPU thread.
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-decode")
+        self._decode_stream: Any = None
+        #: Held by a decode ahead and by a reconfigure's warm-up and graph capture: a CUDA
+        #: call from another thread during a capture would invalidate it.
+        self._device_work = threading.Lock()
+        #: Frames whose JPEG was decoded ahead of their batch (``args.decode_ahead``).
+        self.frames_decoded_ahead = 0
         self._queue: deque[Pending] = deque()
         self._wake = asyncio.Event()
         self._batcher: asyncio.Task[None] | None = None
@@ -215,14 +230,15 @@ class SegmentorReplica:
     def _prepare(self, config: BatchConfig) -> _Prepared:
         """On the GPU thread: warm up at a larger batch, build the batch sizes of the new
         ceiling and capture their graphs. Live state changes only where all of it worked."""
-        memory_cap, warmed = self.memory_cap, self.warmed_batch
-        if config.max_batch_size > warmed:
-            memory_cap = self._measure(config.max_batch_size)
-            warmed = config.max_batch_size
-            if self.warmed_batch == 0:
-                self.warmup_extra()
-        ceiling = min(config.max_batch_size, memory_cap or config.max_batch_size)
-        self._build_buckets(batch_buckets(ceiling))
+        with self._device_work:
+            memory_cap, warmed = self.memory_cap, self.warmed_batch
+            if config.max_batch_size > warmed:
+                memory_cap = self._measure(config.max_batch_size)
+                warmed = config.max_batch_size
+                if self.warmed_batch == 0:
+                    self.warmup_extra()
+            ceiling = min(config.max_batch_size, memory_cap or config.max_batch_size)
+            self._build_buckets(batch_buckets(ceiling))
         return _Prepared(memory_cap, warmed, ceiling)
 
     def _install(self, config: BatchConfig, prepared: _Prepared) -> None:
@@ -501,46 +517,121 @@ class SegmentorReplica:
         return list(await asyncio.gather(*(one(i) for i in images), return_exceptions=True))
 
     def device_frames(self, items: list[Pending]) -> list[Any]:
-        """On the GPU thread: each item's frame as the model takes it. Encoded JPEGs are
-        decoded on the device in one call (one image shared by several items, the crops of
-        ``/v1/products``, once); a JPEG that fails gets its own error in its place; crops
-        are views."""
-        frames: list[Any] = [item.frame for item in items]
-        encoded: dict[int, list[int]] = {}
-        for index, frame in enumerate(frames):
-            if isinstance(frame, EncodedImage):
-                key = id(frame) if items[index].crop is not None else -1 - index
-                encoded.setdefault(key, []).append(index)
-        if encoded:
-            clock = StageClock(self.device, self.step_timings)
-            groups = list(encoded.values())
-            decoded = decode_jpegs_on(self.device, [frames[group[0]] for group in groups])
+        """On the GPU thread: each item's frame as the model takes it. Encoded JPEGs not
+        decoded ahead are decoded on the device now (:meth:`_decode_encoded`); a JPEG that
+        fails gets its own error in its place; crops are views."""
+        clock = StageClock(self.device, self.step_timings)
+        if self._decode_encoded(items):
             clock.lap("jpeg_decode")
-            for group, frame in zip(groups, decoded, strict=True):
-                for index in group:
-                    frames[index] = frame
+        frames: list[Any] = [item.frame for item in items]
         for index, item in enumerate(items):
             if item.crop is not None and not isinstance(frames[index], Exception):
                 frames[index] = _crop(frames[index], item.crop)
         return frames
 
+    def _decode_encoded(self, items: Sequence[Pending]) -> int:
+        """Decode the items' encoded JPEGs on the device in one call, in place (one image
+        shared by several items, the crops of ``/v1/products``, once; a JPEG that fails
+        becomes its :class:`InvalidImageError`); the number of images decoded."""
+        encoded: dict[int, list[int]] = {}
+        for index, item in enumerate(items):
+            if isinstance(item.frame, EncodedImage):
+                key = id(item.frame) if item.crop is not None else -1 - index
+                encoded.setdefault(key, []).append(index)
+        if not encoded:
+            return 0
+        groups = list(encoded.values())
+        decoded = decode_jpegs_on(self.device, [items[group[0]].frame for group in groups])
+        for group, frame in zip(groups, decoded, strict=True):
+            for index in group:
+                items[index].frame = frame
+        return len(groups)
+
+    def _decode_ahead(self, items: list[Pending]) -> None:
+        """On the decode thread, while the GPU thread runs the batch before: this batch's
+        JPEGs decoded on a CUDA stream of its own, finished before the batch is handed
+        over. Best effort: out of memory leaves them encoded for the GPU thread, whose
+        OOM-safe runner splits the batch as usual."""
+        started = time.perf_counter()
+        try:
+            with self._device_work:
+                decoded = self._decode_on_own_stream(items)
+        except RuntimeError as exc:
+            if not is_oom(exc):
+                raise
+            logger.warning("%s: out of memory decoding ahead; decoding in the batch", self.name)
+            return
+        self.frames_decoded_ahead += decoded
+        self.metrics.stage("decode_ahead", time.perf_counter() - started)
+
+    def _decode_on_own_stream(self, items: list[Pending]) -> int:
+        """:meth:`_decode_encoded` on a CUDA stream of the decode thread's, finished before
+        it returns (on a CPU device, plainly)."""
+        if self.device.type != "cuda":
+            return self._decode_encoded(items)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._decode_stream):
+            decoded = self._decode_encoded(items)
+        self._decode_stream.synchronize()
+        # Made on the decode stream, used and freed on the GPU thread's (the default one):
+        # the caching allocator must not hand their memory out again before it is done.
+        model_stream = torch.cuda.default_stream(self.device)
+        for item in items:
+            if isinstance(item.frame, torch.Tensor):
+                item.frame.record_stream(model_stream)
+        return decoded
+
+    def _decodes_ahead(self, items: list[Pending]) -> bool:
+        """Whether ``items`` are decoded ahead: asked for, and JPEGs among them that stayed
+        encoded for the device to decode (``device_decodes``)."""
+        return self.args.decode_ahead and any(isinstance(i.frame, EncodedImage) for i in items)
+
     async def _form_batches(self) -> None:
-        """The one batch-forming loop: take up to the live cap when the GPU thread is free."""
-        while True:
-            while not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-            while self._encoding > 2 * max(1, self.cap.value):
-                self._encoded.clear()
-                await self._encoded.wait()
-            await self._fill_window()
-            batch: list[Pending] = []
-            while self._queue and len(batch) < max(1, self.cap.value):
-                item = self._queue.popleft()
-                if item.answer is None or not item.answer.done():  # done: the caller left
-                    batch.append(item)
-            if batch:
-                await self._run_batch(batch)
+        """The one batch-forming loop: take up to the live cap when the GPU thread is free.
+
+        With ``args.decode_ahead`` the next batch is formed while one runs, and its JPEGs
+        are decoded on the decode thread meanwhile; it runs when the one before is done."""
+        running: asyncio.Future[None] | None = None
+        try:
+            while True:
+                while not self._queue:
+                    self._wake.clear()
+                    await self._wake.wait()
+                while self._encoding > 2 * max(1, self.cap.value):
+                    self._encoded.clear()
+                    await self._encoded.wait()
+                await self._fill_window()
+                batch: list[Pending] = []
+                while self._queue and len(batch) < max(1, self.cap.value):
+                    item = self._queue.popleft()
+                    if item.answer is None or not item.answer.done():  # done: the caller left
+                        batch.append(item)
+                if not batch:
+                    continue
+                if not self._decodes_ahead(batch):
+                    if running is not None:
+                        await running
+                        running = None
+                    await self._run_batch(batch)
+                    continue
+                decoding = asyncio.get_running_loop().run_in_executor(
+                    self._decoder, self._decode_ahead, batch
+                )
+                if running is not None:
+                    await running
+                running = asyncio.ensure_future(self._run_after(decoding, batch))
+        finally:
+            if running is not None:
+                running.cancel()
+
+    async def _run_after(self, decoding: Awaitable[None], batch: list[Pending]) -> None:
+        """``batch`` once its decode ahead is done (or failed: the GPU thread decodes it)."""
+        try:
+            await decoding
+        except Exception:  # not the frames' fault: they are decoded in the batch instead
+            logger.exception("%s: decoding ahead failed; decoding in the batch", self.name)
+        await self._run_batch(batch)
 
     async def _fill_window(self) -> None:
         """Wait while fewer frames than the cap are queued and the oldest is younger than
@@ -675,6 +766,8 @@ class SegmentorReplica:
                 "host_pixels": self.host_pixels,
                 "max_host_pixels": self.args.max_host_pixels,
                 "encoding": self._encoding,
+                "decode_ahead": self.args.decode_ahead and self.device.type == "cuda",
+                "frames_decoded_ahead": self.frames_decoded_ahead,
             },
             "gpu_busy_s": round(self.gpu_busy_s, 3),
         }

@@ -87,3 +87,39 @@ def test_yolo_replica_on_the_card_with_the_trained_stand_in() -> None:
     found = run(replica.segment_each([image, image], None))
     assert found[0] == found[1]
     assert len(found[0]["instances"]) > 0
+
+
+def test_yolo_decoding_ahead_on_its_own_stream_answers_as_decoding_in_the_batch() -> None:
+    """``decode_ahead``: the next batch's JPEGs decoded by nvJPEG on the decode thread's
+    stream while a batch runs give the instances of decoding first thing in the batch."""
+    args = {
+        "model": "standin:product-yolo11n-seg",
+        "input_size": 320,
+        "device": "cuda",
+        "gpu_memory_fraction": 0.3,
+    }
+    from segmentation_standins import synthetic
+
+    images = [
+        probe_image(jpeg(synthetic.scene(seed, 0, 1920, 1080).image, quality=90))
+        for seed in range(12)
+    ]
+    answers = {}
+    for ahead in (False, True):
+        replica = YoloDeployment.func_or_class({**args, "decode_ahead": ahead})
+        run(replica.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.02}))
+        answers[ahead] = run(replica.segment_each(images, None))
+        info = run(replica.info())
+        assert info["codec"]["frames_decoded_ahead"] == (len(images) if ahead else 0)
+        del replica
+        torch.cuda.empty_cache()
+    # Batches may form differently in the two runs, and another batch size may pick other
+    # kernels: the same instances, boxes and scores within rounding.
+    for got, want in zip(answers[True], answers[False], strict=True):
+        assert [i["class_id"] for i in got["instances"]] == [
+            i["class_id"] for i in want["instances"]
+        ]
+        for a, b in zip(got["instances"], want["instances"], strict=True):
+            assert np.abs(np.subtract(a["box"], b["box"])).max() <= 1.0
+            assert abs(a["score"] - b["score"]) <= 0.01
+    assert sum(len(found["instances"]) for found in answers[True]) > 0

@@ -145,3 +145,30 @@ def test_decoded_pixels_a_replica_holds_are_bounded(rmbg: Any) -> None:
     finally:
         rmbg.host_pixels = 0
     assert len(run(rmbg.remove_background(image, "mask")).data) > 0
+
+
+def test_jpegs_decoded_ahead_of_their_batch_give_the_answers_decoded_in_it(
+    rmbg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``decode_ahead``: the next batch's JPEGs are decoded on the decode thread while one
+    runs; the answers are those of decoding in the batch, a broken JPEG still fails alone,
+    and a product's crops still share one decode."""
+    data = jpeg(product_frame(160, 120, seed=5), quality=95)
+    image, broken = probe_image(data), probe_image(data[: len(data) // 2])
+    frames = [image, broken, image] * 3  # three batches of at most 4
+    monkeypatch.setattr(type(rmbg), "device_decodes", lambda self, image: True)
+    in_batch = run(rmbg.remove_background_each(frames, "rgba"))
+    boxes = [(10, 20, 90, 110), (100, 0, 160, 120)]
+    crops_in_batch = run(rmbg.cutouts(image, boxes))
+    assert rmbg.frames_decoded_ahead == 0
+    monkeypatch.setattr(rmbg, "args", rmbg.args.model_copy(update={"decode_ahead": True}))
+    ahead = run(rmbg.remove_background_each(frames, "rgba"))
+    assert rmbg.frames_decoded_ahead == len(frames)  # the broken ones were tried too
+    for index, (want, got) in enumerate(zip(in_batch, ahead, strict=True)):
+        if index % 3 == 1:
+            assert isinstance(want, InvalidImageError) and isinstance(got, InvalidImageError)
+        else:
+            assert got.data == want.data
+    crops_ahead = run(rmbg.cutouts(image, boxes))
+    assert rmbg.frames_decoded_ahead == len(frames) + 1  # two crops, one decode
+    assert [c.data for c in crops_ahead] == [c.data for c in crops_in_batch]
