@@ -90,12 +90,21 @@ SCENARIOS = {
 
 
 def scale_config(
-    config: dict[str, Any], count: int, routers: int, rmbg_dir: str, on_gpus: bool = True
+    config: dict[str, Any],
+    count: int,
+    routers: int,
+    rmbg_dir: str,
+    on_gpus: bool = True,
+    segmentor_args: dict[str, Any] | None = None,
 ) -> None:
-    """``count`` replicas of each segmentor (one of each per card) and ``routers`` routers."""
+    """``count`` replicas of each segmentor (one of each per card) and ``routers`` routers;
+    ``segmentor_args`` set on both segmentors (e.g. ``decode_ahead``)."""
     app = config["applications"][0]
     if "rmbg" in app["args"] and rmbg_dir:
         app["args"]["rmbg"]["model"] = str(Path(rmbg_dir).resolve())
+    for model in ("rmbg", "yolo"):
+        if model in app["args"]:
+            app["args"][model].update(segmentor_args or {})
     for deployment in app["deployments"]:
         deployment.pop("autoscaling_config", None)
         if deployment["name"] == "Router":
@@ -104,6 +113,17 @@ def scale_config(
         deployment["num_replicas"] = count
         if on_gpus and deployment["name"] in GPU_SHARE:
             deployment["ray_actor_options"]["num_gpus"] = GPU_SHARE[deployment["name"]]
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``["decode_ahead=true"]`` -> ``{"decode_ahead": True}`` (values read as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--segmentor-arg {item!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def replicas(url: str, samples: int = 40) -> dict[tuple[str, int], dict[str, Any]]:
@@ -310,8 +330,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="after each saturated run, an open-loop run at half its frames/s (p99 latency)",
     )
+    parser.add_argument(
+        "--segmentor-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a SegmentorArgs field on both segmentors (YAML value), e.g. decode_ahead=true",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    segmentor_args = parse_assignments(args.segmentor_arg)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     frame_size = (1920, 1080)
     if args.frame_size:
@@ -337,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
                 num_cpus=args.cpus,
                 num_gpus=0 if args.no_gpu else most,
                 extra_env=env,
-                edit=lambda c: scale_config(c, most, routers, args.rmbg_dir, not args.no_gpu),
+                edit=lambda c: scale_config(
+                    c, most, routers, args.rmbg_dir, not args.no_gpu, segmentor_args
+                ),
             ) as cluster:
                 # The application answers once one replica of each model is up; measure
                 # only once every replica asked for runs (a replica still capturing its
@@ -346,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                 for index, gpus in enumerate(counts):
                     if index:  # scale the segmentors down; the routers stay
                         config = cluster.app_config()
-                        scale_config(config, gpus, routers, args.rmbg_dir, not args.no_gpu)
+                        scale_config(
+                            config, gpus, routers, args.rmbg_dir, not args.no_gpu, segmentor_args
+                        )
                         cluster.deploy(config, f"n{gpus}.yaml")
                         wait_for_replicas(cluster, gpus)
                     report["runs"].extend(measure(cluster, variant, gpus, args, frame_size))

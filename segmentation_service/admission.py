@@ -69,7 +69,8 @@ class FrameBudget:
         wanted = held_pixels + pixels
         if self.request_pixel_limit is not None and wanted > self.request_pixel_limit:
             raise PayloadTooLargeError(
-                f"this request's images decode to {wanted} pixels; one request may have at most "
+                f"this request needs {wanted} pixels (its images decoded, or their outputs where "
+                f"a crop makes them larger); one request may have at most "
                 f"max_request_pixels={self.request_pixel_limit}{hint}"
             )
         if self.in_flight + frames > self.limit:

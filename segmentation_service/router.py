@@ -364,21 +364,31 @@ def admitted_pixels(image: EncodedImage, cutout: CutoutOptions | None) -> int:
     return max(image.pixels, output_pixels_bound(image.width, image.height, cutout))
 
 
+def cutout_pixels(box: Sequence[int], cutout: CutoutOptions | None) -> int:
+    """Pixels admission holds for one product's cutout: its crop of the frame, or more when
+    a crop margin can grow its output past that."""
+    pixels = box_pixels(box)
+    if cutout is None:
+        return pixels
+    left, top, right, bottom = box
+    return max(pixels, output_pixels_bound(right - left, bottom - top, cutout))
+
+
 def crop_hint(cutout: CutoutOptions | None) -> str:
     """What a request that can never fit can change, when its crop margin grows it."""
     if cutout is None or not cutout.crop or cutout.crop_margin == NO_MARGIN:
         return ""
     return (
-        "; with crop, a margin grows the output past the image (up to half the subject or "
+        "with crop, a margin grows the output past the image (up to half the subject or "
         "500 px a side): ask for a smaller crop_margin"
     )
 
 
 def check_no_cutout_options(options: CutoutOptions, task: str) -> None:
     """422 when a request that makes no cutout sets cutout options (they would be ignored)."""
-    if options != CutoutOptions():
+    if dataclasses.replace(options, output="rgba") != CutoutOptions():
         raise InvalidRequestError(
-            f"cutout options (output, refine, background, crop, crop_margin, format, quality, "
+            f"cutout options (refine, background, crop, crop_margin, format, quality, "
             f"lossless) apply to task=remove-background, not task={task}"
         )
 
@@ -773,12 +783,14 @@ class Router:
             )
         width, height = found["width"], found["height"]
         boxes = [crop_box(inst["box"], margin, width, height) for inst in instances]
+        hint = crop_hint(cutout)
         with self.budget.admit(
             len(boxes),
-            sum(box_pixels(box) for box in boxes),
+            sum(cutout_pixels(box, cutout) for box in boxes),
             held=1,
             held_pixels=image.pixels,
-            too_large=f"{len(boxes)} objects were found; lower max_det (asked {options.max_det})",
+            too_large=f"{len(boxes)} objects were found; lower max_det (asked "
+            f"{options.max_det}){'; ' + hint if hint else ''}",
         ):
             cutouts = (
                 await self._call(
@@ -818,11 +830,12 @@ class Router:
     ) -> AbstractContextManager[None]:
         """Admission of a many-frame request: its frames, and their pixels (or the most
         their outputs can have under ``cutout``)."""
+        hint = crop_hint(cutout)
         return self.budget.admit(
             len(probed),
             sum(admitted_pixels(i, cutout) for i in probed if isinstance(i, EncodedImage)),
             too_large=f"send at most max_frames_per_request={self.args.max_frames_per_request} "
-            f"frames, and fewer or smaller images{crop_hint(cutout)}",
+            f"frames, and fewer or smaller images{'; ' + hint if hint else ''}",
         )
 
     async def _run_each(

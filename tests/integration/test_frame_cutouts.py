@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -207,11 +206,9 @@ def test_a_crop_margin_that_grows_outputs_past_the_request_limit_is_refused_from
     buffer = io.BytesIO()
     PILImage.new("L", (6320, 6320)).save(buffer, "PNG", optimize=True)
     files = [("frames", (f"f{i}.png", buffer.getvalue(), "image/png")) for i in range(2)]
-    started = time.monotonic()
     response = client.post(
         "/v1/frames", params={"crop": "true", "crop_margin": "100%"}, files=files
     )
     assert response.status_code == 413, response.text
     message = response.json()["error"]["message"]
     assert f"{2 * 12640 * 12640} pixels" in message and "crop_margin" in message
-    assert time.monotonic() - started < 20

@@ -392,35 +392,40 @@ def test_png_written_atomically(tmp_path: Path) -> None:
 
 # -- cutouts over a colour, and cutouts the writers take as they are ----------------------
 
-COLOUR_SPELLINGS = [
-    "ffffff",
-    "#FFF",
-    "81d4fa77",
-    "#81d4fa",
-    "0f08",
-    "white",
-    "Green",
-    "10,20,30",
-    " 10, 20, 30, 40 ",
-]
+COLOUR_SPELLINGS = {
+    "ffffff": (255, 255, 255, 255),
+    "#FFF": (255, 255, 255, 255),
+    "81d4fa77": (0x81, 0xD4, 0xFA, 0x77),
+    "#81d4fa": (0x81, 0xD4, 0xFA, 255),
+    "0f08": (0x00, 0xFF, 0x00, 0x88),
+    "white": (255, 255, 255, 255),
+    "Green": (0, 128, 0, 255),
+    "10,20,30": (10, 20, 30, 255),
+    " 10, 20, 30, 40 ": (10, 20, 30, 40),
+}
 BAD_COLOURS = ["", "nope", "12345", "#ggg", "1,2", "1,2,3,256", "1,2,-3", "ffffff00ff"]
 
 
-@pytest.mark.parametrize("text", COLOUR_SPELLINGS)
-def test_the_client_reads_a_colour_as_the_service_reads_it(text: str) -> None:
+@pytest.mark.parametrize(("text", "rgba"), COLOUR_SPELLINGS.items())
+def test_colours_are_read_in_every_spelling_the_service_documents(
+    text: str, rgba: tuple[int, int, int, int]
+) -> None:
+    """The client's parser, which the service's ``background`` parameter also uses."""
     from segmentation.options import parse_color as service_parse_color
 
-    assert parse_color(text) == service_parse_color(text)
+    assert parse_color(text) == rgba
+    assert service_parse_color(text) == rgba
 
 
 @pytest.mark.parametrize("text", BAD_COLOURS)
-def test_a_colour_neither_side_reads_is_refused_by_both(text: str) -> None:
+def test_a_colour_that_is_not_one_is_refused_naming_the_spellings(text: str) -> None:
+    """A ValueError in the client; the service's 422 (InvalidRequestError) with its words."""
     from segmentation.errors import InvalidRequestError
     from segmentation.options import parse_color as service_parse_color
 
     with pytest.raises(ValueError, match="colour"):
         parse_color(text)
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(InvalidRequestError, match="colour"):
         service_parse_color(text)
 
 

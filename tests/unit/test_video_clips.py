@@ -613,8 +613,7 @@ def test_refine_in_process_changes_only_the_soft_edges(tmp_path: Path, short_cli
         assert np.array_equal(refined[..., 3], alpha)
         soft = (alpha > 0) & (alpha < 255)
         assert soft.any() and np.array_equal(refined[~soft], plain[~soft])
-        # The edges carry the object's colour, not the light ground's: the fringe is gone
-        # (72-75 levels from it on average before, 9-11 after).
+        # The edges carry the object's colour, not the light ground's: the fringe is gone.
         plain_off, refined_off = (
             np.abs(pixels[soft][:, :3].astype(int) - OBJECT_COLOUR).mean()
             for pixels in (plain, refined)
