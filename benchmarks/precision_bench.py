@@ -348,8 +348,8 @@ def markdown(result: dict[str, Any]) -> str:
             [
                 str(row["max_diff_255"]),
                 f"{row['mean_diff_255']:.4f}",
-                f"{row['over_2_255']:.2%}",
-                f"{row['over_8_255']:.2%}",
+                f"{row['over_2_255']:.4%}",
+                f"{row['over_8_255']:.4%}",
             ]
             if "max_diff_255" in row
             else ["-"] * 4

@@ -15,15 +15,23 @@ patch embedding and merging, norms, the attention itself and the whole decoder.
     FP16. Needs CUDA compute capability 8.9 or newer
     (:func:`segmentation.precision.fp8_unsupported_reason`); anywhere else the model refuses
     to build. On an H100, unfused dynamic scaling cost more than the FP8 matmuls saved in a
-    probe of the same layers (31.1 against 47.0 frames/s eager, MEASUREMENTS.md): the setting
-    is here to measure and to compile, not yet a speed-up.
+    probe of the fast path's 99 linear layers (these 96 and the 3 patch mergings: 31.1
+    against 47.0 frames/s eager, MEASUREMENTS.md): the setting is here to be measured and
+    compiled, not yet a speed-up.
 ``int8``
     torchao's ``Int8WeightOnlyConfig``: INT8 weights with one scale per output row; the
     activations stay in the model's dtype and each call multiplies them by the weights cast
-    back to it. Chosen over dynamic INT8 activations because it runs the same on a CPU and on
-    any CUDA GPU (plain matmuls, no ``torch._int_mm`` shape or architecture limits), and only
-    the weights are rounded: on the trained stand-in it stayed closest to FP32
-    (docs/benchmarks.md, 2026-11-28). It halves those layers' weight memory; it saves no FLOPs.
+    back to it. It takes the same path on a CPU and on any CUDA GPU (a plain matmul), and
+    only the weights are rounded. Dynamic INT8 activations (torchao's
+    ``Int8DynamicActivationInt8WeightConfig``) were measured beside it on a CPU
+    (docs/benchmarks.md, 2026-11-28): no closer to FP32 (mean 0.0020 against 0.0015/255 on
+    the published architecture, 0.0004 against 0.0002/255 on the stand-in) and 12.7 times
+    slower per frame on the published architecture there (torch's integer matmul); on CUDA
+    they would quantize every activation unfused, as FP8 does, and torchao 0.18 sends their
+    integer matmul to cuBLAS only when K and N are multiples of 8 (to an int32 matmul on
+    the host otherwise). Weight-only INT8 keeps those layers' weights in 1 byte instead of 2
+    (FP16) or 4 (FP32): the published model's weights took 844 MiB in FP32 on the CPU, 305
+    MiB with them in INT8. It saves no FLOPs.
 
 torchao is imported only when one of the settings is on, so the library works without it;
 when it is missing the model refuses to build and says what to install.
