@@ -239,7 +239,7 @@ def bench_variant(
     try:
         started = time.perf_counter()
         segmentor = _build(source, args.device, variant, size)
-    except ModelLoadError as exc:
+    except (ModelLoadError, ImportError) as exc:  # ImportError: the comparisons need torchao
         return {**row, "status": "cannot run", "reason": str(exc)}, None
     row["load_s"] = round(time.perf_counter() - started, 1)
     try:
@@ -364,6 +364,16 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _version(package: str) -> str | None:
+    """The installed version of ``package`` (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def _commit() -> str | None:
     """The checked-out commit (None outside a git checkout)."""
     import subprocess
@@ -398,15 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     width, height = (int(v) for v in args.frame_size.split("x"))
     frames_about = frame_set("synthetic", width, height, count=args.batch)
     frames = [decode_image(jpeg) for jpeg in frames_about.jpegs]
-    import torchao
-
     result: dict[str, Any] = {
         "environment": {
             **environment(),
             "device": args.device
             if not args.device.startswith("cuda")
             else torch.cuda.get_device_name(torch.device(args.device)),
-            "torchao": torchao.__version__,
+            "torchao": _version("torchao"),
             "cpu_threads": torch.get_num_threads(),
             "commit": _commit(),
         },

@@ -11,8 +11,9 @@ on average) plus what each format added on a CPU (benchmarks.precision_bench, 20
 docs/benchmarks.md; FP32 there, so that was the format's cost alone):
 
 - INT8 (weight-only) added at most 1/255 (mean 0.0015/255 on the published architecture,
-  0.0002/255 on the stand-in, no pixel over 2/255): at most 5/255 anywhere, 0.05/255 on
-  average, no more than 0.1% of pixels over 2/255, none over 8/255.
+  0.0002/255 on the stand-in, no pixel over 2/255); twice that on top of FP16's allowance:
+  at most 6/255 anywhere, 0.05/255 on average, no more than 0.1% of pixels over 2/255, none
+  over 8/255.
 - FP8 (e4m3, one scale per tensor) rounds weights and activations of those layers to 3
   mantissa bits. Emulated on a CPU (the same rounding, products in FP32) it added at most
   3/255 (mean 0.0083/255 on the published architecture, 0.0013/255 on the stand-in, 6 of its
@@ -48,7 +49,7 @@ class Bound:
 
 #: Each format against FP32 (see the module's docstring for where they come from).
 BOUNDS = {
-    "int8": Bound(max_diff=5, mean_diff=0.05, over_2=0.001, over_8=0.0),
+    "int8": Bound(max_diff=6, mean_diff=0.05, over_2=0.001, over_8=0.0),
     "fp8": Bound(max_diff=16, mean_diff=0.1, over_2=0.005, over_8=0.0005),
 }
 #: Allocator rounding allowed between two peaks that should be equal (1 MiB).
