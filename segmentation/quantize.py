@@ -11,13 +11,11 @@ patch embedding and merging, norms, the attention itself and the whole decoder.
     torchao's ``Float8DynamicActivationFloat8WeightConfig``, one scale per tensor: weights
     stored as e4m3 with their scale, each activation scaled to e4m3 at every call, the
     product by ``torch._scaled_mm`` in the activation dtype. Per-row scales would fit the
-    weights more closely but need BF16 activations (MEASUREMENTS.md), and the model runs in
-    FP16. Needs CUDA compute capability 8.9 or newer
-    (:func:`segmentation.precision.fp8_unsupported_reason`); anywhere else the model refuses
-    to build. On an H100, unfused dynamic scaling cost more than the FP8 matmuls saved in a
-    probe of the fast path's 99 linear layers (these 96 and the 3 patch mergings: 31.1
-    against 47.0 frames/s eager, MEASUREMENTS.md): the setting is here to be measured and
-    compiled, not yet a speed-up.
+    weights more closely but need BF16 activations, and the model runs in FP16. Needs CUDA
+    compute capability 8.9 or newer (:func:`segmentation.precision.fp8_unsupported_reason`);
+    anywhere else the model refuses to build. Unfused, the dynamic scaling of every
+    activation may cost more than the FP8 matmuls save: the setting is here to be measured
+    (and compiled), not yet a speed-up.
 ``int8``
     torchao's ``Int8WeightOnlyConfig``: INT8 weights with one scale per output row; the
     activations stay in the model's dtype and each call multiplies them by the weights cast

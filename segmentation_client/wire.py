@@ -116,8 +116,9 @@ def over_color(rgba: np.ndarray, color: Color) -> np.ndarray:
     Exact arithmetic on the 0-255 levels, each result rounded to the nearest level, so it
     agrees with the service's float composition (``segmentation.compose``) within one level.
     One channel at a time: contiguous planes are faster than the interleaved ``HxWx3``
-    array. The opaque case, the common one, stays in uint16 with no division: ``C * a + B * (255 - a)`` is at
-    most 255 * 255, where ``(x + 128 + ((x + 128) >> 8)) >> 8`` is ``x / 255`` rounded.
+    array. The opaque case, the common one, stays in uint16 with no division:
+    ``C * a + B * (255 - a)`` is at most 255 * 255, where
+    ``(x + 128 + ((x + 128) >> 8)) >> 8`` is ``x / 255`` rounded.
     """
     if rgba.ndim != 3 or rgba.shape[2] != 4:
         raise ValueError(f"expected an HxWx4 cutout, got {rgba.shape}")
