@@ -21,6 +21,10 @@
 #            without --cuda-graphs (needs PyAV; about 5 minutes)
 #   video-server  segment-video per output format through a local service over HTTP and
 #            gRPC (needs PyAV and Ray; about 3 minutes)
+#   precision  RMBG-2.0 per precision (fp32, fp16, fp16+fp8, fp16+int8) and input size,
+#            eager and with CUDA graphs: frames/s, peak memory, agreement with FP32 on the
+#            published architecture and the trained stand-in; the precision GPU test (needs
+#            torchao among the carried packages)
 # Logs and JSON land in RESULTS_DIR (default bench-results/). Needs the published RMBG-2.0 code
 # in third_party/rmbg20 (or RMBG_ARCH_DIR) and, on an offline machine, the carried packages
 # (source .device-site/setup.sh first). Exact commands and what each part needs: docs/gpu.md.
@@ -103,6 +107,14 @@ if run video-server; then
         --load-format dummy --width 1920 --height 1080 --frames 120 --batch 16 \
         --serve-config configs/gpu-bench.yaml --transports http,grpc --server-only \
         --out "$out/video-server.json"
+fi
+if run precision; then
+    step precision.log 240 python3 -m pytest -m gpu tests/gpu/test_precision_gpu.py -s \
+        -p no:cacheprovider -o addopts="-q --strict-markers -ra"
+    step precision.log 600 python3 -m benchmarks.precision_bench --out "$out/precision.json" \
+        --table "$out/precision.md"
+    step precision.log 600 python3 -m benchmarks.precision_bench --graphs \
+        --out "$out/precision-graphs.json" --table "$out/precision-graphs.md"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true
 exit $status
