@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from segmentation.config import Settings
+from segmentation.config import LinearFormat, Settings
 from segmentation.models import rmbg20_fast
 from segmentation.models.rmbg20_segmentor import LoadFormat, RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
@@ -22,9 +22,13 @@ def build_segmentor(
     trust_remote_code: bool | None = None,
     input_size: int | None = None,
     load_format: LoadFormat = "auto",
+    use_fp8: bool | None = None,
+    use_int8: bool | None = None,
 ) -> RMBG20Segmentor | YoloSegmentor:
-    """The ``kind`` segmentor; each argument left as None takes its value from ``settings``."""
+    """The ``kind`` segmentor; each argument left as None takes its value from ``settings``
+    (``use_fp8`` and ``use_int8`` together: setting either decides both)."""
     fp16 = settings.use_fp16 if use_fp16 is None else use_fp16
+    linear = linear_format(settings, use_fp8, use_int8)
     if kind == "rmbg":
         return RMBG20Segmentor(
             model or settings.rmbg_model,
@@ -38,9 +42,11 @@ def build_segmentor(
             load_format=load_format,
             input_size=input_size or settings.rmbg_input_size,
             optimized=rmbg_steps(settings),
-            linear_format=settings.linear_format,
+            linear_format=linear,
         )
     if kind == "yolo":
+        if use_fp8 or use_int8:
+            raise ValueError("use_fp8 and use_int8 apply to RMBG-2.0 only, not to YOLO")
         return YoloSegmentor(
             model or settings.yolo_model,
             device=device or settings.device,
@@ -48,6 +54,20 @@ def build_segmentor(
             imgsz=input_size or settings.yolo_imgsz,
         )
     raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
+
+
+def linear_format(
+    settings: Settings, use_fp8: bool | None, use_int8: bool | None
+) -> LinearFormat | None:
+    """RMBG-2.0's linear-layer format: a caller's ``use_fp8``/``use_int8`` when either is
+    given (both true refused), else the settings' (``USE_FP8``, ``USE_INT8``)."""
+    if use_fp8 is None and use_int8 is None:
+        return settings.linear_format
+    if use_fp8 and use_int8:
+        raise ValueError("use_fp8 and use_int8 are both true: choose one")
+    if use_fp8:
+        return "fp8"
+    return "int8" if use_int8 else None
 
 
 def rmbg_steps(settings: Settings) -> bool | Sequence[str]:

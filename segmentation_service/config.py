@@ -34,6 +34,14 @@ class SegmentorArgs(_Strict):
         None, description="Allow the model repository's own code (RMBG_TRUST_REMOTE_CODE)."
     )
     use_fp16: bool | None = Field(None, description="FP16 on GPUs that support it (USE_FP16).")
+    use_fp8: bool | None = Field(
+        None,
+        description="RMBG-2.0's transformer linear layers in FP8 (USE_FP8; compute capability "
+        "8.9+). Setting use_fp8 or use_int8 here decides both for this deployment.",
+    )
+    use_int8: bool | None = Field(
+        None, description="RMBG-2.0's transformer linear layers with INT8 weights (USE_INT8)."
+    )
     device: str | None = Field(None, description="'auto', 'cpu', 'cuda' or 'cuda:N' (DEVICE).")
     input_size: int | None = Field(
         None, ge=32, le=4096, description="Model input size (RMBG_INPUT_SIZE / YOLO_IMGSZ)."
@@ -111,12 +119,20 @@ class SegmentorArgs(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_linear_format(self) -> SegmentorArgs:
+        if self.use_fp8 and self.use_int8:
+            raise ValueError("use_fp8 and use_int8 are both true: choose one")
+        return self
+
     def model_overrides(self) -> dict[str, Any]:
         """Keyword arguments of :func:`segmentation.factory.build_segmentor`."""
         return {
             "model": self.model,
             "device": self.device,
             "use_fp16": self.use_fp16,
+            "use_fp8": self.use_fp8,
+            "use_int8": self.use_int8,
             "revision": self.revision,
             "trust_remote_code": self.trust_remote_code,
             "input_size": self.input_size,

@@ -236,3 +236,23 @@ def test_a_model_without_transformer_blocks_is_refused_by_name() -> None:
         quantize.quantize_linears(
             torch.nn.Sequential(torch.nn.Linear(4, 4)), "int8", torch.device("cpu")
         )
+
+
+def test_a_deployment_decides_its_own_linear_format_over_the_environment() -> None:
+    """``use_fp8``/``use_int8`` of a deployment's args (build_segmentor's keywords) decide
+    both formats when either is given; the environment's apply otherwise."""
+    from segmentation.factory import linear_format
+    from segmentation_service.config import SegmentorArgs
+
+    env_int8 = load_settings({"DEVICE": "cpu", "USE_INT8": "yes"})
+    assert linear_format(env_int8, None, None) == "int8"
+    assert linear_format(env_int8, False, None) is None  # an explicit answer wins
+    plain = load_settings({"DEVICE": "cpu"})
+    assert linear_format(plain, None, True) == "int8"
+    overrides = SegmentorArgs(model=standins.PRODUCT_RMBG, use_int8=True).model_overrides()
+    built = build_segmentor("rmbg", plain, **{**overrides, "input_size": STANDIN_SIZE})
+    assert built.info().precision == "fp32+int8-linear"
+    with pytest.raises(ValueError, match="both true"):
+        SegmentorArgs(use_fp8=True, use_int8=True)
+    with pytest.raises(ValueError, match=r"RMBG-2\.0 only"):
+        build_segmentor("yolo", plain, model=standins.PRODUCT_YOLO, use_int8=True)
