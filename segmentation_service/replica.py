@@ -140,6 +140,8 @@ class SegmentorReplica:
         self._batcher: asyncio.Task[None] | None = None
         #: Frames of the batch on the GPU thread now (0 between batches).
         self._running_frames = 0
+        #: Frames of the batch decoded ahead, waiting for the running one (``decode_ahead``).
+        self._next_frames = 0
         self._reconfiguring = asyncio.Lock()
         #: Image codecs of this replica (CPU decodes, PNG encodes), one thread per CPU Ray
         #: gave it: OpenCV and Pillow's codecs run outside the interpreter lock, so they use
@@ -618,6 +620,7 @@ class SegmentorReplica:
                 decoding = asyncio.get_running_loop().run_in_executor(
                     self._decoder, self._decode_ahead, batch
                 )
+                self._next_frames += len(batch)
                 if running is not None:
                     await running
                 running = asyncio.ensure_future(self._run_after(decoding, batch))
@@ -631,6 +634,8 @@ class SegmentorReplica:
             await decoding
         except Exception:  # not the frames' fault: they are decoded in the batch instead
             logger.exception("%s: decoding ahead failed; decoding in the batch", self.name)
+        finally:
+            self._next_frames -= len(batch)
         await self._run_batch(batch)
 
     async def _fill_window(self) -> None:
@@ -728,10 +733,12 @@ class SegmentorReplica:
     # -- introspection ------------------------------------------------------------------
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling hook, polled on the replica's event loop: the frames this
-        replica holds, queued for the GPU plus the running batch. Serve averages them over
+        replica holds, queued for the GPU plus the running batch (and the next one, when it
+        is decoded ahead). Serve averages them over
         ``look_back_period_s``; ``autoscaling.FramesPerReplicaPolicy`` scales on them, since a
         call may carry 1 frame or 16."""
-        return {HELD_FRAMES: float(len(self._queue) + self._running_frames)}
+        held = len(self._queue) + self._running_frames + self._next_frames
+        return {HELD_FRAMES: float(held)}
 
     async def info(self) -> dict[str, Any]:
         """Model source, precision, batch settings and memory of this replica. A coroutine:

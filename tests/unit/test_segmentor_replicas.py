@@ -20,6 +20,7 @@ from segmentation.errors import InvalidImageError, InvalidRequestError
 from segmentation.imaging import decode_image, probe_image
 from segmentation.options import DetectOptions
 from segmentation_client.wire import cutout_rgba
+from segmentation_service.autoscaling import HELD_FRAMES
 from segmentation_service.segmentors import RMBGDeployment, YoloDeployment
 from tests.conftest import encode, product_frame
 
@@ -164,6 +165,7 @@ def test_jpegs_decoded_ahead_of_their_batch_give_the_answers_decoded_in_it(
     monkeypatch.setattr(rmbg, "args", rmbg.args.model_copy(update={"decode_ahead": True}))
     ahead = run(rmbg.remove_background_each(frames, "rgba"))
     assert rmbg.frames_decoded_ahead == len(frames)  # the broken ones were tried too
+    assert run(rmbg.record_autoscaling_stats()) == {HELD_FRAMES: 0.0}  # none left counted
     for index, (want, got) in enumerate(zip(in_batch, ahead, strict=True)):
         if index % 3 == 1:
             assert isinstance(want, InvalidImageError) and isinstance(got, InvalidImageError)
