@@ -94,8 +94,10 @@ def cutout_options(message: pb.CutoutOptions, output: int) -> CutoutOptions:
 
 
 def request_cutout(request: pb.FramesRequest) -> CutoutOptions:
-    """What each frame of a Frames request is composed as (the plain cutout to segment)."""
+    """What each frame of a Frames request is composed as: the plain cutout to segment,
+    which takes no cutout options (INVALID_ARGUMENT when the message sets any)."""
     if request.task == pb.TASK_SEGMENT:
+        check_no_cutout_options(cutout_options(request.cutout, pb.RGBA_PNG), "segment")
         return CutoutOptions()
     return cutout_options(request.cutout, request.output)
 
@@ -200,12 +202,12 @@ class SegmentorServicer(_RouterBase):
         self, request: pb.FramesRequest, grpc_context: RayServegRPCContext
     ) -> pb.FramesReply:
         async def work(deadline: Deadline) -> pb.FramesReply:
-            frames = self._checked_frames(request)
+            frames, cutout = self._checked_frames(request)
             with self.body_bytes.account() as charge:
                 charge(sum(len(f) for f in frames))
                 probed = await self._probe_all(frames)
-                with self._admit_all(probed, request_cutout(request)):
-                    replies = await self._frame_replies(request, probed, 0, deadline)
+                with self._admit_all(probed, cutout):
+                    replies = await self._frame_replies(request, cutout, probed, 0, deadline)
             failed = sum(reply.HasField("error") for reply in replies)
             return pb.FramesReply(
                 task=request.task, count=len(replies), failed=failed, frames=replies
@@ -225,16 +227,16 @@ class SegmentorServicer(_RouterBase):
         try:
             self._authorize_call(grpc_context)
             deadline = request_deadline(grpc_context, arrived)
-            frames = self._checked_frames(request)
+            frames, cutout = self._checked_frames(request)
             with self.body_bytes.account() as charge:
                 charge(sum(len(f) for f in frames))
                 probed = await self._probe_all(frames)
-                with self._admit_all(probed, request_cutout(request)):
+                with self._admit_all(probed, cutout):
                     size = self.args.frames_per_call
                     calls = [
                         asyncio.ensure_future(
                             self._frame_replies(
-                                request, probed[start : start + size], start, deadline
+                                request, cutout, probed[start : start + size], start, deadline
                             )
                         )
                         for start in range(0, len(probed), size)
@@ -293,8 +295,9 @@ class SegmentorServicer(_RouterBase):
             )
         return data
 
-    def _checked_frames(self, request: pb.FramesRequest) -> list[bytes]:
-        """The request's frames within the same limits as a multipart body."""
+    def _checked_frames(self, request: pb.FramesRequest) -> tuple[list[bytes], CutoutOptions]:
+        """The request's frames within the same limits as a multipart body, and what each is
+        composed as (:func:`request_cutout`)."""
         frames = list(request.frames)
         if not frames:
             raise InvalidRequestError("the request has no frames")
@@ -310,21 +313,18 @@ class SegmentorServicer(_RouterBase):
         # A bad option fails the call, not each frame.
         if request.task == pb.TASK_SEGMENT:
             self._check_max_det(detect_options(request.options))
-            check_no_cutout_options(cutout_options(request.cutout, pb.RGBA_PNG), "segment")
-        else:
-            cutout_options(request.cutout, request.output)
-        return frames
+        return frames, request_cutout(request)
 
     async def _frame_replies(
         self,
         request: pb.FramesRequest,
+        cutout: CutoutOptions,
         probed: Sequence[Any],
         first_index: int,
         deadline: Deadline,
     ) -> list[pb.FrameReply]:
         """One reply per frame, in order; a frame that failed carries its own error."""
         segment = request.task == pb.TASK_SEGMENT
-        cutout = request_cutout(request)
         results = await self._run_each(
             list(probed),
             "segment" if segment else "remove-background",

@@ -549,11 +549,11 @@ class SegmentorReplica:
                 items[index].frame = frame
         return len(groups)
 
-    def _decode_ahead(self, items: list[Pending]) -> None:
+    def _decode_ahead(self, items: list[Pending]) -> tuple[int, float]:
         """On the decode thread, while the GPU thread runs the batch before: this batch's
-        JPEGs decoded on a CUDA stream of its own, finished before the batch is handed
-        over. Best effort: out of memory leaves them encoded for the GPU thread, whose
-        OOM-safe runner splits the batch as usual."""
+        JPEGs decoded on a CUDA stream of their own, finished before the batch is handed
+        over; the images decoded and the seconds it took. Best effort: out of memory leaves
+        them encoded for the GPU thread, whose OOM-safe runner splits the batch as usual."""
         started = time.perf_counter()
         try:
             with self._device_work:
@@ -562,9 +562,8 @@ class SegmentorReplica:
             if not is_oom(exc):
                 raise
             logger.warning("%s: out of memory decoding ahead; decoding in the batch", self.name)
-            return
-        self.frames_decoded_ahead += decoded
-        self.metrics.stage("decode_ahead", time.perf_counter() - started)
+            decoded = 0
+        return decoded, time.perf_counter() - started
 
     def _decode_on_own_stream(self, items: list[Pending]) -> int:
         """:meth:`_decode_encoded` on a CUDA stream of the decode thread's, finished before
@@ -628,10 +627,16 @@ class SegmentorReplica:
             if running is not None:
                 running.cancel()
 
-    async def _run_after(self, decoding: Awaitable[None], batch: list[Pending]) -> None:
-        """``batch`` once its decode ahead is done (or failed: the GPU thread decodes it)."""
+    async def _run_after(
+        self, decoding: Awaitable[tuple[int, float]], batch: list[Pending]
+    ) -> None:
+        """``batch`` once its decode ahead is done (or failed: the GPU thread decodes it);
+        what it decoded is counted here, on the event loop."""
         try:
-            await decoding
+            decoded, seconds = await decoding
+            if decoded:
+                self.frames_decoded_ahead += decoded
+                self.metrics.stage("decode_ahead", seconds)
         except Exception:  # not the frames' fault: they are decoded in the batch instead
             logger.exception("%s: decoding ahead failed; decoding in the batch", self.name)
         finally:

@@ -36,7 +36,6 @@ from segmentation.options import (
     CutoutOptions,
     DetectOptions,
     ImageFormat,
-    Output,
     margin_region,
     output_pixels_bound,
     parse_color,
@@ -46,7 +45,7 @@ from segmentation_service import compat
 from segmentation_service.admission import ByteBudget, FrameBudget
 from segmentation_service.auth import key_matches, load_api_key
 from segmentation_service.config import RouterArgs
-from segmentation_service.crops import box_pixels, crop_box
+from segmentation_service.crops import crop_box
 from segmentation_service.deadlines import MAX_TIMEOUT_MS, Deadline, discard
 from segmentation_service.docs_assets import serve_docs_offline
 from segmentation_service.errors import (
@@ -347,31 +346,18 @@ def covered(
 
 
 def frame_cutout_box(out: EncodedOutput, options: CutoutOptions) -> list[int] | None:
-    """With ``crop``: the frame pixels a cutout covers (the subject plus its margin; the
-    whole frame when nothing was found); None without ``crop``."""
-    if not options.crop:
-        return None
-    if out.subject is None:
-        return [0, 0, out.width, out.height]
-    return list(margin_region(out.subject, options.crop_margin))
+    """With ``crop``: the frame pixels a whole frame's cutout covers (:func:`covered`);
+    None without ``crop``."""
+    return covered([0, 0, out.width, out.height], out.subject, options) if options.crop else None
 
 
-def admitted_pixels(image: EncodedImage, cutout: CutoutOptions | None) -> int:
-    """Pixels admission holds for one image: what it decodes to, or more when the cutout
-    options can make its output larger (a crop whose margin reaches past the frame)."""
+def admitted_pixels(width: int, height: int, cutout: CutoutOptions | None) -> int:
+    """Pixels admission holds for an image (or a product's crop) of ``width`` x ``height``:
+    what it decodes to, or more when the cutout options can make its output larger (a crop
+    whose margin reaches past it)."""
     if cutout is None or cutout.output == "raw":
-        return image.pixels
-    return max(image.pixels, output_pixels_bound(image.width, image.height, cutout))
-
-
-def cutout_pixels(box: Sequence[int], cutout: CutoutOptions | None) -> int:
-    """Pixels admission holds for one product's cutout: its crop of the frame, or more when
-    a crop margin can grow its output past that."""
-    pixels = box_pixels(box)
-    if cutout is None:
-        return pixels
-    left, top, right, bottom = box
-    return max(pixels, output_pixels_bound(right - left, bottom - top, cutout))
+        return width * height
+    return max(width * height, output_pixels_bound(width, height, cutout))
 
 
 def crop_hint(cutout: CutoutOptions | None) -> str:
@@ -737,7 +723,7 @@ class Router:
             image = await self._probe(data)
             options = cutout()
             with self.budget.admit(
-                1, admitted_pixels(image, options), too_large=crop_hint(options)
+                1, admitted_pixels(image.width, image.height, options), too_large=crop_hint(options)
             ):
                 yield image
 
@@ -786,7 +772,10 @@ class Router:
         hint = crop_hint(cutout)
         with self.budget.admit(
             len(boxes),
-            sum(cutout_pixels(box, cutout) for box in boxes),
+            sum(
+                admitted_pixels(right - left, bottom - top, cutout)
+                for left, top, right, bottom in boxes
+            ),
             held=1,
             held_pixels=image.pixels,
             too_large=f"{len(boxes)} objects were found; lower max_det (asked "
@@ -805,7 +794,7 @@ class Router:
         self,
         files: Sequence[bytes],
         task: str,
-        output: Output | CutoutOptions,
+        cutout: CutoutOptions,
         options: DetectOptions,
         deadline: Deadline,
     ) -> list[Any]:
@@ -813,9 +802,8 @@ class Router:
         segmentation dict, or the frame's own :class:`SegmentationError`. The frames whose
         header is fine are admitted together (frames and pixels) for the whole call."""
         probed = await self._probe_all(files)
-        cutout = output if isinstance(output, CutoutOptions) and task != "segment" else None
-        with self._admit_all(probed, cutout):
-            return await self._run_each(probed, task, output, options, deadline)
+        with self._admit_all(probed, None if task == "segment" else cutout):
+            return await self._run_each(probed, task, cutout, options, deadline)
 
     async def _probe_all(self, files: Sequence[bytes]) -> list[Any]:
         """Each file's checked header, or its own error in its place."""
@@ -833,7 +821,11 @@ class Router:
         hint = crop_hint(cutout)
         return self.budget.admit(
             len(probed),
-            sum(admitted_pixels(i, cutout) for i in probed if isinstance(i, EncodedImage)),
+            sum(
+                admitted_pixels(i.width, i.height, cutout)
+                for i in probed
+                if isinstance(i, EncodedImage)
+            ),
             too_large=f"send at most max_frames_per_request={self.args.max_frames_per_request} "
             f"frames, and fewer or smaller images{'; ' + hint if hint else ''}",
         )
@@ -842,7 +834,7 @@ class Router:
         self,
         probed: list[Any],
         task: str,
-        output: Output | CutoutOptions,
+        cutout: CutoutOptions,
         options: DetectOptions,
         deadline: Deadline,
     ) -> list[Any]:
@@ -851,7 +843,7 @@ class Router:
                 self.yolo.segment_each, probed, options, deadline.at, deadline=deadline
             )
         return await self._in_calls(
-            self.rmbg.remove_background_each, probed, output, deadline.at, deadline=deadline
+            self.rmbg.remove_background_each, probed, cutout, deadline.at, deadline=deadline
         )
 
     async def _in_calls(
