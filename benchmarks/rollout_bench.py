@@ -515,9 +515,11 @@ def run_case(
         if serving is not None:
             old = set(before.deployments.get("RMBGDeployment", ("", {}))[1])
             now = serving.deployments.get("RMBGDeployment", ("", {}))[1]
-            result["old_rmbg_replicas_kept"] = bool(old) and old <= {
-                r for r, s in now.items() if s == "RUNNING"
-            }
+            running = {r for r, s in now.items() if s == "RUNNING"}
+            # All of them (one replica, surge), or those the rolling update had not reached
+            # yet when the new version failed (N >= 2 replicas without surge).
+            result["old_rmbg_replicas_kept"] = bool(old) and old <= running
+            result["old_rmbg_replicas_running"] = [len(old & running), len(old)]
         failed_at = snapshot(cluster.dashboard, app_name) or before
         rollback = time.monotonic()
         cluster.deploy(base, f"{case}-rollback.yaml")

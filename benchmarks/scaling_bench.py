@@ -39,6 +39,17 @@ the window) and every replica's GPU (uuid from ``/v1/models``), and checks the p
 one RMBG-2.0 replica per card, YOLO beside it; and, per frame, the instances found, the bytes
 of their RLE masks and the scenario model's ``model:postprocess`` time during the window.
 
+Several Ray nodes on one host (``--nodes 2``: a head and a worker node, each with its own
+cards through ``CUDA_VISIBLE_DEVICES``, half the CPUs, and its share of the replicas by
+``max_replicas_per_node``), to set a two-node cluster beside one node with the same cards;
+the load goes to every node's ingress (each node's proxy, or every Router's own port with
+direct ingress). Two nodes on one host cannot each run Serve's HAProxy on the same ports, so
+this takes ``default`` or ``throughput``:
+
+    python -m benchmarks.scaling_bench --ingress throughput --gpus 2 --out one-node.json
+    python -m benchmarks.scaling_bench --ingress throughput --gpus 2 --nodes 2 \
+        --out two-nodes.json
+
 Placement: RMBG-2.0 asks for 0.6 GPU and YOLO for 0.3, so no two RMBG-2.0 replicas share a
 card and each card holds one of each; ``RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY=1`` makes the
 controller place the larger GPU asks first, so YOLO replicas never take the room an RMBG-2.0
@@ -54,6 +65,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +80,7 @@ from benchmarks.ingress import PACK_SCHEDULING, VARIANTS, direct_targets, ingres
 from benchmarks.load_test import run_load
 from benchmarks.replica_stages import per_frame_ms
 from tests.conftest import REPO_ROOT
-from tests.serve_cluster import Cluster, running_cluster
+from tests.serve_cluster import Cluster, WorkerNode, running_cluster, start_worker
 
 SEGMENTORS = {"rmbg": "RMBGDeployment", "yolo": "YoloDeployment"}
 #: GPU share of each segmentor replica: one of each per card, never two RMBG-2.0 on one.
@@ -113,6 +125,20 @@ def scale_config(
         deployment["num_replicas"] = count
         if on_gpus and deployment["name"] in GPU_SHARE:
             deployment["ray_actor_options"]["num_gpus"] = GPU_SHARE[deployment["name"]]
+
+
+def spread_over_nodes(config: dict[str, Any], nodes: int) -> None:
+    """At most an equal share of each deployment's replicas on one node
+    (``max_replicas_per_node``), so ``nodes`` nodes each hold their part."""
+    for deployment in config["applications"][0]["deployments"]:
+        deployment["max_replicas_per_node"] = -(-deployment["num_replicas"] // nodes)
+        deployment["max_surge_percent"] = 0  # a node has no room for a second replica
+
+
+def node_cards(node: int, gpus_per_node: int) -> dict[str, str]:
+    """The environment giving node ``node`` of this host its own cards."""
+    ids = range(node * gpus_per_node, (node + 1) * gpus_per_node)
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in ids)}
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
@@ -168,21 +194,25 @@ def placement_problems(found: list[dict[str, Any]], gpus: int) -> list[str]:
     return problems
 
 
-def wait_for_replicas(cluster: Cluster, count: int, timeout_s: float = 300) -> None:
-    """Until each segmentor deployment runs exactly ``count`` replicas."""
+def wait_for_replicas(
+    cluster: Cluster, count: int, timeout_s: float = 300, routers: int | None = None
+) -> None:
+    """Until each segmentor deployment runs exactly ``count`` replicas (and the Router
+    ``routers``, when given)."""
+    wanted = {name: count for name in SEGMENTORS.values()}
+    if routers is not None:
+        wanted["Router"] = routers
     deadline = time.monotonic() + timeout_s
     states: dict[str, Any] = {}
     while time.monotonic() < deadline:
         app = cluster.status()["applications"]["product-segmentor"]
-        states = {
-            name: app["deployments"][name].get("replica_states", {}) for name in SEGMENTORS.values()
-        }
+        states = {name: app["deployments"][name].get("replica_states", {}) for name in wanted}
         # Stopped replicas may be listed a while longer (kept for their logs); ignore them.
-        live = [{k: v for k, v in s.items() if k != "STOPPED"} for s in states.values()]
-        if all(s == {"RUNNING": count} for s in live):
+        live = {n: {k: v for k, v in s.items() if k != "STOPPED"} for n, s in states.items()}
+        if all(live[n] == {"RUNNING": c} for n, c in wanted.items()):
             return
         time.sleep(2)
-    raise RuntimeError(f"segmentors did not settle at {count} replicas: {states}")
+    raise RuntimeError(f"deployments did not settle at {wanted} replicas: {states}")
 
 
 def measure(
@@ -191,13 +221,17 @@ def measure(
     gpus: int,
     args: argparse.Namespace,
     frame_size: tuple[int, int],
+    workers: list[WorkerNode] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every scenario over every transport at the deployed ``gpus`` replicas."""
+    """Every scenario over every transport at the deployed ``gpus`` replicas; with
+    ``workers``, their nodes' proxies take load beside the head's."""
+    workers = workers or []
+    grpc_proxies = [cluster.grpc_target] if cluster.grpc_target else []
     targets = {
         "http": [f"http://{t}" for t in direct_targets(cluster.dashboard, variant, "HTTP")]
-        or [cluster.url],
+        or [cluster.url, *(w.url for w in workers)],
         "grpc": [f"grpc://{t}" for t in direct_targets(cluster.dashboard, variant, "gRPC")]
-        or ([f"grpc://{cluster.grpc_target}"] if cluster.grpc_target else []),
+        or [f"grpc://{t}" for t in grpc_proxies + [w.grpc_target for w in workers]],
     }
     runs = []
     for scenario_name in args.scenarios.split(","):
@@ -235,6 +269,7 @@ def measure(
                 ingress=variant,
                 scenario=scenario_name,
                 gpus=gpus,
+                nodes=1 + len(workers),
                 mean_batch=round(result.get("frames_ok", 0) / batches, 1) if batches else None,
                 postprocess_ms_per_frame=per_frame_ms(before, after, scenario.model),
                 # CPU of each kind of process per answered frame (routers, replicas, proxies),
@@ -337,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="set a SegmentorArgs field on both segmentors (YAML value), e.g. decode_ahead=true",
     )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="Ray nodes on this host sharing the largest --gpus (a head and workers, each its "
+        "own cards and CPUs); only one GPU count then",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     segmentor_args = parse_assignments(args.segmentor_arg)
@@ -347,32 +389,60 @@ def main(argv: list[str] | None = None) -> int:
         frame_size = (width, height)
     counts = sorted({int(n) for n in args.gpus.split(",")}, reverse=True)
     most = counts[0]
+    if args.nodes > 1:
+        if len(counts) > 1 or most % args.nodes:
+            parser.error("--nodes takes one --gpus count, a multiple of the nodes")
+        if "RAY_SERVE_ENABLE_HA_PROXY" in VARIANTS.get(args.ingress, {}) or "," in args.ingress:
+            parser.error("--nodes takes one ingress without HAProxy: default or throughput")
+    per_node_gpus = 0 if args.no_gpu else most // args.nodes
+    per_node_cpus = args.cpus // args.nodes
     routers = args.routers or routers_for(
         args.cpus, most, args.load_processes_per_gpu * most, segmentor_cpus(args.config)
     )
     report: dict[str, Any] = {
         "command": "python -m benchmarks.scaling_bench " + " ".join(argv or sys.argv[1:]),
         "frames": args.frames,
+        "nodes": args.nodes,
         "routers": routers,
         "runs": [],
     }
     for variant in args.ingress.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             env = {**PACK_SCHEDULING, **ingress_env(variant, Path(tmp))}
-            with running_cluster(
-                Path(args.config),
-                Path(tmp),
-                num_cpus=args.cpus,
-                num_gpus=0 if args.no_gpu else most,
-                extra_env=env,
-                edit=lambda c: scale_config(
-                    c, most, routers, args.rmbg_dir, not args.no_gpu, segmentor_args
-                ),
-            ) as cluster:
+
+            def edit(config: dict[str, Any]) -> None:
+                scale_config(config, most, routers, args.rmbg_dir, not args.no_gpu, segmentor_args)
+                if args.nodes > 1:
+                    spread_over_nodes(config, args.nodes)
+
+            with ExitStack() as stack:
+                head_env = env
+                if args.nodes > 1 and per_node_gpus:
+                    head_env = {**env, **node_cards(0, per_node_gpus)}
+                cluster = stack.enter_context(
+                    running_cluster(
+                        Path(args.config),
+                        Path(tmp),
+                        num_cpus=per_node_cpus,
+                        num_gpus=per_node_gpus,
+                        extra_env=head_env,
+                        edit=edit,
+                    )
+                )
+                workers = []
+                for node in range(1, args.nodes):
+                    worker = start_worker(
+                        cluster,
+                        num_cpus=per_node_cpus,
+                        num_gpus=per_node_gpus,
+                        extra_env=node_cards(node, per_node_gpus) if per_node_gpus else None,
+                    )
+                    stack.callback(worker.stop)
+                    workers.append(worker)
                 # The application answers once one replica of each model is up; measure
                 # only once every replica asked for runs (a replica still capturing its
                 # graphs would serve part of the first window and be missed by /v1/models).
-                wait_for_replicas(cluster, most)
+                wait_for_replicas(cluster, most, routers=routers if workers else None)
                 for index, gpus in enumerate(counts):
                     if index:  # scale the segmentors down; the routers stay
                         config = cluster.app_config()
@@ -381,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         cluster.deploy(config, f"n{gpus}.yaml")
                         wait_for_replicas(cluster, gpus)
-                    report["runs"].extend(measure(cluster, variant, gpus, args, frame_size))
+                    report["runs"].extend(
+                        measure(cluster, variant, gpus, args, frame_size, workers)
+                    )
     measured = [r for r in report["runs"] if "steady_frames_per_s" in r]
     for run in measured:
         base = min(
@@ -403,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 "transport",
                 "scenario",
                 "gpus",
+                "nodes",
                 "frames_per_s",
                 "steady_frames_per_s",
                 "scaling_vs_fewest_gpus",
