@@ -14,8 +14,11 @@ patch embedding and merging, norms, the attention itself and the whole decoder.
     weights more closely but need BF16 activations, and the model runs in FP16. Needs CUDA
     compute capability 8.9 or newer (:func:`segmentation.precision.fp8_unsupported_reason`);
     anywhere else the model refuses to build. Unfused, the dynamic scaling of every
-    activation may cost more than the FP8 matmuls save: the setting is here to be measured
-    (and compiled), not yet a speed-up.
+    activation costs more than the FP8 matmuls save: the setting is here to be measured
+    (and compiled), not yet a speed-up. A layer whose weight is exactly 128 x 128 stays in
+    the model's dtype: torchao 0.18 reads a per-tensor scale of such a weight as its 128 x
+    128 block scaling and fails at the first call ("input_tensor must be 1x128 scaled",
+    seen on an H100 with the trained stand-in, whose blocks are 128 wide).
 ``int8``
     torchao's ``Int8WeightOnlyConfig``: INT8 weights with one scale per output row; the
     activations stay in the model's dtype and each call multiplies them by the weights cast
@@ -63,12 +66,15 @@ class QuantizedLinears:
     format: LinearFormat
     layers: int
     parameters: int
+    #: Transformer linear layers left in the model's dtype (:func:`quantizable_linears`).
+    skipped: int = 0
 
     def describe(self) -> str:
         """One line for the precision's reason (``/v1/models``) and the log."""
+        left = f"; {self.skipped} left unquantized (128 x 128)" if self.skipped else ""
         return (
             f"{self.layers} transformer linear layers ({self.parameters / 1e6:.1f} M weights) "
-            f"in {self.format.upper()} ({SETTING[self.format]})"
+            f"in {self.format.upper()} ({SETTING[self.format]}){left}"
         )
 
 
@@ -92,6 +98,19 @@ def transformer_linears(model: torch.nn.Module) -> list[str]:
             if isinstance(layer, torch.nn.Linear)
         ]
     return names
+
+
+#: Weight shapes torchao 0.18 cannot run in FP8 with one scale per tensor (it takes the
+#: scale for a 128 x 128 block scale).
+FP8_SHAPES_REFUSED = {(128, 128)}
+
+
+def quantizable_linears(model: torch.nn.Module, fmt: LinearFormat) -> list[str]:
+    """The layers of :func:`transformer_linears` that ``fmt`` quantizes."""
+    names = transformer_linears(model)
+    if fmt != "fp8":
+        return names
+    return [n for n in names if tuple(_linear(model, n).weight.shape) not in FP8_SHAPES_REFUSED]
 
 
 def check_supported(fmt: LinearFormat, device: torch.device) -> None:
@@ -125,7 +144,8 @@ def quantize_linears(
     """Quantize ``model``'s transformer linear layers (:func:`transformer_linears`) to ``fmt``
     in place; the model is on ``device`` and has its serving dtype already."""
     check_supported(fmt, device)
-    names = set(transformer_linears(model))
+    everything = transformer_linears(model)
+    names = set(quantizable_linears(model, fmt))
     if not names:
         raise ModelLoadError(
             f"{SETTING[fmt]} is set, but the model has no transformer linear layers to "
@@ -134,7 +154,7 @@ def quantize_linears(
     parameters = sum(_linear(model, name).weight.numel() for name in names)
     quantization = _torchao(fmt)
     quantization.quantize_(model, _config(quantization, fmt), filter_fn=_named(names))
-    done = QuantizedLinears(fmt, len(names), parameters)
+    done = QuantizedLinears(fmt, len(names), parameters, len(everything) - len(names))
     logger.info("RMBG-2.0: %s", done.describe())
     return done
 

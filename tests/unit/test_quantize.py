@@ -17,7 +17,12 @@ from segmentation.errors import ModelLoadError
 from segmentation.factory import build_segmentor
 from segmentation.models import rmbg20_segmentor
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor, _in_fp32
-from segmentation.quantize import check_supported, quantize_linears, transformer_linears
+from segmentation.quantize import (
+    check_supported,
+    quantizable_linears,
+    quantize_linears,
+    transformer_linears,
+)
 from segmentation_standins import synthetic
 from segmentation_standins.quality import matte_iou
 from tests.conftest import RMBG_ARCH_DIR
@@ -144,6 +149,19 @@ class _Block(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.attn.proj(self.attn.qkv(x)))
+
+
+def test_fp8_leaves_128_by_128_weights_to_the_model_dtype_and_int8_takes_every_layer() -> None:
+    """torchao 0.18 mistakes a per-tensor FP8 scale of a 128 x 128 weight for block scaling
+    and fails at the first call: FP8 leaves such layers alone, INT8 has no such limit."""
+    block = _Block(128)  # its mlp's linear layer is 128 x 128
+    everything = transformer_linears(block)
+    assert everything == ["attn.qkv", "attn.proj", "mlp.0"]
+    assert quantizable_linears(block, "fp8") == ["attn.qkv", "attn.proj"]
+    assert quantizable_linears(block, "int8") == everything
+    done = quantize_linears(block, "int8", torch.device("cpu"))
+    assert (done.layers, done.skipped) == (3, 0)
+    assert "left unquantized" not in done.describe()
 
 
 def test_an_fp32_recompute_runs_through_int8_layers_and_leaves_them_int8() -> None:
