@@ -152,12 +152,26 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def replicas(url: str, samples: int = 40) -> dict[tuple[str, int], dict[str, Any]]:
-    """Each segmentor replica seen by ``/v1/models`` (calls are routed at random), by
-    (model, pid): its GPU, batches run and CUDA-graph state."""
+def _models_at_once(url: str, calls: int) -> list[list[dict[str, Any]]]:
+    """``calls`` concurrent ``/v1/models`` calls. Sent one at a time, 40 calls read only one
+    of a model's two replicas in several runs (2 x H200 and the CPU, 2026-11-28): idle
+    replicas look alike to Serve's router. Sent together, they queue and spread."""
+
+    async def fetch() -> list[list[dict[str, Any]]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            answers = await asyncio.gather(*(client.get(f"{url}/v1/models") for _ in range(calls)))
+        return [a.json()["models"] for a in answers]
+
+    return asyncio.run(fetch())
+
+
+def replicas(url: str, rounds: int = 8, calls: int = 16) -> dict[tuple[str, int], dict[str, Any]]:
+    """Each segmentor replica seen by ``/v1/models`` (each call reads one replica of each
+    model), by (model, pid): its GPU, batches run and CUDA-graph state."""
     seen: dict[tuple[str, int], dict[str, Any]] = {}
-    for _ in range(samples):
-        for model in httpx.get(f"{url}/v1/models", timeout=60).json()["models"]:
+    answers = [models for _ in range(rounds) for models in _models_at_once(url, calls)]
+    for models in answers:
+        for model in models:
             batch = model["batch"]
             seen[(model["name"], model["pid"])] = {
                 "model": model["name"],
