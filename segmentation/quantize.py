@@ -147,9 +147,15 @@ def quantize_linears(
     everything = transformer_linears(model)
     names = set(quantizable_linears(model, fmt))
     if not names:
+        why = (
+            f"all {len(everything)} of them are 128 x 128, which torchao cannot run in FP8 "
+            "with one scale per tensor"
+            if everything
+            else "no block with attn.qkv, attn.proj and an mlp"
+        )
         raise ModelLoadError(
             f"{SETTING[fmt]} is set, but the model has no transformer linear layers to "
-            f"quantize (no block with attn.qkv, attn.proj and an mlp); unset {SETTING[fmt]}"
+            f"quantize ({why}); unset {SETTING[fmt]}"
         )
     parameters = sum(_linear(model, name).weight.numel() for name in names)
     quantization = _torchao(fmt)
