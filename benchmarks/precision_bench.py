@@ -47,7 +47,7 @@ from segmentation.imaging import decode_image
 from segmentation.models.rmbg20_loader import WEIGHTS_FILE
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.precision import fp16_unsupported_reason
-from segmentation.quantize import transformer_linears
+from segmentation.quantize import quantizable_linears, transformer_linears
 
 #: Model label -> input size of its variants at full size (the stand-in was trained at 256).
 MODELS = {"published": 1024, "standin": 256}
@@ -133,9 +133,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The transformer linear layers (:func:`transformer_linears`) by name."""
-    return {n: cast(torch.nn.Linear, model.get_submodule(n)) for n in transformer_linears(model)}
+def _layers(model: torch.nn.Module, fmt: str | None = None) -> dict[str, torch.nn.Linear]:
+    """The transformer linear layers (:func:`transformer_linears`) by name; with ``fmt``,
+    those that format quantizes (:func:`quantizable_linears`)."""
+    names = quantizable_linears(model, fmt) if fmt else transformer_linears(model)  # type: ignore[arg-type]
+    return {n: cast(torch.nn.Linear, model.get_submodule(n)) for n in names}
 
 
 def quantized_layers(model: torch.nn.Module, size: int, count_flops: bool) -> dict[str, Any]:
@@ -193,8 +195,9 @@ def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
 
 def emulate_fp8(model: torch.nn.Module) -> None:
     """Round the transformer linear layers' weights (once) and inputs (at every call) as
-    ``USE_FP8`` does: one e4m3 scale per tensor; the products stay in the model's dtype."""
-    for layer in _layers(model).values():
+    ``USE_FP8`` does: one e4m3 scale per tensor, the same layers; the products stay in the
+    model's dtype."""
+    for layer in _layers(model, "fp8").values():
         layer.weight.data = _to_e4m3(layer.weight.data)
         layer.forward = functools.partial(_emulated_linear, layer)  # type: ignore[method-assign]
 

@@ -132,7 +132,8 @@ def spread_over_nodes(config: dict[str, Any], nodes: int) -> None:
     (``max_replicas_per_node``), so ``nodes`` nodes each hold their part."""
     for deployment in config["applications"][0]["deployments"]:
         deployment["max_replicas_per_node"] = -(-deployment["num_replicas"] // nodes)
-        deployment["max_surge_percent"] = 0  # a node has no room for a second replica
+        if deployment["name"] in GPU_SHARE:
+            deployment["max_surge_percent"] = 0  # a card has no room for a second replica
 
 
 def node_cards(node: int, gpus_per_node: int) -> dict[str, str]:
@@ -159,8 +160,15 @@ def _models_at_once(url: str, calls: int) -> list[list[dict[str, Any]]]:
 
     async def fetch() -> list[list[dict[str, Any]]]:
         async with httpx.AsyncClient(timeout=60) as client:
-            answers = await asyncio.gather(*(client.get(f"{url}/v1/models") for _ in range(calls)))
-        return [a.json()["models"] for a in answers]
+            answers = await asyncio.gather(
+                *(client.get(f"{url}/v1/models") for _ in range(calls)), return_exceptions=True
+            )
+        # A call refused or timed out (a busy router) only means fewer reads.
+        return [
+            a.json()["models"]
+            for a in answers
+            if isinstance(a, httpx.Response) and a.status_code == 200
+        ]
 
     return asyncio.run(fetch())
 
@@ -240,12 +248,13 @@ def measure(
     """Every scenario over every transport at the deployed ``gpus`` replicas; with
     ``workers``, their nodes' proxies take load beside the head's."""
     workers = workers or []
-    grpc_proxies = [cluster.grpc_target] if cluster.grpc_target else []
+    # The workers' proxies serve gRPC only when the config does (the head's has a target).
+    grpc_proxies = [cluster.grpc_target, *(w.grpc_target for w in workers)]
     targets = {
         "http": [f"http://{t}" for t in direct_targets(cluster.dashboard, variant, "HTTP")]
         or [cluster.url, *(w.url for w in workers)],
         "grpc": [f"grpc://{t}" for t in direct_targets(cluster.dashboard, variant, "gRPC")]
-        or [f"grpc://{t}" for t in grpc_proxies + [w.grpc_target for w in workers]],
+        or ([f"grpc://{t}" for t in grpc_proxies] if cluster.grpc_target else []),
     }
     runs = []
     for scenario_name in args.scenarios.split(","):
@@ -403,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         frame_size = (width, height)
     counts = sorted({int(n) for n in args.gpus.split(",")}, reverse=True)
     most = counts[0]
+    if args.nodes < 1:
+        parser.error("--nodes takes 1 or more")
     if args.nodes > 1:
-        if len(counts) > 1 or most % args.nodes:
-            parser.error("--nodes takes one --gpus count, a multiple of the nodes")
+        if len(counts) > 1 or most % args.nodes or args.cpus % args.nodes:
+            parser.error("--nodes takes one --gpus count, and --gpus and --cpus multiples of it")
         if "RAY_SERVE_ENABLE_HA_PROXY" in VARIANTS.get(args.ingress, {}) or "," in args.ingress:
             parser.error("--nodes takes one ingress without HAProxy: default or throughput")
     per_node_gpus = 0 if args.no_gpu else most // args.nodes
@@ -457,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                 # only once every replica asked for runs (a replica still capturing its
                 # graphs would serve part of the first window and be missed by /v1/models).
                 wait_for_replicas(cluster, most, routers=routers if workers else None)
+                if not direct_targets(cluster.dashboard, variant, "HTTP"):
+                    for worker in workers:  # its proxy takes load too: wait until it answers
+                        cluster.wait_ready_at(worker.url)
                 for index, gpus in enumerate(counts):
                     if index:  # scale the segmentors down; the routers stay
                         config = cluster.app_config()

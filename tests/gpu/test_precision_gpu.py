@@ -3,13 +3,14 @@
 On the published RMBG-2.0 architecture (one set of random weights, RMBG_ARCH_DIR) and on the
 trained stand-in, each format is held to a bound against the FP32 mattes of the same frames
 (synthetic product shots), and the quantized layers' weights must take at most 0.6 of their
-FP16 bytes (1 byte a weight and the scales, against 2). Peak memory during a batch is printed,
-not bounded: on an H100 (2026-11-28, two runs) it was higher than FP16's with either format
-(a batch of four 720p frames on the published architecture: INT8 +1.7 GiB, FP8 +2.3), because
-each call builds its quantization temporaries (FP8: every activation scaled and cast; INT8:
-weights cast back) beside FP16's activations, which is what a batch's peak is made of. Figures
-are printed (run with -s) for docs/benchmarks.md; ``benchmarks.precision_bench`` measures the
-speed.
+FP16 bytes (1 byte a weight and the scales, against 2; asserted on the published
+architecture, printed for the stand-in, whose layers hold 0.5 MB). Peak memory during a
+batch is printed, not bounded: on an H100 (2026-11-28, two runs) it was higher than FP16's
+with either format (a batch of four 720p frames on the published architecture: INT8 +1.7
+GiB, FP8 +2.3), because each call builds its quantization temporaries (FP8: every activation
+scaled and cast; INT8: weights cast back) beside FP16's activations, which is what a batch's
+peak is made of. Figures are printed (run with -s) for docs/benchmarks.md;
+``benchmarks.precision_bench`` measures the speed.
 
 The bounds, in 1/255 steps of the uint8 mattes the service returns, are FP16's own allowance
 against FP32 on the stand-in (tests/gpu/test_quality_gpu.py: at most 4/255 anywhere, 0.05/255
@@ -72,6 +73,9 @@ BOUNDS = {
 #: The quantized layers' weights against their FP16 bytes, at most (1 byte a weight plus the
 #: scales: 0.5 and a little).
 WEIGHT_SHARE = 0.6
+#: Quantized layers' FP16 bytes from which the saving is asserted (the published model's are
+#: 377 MB; the stand-in's 0.5 MB compare with the allocator's block rounding).
+WEIGHTS_COMPARED = 16 * 2**20
 MODELS = ("published", "standin")
 FORMATS = ("fp8", "int8")
 
@@ -190,7 +194,8 @@ def test_lower_precision_linears_stay_within_their_bound_of_fp32_and_halve_their
     layers = quantized.quantizable_fp16_bytes
     assert layers > 0
     saved = fp16.held - quantized.held
-    assert saved >= (1 - WEIGHT_SHARE) * layers, (saved, layers)
+    if layers >= WEIGHTS_COMPARED:  # the stand-in's 0.5 MB is within the allocator's rounding
+        assert saved >= (1 - WEIGHT_SHARE) * layers, (saved, layers)
 
 
 @pytest.mark.parametrize("linear", FORMATS)

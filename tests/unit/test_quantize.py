@@ -164,6 +164,21 @@ def test_fp8_leaves_128_by_128_weights_to_the_model_dtype_and_int8_takes_every_l
     assert "left unquantized" not in done.describe()
 
 
+def test_fp8_on_a_model_whose_linear_layers_are_all_128_by_128_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # FP8 cannot run on this CPU; passing over that refusal reaches the check that follows it.
+    monkeypatch.setattr(quantize, "check_supported", lambda fmt, device: None)
+    block = torch.nn.Module()
+    block.attn = torch.nn.Module()
+    block.attn.qkv = torch.nn.Linear(128, 128)
+    block.attn.proj = torch.nn.Linear(128, 128)
+    block.mlp = torch.nn.Sequential(torch.nn.Linear(128, 128))
+    with pytest.raises(ModelLoadError, match=r"all 3 of them are 128 x 128.*unset USE_FP8"):
+        quantize_linears(block, "fp8", torch.device("cpu"))
+    assert type(block.attn.qkv.weight) is torch.nn.Parameter  # nothing was quantized
+
+
 def test_an_fp32_recompute_runs_through_int8_layers_and_leaves_them_int8() -> None:
     """The segmentor's overflow path (FP16 logits not finite: the frame again in FP32) casts
     the model up for one call and gives it its own tensors back."""
