@@ -97,6 +97,13 @@ class Settings(BaseModel):
         "fast path: more frames/s, paid for at start-up unless Inductor's on-disk cache "
         "(TORCHINDUCTOR_CACHE_DIR) already holds them; needs RMBG_OPTIMIZED (RMBG_COMPILE).",
     )
+    rmbg_compile_cache: str | None = Field(
+        None,
+        description="A directory of compiled artifacts for RMBG_COMPILE "
+        "(segmentation.compile_cache): a replica whose artifact is there compiles from it; "
+        "one whose artifact is missing runs the fast path uncompiled and says so in "
+        "/v1/models (RMBG_COMPILE_CACHE).",
+    )
     yolo_model: str = Field(
         DEFAULT_YOLO_MODEL,
         description="Ultralytics weights: a .pt file, a model name, or a .yaml architecture "
@@ -163,6 +170,7 @@ ENV_VARS: dict[str, str] = {
     "RMBG_INPUT_SIZE": "rmbg_input_size",
     "RMBG_OPTIMIZED": "rmbg_optimized",
     "RMBG_COMPILE": "rmbg_compile",
+    "RMBG_COMPILE_CACHE": "rmbg_compile_cache",
     "YOLO_MODEL": "yolo_model",
     "YOLO_IMGSZ": "yolo_imgsz",
     "HF_TOKEN": "hf_token",

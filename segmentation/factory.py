@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from segmentation.config import LinearFormat, Settings
 from segmentation.models import rmbg20_fast
-from segmentation.models.rmbg20_segmentor import LoadFormat, RMBG20Segmentor
+from segmentation.models.rmbg20_segmentor import CompileArtifacts, LoadFormat, RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
 from segmentation.options import MODEL_KINDS, ModelKind
 
@@ -24,9 +24,11 @@ def build_segmentor(
     load_format: LoadFormat = "auto",
     use_fp8: bool | None = None,
     use_int8: bool | None = None,
+    compile_artifacts: CompileArtifacts = "use",
 ) -> RMBG20Segmentor | YoloSegmentor:
     """The ``kind`` segmentor; each argument left as None takes its value from ``settings``
-    (``use_fp8`` and ``use_int8`` together: setting either decides both)."""
+    (``use_fp8`` and ``use_int8`` together: setting either decides both).
+    ``compile_artifacts``: see :class:`RMBG20Segmentor`."""
     fp16 = settings.use_fp16 if use_fp16 is None else use_fp16
     linear = linear_format(settings, use_fp8, use_int8)
     if kind == "rmbg":
@@ -43,6 +45,8 @@ def build_segmentor(
             input_size=input_size or settings.rmbg_input_size,
             optimized=rmbg_steps(settings),
             linear_format=linear,
+            compile_cache=settings.rmbg_compile_cache if settings.rmbg_compile else None,
+            compile_artifacts=compile_artifacts,
         )
     if kind == "yolo":
         if use_fp8 or use_int8:

@@ -34,7 +34,6 @@ shows it. A change of the wait or of ``oom_recover_after`` alone keeps the cap a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
@@ -67,7 +66,7 @@ from segmentation.errors import (
     SegmentationError,
 )
 from segmentation.imaging import EncodedImage, decode_image
-from segmentation.models.base import StageClock, gpu_memory
+from segmentation.models.base import StageClock, gpu_memory, weights_sha256
 from segmentation_service.autoscaling import HELD_FRAMES
 from segmentation_service.config import BatchConfig, SegmentorArgs
 from segmentation_service.errors import http_status
@@ -829,11 +828,7 @@ def _weights_sha256(source: str) -> str | None:
     import segmentation_standins as standins
 
     path = standins.materialize(source) if standins.is_standin(source) else Path(source)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    if weights.suffix not in (".safetensors", ".pt") or not weights.is_file():
-        return None
-    with weights.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    return weights_sha256(path)
 
 
 def _gpu_identity(device: torch.device) -> dict[str, str | None]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,6 +31,9 @@ class ModelInfo:
     stand_in_weights: str | None = None
     #: How the forward runs, e.g. ``eager`` or ``sdpa+windows+decoder+graphs``.
     inference_path: str = "eager"
+    #: RMBG-2.0's compiled blocks (``RMBG_COMPILE``): whether they were compiled at start-up,
+    #: from an artifact (``RMBG_COMPILE_CACHE``), or not at all and why; None when not asked.
+    compile: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -113,3 +119,20 @@ def host_batch(arrays: Sequence[np.ndarray], pin: bool) -> torch.Tensor:
     for index, array in enumerate(arrays):
         np.copyto(view[index], array)
     return batch
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def weights_sha256(path: Path) -> str | None:
+    """sha256 of a local model's weights (``model.safetensors`` of a directory, or a ``.pt``
+    file); None where there is no such file. Remembered per file, size and mtime: a replica
+    asks more than once."""
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if weights.suffix not in (".safetensors", ".pt") or not weights.is_file():
+        return None
+    stat = weights.stat()
+    return _file_sha256(weights.resolve(), stat.st_size, stat.st_mtime_ns)

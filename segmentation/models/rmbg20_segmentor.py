@@ -13,12 +13,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segmentation import quantize
+from segmentation import compile_cache, quantize
 from segmentation.batching import pad_to_bucket
 from segmentation.compose import Composed, compose, plain_cutout
 from segmentation.config import DEFAULT_RMBG_MODEL, LinearFormat
 from segmentation.models import rmbg20_fast
-from segmentation.models.base import Frame, ModelInfo, StageClock, frame_size, host_batch
+from segmentation.models.base import (
+    Frame,
+    ModelInfo,
+    StageClock,
+    frame_size,
+    host_batch,
+    weights_sha256,
+)
 from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
 from segmentation.options import CutoutOptions
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
@@ -31,6 +38,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 LoadFormat = Literal["auto", "dummy"]
+#: With a ``compile_cache``: ``use`` an artifact that is there (compile nothing without one);
+#: ``build`` one (compile whatever is there; :mod:`segmentation.compile_cache` saves it).
+CompileArtifacts = Literal["use", "build"]
 
 
 class RMBG20Segmentor:
@@ -50,6 +60,11 @@ class RMBG20Segmentor:
             (:mod:`segmentation.quantize`; ``USE_FP8``, ``USE_INT8``); the precision's name
             then says so (``fp16+int8-linear``). FP8 on a device that cannot run it, or
             either without torchao, is refused here, before any weight is loaded.
+        compile_cache: a directory of compiled artifacts (``RMBG_COMPILE_CACHE``,
+            :mod:`segmentation.compile_cache`) for the ``compile`` step: its artifact is
+            loaded before anything compiles; without one the step is left out (see
+            ``compile_artifacts``). ``info().compile`` says which happened.
+        compile_artifacts: ``use`` (the service) or ``build`` (the tool that makes them).
     """
 
     name = "rmbg-2.0"
@@ -67,6 +82,8 @@ class RMBG20Segmentor:
         input_size: int = 1024,
         optimized: bool | Sequence[str] = True,
         linear_format: LinearFormat | None = None,
+        compile_cache: str | Path | None = None,
+        compile_artifacts: CompileArtifacts = "use",
     ) -> None:
         import segmentation_standins as standins
 
@@ -109,9 +126,28 @@ class RMBG20Segmentor:
             self.precision = self.precision.with_linear(linear_format, done.describe())
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the FP32 tensors the build and the conversion left
-        steps = rmbg20_fast.DEFAULT_STEPS if optimized is True else (optimized or ())
+        steps = tuple(rmbg20_fast.DEFAULT_STEPS if optimized is True else (optimized or ()))
+        #: The ``compile`` step's state for ``/v1/models`` (None: the step was not asked for).
+        self.compile_status: dict[str, Any] | None = None
+        if rmbg20_fast.COMPILE in steps:
+            steps, self.compile_status = self._compiled_artifact(
+                steps,
+                compile_cache,
+                compile_artifacts,
+                Path(model_dir),
+                None if load_format == "dummy" else weights_sha256(Path(model_dir)),
+                linear_format,
+            )
         #: Steps of the fast path applied to this model (empty: the published eager code).
         self.fast_steps: tuple[str, ...] = rmbg20_fast.optimize(self.model, steps)
+        if (
+            self.compile_status is not None
+            and rmbg20_fast.COMPILE in steps
+            and rmbg20_fast.COMPILE not in self.fast_steps
+        ):
+            self.compile_status["state"] = (
+                "not compiled: the model has no Swin blocks the fast path recognises"
+            )
         clock.lap("prepare")
         # One forward at a time, the FP32 recompute included: see _recompute_non_finite.
         self._model_lock = threading.Lock()
@@ -130,6 +166,53 @@ class RMBG20Segmentor:
     def dtype(self) -> torch.dtype:
         return self.precision.dtype
 
+    def _compiled_artifact(
+        self,
+        steps: tuple[str, ...],
+        directory: str | Path | None,
+        mode: CompileArtifacts,
+        model_dir: Path,
+        weights: str | None,
+        linear_format: LinearFormat | None,
+    ) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """The steps to apply and the compile state: the artifact of this model, device and
+        code loaded (the blocks compile from it), or, where it is missing or unreadable,
+        the steps without ``compile``."""
+        if directory is None:
+            return steps, {"state": "compiled at start-up (no RMBG_COMPILE_CACHE)"}
+        parts = compile_cache.key_parts(
+            model_code=sorted(model_dir.glob("*.py")),
+            fast_path_code=Path(rmbg20_fast.__file__),
+            weights_sha256=weights,
+            device=self.device,
+            dtype=self.precision.dtype,
+            input_size=self.input_size,
+            steps=steps,
+            linear_format=linear_format,
+        )
+        key = compile_cache.artifact_key(parts)
+        path = compile_cache.artifact_path(directory, key)
+        status: dict[str, Any] = {"key": key, "artifact": str(path)}
+        if mode == "build":
+            return steps, {**status, "state": "building the artifact"}
+        if path.is_file():
+            try:
+                status["bytes"] = compile_cache.load_artifact(path)
+            except Exception as exc:  # a truncated or foreign file: start, uncompiled
+                reason = f"artifact unreadable ({type(exc).__name__}: {exc})"
+            else:
+                return steps, {**status, "state": "compiled from the artifact"}
+        else:
+            reason = "no artifact for this model, device and code"
+        message = (
+            f"not compiled: {reason}; the fast path runs uncompiled. Build it with "
+            f"`{compile_cache.build_command(directory)}` on a machine like this one "
+            "(same GPU and software, the replicas' settings)"
+        )
+        logger.warning("RMBG-2.0 compiled blocks: %s (%s)", message, path)
+        without = tuple(step for step in steps if step != rmbg20_fast.COMPILE)
+        return without, {**status, "state": message}
+
     def info(self) -> ModelInfo:
         return ModelInfo(
             name=self.name,
@@ -141,6 +224,7 @@ class RMBG20Segmentor:
             stand_in=self.stand_in,
             stand_in_weights=describe_standin(self.source),
             inference_path=self.inference_path,
+            compile=self.compile_status,
         )
 
     @property

@@ -1,0 +1,215 @@
+"""Compiled RMBG-2.0 blocks built once and reused (``RMBG_COMPILE_CACHE``).
+
+``RMBG_COMPILE=true`` compiles the fast path's Swin block body with Inductor when a replica
+starts: minutes on a cold cache (168 s of replica start-up on an H100, docs/benchmarks.md).
+Inductor keeps what it compiled on the local disk, so a second start on the same machine is
+quicker, but a new machine, pod or container starts cold again. An *artifact* packs those
+caches (PyTorch's portable compile caches, ``torch.compiler.save_cache_artifacts``) into one
+file that is built once, copied with the weights, and loaded before the model compiles, so
+Inductor finds every graph it needs and only traces.
+
+An artifact is valid only for what it was compiled from, so its file name is a key over:
+the torch (and Triton) version, the device (GPU name and compute capability, or ``cpu``),
+the dtype, the input size, the fast path's steps and the linear format, the source of the
+fast path and of the model's own code (``birefnet.py`` and friends), and the weights'
+sha256 (``random`` for random weights). Any of them changing gives another key, so a stale
+artifact is never loaded: it is just not found.
+
+With ``RMBG_COMPILE_CACHE`` set, a replica whose artifact is there loads it and compiles
+from it; one whose artifact is missing does not compile at all (the fast path runs
+uncompiled, ready as quickly as without ``RMBG_COMPILE``) and says so in ``/v1/models``
+(``compile``: the key, the file it looked for, the command that builds it). Build one on a
+machine with the same GPU and software, with the settings the replicas use::
+
+    RMBG_MODEL=/models/RMBG-2.0 RMBG_COMPILE=true \\
+        python -m segmentation.compile_cache /models/compiled --max-batch-size 16
+
+It runs the batch sizes a replica warms up with, in its order (:func:`warmup_order`): the
+graphs compiled depend on the order. On a CPU with the published architecture at 128 pixels
+(2026-11-28), a fresh process running batches 1 then 2 found all 16 of its graphs in the
+artifact built that way; running batch 2 alone, 7 of 9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: File name suffix of an artifact: ``<key>.inductor``.
+SUFFIX = ".inductor"
+#: Characters of the sha256 hex digest kept in the key.
+KEY_LENGTH = 32
+
+
+def artifact_key(parts: Mapping[str, Any]) -> str:
+    """The key of ``parts`` (what the compiled code depends on): sha256 of their canonical
+    JSON, shortened."""
+    text = json.dumps(dict(parts), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def code_digest(files: Iterable[Path]) -> str:
+    """sha256 over the names and bytes of ``files`` (sorted by name)."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.name):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def device_identity(device: torch.device) -> str:
+    """What compiled kernels depend on in the device: the GPU's name and compute
+    capability, or ``cpu``."""
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+
+
+def software_identity() -> str:
+    """torch's version, and Triton's where it is installed (it generates the GPU kernels)."""
+    try:
+        import triton
+
+        return f"torch {torch.__version__}, triton {triton.__version__}"
+    except ImportError:
+        return f"torch {torch.__version__}"
+
+
+def key_parts(
+    *,
+    model_code: Iterable[Path],
+    fast_path_code: Path,
+    weights_sha256: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    input_size: int,
+    steps: Sequence[str],
+    linear_format: str | None,
+) -> dict[str, str]:
+    """Everything an artifact is valid for (see the module's docstring)."""
+    return {
+        "software": software_identity(),
+        "device": device_identity(device),
+        "dtype": str(dtype),
+        "input_size": str(input_size),
+        "steps": "+".join(steps),
+        "linear_format": linear_format or "none",
+        "fast_path_code": code_digest([fast_path_code]),
+        "model_code": code_digest(model_code),
+        "weights": weights_sha256 or "random",
+    }
+
+
+def artifact_path(directory: str | Path, key: str) -> Path:
+    return Path(directory) / f"{key}{SUFFIX}"
+
+
+def load_artifact(path: Path) -> int:
+    """Fill this process's compile caches from the artifact at ``path``; its size in bytes.
+    Call it before anything compiles. ValueError when torch cannot read it."""
+    data = path.read_bytes()
+    # torch logs a file it cannot read (corrupt, or from another torch) and returns None
+    if torch.compiler.load_cache_artifacts(data) is None:
+        raise ValueError(f"{path} is not a compile cache artifact torch {torch.__version__} reads")
+    logger.info("loaded compiled artifact %s (%d bytes)", path, len(data))
+    return len(data)
+
+
+def save_artifact(path: Path) -> int:
+    """Write what this process compiled so far to ``path`` (atomically: a replica reading
+    the directory never sees half a file); its size in bytes. ValueError when nothing was
+    compiled."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        raise ValueError("nothing was compiled in this process: no artifact to save")
+    data, _info = saved
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    logger.info("saved compiled artifact %s (%d bytes)", path, len(data))
+    return len(data)
+
+
+def warmup_order(max_batch_size: int) -> list[int]:
+    """The batch sizes a replica first runs, in its order (a batch of 1, the largest, then
+    the other sizes it pads to): the graphs compiled depend on the order (the batch size is
+    made symbolic at the first batch larger than 1), so the artifact is built in it."""
+    from segmentation.batching import batch_buckets
+
+    first = [1, max_batch_size] if max_batch_size > 1 else [1]
+    return first + [size for size in batch_buckets(max_batch_size) if size not in first]
+
+
+def build_command(directory: str | Path) -> str:
+    """The command that builds the artifacts of ``directory`` (for messages)."""
+    return f"python -m segmentation.compile_cache {directory}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from segmentation.config import load_settings
+    from segmentation.factory import build_segmentor
+
+    parser = argparse.ArgumentParser(
+        description="Build RMBG-2.0's compiled artifact for the settings in the environment "
+        "(RMBG_MODEL, DEVICE, USE_FP16, RMBG_INPUT_SIZE, USE_FP8/USE_INT8) into DIRECTORY, "
+        "the RMBG_COMPILE_CACHE the replicas will use."
+    )
+    parser.add_argument("directory", help="where the artifact goes (RMBG_COMPILE_CACHE)")
+    parser.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="batch sizes to run, in order (default: a replica's warm-up order up to "
+        "--max-batch-size)",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=16, help="the replicas' max_batch_size"
+    )
+    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    settings = load_settings(
+        rmbg_compile=True, rmbg_optimized=True, rmbg_compile_cache=args.directory
+    )
+    segmentor = build_segmentor(
+        "rmbg", settings, load_format=args.load_format, compile_artifacts="build"
+    )
+    sizes = (
+        [int(size) for size in args.batch_sizes.split(",")]
+        if args.batch_sizes
+        else warmup_order(args.max_batch_size)
+    )
+    status = getattr(segmentor, "compile_status", None) or {}
+    if "artifact" not in status:
+        raise SystemExit(f"nothing to build: {status.get('state', 'no compiled blocks')}")
+    side = settings.rmbg_input_size
+    frame = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    for size in sizes:
+        segmentor.predict([frame] * size)
+        logger.info("compiled batch %d", size)
+    path = Path(status["artifact"])
+    size = save_artifact(path)
+    print(json.dumps({"artifact": str(path), "key": status["key"], "bytes": size}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

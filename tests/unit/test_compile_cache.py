@@ -1,0 +1,188 @@
+"""Compiled artifacts (RMBG_COMPILE_CACHE) on the CPU.
+
+What an artifact carries is tested with Inductor for real, across processes: a function
+compiled in one process and saved is compiled in a fresh process (its own empty Inductor
+cache) with every graph found in the artifact, none compiled again. What the segmentor does
+with its artifact directory is tested with the trained stand-in, which has no Swin blocks to
+compile, so nothing compiles there: the key, and the state ``/v1/models`` reports when the
+artifact is missing, unreadable, or loaded for a model with nothing to compile. The published
+architecture's blocks compiled from an artifact are a GPU test
+(tests/gpu/test_compile_cache_gpu.py): on a CPU they take minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import segmentation_standins as standins
+from segmentation import compile_cache
+from segmentation.config import load_settings
+from segmentation.factory import build_segmentor
+from segmentation.models import rmbg20_fast
+from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
+from segmentation_standins import synthetic
+from tests.conftest import REPO_ROOT
+
+SIZE = 128
+COMPILED = (*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE)
+
+#: A process compiling one small function with Inductor; ``save`` or ``load`` an artifact at
+#: argv[2]; prints the output's sum and Inductor's cache counters.
+COMPILE = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from segmentation import compile_cache
+
+def body(x):
+    return torch.sin(x) * 2 + torch.cos(x * 3).sum(-1, keepdim=True)
+
+mode, path = sys.argv[1], sys.argv[2]
+if mode == "load":
+    compile_cache.load_artifact(__import__("pathlib").Path(path))
+x = torch.arange(64, dtype=torch.float32).reshape(8, 8) / 10
+out = torch.compile(body)(x)
+assert torch.allclose(out, body(x), atol=1e-5)
+saved = compile_cache.save_artifact(__import__("pathlib").Path(path)) if mode == "save" else 0
+print(json.dumps({"sum": float(out.sum()), "saved": saved, "inductor": dict(counters["inductor"])}))
+"""
+
+
+def _compile(mode: str, artifact: Path, inductor_dir: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE, mode, str(artifact)],
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT),
+            "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir),
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def test_an_artifact_saved_in_one_process_compiles_every_graph_in_another(tmp_path: Path) -> None:
+    artifact = tmp_path / "artifacts" / f"key{compile_cache.SUFFIX}"
+    built = _compile("save", artifact, tmp_path / "inductor-build")
+    assert built["inductor"].get("fxgraph_cache_miss", 0) >= 1  # it did compile
+    assert artifact.stat().st_size == built["saved"] > 0
+    assert not [p.name for p in artifact.parent.iterdir() if p != artifact]  # no temp left
+    loaded = _compile("load", artifact, tmp_path / "inductor-loaded")
+    assert loaded["inductor"].get("fxgraph_cache_hit", 0) >= 1, loaded
+    assert loaded["inductor"].get("fxgraph_cache_miss", 0) == 0, loaded
+    assert loaded["sum"] == built["sum"]
+    # Without the artifact a fresh process compiles the graph again.
+    cold = _compile("none", artifact, tmp_path / "inductor-cold")
+    assert cold["inductor"].get("fxgraph_cache_miss", 0) >= 1, cold
+
+
+def _standin(cache: Path | None, **options: Any) -> RMBG20Segmentor:
+    return RMBG20Segmentor(
+        standins.PRODUCT_RMBG,
+        device="cpu",
+        input_size=options.pop("input_size", SIZE),
+        optimized=COMPILED,
+        compile_cache=cache,
+        **options,
+    )
+
+
+def test_without_its_artifact_the_model_serves_uncompiled_and_says_how_to_build_it(
+    tmp_path: Path,
+) -> None:
+    segmentor = _standin(tmp_path / "empty")
+    status = segmentor.compile_status
+    assert status is not None
+    assert status["state"].startswith("not compiled: no artifact for this model, device and code")
+    assert f"python -m segmentation.compile_cache {tmp_path / 'empty'}" in status["state"]
+    assert status["artifact"] == str(tmp_path / "empty" / f"{status['key']}.inductor")
+    assert segmentor.info().compile == status
+    assert rmbg20_fast.COMPILE not in segmentor.fast_steps
+    frame = synthetic.scene(7200, 0, 160, 120).image
+    plain = RMBG20Segmentor(standins.PRODUCT_RMBG, device="cpu", input_size=SIZE)
+    assert np.array_equal(segmentor.predict([frame])[0], plain.predict([frame])[0])
+
+
+def test_an_unreadable_artifact_is_reported_and_the_model_serves_uncompiled(
+    tmp_path: Path,
+) -> None:
+    key = _standin(tmp_path).compile_status["key"]  # type: ignore[index]
+    (tmp_path / f"{key}{compile_cache.SUFFIX}").write_bytes(b"not an artifact")
+    segmentor = _standin(tmp_path)
+    assert segmentor.compile_status is not None
+    assert segmentor.compile_status["state"].startswith("not compiled: artifact unreadable")
+    frame = synthetic.scene(7201, 0, 160, 120).image
+    assert segmentor.predict([frame])[0].shape == (120, 160)
+
+
+def test_an_artifact_for_a_model_without_swin_blocks_loads_but_says_nothing_compiled(
+    tmp_path: Path,
+) -> None:
+    artifact = tmp_path / "built" / "any.inductor"
+    _compile("save", artifact, tmp_path / "inductor")
+    key = _standin(tmp_path).compile_status["key"]  # type: ignore[index]
+    (tmp_path / f"{key}{compile_cache.SUFFIX}").write_bytes(artifact.read_bytes())
+    segmentor = _standin(tmp_path)
+    assert segmentor.compile_status is not None
+    assert segmentor.compile_status["bytes"] == artifact.stat().st_size  # it was loaded
+    assert segmentor.compile_status["state"] == (
+        "not compiled: the model has no Swin blocks the fast path recognises"
+    )
+    assert "compile" not in segmentor.inference_path.split("+")
+
+
+def test_the_key_follows_what_the_compiled_code_depends_on(tmp_path: Path) -> None:
+    """Another input size, dtype, format, set of steps or weights is another artifact (never
+    a stale one); the same model and settings find the same one."""
+    key = _standin(tmp_path).compile_status["key"]  # type: ignore[index]
+    assert _standin(tmp_path).compile_status["key"] == key  # type: ignore[index]
+    assert _standin(tmp_path, input_size=SIZE * 2).compile_status["key"] != key  # type: ignore[index]
+    parts: dict[str, Any] = {
+        "model_code": [],
+        "fast_path_code": Path(rmbg20_fast.__file__),
+        "weights_sha256": "a" * 64,
+        "device": torch.device("cpu"),
+        "dtype": torch.float32,
+        "input_size": SIZE,
+        "steps": COMPILED,
+        "linear_format": None,
+    }
+    base = compile_cache.artifact_key(compile_cache.key_parts(**parts))
+    for field, other in (
+        ("weights_sha256", "b" * 64),
+        ("dtype", torch.float16),
+        ("linear_format", "int8"),
+        ("steps", rmbg20_fast.DEFAULT_STEPS),
+        ("model_code", [Path(rmbg20_fast.__file__)]),
+    ):
+        changed = compile_cache.key_parts(**{**parts, field: other})
+        assert compile_cache.artifact_key(changed) != base, field
+
+
+def test_the_settings_reach_the_segmentor_and_without_a_cache_it_compiles_at_start(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(
+        {"DEVICE": "cpu", "RMBG_MODEL": standins.PRODUCT_RMBG, "RMBG_INPUT_SIZE": str(SIZE)},
+        rmbg_compile=True,
+        rmbg_compile_cache=str(tmp_path),
+    )
+    segmentor = build_segmentor("rmbg", settings)
+    assert segmentor.info().compile["artifact"].startswith(str(tmp_path))  # type: ignore[index]
+    without = build_segmentor(
+        "rmbg", load_settings({"DEVICE": "cpu"}, rmbg_model=standins.PRODUCT_RMBG)
+    )
+    assert without.info().compile is None  # RMBG_COMPILE off: nothing to say
