@@ -18,7 +18,12 @@ artifact is never loaded: it is just not found.
 With ``RMBG_COMPILE_CACHE`` set, a replica whose artifact is there loads it and compiles
 from it; one whose artifact is missing does not compile at all (the fast path runs
 uncompiled, ready as quickly as without ``RMBG_COMPILE``) and says so in ``/v1/models``
-(``compile``: the key, the file it looked for, the command that builds it). Build one on a
+(``compile``: the key, the file it looked for, the command that builds it). A loaded
+artifact is no promise: ``compile`` also counts the graphs found in the caches and those
+compiled anyway (``inductor_cache``), so a key that missed something shows as misses.
+
+An artifact holds compiled code that the process runs: load only artifacts you built (a
+directory as trusted as the code itself, unlike the weights' safetensors). Build one on a
 machine with the same GPU and software, with the settings the replicas use::
 
     RMBG_MODEL=/models/RMBG-2.0 RMBG_COMPILE=true \\
@@ -33,6 +38,7 @@ artifact built that way; running batch 2 alone, 7 of 9.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -79,19 +85,48 @@ def device_identity(device: torch.device) -> str:
 
 
 def software_identity() -> str:
-    """torch's version, and Triton's where it is installed (it generates the GPU kernels)."""
-    try:
-        import triton
+    """torch's version, and Triton's and torchao's where installed (Triton generates the GPU
+    kernels; torchao's tensors are in the FP8/INT8 graphs)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-        return f"torch {torch.__version__}, triton {triton.__version__}"
-    except ImportError:
-        return f"torch {torch.__version__}"
+    found = [f"torch {torch.__version__}"]
+    for package in ("triton", "torchao"):
+        with contextlib.suppress(PackageNotFoundError):
+            found.append(f"{package} {version(package)}")
+    return ", ".join(found)
+
+
+def project_code() -> list[Path]:
+    """The project's code the compiled blocks run: the fast path, the attention-mask casting
+    the loader installs, the quantized layers."""
+    here = Path(__file__).parent
+    return [
+        here / "models" / "rmbg20_fast.py",
+        here / "models" / "rmbg20_loader.py",
+        here / "quantize.py",
+    ]
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """The model's own code and configuration (``*.py``, ``config.json``)."""
+    return sorted([*model_dir.glob("*.py"), *model_dir.glob("config.json")])
+
+
+def inductor_counts() -> dict[str, int]:
+    """This process's Inductor FX-graph cache hits and misses so far."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return {
+        "hits": int(inductor["fxgraph_cache_hit"]),
+        "misses": int(inductor["fxgraph_cache_miss"]),
+    }
 
 
 def key_parts(
     *,
     model_code: Iterable[Path],
-    fast_path_code: Path,
+    fast_path_code: Iterable[Path],
     weights_sha256: str | None,
     device: torch.device,
     dtype: torch.dtype,
@@ -107,7 +142,7 @@ def key_parts(
         "input_size": str(input_size),
         "steps": "+".join(steps),
         "linear_format": linear_format or "none",
-        "fast_path_code": code_digest([fast_path_code]),
+        "fast_path_code": code_digest(fast_path_code),
         "model_code": code_digest(model_code),
         "weights": weights_sha256 or "random",
     }
@@ -167,11 +202,15 @@ def build_command(directory: str | Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     from segmentation.config import load_settings
     from segmentation.factory import build_segmentor
+    from segmentation.models import rmbg20_fast
 
     parser = argparse.ArgumentParser(
         description="Build RMBG-2.0's compiled artifact for the settings in the environment "
         "(RMBG_MODEL, DEVICE, USE_FP16, RMBG_INPUT_SIZE, USE_FP8/USE_INT8) into DIRECTORY, "
-        "the RMBG_COMPILE_CACHE the replicas will use."
+        "the RMBG_COMPILE_CACHE the replicas will use. Give it what the application's args "
+        "change (--input-size, --load-format) and its max_batch_size: a replica finds only "
+        "the artifact of exactly what it runs, and a replica without one says so in "
+        "/v1/models."
     )
     parser.add_argument("directory", help="where the artifact goes (RMBG_COMPILE_CACHE)")
     parser.add_argument(
@@ -184,13 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         "--max-batch-size", type=int, default=16, help="the replicas' max_batch_size"
     )
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
+    parser.add_argument(
+        "--input-size", type=int, default=None, help="the application's rmbg input_size"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     settings = load_settings(
         rmbg_compile=True, rmbg_optimized=True, rmbg_compile_cache=args.directory
     )
     segmentor = build_segmentor(
-        "rmbg", settings, load_format=args.load_format, compile_artifacts="build"
+        "rmbg",
+        settings,
+        load_format=args.load_format,
+        input_size=args.input_size,
+        compile_artifacts="build",
     )
     sizes = (
         [int(size) for size in args.batch_sizes.split(",")]
@@ -198,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         else warmup_order(args.max_batch_size)
     )
     status = getattr(segmentor, "compile_status", None) or {}
-    if "artifact" not in status:
+    if rmbg20_fast.COMPILE not in getattr(segmentor, "fast_steps", ()):
         raise SystemExit(f"nothing to build: {status.get('state', 'no compiled blocks')}")
-    side = settings.rmbg_input_size
+    side = args.input_size or settings.rmbg_input_size
     frame = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
     for size in sizes:
         segmentor.predict([frame] * size)

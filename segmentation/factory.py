@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from segmentation.config import LinearFormat, Settings
@@ -9,6 +10,8 @@ from segmentation.models import rmbg20_fast
 from segmentation.models.rmbg20_segmentor import CompileArtifacts, LoadFormat, RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
 from segmentation.options import MODEL_KINDS, ModelKind
+
+logger = logging.getLogger(__name__)
 
 
 def build_segmentor(
@@ -32,6 +35,12 @@ def build_segmentor(
     fp16 = settings.use_fp16 if use_fp16 is None else use_fp16
     linear = linear_format(settings, use_fp8, use_int8)
     if kind == "rmbg":
+        if settings.rmbg_compile_cache and not settings.rmbg_compile:
+            logger.warning(
+                "RMBG_COMPILE_CACHE is set but RMBG_COMPILE is not: nothing compiles, the "
+                "artifacts in %s are not used",
+                settings.rmbg_compile_cache,
+            )
         return RMBG20Segmentor(
             model or settings.rmbg_model,
             device=device or settings.device,

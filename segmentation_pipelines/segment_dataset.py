@@ -359,7 +359,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    ray.init(address=args.address, num_cpus=args.num_cpus if args.address == "local" else None)
+    try:
+        ray.init(address=args.address, num_cpus=args.num_cpus if args.address == "local" else None)
+    except Exception as exc:  # not started, not reachable, timed out: nothing was processed
+        said = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        print(
+            f"segment-dataset: error: could not start or reach Ray at --address "
+            f"{args.address} ({type(exc).__name__}: {said}); nothing was processed",
+            file=sys.stderr,
+        )
+        return 2
     num_gpus = args.num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0

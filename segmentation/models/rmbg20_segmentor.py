@@ -129,6 +129,8 @@ class RMBG20Segmentor:
         steps = tuple(rmbg20_fast.DEFAULT_STEPS if optimized is True else (optimized or ()))
         #: The ``compile`` step's state for ``/v1/models`` (None: the step was not asked for).
         self.compile_status: dict[str, Any] | None = None
+        #: Inductor's cache counts when an artifact was loaded (None: none was).
+        self._inductor_before: dict[str, int] | None = None
         if rmbg20_fast.COMPILE in steps:
             steps, self.compile_status = self._compiled_artifact(
                 steps,
@@ -181,8 +183,8 @@ class RMBG20Segmentor:
         if directory is None:
             return steps, {"state": "compiled at start-up (no RMBG_COMPILE_CACHE)"}
         parts = compile_cache.key_parts(
-            model_code=sorted(model_dir.glob("*.py")),
-            fast_path_code=Path(rmbg20_fast.__file__),
+            model_code=compile_cache.model_files(model_dir),
+            fast_path_code=compile_cache.project_code(),
             weights_sha256=weights,
             device=self.device,
             dtype=self.precision.dtype,
@@ -195,14 +197,16 @@ class RMBG20Segmentor:
         status: dict[str, Any] = {"key": key, "artifact": str(path)}
         if mode == "build":
             return steps, {**status, "state": "building the artifact"}
-        if path.is_file():
-            try:
+        try:
+            found = path.is_file()
+            if found:
+                self._inductor_before = compile_cache.inductor_counts()
                 status["bytes"] = compile_cache.load_artifact(path)
-            except Exception as exc:  # a truncated or foreign file: start, uncompiled
-                reason = f"artifact unreadable ({type(exc).__name__}: {exc})"
-            else:
-                return steps, {**status, "state": "compiled from the artifact"}
+        except Exception as exc:  # unreadable, truncated or foreign: start, uncompiled
+            reason = f"artifact unreadable ({type(exc).__name__}: {exc})"
         else:
+            if found:
+                return steps, {**status, "state": "artifact loaded: the blocks compile from it"}
             reason = "no artifact for this model, device and code"
         message = (
             f"not compiled: {reason}; the fast path runs uncompiled. Build it with "
@@ -224,8 +228,17 @@ class RMBG20Segmentor:
             stand_in=self.stand_in,
             stand_in_weights=describe_standin(self.source),
             inference_path=self.inference_path,
-            compile=self.compile_status,
+            compile=self.compile_report(),
         )
+
+    def compile_report(self) -> dict[str, Any] | None:
+        """``compile_status``, and once an artifact was loaded, Inductor's FX-graph cache
+        hits and misses since (a miss is a graph the artifact lacked, compiled here)."""
+        if self.compile_status is None or self._inductor_before is None:
+            return self.compile_status
+        now = compile_cache.inductor_counts()
+        since = {k: now[k] - self._inductor_before[k] for k in now}
+        return {**self.compile_status, "inductor_cache": since}
 
     @property
     def inference_path(self) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 import segmentation_standins as standins
@@ -89,6 +90,21 @@ def test_an_artifact_saved_in_one_process_compiles_every_graph_in_another(tmp_pa
     assert cold["inductor"].get("fxgraph_cache_miss", 0) >= 1, cold
 
 
+@pytest.fixture
+def steps_asked(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """The steps each segmentor built here handed the fast path (the real ``optimize``
+    runs; its argument is recorded)."""
+    asked: list[tuple[str, ...]] = []
+    real = rmbg20_fast.optimize
+
+    def recording(model: torch.nn.Module, steps: Any = rmbg20_fast.DEFAULT_STEPS) -> Any:
+        asked.append(tuple(steps))
+        return real(model, steps)
+
+    monkeypatch.setattr(rmbg20_fast, "optimize", recording)
+    return asked
+
+
 def _standin(cache: Path | None, **options: Any) -> RMBG20Segmentor:
     return RMBG20Segmentor(
         standins.PRODUCT_RMBG,
@@ -101,9 +117,10 @@ def _standin(cache: Path | None, **options: Any) -> RMBG20Segmentor:
 
 
 def test_without_its_artifact_the_model_serves_uncompiled_and_says_how_to_build_it(
-    tmp_path: Path,
+    tmp_path: Path, steps_asked: list[tuple[str, ...]]
 ) -> None:
     segmentor = _standin(tmp_path / "empty")
+    assert steps_asked == [rmbg20_fast.DEFAULT_STEPS]  # the compile step left out
     status = segmentor.compile_status
     assert status is not None
     assert status["state"].startswith("not compiled: no artifact for this model, device and code")
@@ -117,11 +134,12 @@ def test_without_its_artifact_the_model_serves_uncompiled_and_says_how_to_build_
 
 
 def test_an_unreadable_artifact_is_reported_and_the_model_serves_uncompiled(
-    tmp_path: Path,
+    tmp_path: Path, steps_asked: list[tuple[str, ...]]
 ) -> None:
     key = _standin(tmp_path).compile_status["key"]  # type: ignore[index]
     (tmp_path / f"{key}{compile_cache.SUFFIX}").write_bytes(b"not an artifact")
     segmentor = _standin(tmp_path)
+    assert steps_asked[-1] == rmbg20_fast.DEFAULT_STEPS
     assert segmentor.compile_status is not None
     assert segmentor.compile_status["state"].startswith("not compiled: artifact unreadable")
     frame = synthetic.scene(7201, 0, 160, 120).image
@@ -129,19 +147,23 @@ def test_an_unreadable_artifact_is_reported_and_the_model_serves_uncompiled(
 
 
 def test_an_artifact_for_a_model_without_swin_blocks_loads_but_says_nothing_compiled(
-    tmp_path: Path,
+    tmp_path: Path, steps_asked: list[tuple[str, ...]]
 ) -> None:
     artifact = tmp_path / "built" / "any.inductor"
     _compile("save", artifact, tmp_path / "inductor")
     key = _standin(tmp_path).compile_status["key"]  # type: ignore[index]
     (tmp_path / f"{key}{compile_cache.SUFFIX}").write_bytes(artifact.read_bytes())
     segmentor = _standin(tmp_path)
+    assert steps_asked[-1] == COMPILED  # loaded: the compile step is asked for
     assert segmentor.compile_status is not None
     assert segmentor.compile_status["bytes"] == artifact.stat().st_size  # it was loaded
     assert segmentor.compile_status["state"] == (
         "not compiled: the model has no Swin blocks the fast path recognises"
     )
     assert "compile" not in segmentor.inference_path.split("+")
+    segmentor.predict([synthetic.scene(7202, 0, 160, 120).image])
+    report = segmentor.info().compile
+    assert report is not None and report["inductor_cache"] == {"hits": 0, "misses": 0}
 
 
 def test_the_key_follows_what_the_compiled_code_depends_on(tmp_path: Path) -> None:
@@ -150,9 +172,11 @@ def test_the_key_follows_what_the_compiled_code_depends_on(tmp_path: Path) -> No
     key = _standin(tmp_path).compile_status["key"]  # type: ignore[index]
     assert _standin(tmp_path).compile_status["key"] == key  # type: ignore[index]
     assert _standin(tmp_path, input_size=SIZE * 2).compile_status["key"] != key  # type: ignore[index]
+    pytest.importorskip("torchao.quantization")
+    assert _standin(tmp_path, linear_format="int8").compile_status["key"] != key  # type: ignore[index]
     parts: dict[str, Any] = {
         "model_code": [],
-        "fast_path_code": Path(rmbg20_fast.__file__),
+        "fast_path_code": compile_cache.project_code(),
         "weights_sha256": "a" * 64,
         "device": torch.device("cpu"),
         "dtype": torch.float32,
@@ -173,7 +197,7 @@ def test_the_key_follows_what_the_compiled_code_depends_on(tmp_path: Path) -> No
 
 
 def test_the_settings_reach_the_segmentor_and_without_a_cache_it_compiles_at_start(
-    tmp_path: Path,
+    tmp_path: Path, steps_asked: list[tuple[str, ...]]
 ) -> None:
     settings = load_settings(
         {"DEVICE": "cpu", "RMBG_MODEL": standins.PRODUCT_RMBG, "RMBG_INPUT_SIZE": str(SIZE)},
@@ -182,6 +206,13 @@ def test_the_settings_reach_the_segmentor_and_without_a_cache_it_compiles_at_sta
     )
     segmentor = build_segmentor("rmbg", settings)
     assert segmentor.info().compile["artifact"].startswith(str(tmp_path))  # type: ignore[index]
+    at_start = build_segmentor(
+        "rmbg",
+        load_settings({"DEVICE": "cpu", "RMBG_INPUT_SIZE": str(SIZE)}, rmbg_compile=True),
+        model=standins.PRODUCT_RMBG,
+    )
+    assert steps_asked[-1] == COMPILED  # no cache: compiled at start-up, as asked
+    assert "artifact" not in (at_start.info().compile or {})
     without = build_segmentor(
         "rmbg", load_settings({"DEVICE": "cpu"}, rmbg_model=standins.PRODUCT_RMBG)
     )
