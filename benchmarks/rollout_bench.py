@@ -71,7 +71,14 @@ import yaml
 from benchmarks.load_test import synthetic_jpeg
 from segmentation_client import RetryPolicy, SegmentorClient
 from segmentation_client.client import FrameError, Task
-from tests.serve_cluster import Cluster, WorkerNode, alive_nodes, running_cluster, start_worker
+from tests.serve_cluster import (
+    Cluster,
+    WorkerNode,
+    alive_nodes,
+    node_cards,
+    running_cluster,
+    start_worker,
+)
 
 CASES = ("user-config", "replicas", "router", "bad-model", "node-loss")
 #: What runs without ``--nodes``: ``node-loss`` needs a worker node this tool started.
@@ -720,10 +727,7 @@ def _cluster(
             return
 
         def cards(node: int) -> dict[str, str]:
-            if not args.gpus or args.nodes == 1:
-                return {}
-            ids = range(node * args.gpus, (node + 1) * args.gpus)
-            return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in ids)}
+            return node_cards(node, args.gpus) if args.gpus and args.nodes > 1 else {}
 
         with running_cluster(
             Path(args.config),

@@ -80,7 +80,7 @@ from benchmarks.ingress import PACK_SCHEDULING, VARIANTS, direct_targets, ingres
 from benchmarks.load_test import run_load
 from benchmarks.replica_stages import per_frame_ms
 from tests.conftest import REPO_ROOT
-from tests.serve_cluster import Cluster, WorkerNode, running_cluster, start_worker
+from tests.serve_cluster import Cluster, WorkerNode, node_cards, running_cluster, start_worker
 
 SEGMENTORS = {"rmbg": "RMBGDeployment", "yolo": "YoloDeployment"}
 #: GPU share of each segmentor replica: one of each per card, never two RMBG-2.0 on one.
@@ -134,12 +134,6 @@ def spread_over_nodes(config: dict[str, Any], nodes: int) -> None:
         deployment["max_replicas_per_node"] = -(-deployment["num_replicas"] // nodes)
         if deployment["name"] in GPU_SHARE:
             deployment["max_surge_percent"] = 0  # a card has no room for a second replica
-
-
-def node_cards(node: int, gpus_per_node: int) -> dict[str, str]:
-    """The environment giving node ``node`` of this host its own cards."""
-    ids = range(node * gpus_per_node, (node + 1) * gpus_per_node)
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in ids)}
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:

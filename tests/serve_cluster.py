@@ -252,6 +252,12 @@ def stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 20) ->
     process.wait()
 
 
+def node_cards(node: int, gpus_per_node: int) -> dict[str, str]:
+    """The environment giving node ``node`` of this host its own ``gpus_per_node`` cards."""
+    ids = range(node * gpus_per_node, (node + 1) * gpus_per_node)
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in ids)}
+
+
 def alive_nodes(dashboard: str) -> list[dict[str, Any]]:
     """The cluster's alive nodes as Ray's state API lists them (``node_id``, ``is_head_node``,
     ``resources_total``, ...)."""

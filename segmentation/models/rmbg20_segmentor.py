@@ -137,7 +137,7 @@ class RMBG20Segmentor:
                 compile_cache,
                 compile_artifacts,
                 Path(model_dir),
-                None if load_format == "dummy" else weights_sha256(Path(model_dir)),
+                load_format,
                 linear_format,
             )
         #: Steps of the fast path applied to this model (empty: the published eager code).
@@ -174,7 +174,7 @@ class RMBG20Segmentor:
         directory: str | Path | None,
         mode: CompileArtifacts,
         model_dir: Path,
-        weights: str | None,
+        load_format: LoadFormat,
         linear_format: LinearFormat | None,
     ) -> tuple[tuple[str, ...], dict[str, Any]]:
         """The steps to apply and the compile state: the artifact of this model, device and
@@ -185,7 +185,8 @@ class RMBG20Segmentor:
         parts = compile_cache.key_parts(
             model_code=compile_cache.model_files(model_dir),
             fast_path_code=compile_cache.project_code(),
-            weights_sha256=weights,
+            # hashed only here: without an artifact directory nothing needs the weights read
+            weights_sha256=None if load_format == "dummy" else weights_sha256(model_dir),
             device=self.device,
             dtype=self.precision.dtype,
             input_size=self.input_size,
