@@ -217,3 +217,19 @@ def test_the_settings_reach_the_segmentor_and_without_a_cache_it_compiles_at_sta
         "rmbg", load_settings({"DEVICE": "cpu"}, rmbg_model=standins.PRODUCT_RMBG)
     )
     assert without.info().compile is None  # RMBG_COMPILE off: nothing to say
+
+
+def test_an_artifact_directory_without_rmbg_compile_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(
+        {"DEVICE": "cpu", "RMBG_MODEL": standins.PRODUCT_RMBG, "RMBG_INPUT_SIZE": str(SIZE)},
+        rmbg_compile_cache=str(tmp_path),
+    )
+    with caplog.at_level("WARNING", logger="segmentation.factory"):
+        segmentor = build_segmentor("rmbg", settings)
+    assert segmentor.info().compile is None  # nothing compiles, nothing loaded
+    assert [r.getMessage() for r in caplog.records if r.name == "segmentation.factory"] == [
+        f"RMBG_COMPILE_CACHE is set but RMBG_COMPILE is not: nothing compiles, the artifacts "
+        f"in {tmp_path} are not used"
+    ]
