@@ -13,6 +13,7 @@ import inspect
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,23 +138,28 @@ def build_model(
     if context is not None:
         context.join()
     steps.lap("device")
-    model = None
-    if target.type != "cpu":
-        try:
-            with target:
-                model = AutoModelForImageSegmentation.from_config(config, trust_remote_code=True)
-        except Exception as exc:  # the CPU build below reports what is really wrong
-            logger.warning(
-                "%s: building on %s failed (%s); building on the CPU", model_dir, target, exc
-            )
-    if model is None:
-        try:
-            with torch.device("cpu"):
-                model = AutoModelForImageSegmentation.from_config(config, trust_remote_code=True)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"{model_dir}: cannot build the model from its code: {exc}"
-            ) from exc
+    # Random weights are the same in every process (seed 0): two replicas, or a process and
+    # the one it is compared with, run one model.
+    seeded = _same_random_weights(target) if not load_weights else contextlib.nullcontext()
+    from_config = AutoModelForImageSegmentation.from_config
+    with seeded:
+        model = None
+        if target.type != "cpu":
+            try:
+                with target:
+                    model = from_config(config, trust_remote_code=True)
+            except Exception as exc:  # the CPU build below reports what is really wrong
+                logger.warning(
+                    "%s: building on %s failed (%s); building on the CPU", model_dir, target, exc
+                )
+        if model is None:
+            try:
+                with torch.device("cpu"):
+                    model = from_config(config, trust_remote_code=True)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"{model_dir}: cannot build the model from its code: {exc}"
+                ) from exc
     steps.lap("init")
     if load_weights:
         built_on = next(model.parameters()).device  # the target, or the CPU after a fallback
@@ -162,6 +168,15 @@ def build_model(
         logger.warning("%s: random weights (load_format=dummy); outputs are meaningless", model_dir)
     steps.lap("weights")
     return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _same_random_weights(device: torch.device) -> Iterator[None]:
+    """Torch's random generators seeded with 0 inside, as they were after."""
+    devices = [device.index or 0] if device.type == "cuda" and torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        yield
 
 
 def _create_context(device: torch.device) -> threading.Thread | None:

@@ -112,3 +112,27 @@ def test_boxed_crops_on_cuda_encode_to_pycocotools_strings_of_their_whole_masks(
     crops = zero_padding(crops, boxes)
     expected = [full_mask_rle(m) for m in whole_masks(crops, boxes, 1080, 1920)]
     assert encode_boxed_rle(torch.from_numpy(crops).cuda(), boxes, 1080, 1920) == expected
+
+
+@pytest.mark.parametrize("count", [3, 24])
+def test_the_batch_postprocess_gives_the_frame_by_frame_instances_and_strings_on_cuda(
+    count: int,
+) -> None:
+    """The trained stand-in at batch ``count`` of 1080p product shots (a blank one among
+    them): one NMS call and one mask pass for the batch (full-frame chunks for 3 frames, box
+    crops for 24) against Ultralytics' NMS and each frame on its own."""
+    from segmentation.options import DetectOptions
+
+    segmentor = YoloSegmentor(standins.PRODUCT_YOLO, device="cuda", imgsz=320)
+    frames = [synthetic.scene(800 + i % 8, 0, 1920, 1080).image for i in range(count - 1)]
+    frames.append(np.full((1080, 1920, 3), 255, dtype=np.uint8))
+    options = [DetectOptions()] * count
+    with torch.inference_mode():
+        batch, boxes = segmentor.preprocess(frames)
+        preds, protos = segmentor.forward(batch)
+        got = segmentor.postprocess(preds, protos, boxes, options)
+        expected = segmentor.postprocess_frame_by_frame(preds, protos, boxes, options)
+    assert sum(len(r.instances) for r in got) >= count - 1
+    assert not got[-1].instances
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.instances == theirs.instances

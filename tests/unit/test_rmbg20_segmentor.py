@@ -224,6 +224,24 @@ def test_dummy_load_format_needs_no_weights(model_dir: Path, tmp_path: Path) -> 
     assert segmentor.predict([product_frame(30, 20)])[0].shape == (20, 30)
 
 
+def test_random_weights_are_the_same_in_every_build_and_leave_the_generator_alone(
+    model_dir: Path,
+) -> None:
+    """load_format=dummy: two processes (two replicas, a benchmark and its reference) run one
+    model; the caller's random stream goes on as if nothing had been drawn."""
+    torch.manual_seed(123)
+    first = build_model(model_dir, load_weights=False).state_dict()
+    after_first = torch.rand(4)
+    torch.manual_seed(5)
+    second = build_model(model_dir, load_weights=False).state_dict()
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(4), after_first)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    weights = [t for t in first.values() if t.is_floating_point() and t.numel() > 1]
+    assert any(float(t.std()) > 0 for t in weights)  # random, not constant
+
+
 def test_remote_code_needs_explicit_trust(model_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"RMBG_TRUST_REMOTE_CODE=true"):
         RMBG20Segmentor(str(model_dir), device="cpu", trust_remote_code=False)

@@ -190,3 +190,39 @@ def test_padding_to_a_bucket_changes_no_answer(segmentor: YoloSegmentor) -> None
         assert sorted(i.score for i in a.instances) == pytest.approx(
             sorted(i.score for i in b.instances), abs=1e-4
         )
+
+
+@pytest.mark.parametrize("threads", [None, 1])
+def test_the_batch_postprocess_gives_the_frame_by_frame_instances_and_strings(
+    threads: int | None,
+) -> None:
+    """One NMS call and one mask pass for the batch (frames grouped by letterbox) against
+    Ultralytics' NMS and each frame on its own: the same instances, boxes, scores, classes
+    and RLE strings, with per-frame thresholds, two frame sizes and a frame with nothing in
+    it; also on one thread, where the mask kernels depend on a frame's own chunks."""
+    from segmentation_standins import synthetic
+
+    segmentor = YoloSegmentor(standins.PRODUCT_YOLO, device="cpu")
+    sizes = [(1280, 720)] * 4 + [(643, 481)] * 2
+    frames = [synthetic.scene(700 + i, 0, w, h).image for i, (w, h) in enumerate(sizes)]
+    frames.append(np.full((720, 1280, 3), 255, dtype=np.uint8))  # a blank frame
+    options = [DetectOptions()] * len(frames)
+    options[1] = DetectOptions(max_det=1)
+    options[4] = DetectOptions(conf=0.6)
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            batch, boxes = segmentor.preprocess(frames)
+            preds, protos = segmentor.forward(batch)
+            got = segmentor.postprocess(preds, protos, boxes, options)
+            expected = segmentor.postprocess_frame_by_frame(preds, protos, boxes, options)
+    finally:
+        torch.set_num_threads(saved)
+    assert [len(r.instances) for r in got] == [len(r.instances) for r in expected]
+    assert len(got[1].instances) == 1 and not got[-1].instances
+    assert sum(len(r.instances) for r in got) >= len(frames)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert (mine.width, mine.height) == (theirs.width, theirs.height)
+        assert mine.instances == theirs.instances  # exact boxes and scores, the same strings
