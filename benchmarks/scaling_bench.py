@@ -167,30 +167,47 @@ def _models_at_once(url: str, calls: int) -> list[list[dict[str, Any]]]:
     return asyncio.run(fetch())
 
 
-def replicas(url: str, rounds: int = 8, calls: int = 16) -> dict[tuple[str, int], dict[str, Any]]:
+def replicas(
+    url: str, count: int = 1, rounds: int = 8, calls: int = 16, timeout_s: float = 60
+) -> dict[tuple[str, int], dict[str, Any]]:
     """Each segmentor replica seen by ``/v1/models`` (each call reads one replica of each
-    model), by (model, pid): its GPU, batches run and CUDA-graph state."""
+    model), by (model, pid): its GPU, batches run and CUDA-graph state. Reads go on past
+    ``rounds`` until ``count`` replicas of each model are seen, for up to ``timeout_s``: right
+    after a load, a replica still working through its queue takes no call (Serve routes to
+    the others), which left one of 2 or 4 replicas unread in the 2026-11-28 runs."""
     seen: dict[tuple[str, int], dict[str, Any]] = {}
-    answers = [models for _ in range(rounds) for models in _models_at_once(url, calls)]
-    for models in answers:
-        for model in models:
-            batch = model["batch"]
-            seen[(model["name"], model["pid"])] = {
-                "model": model["name"],
-                "pid": model["pid"],
-                "frames_ok": (model.get("frames") or {}).get("ok", 0),
-                "gpu_uuid": (model.get("gpu") or {}).get("uuid"),
-                "batches_run": batch["batches_run"],
-                "largest_batch": batch["largest_batch"],
-                "max_batch_size": batch.get("max_batch_size"),
-                "cuda_graph_batch_sizes": batch.get("cuda_graph_batch_sizes"),
-                "cuda_graph_error": batch.get("cuda_graph_error"),
-                "gpu_memory": model.get("gpu_memory"),
-                "gpu_busy_s": model.get("gpu_busy_s"),
-                "codec": model.get("codec"),
-                "stages": model.get("stages"),
-            }
-    return seen
+    deadline = time.monotonic() + timeout_s
+    done = 0
+    while True:
+        for models in _models_at_once(url, calls):
+            for model in models:
+                seen[(model["name"], model["pid"])] = _replica_row(model)
+        done += 1
+        kinds = [model_of(name) for name, _ in seen]
+        complete = all(kinds.count(kind) >= count for kind in SEGMENTORS)
+        if done >= rounds and (complete or time.monotonic() > deadline):
+            return seen
+        if done >= rounds:
+            time.sleep(0.5)
+
+
+def _replica_row(model: dict[str, Any]) -> dict[str, Any]:
+    batch = model["batch"]
+    return {
+        "model": model["name"],
+        "pid": model["pid"],
+        "frames_ok": (model.get("frames") or {}).get("ok", 0),
+        "gpu_uuid": (model.get("gpu") or {}).get("uuid"),
+        "batches_run": batch["batches_run"],
+        "largest_batch": batch["largest_batch"],
+        "max_batch_size": batch.get("max_batch_size"),
+        "cuda_graph_batch_sizes": batch.get("cuda_graph_batch_sizes"),
+        "cuda_graph_error": batch.get("cuda_graph_error"),
+        "gpu_memory": model.get("gpu_memory"),
+        "gpu_busy_s": model.get("gpu_busy_s"),
+        "codec": model.get("codec"),
+        "stages": model.get("stages"),
+    }
 
 
 def model_of(name: str) -> str:
@@ -257,7 +274,7 @@ def measure(
             if not targets[transport]:
                 runs.append({"skipped": f"{transport}: the config serves no {transport}"})
                 continue
-            before = replicas(cluster.url)
+            before = replicas(cluster.url, count=max(1, gpus))
             cpu_before, started = process_cpu.sample(), time.monotonic()
             result = run_fleet(
                 targets[transport],
@@ -275,7 +292,7 @@ def measure(
             cpu = process_cpu.cpu_ms_per_frame(
                 cpu_before, process_cpu.sample(), result.get("frames_ok", 0)
             )
-            after = replicas(cluster.url)
+            after = replicas(cluster.url, count=max(1, gpus))
             batches = sum(
                 r["batches_run"] - before.get(key, {"batches_run": 0})["batches_run"]
                 for key, r in after.items()

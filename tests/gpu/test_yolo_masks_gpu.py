@@ -118,14 +118,15 @@ def test_boxed_crops_on_cuda_encode_to_pycocotools_strings_of_their_whole_masks(
 def test_the_batch_postprocess_gives_the_frame_by_frame_instances_and_strings_on_cuda(
     count: int,
 ) -> None:
-    """The trained stand-in at batch ``count`` of 1080p product shots (a blank one among
-    them): one NMS call and one mask pass for the batch (full-frame chunks for 3 frames, box
-    crops for 24) against Ultralytics' NMS and each frame on its own."""
+    """The trained stand-in at batch ``count`` of 720p product shots (four scenes, repeated,
+    and a blank frame): one NMS call and one mask pass for the batch (full-frame chunks for
+    3 frames, box crops for 24) against Ultralytics' NMS and each frame on its own."""
     from segmentation.options import DetectOptions
 
     segmentor = YoloSegmentor(standins.PRODUCT_YOLO, device="cuda", imgsz=320)
-    frames = [synthetic.scene(800 + i % 8, 0, 1920, 1080).image for i in range(count - 1)]
-    frames.append(np.full((1080, 1920, 3), 255, dtype=np.uint8))
+    scenes = [synthetic.scene(800 + i, 0, 1280, 720).image for i in range(min(4, count - 1))]
+    frames = [scenes[i % len(scenes)] for i in range(count - 1)]
+    frames.append(np.full((720, 1280, 3), 255, dtype=np.uint8))
     options = [DetectOptions()] * count
     with torch.inference_mode():
         batch, boxes = segmentor.preprocess(frames)

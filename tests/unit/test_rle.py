@@ -38,3 +38,18 @@ def test_frame_sized_masks_round_trip_edges_included() -> None:
 
 def test_no_masks_no_strings() -> None:
     assert encode_rle_batch(torch.zeros((0, 1080, 1920), dtype=torch.bool)) == []
+
+
+def test_masks_with_runs_of_every_length_in_one_call() -> None:
+    """Runs of one pixel to whole columns, in many masks at once: counts of one to seven
+    characters, differences of either sign (each mask's strings alone as pycocotools' own)."""
+    rng = np.random.default_rng(11)
+    masks = np.zeros((8, 541, 963), dtype=np.uint8)
+    for mask in masks:
+        for _ in range(int(rng.integers(1, 6))):
+            top, left = rng.integers(0, 500), rng.integers(0, 900)
+            mask[top : top + rng.integers(1, 541), left : left + rng.integers(1, 963)] = 1
+        mask[rng.random(mask.shape) < rng.choice([0.0, 0.001, 0.3])] ^= 1
+    masks[5] = 0
+    masks[6] = 1
+    assert encode_rle_batch(torch.from_numpy(masks)) == [encode_rle(m) for m in masks]
