@@ -40,8 +40,8 @@ def batched_nms(
 ) -> list[torch.Tensor] | None:
     """Detections per image, ``[n, 6 + extra]`` rows ``x1 y1 x2 y2 score class extra...``,
     best first, from ``prediction`` ``[B, 4 + nc + extra, anchors]``; None when an image has
-    more than ``MAX_NMS`` candidates (Ultralytics then keeps the best by an unstable sort:
-    the caller runs its path)."""
+    more than ``MAX_NMS`` candidates (Ultralytics then keeps the best by an unstable sort) or
+    a box that is not finite (no region holds it): the caller runs Ultralytics' path."""
     from ultralytics.utils.ops import xywh2xyxy
 
     batch = prediction.shape[0]
@@ -64,7 +64,7 @@ def batched_nms(
     shifted = box + label[:, None] * MAX_WH
     facts = torch.cat((counts.double(), shifted.min()[None].double(), shifted.max()[None].double()))
     *host_counts, low, high = facts.tolist()
-    if max(host_counts) > MAX_NMS:
+    if max(host_counts) > MAX_NMS or not math.isfinite(high - low):
         return None
     # A power of two at least the span of all boxes: image i's boxes move by i * stride, past
     # every box of the images before it.

@@ -363,7 +363,31 @@ class YoloSegmentor:
         lb: _Letterbox,
     ) -> list[Detections]:
         """Instances of frames that share the letterbox ``lb``: ``dets[i]`` are frame
-        ``frames[i]``'s NMS rows and ``protos[frames[i]]`` its mask prototypes (float32)."""
+        ``frames[i]``'s NMS rows and ``protos[frames[i]]`` its mask prototypes (float32).
+        Frames are taken a run at a time whose instances' logits fit MASK_ELEMENT_BUDGET (a
+        crowded batch of 64 frames, 300 instances each at 640, would hold 2 GiB at once)."""
+        per_instance = protos.shape[-2] * protos.shape[-1]
+        results: list[Detections] = []
+        start = 0
+        while start < len(dets):
+            stop, held = start + 1, dets[start].shape[0] * per_instance
+            while stop < len(dets):
+                held += dets[stop].shape[0] * per_instance
+                if held > MASK_ELEMENT_BUDGET:
+                    break
+                stop += 1
+            results.extend(self._run_results(dets[start:stop], protos, frames[start:stop], lb))
+            start = stop
+        return results
+
+    def _run_results(
+        self,
+        dets: list[torch.Tensor],
+        protos: torch.Tensor,
+        frames: list[int],
+        lb: _Letterbox,
+    ) -> list[Detections]:
+        """:meth:`_letterbox_results` of one run of frames, their masks in one pass."""
         counts = [det.shape[0] for det in dets]
         if not sum(counts):
             return [Detections(lb.width, lb.height, []) for _ in dets]

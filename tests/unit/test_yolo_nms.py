@@ -82,3 +82,12 @@ def test_an_image_with_more_candidates_than_ultralytics_takes_is_left_to_its_pat
     prediction = predictions(2, 2, 1, 0)
     monkeypatch.setattr(yolo_nms, "MAX_NMS", 20)
     assert batched_nms(prediction, 0.25, 0.7, None, 300, 1) is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_box_that_is_not_finite_is_left_to_ultralytics_path(bad: float) -> None:
+    """An FP16 overflow can give such a box: no region holds it, so the caller is told to run
+    Ultralytics' path (which then answers as it always did)."""
+    prediction = predictions(3, 2, 1, 0)
+    prediction[0, 2, int(prediction[0, 4].argmax())] = bad
+    assert batched_nms(prediction, 0.25, 0.7, None, 300, 1) is None

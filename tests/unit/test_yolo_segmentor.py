@@ -192,14 +192,17 @@ def test_padding_to_a_bucket_changes_no_answer(segmentor: YoloSegmentor) -> None
         )
 
 
-@pytest.mark.parametrize("threads", [None, 1])
+@pytest.mark.parametrize(("threads", "budget"), [(None, None), (1, None), (None, 3 * 6400)])
 def test_the_batch_postprocess_gives_the_frame_by_frame_instances_and_strings(
-    threads: int | None,
+    threads: int | None, budget: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One NMS call and one mask pass for the batch (frames grouped by letterbox) against
     Ultralytics' NMS and each frame on its own: the same instances, boxes, scores, classes
     and RLE strings, with per-frame thresholds, two frame sizes and a frame with nothing in
-    it; also on one thread, where the mask kernels depend on a frame's own chunks."""
+    it; also on one thread, where the mask kernels depend on a frame's own chunks, and with
+    a mask budget of a few instances' logits (the batch taken in runs of frames)."""
+    if budget:
+        monkeypatch.setattr(yolo_segmentor, "MASK_ELEMENT_BUDGET", budget)
     from segmentation_standins import synthetic
 
     segmentor = YoloSegmentor(standins.PRODUCT_YOLO, device="cpu")
