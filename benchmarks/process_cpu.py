@@ -75,6 +75,19 @@ def cpu_ms_per_frame(
     }
 
 
+def busiest_cores(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], window_s: float
+) -> dict[str, float]:
+    """The most cores one process of each kind used over the window: a Python process near
+    one core (its interpreter) or a kind whose busiest process is far above its mean says
+    where a run saturates."""
+    busiest: dict[str, float] = {}
+    for pid, (kind, now) in after.items():
+        cores = max(0.0, now - before.get(pid, (kind, 0.0))[1]) / max(1e-9, window_s)
+        busiest[kind] = max(busiest.get(kind, 0.0), round(cores, 2))
+    return dict(sorted(busiest.items()))
+
+
 def gpu_busy(
     before: dict[tuple[str, int], dict[str, Any]],
     after: dict[tuple[str, int], dict[str, Any]],

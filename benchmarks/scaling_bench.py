@@ -53,7 +53,10 @@ this takes ``default`` or ``throughput``:
 Placement: RMBG-2.0 asks for 0.6 GPU and YOLO for 0.3, so no two RMBG-2.0 replicas share a
 card and each card holds one of each; ``RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY=1`` makes the
 controller place the larger GPU asks first, so YOLO replicas never take the room an RMBG-2.0
-replica needs.
+replica needs. ``--yolo-per-gpu N`` puts N YOLO replicas on each card, sharing the 0.4 that
+RMBG-2.0 leaves (0.2 each for two): more processes, so more interpreters, for YOLO's host
+work (receiving requests, COCO strings, answers), which bounds one YOLO replica below its
+model's pace.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import tempfile
@@ -87,6 +91,21 @@ SEGMENTORS = {"rmbg": "RMBGDeployment", "yolo": "YoloDeployment"}
 GPU_SHARE = {"RMBGDeployment": 0.6, "YoloDeployment": 0.3}
 
 
+def gpu_share(deployment: str, per_card: int) -> float:
+    """The GPU share of one of ``per_card`` replicas of ``deployment`` on each card: with
+    several YOLO replicas a card, they split what RMBG-2.0 leaves, rounded down so that
+    exactly ``per_card`` fit beside it (Ray then cannot pack more on one card)."""
+    if per_card == 1:
+        return GPU_SHARE[deployment]
+    left = 1 - GPU_SHARE["RMBGDeployment"]
+    return math.floor(left / per_card * 10_000) / 10_000
+
+
+def per_card(yolo_per_gpu: int) -> dict[str, int]:
+    """Replicas of each segmentor (by model kind) on each card."""
+    return {"rmbg": 1, "yolo": yolo_per_gpu}
+
+
 @dataclass(frozen=True)
 class Scenario:
     endpoint: str
@@ -108,9 +127,10 @@ def scale_config(
     rmbg_dir: str,
     on_gpus: bool = True,
     segmentor_args: dict[str, Any] | None = None,
+    yolo_per_gpu: int = 1,
 ) -> None:
-    """``count`` replicas of each segmentor (one of each per card) and ``routers`` routers;
-    ``segmentor_args`` set on both segmentors (e.g. ``decode_ahead``)."""
+    """``count`` cards' segmentors (one RMBG-2.0 and ``yolo_per_gpu`` YOLO per card) and
+    ``routers`` routers; ``segmentor_args`` set on both segmentors (e.g. ``decode_ahead``)."""
     app = config["applications"][0]
     if "rmbg" in app["args"] and rmbg_dir:
         app["args"]["rmbg"]["model"] = str(Path(rmbg_dir).resolve())
@@ -122,9 +142,10 @@ def scale_config(
         if deployment["name"] == "Router":
             deployment["num_replicas"] = routers
             continue
-        deployment["num_replicas"] = count
+        each = yolo_per_gpu if deployment["name"] == SEGMENTORS["yolo"] else 1
+        deployment["num_replicas"] = count * each
         if on_gpus and deployment["name"] in GPU_SHARE:
-            deployment["ray_actor_options"]["num_gpus"] = GPU_SHARE[deployment["name"]]
+            deployment["ray_actor_options"]["num_gpus"] = gpu_share(deployment["name"], each)
 
 
 def spread_over_nodes(config: dict[str, Any], nodes: int) -> None:
@@ -168,11 +189,16 @@ def _models_at_once(url: str, calls: int) -> list[list[dict[str, Any]]]:
 
 
 def replicas(
-    url: str, count: int = 1, rounds: int = 8, calls: int = 16, timeout_s: float = 60
+    url: str,
+    counts: dict[str, int] | None = None,
+    rounds: int = 8,
+    calls: int = 16,
+    timeout_s: float = 60,
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """Each segmentor replica seen by ``/v1/models`` (each call reads one replica of each
     model), by (model, pid): its GPU, batches run and CUDA-graph state. Reads go on past
-    ``rounds`` until ``count`` replicas of each model are seen, for up to ``timeout_s``: right
+    ``rounds`` until ``counts`` replicas of each model kind (default one) are seen, for up
+    to ``timeout_s``: right
     after a load, a replica still working through its queue takes no call (Serve routes to
     the others), which left one of 2 or 4 replicas unread in the 2026-11-28 runs."""
     seen: dict[tuple[str, int], dict[str, Any]] = {}
@@ -184,7 +210,7 @@ def replicas(
                 seen[(model["name"], model["pid"])] = _replica_row(model)
         done += 1
         kinds = [model_of(name) for name, _ in seen]
-        complete = all(kinds.count(kind) >= count for kind in SEGMENTORS)
+        complete = all(kinds.count(kind) >= (counts or {}).get(kind, 1) for kind in SEGMENTORS)
         if done >= rounds and (complete or time.monotonic() > deadline):
             return seen
         if done >= rounds:
@@ -215,24 +241,32 @@ def model_of(name: str) -> str:
     return "yolo" if "yolo" in name.lower() else "rmbg"
 
 
-def placement_problems(found: list[dict[str, Any]], gpus: int) -> list[str]:
-    """What differs from one RMBG-2.0 and one YOLO replica on each of ``gpus`` cards."""
+def placement_problems(
+    found: list[dict[str, Any]], gpus: int, layout: dict[str, int] | None = None
+) -> list[str]:
+    """What differs from ``layout`` replicas of each model kind (default one of each) on each
+    of ``gpus`` cards."""
     problems = []
     for model in SEGMENTORS:
+        each = (layout or {}).get(model, 1)
         on = [r["gpu_uuid"] for r in found if model_of(r["model"]) == model]
-        if len(on) != gpus:
-            problems.append(f"{model}: {len(on)} replicas seen, {gpus} asked for")
-        if len(set(on)) != len(on):
-            problems.append(f"{model}: two replicas share a card ({on})")
+        if len(on) != gpus * each:
+            problems.append(f"{model}: {len(on)} replicas seen, {gpus * each} asked for")
+        if on and max(on.count(card) for card in on) > each:
+            problems.append(f"{model}: more than {each} replicas on a card ({on})")
     return problems
 
 
 def wait_for_replicas(
-    cluster: Cluster, count: int, timeout_s: float = 300, routers: int | None = None
+    cluster: Cluster,
+    count: int,
+    timeout_s: float = 300,
+    routers: int | None = None,
+    layout: dict[str, int] | None = None,
 ) -> None:
-    """Until each segmentor deployment runs exactly ``count`` replicas (and the Router
-    ``routers``, when given)."""
-    wanted = {name: count for name in SEGMENTORS.values()}
+    """Until each segmentor deployment runs exactly ``count`` cards' replicas (``layout``
+    per card by model kind, default one), and the Router ``routers``, when given."""
+    wanted = {name: count * (layout or {}).get(kind, 1) for kind, name in SEGMENTORS.items()}
     if routers is not None:
         wanted["Router"] = routers
     deadline = time.monotonic() + timeout_s
@@ -259,6 +293,7 @@ def measure(
     """Every scenario over every transport at the deployed ``gpus`` replicas; with
     ``workers``, their nodes' proxies take load beside the head's."""
     workers = workers or []
+    layout = per_card(args.yolo_per_gpu)
     # The workers' proxies serve gRPC only when the config does (the head's has a target).
     grpc_proxies = [cluster.grpc_target, *(w.grpc_target for w in workers)]
     targets = {
@@ -274,7 +309,8 @@ def measure(
             if not targets[transport]:
                 runs.append({"skipped": f"{transport}: the config serves no {transport}"})
                 continue
-            before = replicas(cluster.url, count=max(1, gpus))
+            expected = {kind: max(1, gpus) * each for kind, each in layout.items()}
+            before = replicas(cluster.url, expected)
             cpu_before, started = process_cpu.sample(), time.monotonic()
             result = run_fleet(
                 targets[transport],
@@ -289,10 +325,12 @@ def measure(
                 frames=args.frames,
             )
             window_s = time.monotonic() - started
-            cpu = process_cpu.cpu_ms_per_frame(
-                cpu_before, process_cpu.sample(), result.get("frames_ok", 0)
+            cpu_after = process_cpu.sample()
+            cpu = process_cpu.cpu_ms_per_frame(cpu_before, cpu_after, result.get("frames_ok", 0))
+            cpu["busiest_process_cores"] = process_cpu.busiest_cores(
+                cpu_before, cpu_after, window_s
             )
-            after = replicas(cluster.url, count=max(1, gpus))
+            after = replicas(cluster.url, expected)
             batches = sum(
                 r["batches_run"] - before.get(key, {"batches_run": 0})["batches_run"]
                 for key, r in after.items()
@@ -311,7 +349,7 @@ def measure(
                 cpu=cpu,
                 gpu_busy=process_cpu.gpu_busy(before, after, window_s),
                 replicas=found,
-                placement_problems=[] if args.no_gpu else placement_problems(found, gpus),
+                placement_problems=[] if args.no_gpu else placement_problems(found, gpus, layout),
             )
             if args.half_capacity and result.get("steady_frames_per_s"):
                 result["half_capacity"] = half_capacity(
@@ -356,11 +394,12 @@ def half_capacity(
     }
 
 
-def segmentor_cpus(config_path: str) -> float:
-    """CPUs the config gives one RMBG-2.0 and one YOLO replica (one of each per card)."""
+def segmentor_cpus(config_path: str, yolo_per_gpu: int = 1) -> float:
+    """CPUs the config gives one card's segmentors (one RMBG-2.0, ``yolo_per_gpu`` YOLO)."""
     config = yaml.safe_load(Path(config_path).read_text())
     return sum(
         float((d.get("ray_actor_options") or {}).get("num_cpus", 1))
+        * (yolo_per_gpu if d["name"] == SEGMENTORS["yolo"] else 1)
         for d in config["applications"][0]["deployments"]
         if d["name"] in SEGMENTORS.values()
     )
@@ -413,8 +452,17 @@ def main(argv: list[str] | None = None) -> int:
         help="Ray nodes on this host sharing the largest --gpus (a head and workers, each its "
         "own cards and CPUs); only one GPU count then",
     )
+    parser.add_argument(
+        "--yolo-per-gpu",
+        type=int,
+        default=1,
+        help="YOLO replicas on each card (they split the GPU share RMBG-2.0 leaves): more "
+        "processes, so more interpreters, for YOLO's host work",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.yolo_per_gpu < 1:
+        parser.error("--yolo-per-gpu takes 1 or more")
     segmentor_args = parse_assignments(args.segmentor_arg)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     frame_size = (1920, 1080)
@@ -433,13 +481,17 @@ def main(argv: list[str] | None = None) -> int:
     per_node_gpus = 0 if args.no_gpu else most // args.nodes
     per_node_cpus = args.cpus // args.nodes
     routers = args.routers or routers_for(
-        args.cpus, most, args.load_processes_per_gpu * most, segmentor_cpus(args.config)
+        args.cpus,
+        most,
+        args.load_processes_per_gpu * most,
+        segmentor_cpus(args.config, args.yolo_per_gpu),
     )
     report: dict[str, Any] = {
         "command": "python -m benchmarks.scaling_bench " + " ".join(argv or sys.argv[1:]),
         "frames": args.frames,
         "nodes": args.nodes,
         "routers": routers,
+        "yolo_per_gpu": args.yolo_per_gpu,
         "runs": [],
     }
     for variant in args.ingress.split(","):
@@ -447,7 +499,15 @@ def main(argv: list[str] | None = None) -> int:
             env = {**PACK_SCHEDULING, **ingress_env(variant, Path(tmp))}
 
             def edit(config: dict[str, Any]) -> None:
-                scale_config(config, most, routers, args.rmbg_dir, not args.no_gpu, segmentor_args)
+                scale_config(
+                    config,
+                    most,
+                    routers,
+                    args.rmbg_dir,
+                    not args.no_gpu,
+                    segmentor_args,
+                    args.yolo_per_gpu,
+                )
                 if args.nodes > 1:
                     spread_over_nodes(config, args.nodes)
 
@@ -478,7 +538,10 @@ def main(argv: list[str] | None = None) -> int:
                 # The application answers once one replica of each model is up; measure
                 # only once every replica asked for runs (a replica still capturing its
                 # graphs would serve part of the first window and be missed by /v1/models).
-                wait_for_replicas(cluster, most, routers=routers if workers else None)
+                layout = per_card(args.yolo_per_gpu)
+                wait_for_replicas(
+                    cluster, most, routers=routers if workers else None, layout=layout
+                )
                 if not direct_targets(cluster.dashboard, variant, "HTTP"):
                     for worker in workers:  # its proxy takes load too: wait until it answers
                         cluster.wait_ready_at(worker.url)
@@ -486,10 +549,16 @@ def main(argv: list[str] | None = None) -> int:
                     if index:  # scale the segmentors down; the routers stay
                         config = cluster.app_config()
                         scale_config(
-                            config, gpus, routers, args.rmbg_dir, not args.no_gpu, segmentor_args
+                            config,
+                            gpus,
+                            routers,
+                            args.rmbg_dir,
+                            not args.no_gpu,
+                            segmentor_args,
+                            args.yolo_per_gpu,
                         )
                         cluster.deploy(config, f"n{gpus}.yaml")
-                        wait_for_replicas(cluster, gpus)
+                        wait_for_replicas(cluster, gpus, layout=layout)
                     report["runs"].extend(
                         measure(cluster, variant, gpus, args, frame_size, workers)
                     )

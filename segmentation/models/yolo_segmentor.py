@@ -314,12 +314,13 @@ class YoloSegmentor:
         for index, box in enumerate(boxes):
             by_letterbox.setdefault(box, []).append(index)
         protos = protos.float()
+        per_instance = protos.shape[-2] * protos.shape[-1]
         results: dict[int, Detections] = {}
         for box, indices in by_letterbox.items():
-            dets = [kept[i] for i in indices]
-            results.update(
-                zip(indices, self._letterbox_results(dets, protos, indices, box), strict=True)
-            )
+            for run in _runs([kept[i].shape[0] * per_instance for i in indices]):
+                frames = indices[run]
+                answers = self._letterbox_results([kept[i] for i in frames], protos, frames, box)
+                results.update(zip(frames, answers, strict=True))
         return [results[index] for index in range(len(boxes))]
 
     def postprocess_frame_by_frame(
@@ -364,32 +365,9 @@ class YoloSegmentor:
         frames: list[int],
         lb: _Letterbox,
     ) -> list[Detections]:
-        """Instances of frames that share the letterbox ``lb``: ``dets[i]`` are frame
-        ``frames[i]``'s NMS rows and ``protos[frames[i]]`` its mask prototypes (float32).
-        Frames are taken a run at a time whose instances' logits fit MASK_ELEMENT_BUDGET (a
-        crowded batch of 64 frames, 300 instances each at 640, would hold 2 GiB at once)."""
-        per_instance = protos.shape[-2] * protos.shape[-1]
-        results: list[Detections] = []
-        start = 0
-        while start < len(dets):
-            stop, held = start + 1, dets[start].shape[0] * per_instance
-            while stop < len(dets):
-                held += dets[stop].shape[0] * per_instance
-                if held > MASK_ELEMENT_BUDGET:
-                    break
-                stop += 1
-            results.extend(self._run_results(dets[start:stop], protos, frames[start:stop], lb))
-            start = stop
-        return results
-
-    def _run_results(
-        self,
-        dets: list[torch.Tensor],
-        protos: torch.Tensor,
-        frames: list[int],
-        lb: _Letterbox,
-    ) -> list[Detections]:
-        """:meth:`_letterbox_results` of one run of frames, their masks in one pass."""
+        """Instances of frames that share the letterbox ``lb``, their masks in one pass:
+        ``dets[i]`` are frame ``frames[i]``'s NMS rows and ``protos[frames[i]]`` its mask
+        prototypes (float32)."""
         counts = [det.shape[0] for det in dets]
         if not sum(counts):
             return [Detections(lb.width, lb.height, []) for _ in dets]
@@ -449,6 +427,22 @@ def _mask_logits(coeffs: torch.Tensor, proto: torch.Tensor, lb: _Letterbox) -> t
     right = min(proto_w, math.ceil((lb.pad_left + lb.width * lb.scale) * ratio))
     logits = (coeffs.float() @ proto.view(channels, -1)).view(-1, proto_h, proto_w)
     return logits[:, top:bottom, left:right]
+
+
+def _runs(sizes: list[int]) -> list[slice]:
+    """Consecutive frames whose mask logits (``sizes``: elements per frame) fit
+    MASK_ELEMENT_BUDGET together, a frame past it alone: a crowded batch of 64 frames, 300
+    instances each at 640, would otherwise hold 2 GiB of logits at once."""
+    runs: list[slice] = []
+    start = 0
+    while start < len(sizes):
+        stop, held = start + 1, sizes[start]
+        while stop < len(sizes) and held + sizes[stop] <= MASK_ELEMENT_BUDGET:
+            held += sizes[stop]
+            stop += 1
+        runs.append(slice(start, stop))
+        start = stop
+    return runs
 
 
 def _option_groups(options: Sequence[DetectOptions]) -> dict[DetectOptions, list[int]]:

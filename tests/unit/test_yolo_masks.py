@@ -29,14 +29,7 @@ def reference_masks(
     coeffs: torch.Tensor, proto: torch.Tensor, xyxy: torch.Tensor, lb: _Letterbox
 ) -> list[dict[str, Any]]:
     """COCO RLE masks at frame size, upsampling a bounded chunk of instances at a time."""
-    channels, proto_h, proto_w = proto.shape
-    ratio = proto_h / lb.input_height
-    top = int(lb.pad_top * ratio)
-    left = int(lb.pad_left * ratio)
-    bottom = min(proto_h, math.ceil((lb.pad_top + lb.height * lb.scale) * ratio))
-    right = min(proto_w, math.ceil((lb.pad_left + lb.width * lb.scale) * ratio))
-    logits = (coeffs.float() @ proto.view(channels, -1)).view(-1, proto_h, proto_w)
-    logits = logits[:, top:bottom, left:right]
+    logits = yolo_segmentor._mask_logits(coeffs, proto, lb)
     chunk = max(1, yolo_segmentor.MASK_ELEMENT_BUDGET // (lb.height * lb.width))
     rows = torch.arange(lb.height, device=proto.device).view(1, -1, 1)
     cols = torch.arange(lb.width, device=proto.device).view(1, 1, -1)

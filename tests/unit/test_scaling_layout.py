@@ -1,0 +1,68 @@
+"""scaling_bench's layouts: one RMBG-2.0 and N YOLO replicas on each card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks.scaling_bench import (
+    GPU_SHARE,
+    gpu_share,
+    per_card,
+    placement_problems,
+    scale_config,
+    segmentor_cpus,
+)
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "gpu-bench-trained.yaml"
+
+
+@pytest.mark.parametrize("each", [1, 2, 3, 4])
+def test_exactly_n_yolo_replicas_fit_beside_rmbg_on_a_card(each: int) -> None:
+    rmbg, yolo = GPU_SHARE["RMBGDeployment"], gpu_share("YoloDeployment", each)
+    assert rmbg + each * yolo <= 1.0
+    assert rmbg + (each + 1) * yolo > 1.0  # Ray cannot pack one more on the card
+    assert 2 * rmbg > 1.0  # nor a second RMBG-2.0
+
+
+def test_the_config_gets_each_cards_replicas_and_their_shares() -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    scale_config(config, 4, 10, "", True, {"decode_ahead": True}, yolo_per_gpu=2)
+    app = config["applications"][0]
+    layout = {
+        d["name"]: (d["num_replicas"], (d.get("ray_actor_options") or {}).get("num_gpus"))
+        for d in app["deployments"]
+    }
+    assert layout["RMBGDeployment"] == (4, 0.6)
+    assert layout["YoloDeployment"] == (8, 0.2)
+    assert layout["Router"][0] == 10
+    assert app["args"]["yolo"]["decode_ahead"] is True
+    one = segmentor_cpus(str(CONFIG))
+    two = segmentor_cpus(str(CONFIG), 2)
+    yolo_cpus = next(
+        (d.get("ray_actor_options") or {}).get("num_cpus", 1)
+        for d in yaml.safe_load(CONFIG.read_text())["applications"][0]["deployments"]
+        if d["name"] == "YoloDeployment"
+    )
+    assert two - one == pytest.approx(float(yolo_cpus))
+
+
+def test_placement_problems_say_what_differs_from_the_layout() -> None:
+    def replica(model: str, card: str) -> dict[str, str]:
+        return {"model": model, "gpu_uuid": card}
+
+    two_each = [replica("rmbg-2.0", c) for c in "ab"] + [replica("yolo11-seg", c) for c in "aabb"]
+    assert placement_problems(two_each, 2, per_card(2)) == []
+    assert placement_problems(two_each, 2) == [
+        "yolo: 4 replicas seen, 2 asked for",
+        "yolo: more than 1 replicas on a card (['a', 'a', 'b', 'b'])",
+    ]
+    crowded = two_each[:2] + [replica("yolo11-seg", c) for c in "aaab"]
+    assert placement_problems(crowded, 2, per_card(2)) == [
+        "yolo: more than 2 replicas on a card (['a', 'a', 'a', 'b'])"
+    ]
+    assert placement_problems(two_each[:5], 2, per_card(2)) == [
+        "yolo: 3 replicas seen, 4 asked for"
+    ]
