@@ -34,6 +34,10 @@ class DetectOptions:
             raise ValueError(f"iou must be between 0 and 1, got {self.iou}")
         if not 1 <= self.max_det <= 1000:
             raise ValueError(f"max_det must be between 1 and 1000, got {self.max_det}")
+        if self.classes is not None:
+            # A tuple, so options stay hashable (a batch groups its frames by them) whatever
+            # sequence a caller or a config gave; repeated ids count once.
+            object.__setattr__(self, "classes", tuple(dict.fromkeys(int(c) for c in self.classes)))
 
 
 # -- cutouts ------------------------------------------------------------------------------

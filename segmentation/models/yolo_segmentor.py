@@ -382,7 +382,7 @@ class YoloSegmentor:
                 if d.shape[0]
             ]
         )
-        if _masks_batch_exactly(logits):
+        if _masks_batch_exactly(logits, lb):
             masks = _box_masks(logits, xyxy, lb.height, lb.width)
         else:  # each frame's chunks as the reference forms them
             masks = [
@@ -453,11 +453,15 @@ def _option_groups(options: Sequence[DetectOptions]) -> dict[DetectOptions, list
     return groups
 
 
-def _masks_batch_exactly(logits: torch.Tensor) -> bool:
+def _masks_batch_exactly(logits: torch.Tensor, lb: _Letterbox) -> bool:
     """Whether the instances of several frames can take one :func:`_box_masks` call and get
-    each frame's own strings: everywhere but a CPU on one thread, where which of two kernels
-    the full-frame path used depends on an instance's place in its frame's chunks."""
-    return logits.device.type != "cpu" or torch.get_num_threads() != 1
+    each frame's own strings. Not on a CPU on one thread, where which of two kernels the
+    full-frame path used depends on an instance's place in its frame's chunks, nor on a CPU
+    for small frames, which take the full-frame path: there the channels-last kernel's
+    rounding depends on how many instances are upsampled together."""
+    if logits.device.type != "cpu":
+        return True
+    return torch.get_num_threads() != 1 and lb.height + lb.width > _SMALL_OUTPUT
 
 
 def _split_heads(out: Any) -> tuple[torch.Tensor, torch.Tensor]:

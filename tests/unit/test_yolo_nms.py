@@ -91,3 +91,35 @@ def test_a_box_that_is_not_finite_is_left_to_ultralytics_path(bad: float) -> Non
     prediction = predictions(3, 2, 1, 0)
     prediction[0, 2, int(prediction[0, 4].argmax())] = bad
     assert batched_nms(prediction, 0.25, 0.7, None, 300, 1) is None
+
+
+def test_images_are_suppressed_in_runs_of_bounded_candidates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At conf 0 every anchor is a candidate (8,400 an image at 640): one nms call for a batch
+    of 64 would need an N x N mask of 36 GB on a GPU. Runs of images under MAX_CANDIDATES
+    give the same rows; an image over it is a run of its own."""
+    prediction = predictions(5, 6, 3, 4, anchors=300)
+    expected = ultralytics(prediction, 3, conf_thres=0.0, iou_thres=0.6)
+    monkeypatch.setattr(yolo_nms, "MAX_CANDIDATES", 700)  # two images a run
+    got = batched_nms(prediction, 0.0, 0.6, None, 300, 3)
+    assert got is not None
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert yolo_nms._candidate_runs([300, 300, 300, 300, 300, 300]) == [
+        (0, 600),
+        (600, 1200),
+        (1200, 1800),
+    ]
+    assert yolo_nms._candidate_runs([100, 200, 0, 150, 800, 100]) == [
+        (0, 450),
+        (450, 1250),
+        (1250, 1350),
+    ]
+
+
+def test_a_class_filter_with_repeated_ids_keeps_what_ultralytics_keeps() -> None:
+    prediction = predictions(6, 3, 5, 8)
+    expected = ultralytics(prediction, 5, conf_thres=0.25, iou_thres=0.7, classes=[2, 4])
+    got = batched_nms(prediction, 0.25, 0.7, [4, 2, 2, 4, 4], 300, 5)
+    assert got is not None
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

@@ -61,6 +61,18 @@ def test_thresholds_per_call(segmentor: YoloSegmentor) -> None:
     assert len(segmentor.predict(frame, DetectOptions(iou=0.1))[0].instances) < len(everything)
 
 
+def test_a_class_list_from_a_config_groups_frames_like_a_tuple(segmentor: YoloSegmentor) -> None:
+    """Options given a list (a config, JSON) stay hashable, repeated ids once: frames of one
+    batch are grouped by their options."""
+    listed = DetectOptions(classes=[0, 0, 1])  # type: ignore[arg-type]
+    assert listed.classes == (0, 1) and listed == DetectOptions(classes=(0, 1))
+    frames = [product_frame(320, 200, seed=90 + i) for i in range(2)]
+    both = segmentor.predict(frames, [listed, DetectOptions(classes=(0, 1))])
+    as_tuple = segmentor.predict(frames, DetectOptions(classes=(0, 1)))
+    assert [r.instances for r in both] == [r.instances for r in as_tuple]
+    assert all(r.instances for r in both)
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [({"conf": 1.5}, "conf"), ({"iou": -0.1}, "iou"), ({"max_det": 0}, "max_det")],
@@ -229,3 +241,29 @@ def test_the_batch_postprocess_gives_the_frame_by_frame_instances_and_strings(
     for mine, theirs in zip(got, expected, strict=True):
         assert (mine.width, mine.height) == (theirs.width, theirs.height)
         assert mine.instances == theirs.instances  # exact boxes and scores, the same strings
+
+
+@pytest.mark.parametrize(("height", "width"), [(61, 57), (97, 143), (517, 333)])
+def test_frames_that_share_a_mask_pass_get_each_frames_own_strings(height: int, width: int) -> None:
+    """Random coefficients and prototypes of four frames (15 instances each, boxes of every
+    awkward kind): masks made for the four together equal each frame's alone, small frames
+    (the full-frame path, whose CPU kernel rounds by how many instances it upsamples at
+    once) included."""
+    from tests.unit.test_yolo_masks import random_case, rect_input
+
+    segmentor = YoloSegmentor(standins.YOLO_STANDIN, device="cpu")
+    cases = [random_case(seed, height, width, rect_input(height, width)) for seed in range(4)]
+    lb = cases[0][3]
+    protos = torch.stack([proto for _, proto, _, _ in cases])
+    dets = []
+    for coeffs, _, xyxy, _ in cases:
+        boxed = xyxy.clone()  # frame pixels back into the letterboxed input
+        boxed[:, [0, 2]] = boxed[:, [0, 2]] * lb.scale + lb.pad_left
+        boxed[:, [1, 3]] = boxed[:, [1, 3]] * lb.scale + lb.pad_top
+        scores_classes = torch.tensor([[0.5, 0.0]]).expand(len(coeffs), 2)
+        dets.append(torch.cat((boxed, scores_classes, coeffs), 1))
+    together = segmentor._letterbox_results(dets, protos, [0, 1, 2, 3], lb)
+    for index, det in enumerate(dets):
+        alone = segmentor._letterbox_results([det], protos[index][None], [0], lb)[0]
+        assert together[index] == alone
+    assert sum(len(found.instances) for found in together) == 60
