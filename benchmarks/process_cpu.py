@@ -55,15 +55,25 @@ def sample() -> dict[int, tuple[str, float]]:
     return found
 
 
+def _used(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> list[tuple[str, float]]:
+    """(kind, CPU seconds used between the samples) of each process of the later sample; one
+    that started in between counts from zero."""
+    return [
+        (kind, max(0.0, now - before.get(pid, (kind, 0.0))[1]))
+        for pid, (kind, now) in after.items()
+    ]
+
+
 def cpu_ms_per_frame(
     before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], frames: int
 ) -> dict[str, Any]:
     """CPU-ms per answered frame of each kind between two samples, and the processes seen."""
     seconds: dict[str, float] = {}
     processes: dict[str, int] = {}
-    for pid, (kind, now) in after.items():
-        then = before.get(pid, (kind, 0.0))[1]
-        seconds[kind] = seconds.get(kind, 0.0) + max(0.0, now - then)
+    for kind, used in _used(before, after):
+        seconds[kind] = seconds.get(kind, 0.0) + used
         processes[kind] = processes.get(kind, 0) + 1
     return {
         "cpu_ms_per_frame": {
@@ -82,9 +92,8 @@ def busiest_cores(
     one core (its interpreter) or a kind whose busiest process is far above its mean says
     where a run saturates."""
     busiest: dict[str, float] = {}
-    for pid, (kind, now) in after.items():
-        cores = max(0.0, now - before.get(pid, (kind, 0.0))[1]) / max(1e-9, window_s)
-        busiest[kind] = max(busiest.get(kind, 0.0), round(cores, 2))
+    for kind, used in _used(before, after):
+        busiest[kind] = max(busiest.get(kind, 0.0), round(used / max(1e-9, window_s), 2))
     return dict(sorted(busiest.items()))
 
 

@@ -198,9 +198,9 @@ def replicas(
     """Each segmentor replica seen by ``/v1/models`` (each call reads one replica of each
     model), by (model, pid): its GPU, batches run and CUDA-graph state. Reads go on past
     ``rounds`` until ``counts`` replicas of each model kind (default one) are seen, for up
-    to ``timeout_s``: right
-    after a load, a replica still working through its queue takes no call (Serve routes to
-    the others), which left one of 2 or 4 replicas unread in the 2026-11-28 runs."""
+    to ``timeout_s``: right after a load, a replica still working through its queue takes no
+    call (Serve routes to the others), which left one of 2 or 4 replicas unread in the
+    2026-11-28 runs."""
     seen: dict[tuple[str, int], dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
     done = 0

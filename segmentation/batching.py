@@ -225,3 +225,18 @@ def pad_to_bucket(batch: torch.Tensor, buckets: Sequence[int] | None) -> torch.T
         return batch
     padding = batch.new_zeros((target - size, *batch.shape[1:]))
     return torch.cat((batch, padding))
+
+
+def bounded_runs(sizes: Sequence[int], budget: int) -> list[slice]:
+    """Consecutive items whose ``sizes`` add up to at most ``budget`` together, each run as a
+    slice of the items (an item over the budget is a run of its own)."""
+    runs: list[slice] = []
+    start = 0
+    while start < len(sizes):
+        stop, held = start + 1, sizes[start]
+        while stop < len(sizes) and held + sizes[stop] <= budget:
+            held += sizes[stop]
+            stop += 1
+        runs.append(slice(start, stop))
+        start = stop
+    return runs

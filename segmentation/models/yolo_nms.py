@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
+from segmentation.batching import bounded_runs
+
 #: Ultralytics' defaults: the most candidates an image keeps for NMS, and the class offset.
 MAX_NMS = 30000
 MAX_WH = 7680
@@ -35,19 +37,12 @@ MAX_WH = 7680
 MAX_CANDIDATES = 32 * 1024
 
 
-def _candidate_runs(counts: list[float]) -> list[tuple[int, int]]:
+def _candidate_runs(counts: list[int]) -> list[tuple[int, int]]:
     """Row ranges ``[start, stop)`` of consecutive images with at most MAX_CANDIDATES
-    candidates together (an image with more alone)."""
-    runs: list[tuple[int, int]] = []
-    start = stop = 0
-    for count in counts:
-        if stop > start and stop - start + count > MAX_CANDIDATES:
-            runs.append((start, stop))
-            start = stop
-        stop += int(count)
-    if stop > start:
-        runs.append((start, stop))
-    return runs
+    candidates together (an image with more alone); images without a candidate add none."""
+    starts = np.concatenate(([0], np.cumsum(counts))).tolist()
+    ranges = [(starts[run.start], starts[run.stop]) for run in bounded_runs(counts, MAX_CANDIDATES)]
+    return [(start, stop) for start, stop in ranges if stop > start]
 
 
 def batched_nms(
@@ -82,7 +77,8 @@ def batched_nms(
     # Ultralytics' class offset, in float32 as it computes it; then each image its own region.
     shifted = box + label[:, None] * MAX_WH
     facts = torch.cat((counts.double(), shifted.min()[None].double(), shifted.max()[None].double()))
-    *host_counts, low, high = facts.tolist()
+    *counted, low, high = facts.tolist()
+    host_counts = [int(count) for count in counted]
     if max(host_counts) > MAX_NMS or not math.isfinite(high - low):
         return None
     # A power of two at least the span of all boxes: image i's boxes move by i * stride, past

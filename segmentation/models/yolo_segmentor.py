@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segmentation.batching import pad_to_bucket
+from segmentation.batching import bounded_runs, pad_to_bucket
 from segmentation.config import DEFAULT_YOLO_MODEL
 from segmentation.encoders import encode_rle
 from segmentation.errors import ModelLoadError
@@ -300,16 +300,7 @@ class YoloSegmentor:
         all frames that share a letterbox together, with one copy to the host. The same
         instances and strings as :meth:`postprocess_frame_by_frame`, which waited for the GPU
         a dozen times per frame (at batch 64 on an H100, 107 ms against a 3.4 ms forward)."""
-        preds = preds.float()
-        kept: dict[int, torch.Tensor] = {}
-        for opts, indices in _option_groups(options).items():
-            selected = preds if len(indices) == len(options) else preds[indices]
-            found = batched_nms(
-                selected, opts.conf, opts.iou, opts.classes, opts.max_det, len(self.names)
-            )
-            if found is None:  # an image with more candidates than Ultralytics takes
-                found = self._ultralytics_nms(selected, opts)
-            kept.update(zip(indices, found, strict=True))
+        kept = self._kept_rows(preds, options, whole_batch=True)
         by_letterbox: dict[_Letterbox, list[int]] = {}
         for index, box in enumerate(boxes):
             by_letterbox.setdefault(box, []).append(index)
@@ -317,7 +308,10 @@ class YoloSegmentor:
         per_instance = protos.shape[-2] * protos.shape[-1]
         results: dict[int, Detections] = {}
         for box, indices in by_letterbox.items():
-            for run in _runs([kept[i].shape[0] * per_instance for i in indices]):
+            # Runs of frames whose mask logits fit MASK_ELEMENT_BUDGET: a crowded batch of 64
+            # frames, 300 instances each at 640, would otherwise hold 2 GiB of them at once.
+            sizes = [kept[i].shape[0] * per_instance for i in indices]
+            for run in bounded_runs(sizes, MASK_ELEMENT_BUDGET):
                 frames = indices[run]
                 answers = self._letterbox_results([kept[i] for i in frames], protos, frames, box)
                 results.update(zip(frames, answers, strict=True))
@@ -332,15 +326,32 @@ class YoloSegmentor:
     ) -> list[Detections]:
         """The reference :meth:`postprocess` reproduces: Ultralytics' NMS, then each frame on
         its own."""
-        preds = preds.float()
-        kept: dict[int, torch.Tensor] = {}
-        for opts, indices in _option_groups(options).items():
-            selected = preds if len(indices) == len(options) else preds[indices]
-            kept.update(zip(indices, self._ultralytics_nms(selected, opts), strict=True))
+        kept = self._kept_rows(preds, options, whole_batch=False)
         return [
             self._letterbox_results([kept[index]], proto.float()[None], [0], box)[0]
             for index, (proto, box) in enumerate(zip(protos, boxes, strict=True))
         ]
+
+    def _kept_rows(
+        self, preds: torch.Tensor, options: Sequence[DetectOptions], whole_batch: bool
+    ) -> dict[int, torch.Tensor]:
+        """Each frame's NMS rows, by frame index, one NMS per distinct set of thresholds
+        (usually one for the batch): :func:`batched_nms` for the frames together, or
+        Ultralytics' image by image (``whole_batch`` False, or where ``batched_nms`` leaves an
+        image to it)."""
+        preds = preds.float()
+        kept: dict[int, torch.Tensor] = {}
+        for opts, indices in _option_groups(options).items():
+            selected = preds if len(indices) == len(options) else preds[indices]
+            found = None
+            if whole_batch:
+                found = batched_nms(
+                    selected, opts.conf, opts.iou, opts.classes, opts.max_det, len(self.names)
+                )
+            if found is None:
+                found = self._ultralytics_nms(selected, opts)
+            kept.update(zip(indices, found, strict=True))
+        return kept
 
     def _ultralytics_nms(self, preds: torch.Tensor, opts: DetectOptions) -> list[torch.Tensor]:
         from ultralytics.utils.nms import non_max_suppression
@@ -427,22 +438,6 @@ def _mask_logits(coeffs: torch.Tensor, proto: torch.Tensor, lb: _Letterbox) -> t
     right = min(proto_w, math.ceil((lb.pad_left + lb.width * lb.scale) * ratio))
     logits = (coeffs.float() @ proto.view(channels, -1)).view(-1, proto_h, proto_w)
     return logits[:, top:bottom, left:right]
-
-
-def _runs(sizes: list[int]) -> list[slice]:
-    """Consecutive frames whose mask logits (``sizes``: elements per frame) fit
-    MASK_ELEMENT_BUDGET together, a frame past it alone: a crowded batch of 64 frames, 300
-    instances each at 640, would otherwise hold 2 GiB of logits at once."""
-    runs: list[slice] = []
-    start = 0
-    while start < len(sizes):
-        stop, held = start + 1, sizes[start]
-        while stop < len(sizes) and held + sizes[stop] <= MASK_ELEMENT_BUDGET:
-            held += sizes[stop]
-            stop += 1
-        runs.append(slice(start, stop))
-        start = stop
-    return runs
 
 
 def _option_groups(options: Sequence[DetectOptions]) -> dict[DetectOptions, list[int]]:
