@@ -123,3 +123,11 @@ def test_a_class_filter_with_repeated_ids_keeps_what_ultralytics_keeps() -> None
     got = batched_nms(prediction, 0.25, 0.7, [4, 2, 2, 4, 4], 300, 5)
     assert got is not None
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_boxes_too_far_apart_for_exact_offsets_are_left_to_ultralytics_path() -> None:
+    """A box a trillion pixels wide (finite, but no head of a real model gives one) would need
+    offsets past 2**40, where float64 no longer holds each image's coordinates exactly."""
+    prediction = predictions(4, 2, 1, 0)
+    prediction[0, 2, int(prediction[0, 4].argmax())] = 1e12
+    assert batched_nms(prediction, 0.25, 0.7, None, 300, 1) is None
