@@ -327,9 +327,14 @@ def measure(
             window_s = time.monotonic() - started
             cpu_after = process_cpu.sample()
             cpu = process_cpu.cpu_ms_per_frame(cpu_before, cpu_after, result.get("frames_ok", 0))
-            cpu["busiest_process_cores"] = process_cpu.busiest_cores(
-                cpu_before, cpu_after, window_s
+            # The window also holds the frames' rendering and the load processes' start: the
+            # busiest cores are over the load's own seconds (its frames over its rate).
+            load_s = (
+                result["frames_ok"] / result["frames_per_s"]
+                if result.get("frames_per_s")
+                else window_s
             )
+            cpu["busiest_process_cores"] = process_cpu.busiest_cores(cpu_before, cpu_after, load_s)
             after = replicas(cluster.url, expected)
             batches = sum(
                 r["batches_run"] - before.get(key, {"batches_run": 0})["batches_run"]
@@ -345,9 +350,9 @@ def measure(
                 mean_batch=round(result.get("frames_ok", 0) / batches, 1) if batches else None,
                 postprocess_ms_per_frame=per_frame_ms(before, after, scenario.model),
                 # CPU of each kind of process per answered frame (routers, replicas, proxies),
-                # and each replica's GPU thread busy share of the window
+                # and each replica's GPU thread busy share of the load's seconds
                 cpu=cpu,
-                gpu_busy=process_cpu.gpu_busy(before, after, window_s),
+                gpu_busy=process_cpu.gpu_busy(before, after, load_s),
                 replicas=found,
                 placement_problems=[] if args.no_gpu else placement_problems(found, gpus, layout),
             )
