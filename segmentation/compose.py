@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from segmentation.options import CutoutOptions, margin_region
 from segmentation.refine import estimate_foreground, wide_window
+from segmentation.transfer import host_arrays
 
 #: ``(left, top, right, bottom)`` in pixels, right and bottom exclusive.
 Box = tuple[int, int, int, int]
@@ -133,6 +134,32 @@ def plain_cutout(rgb: torch.Tensor, matte: torch.Tensor) -> torch.Tensor:
 def compose(rgb: torch.Tensor, matte: torch.Tensor, options: CutoutOptions) -> Composed:
     """The output ``options`` ask for, from a ``3xHxW`` uint8 frame and its ``HxW`` uint8
     matte on the same device; see the module doc for the steps and their order."""
+    item = compose_on_device(rgb, matte, options)
+    (host,) = host_arrays([item.pixels])
+    return item.on_host(host)
+
+
+@dataclass(frozen=True)
+class OnDevice:
+    """A cutout composed on the device, not yet copied: ``pixels`` (``HxWxC`` uint8) are
+    the part ``inside`` of the output's ``region`` that lies in the frame. A batch's are
+    copied together (:func:`segmentation.transfer.host_arrays`), then :meth:`on_host`."""
+
+    pixels: torch.Tensor
+    region: Box
+    inside: Box
+    options: CutoutOptions
+    subject: Box | None
+    foreground: Box | None
+
+    def on_host(self, host: np.ndarray) -> Composed:
+        """The output, from ``host``: :attr:`pixels` copied to the host."""
+        placed = _placed(host, self.region, self.inside, self.options, self.pixels.device)
+        return Composed(placed, self.subject, self.foreground)
+
+
+def compose_on_device(rgb: torch.Tensor, matte: torch.Tensor, options: CutoutOptions) -> OnDevice:
+    """:func:`compose`'s work on the device, without the copy to the host."""
     if options.output == "raw":
         raise ValueError("output=raw is the matte's bytes: nothing to compose")
     if options.clean_matte:
@@ -151,13 +178,13 @@ def compose(rgb: torch.Tensor, matte: torch.Tensor, options: CutoutOptions) -> C
         rgb, matte = _scaled(rgb, size), _scaled(matte[None], size)[0]
         whole = (0, 0, size[1], size[0])
         pixels = _pixels(rgb, matte, options, whole, whole)
-        return Composed(pixels.cpu().numpy(), subject, subject_box(matte))
+        return OnDevice(pixels, whole, whole, options, subject, subject_box(matte))
     inside = (max(left, 0), max(top, 0), min(right, width), min(bottom, height))
     pixels = _pixels(rgb, matte, options, region, inside)
     foreground = None
     if subject is not None:
         foreground = (subject[0] - left, subject[1] - top, subject[2] - left, subject[3] - top)
-    return Composed(_placed(pixels, region, inside, options), subject, foreground)
+    return OnDevice(pixels, region, inside, options, subject, foreground)
 
 
 def _pixels(
@@ -230,16 +257,17 @@ def _composed(colour: torch.Tensor, matte: torch.Tensor, options: CutoutOptions)
     return stacked.permute(1, 2, 0)
 
 
-def _placed(pixels: torch.Tensor, region: Box, inside: Box, options: CutoutOptions) -> np.ndarray:
-    """``pixels`` (of ``inside``) on the host, in their place in ``region``: the rest, past
-    the frame's edge, is the one colour a pixel of matte 0 is given (:func:`_fill`)."""
-    host = pixels.cpu().numpy()
+def _placed(
+    host: np.ndarray, region: Box, inside: Box, options: CutoutOptions, device: torch.device
+) -> np.ndarray:
+    """``host`` (the pixels of ``inside``) in their place in ``region``: the rest, past the
+    frame's edge, is the one colour a pixel of matte 0 is given (:func:`_fill`)."""
     if inside == region:
         return host
     left, top, right, bottom = region
     in_left, in_top, in_right, in_bottom = inside
     placed = np.empty((bottom - top, right - left, host.shape[2]), np.uint8)
-    placed[...] = _fill(options, pixels.device)
+    placed[...] = _fill(options, device)
     placed[in_top - top : in_bottom - top, in_left - left : in_right - left] = host
     return placed
 

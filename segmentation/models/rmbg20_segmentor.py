@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from segmentation import compile_cache, quantize
 from segmentation.batching import pad_to_bucket
-from segmentation.compose import Composed, compose, plain_cutout
+from segmentation.compose import Composed, OnDevice, compose_on_device, plain_cutout
 from segmentation.config import DEFAULT_RMBG_MODEL, LinearFormat
 from segmentation.models import rmbg20_fast
 from segmentation.models.base import (
@@ -29,6 +29,7 @@ from segmentation.models.base import (
 from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
 from segmentation.options import CutoutOptions
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
+from segmentation.transfer import host_arrays
 from segmentation_standins import describe as describe_standin
 
 logger = logging.getLogger(__name__)
@@ -409,8 +410,8 @@ class RMBG20Segmentor:
         """Sigmoid, resize back to each frame's size, quantise to uint8 on the device; where
         ``pixels`` has the frame's ``3xHxW`` uint8 tensor, its composed output instead (the
         plain RGBA cutout, or what ``options`` of that frame ask for)."""
-        probs = logits.float().sigmoid_()
-        outputs: list[np.ndarray | Composed] = []
+        probs = torch.sigmoid(logits.float())  # a new tensor: the caller's logits stay as they are
+        made: list[torch.Tensor | OnDevice] = []
         for index, (height, width) in enumerate(sizes):
             alpha = F.interpolate(
                 probs[index : index + 1],
@@ -422,12 +423,17 @@ class RMBG20Segmentor:
             rgb = pixels[index] if pixels is not None else None
             chosen = options[index] if options is not None else None
             if rgb is None:
-                outputs.append(matte.cpu().numpy())
+                made.append(matte)
             elif chosen is None:
-                outputs.append(plain_cutout(rgb, matte).cpu().numpy())
+                made.append(plain_cutout(rgb, matte))
             else:
-                outputs.append(compose(rgb, matte, chosen))
-        return outputs
+                made.append(compose_on_device(rgb, matte, chosen))
+        # The batch's outputs cross to the host together: one pinned copy, one wait.
+        hosts = host_arrays([m.pixels if isinstance(m, OnDevice) else m for m in made])
+        return [
+            m.on_host(host) if isinstance(m, OnDevice) else host
+            for m, host in zip(made, hosts, strict=True)
+        ]
 
 
 def _last_map(outputs: Any) -> tuple[torch.Tensor]:

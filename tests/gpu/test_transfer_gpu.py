@@ -1,0 +1,98 @@
+"""A batch's outputs cross from the GPU in one pinned copy: the same values as ``.cpu()``
+frame by frame, for every kind of output RMBG-2.0's postprocess makes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from segmentation import transfer
+from segmentation.compose import compose_on_device, plain_cutout
+from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
+from segmentation.options import CutoutOptions, parse_margin
+from segmentation.transfer import host_arrays
+
+
+def _tensors() -> list[torch.Tensor]:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    return [
+        torch.randint(
+            0, 256, (1080, 1920, 4), dtype=torch.uint8, device="cuda", generator=generator
+        ),
+        torch.randn((3, 7), device="cuda", generator=generator),  # 84 bytes: the next is aligned
+        torch.arange(35, dtype=torch.int64, device="cuda").reshape(5, 7).t(),  # not contiguous
+        torch.empty((0, 3), dtype=torch.uint8, device="cuda"),
+        torch.ones((2, 2), dtype=torch.float16, device="cuda"),
+        torch.arange(6, dtype=torch.uint8).reshape(2, 3),  # a host tensor among them
+    ]
+
+
+def test_the_copies_equal_cpu_copies_and_share_one_pinned_buffer() -> None:
+    tensors = _tensors()
+    arrays = host_arrays(tensors)
+    for array, tensor in zip(arrays, tensors, strict=True):
+        expected = tensor.cpu().numpy()
+        assert array.shape == expected.shape and array.dtype == expected.dtype
+        np.testing.assert_array_equal(array, expected)
+    assert torch.from_numpy(arrays[0]).is_pinned()
+    assert not torch.from_numpy(arrays[5]).is_pinned()  # the host tensor's own memory
+
+
+def test_without_pinned_memory_each_is_copied_as_cpu_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_empty = torch.empty
+
+    def refuse_pinned(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("pin_memory"):
+            raise RuntimeError("CUDA error: out of memory (pinned host allocation)")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(transfer.torch, "empty", refuse_pinned)
+    tensors = _tensors()
+    for array, tensor in zip(host_arrays(tensors), tensors, strict=True):
+        np.testing.assert_array_equal(array, tensor.cpu().numpy())
+
+
+def test_rmbg_postprocess_gives_each_frames_own_copy() -> None:
+    """Mattes, plain cutouts and composed outputs of one batch (a crop past the frame's edge,
+    a background, a scaled output, a mask) equal what each frame copied on its own gives."""
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    sizes = [(1080, 1920), (480, 640), (720, 1280), (300, 400), (1080, 1920)]
+    logits = (torch.randn((len(sizes), 1, 64, 64), device="cuda", generator=generator) * 4).half()
+    pixels = [
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device="cuda", generator=generator)
+        for h, w in sizes
+    ]
+    options = [
+        None,
+        CutoutOptions(crop=True, crop_margin=parse_margin("50%")),
+        CutoutOptions(background=(255, 255, 255, 255)),
+        CutoutOptions(max_pixels=50_000),
+        CutoutOptions(output="mask"),
+    ]
+    segmentor = object.__new__(RMBG20Segmentor)  # postprocess uses no model state
+    got = segmentor.postprocess(logits, sizes, [None, *pixels[1:]], options)
+    probs = logits.float().sigmoid()
+    for index, (height, width) in enumerate(sizes):
+        alpha = torch.nn.functional.interpolate(
+            probs[index : index + 1], size=(height, width), mode="bilinear", align_corners=False
+        )
+        matte = alpha.mul(255.0).round().to(torch.uint8)[0, 0]
+        if index == 0:
+            np.testing.assert_array_equal(got[0], matte.cpu().numpy())
+            continue
+        chosen = options[index]
+        assert chosen is not None
+        item = compose_on_device(pixels[index], matte, chosen)
+        expected = item.on_host(item.pixels.cpu().numpy())
+        assert got[index].subject == expected.subject
+        assert got[index].foreground == expected.foreground
+        np.testing.assert_array_equal(got[index].pixels, expected.pixels)
+    plain = segmentor.postprocess(logits[:1], sizes[:1], pixels[:1])
+    matte = torch.nn.functional.interpolate(
+        probs[:1], size=sizes[0], mode="bilinear", align_corners=False
+    )
+    expected_plain = plain_cutout(pixels[0], matte.mul(255.0).round().to(torch.uint8)[0, 0])
+    np.testing.assert_array_equal(plain[0], expected_plain.cpu().numpy())
