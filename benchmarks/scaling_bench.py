@@ -50,13 +50,13 @@ this takes ``default`` or ``throughput``:
     python -m benchmarks.scaling_bench --ingress throughput --gpus 2 --nodes 2 \
         --out two-nodes.json
 
-Placement: RMBG-2.0 asks for 0.6 GPU and YOLO for 0.3, so no two RMBG-2.0 replicas share a
-card and each card holds one of each; ``RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY=1`` makes the
-controller place the larger GPU asks first, so YOLO replicas never take the room an RMBG-2.0
-replica needs. ``--yolo-per-gpu N`` puts N YOLO replicas on each card, sharing the 0.4 that
-RMBG-2.0 leaves (0.2 each for two): more processes, so more interpreters, for YOLO's host
-work (receiving requests, COCO strings, answers), which bounds one YOLO replica below its
-model's pace.
+Placement: RMBG-2.0 asks for 0.6 GPU, so no two RMBG-2.0 replicas share a card;
+``--yolo-per-gpu N`` (default 2, as ``serve_config.yaml``) puts N YOLO replicas on each card,
+sharing the 0.4 that RMBG-2.0 leaves (0.2 each for two; one alone asks for 0.3): more
+processes, so more interpreters, for YOLO's host work (decoding, masks, COCO strings,
+answers), which bounds one YOLO replica below its model's pace (two: +28-36% on one card,
+docs/benchmarks.md). ``RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY=1`` makes the controller place
+the larger GPU asks first, so YOLO replicas never take the room an RMBG-2.0 replica needs.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ from tests.conftest import REPO_ROOT
 from tests.serve_cluster import Cluster, WorkerNode, node_cards, running_cluster, start_worker
 
 SEGMENTORS = {"rmbg": "RMBGDeployment", "yolo": "YoloDeployment"}
-#: GPU share of each segmentor replica: one of each per card, never two RMBG-2.0 on one.
+#: GPU share of a segmentor replica alone of its kind on a card; never two RMBG-2.0 on one.
 GPU_SHARE = {"RMBGDeployment": 0.6, "YoloDeployment": 0.3}
 
 
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--yolo-per-gpu",
         type=int,
-        default=1,
+        default=2,
         help="YOLO replicas on each card (they split the GPU share RMBG-2.0 leaves): more "
         "processes, so more interpreters, for YOLO's host work",
     )

@@ -102,9 +102,13 @@ def test_the_gpu_workers_hold_every_segmentor_replica(
         limits = container["resources"]["limits"]
         gpus += group["maxReplicas"] * int(limits.get("nvidia.com/gpu", 0))
         cpus += group["maxReplicas"] * float(limits["cpu"])
-    # docs/operations.md: each segmentor's max_replicas is the number of GPUs in the cluster
-    for name in ("RMBGDeployment", "YoloDeployment"):
-        assert deployments[name]["autoscaling_config"]["max_replicas"] == gpus, name
+    # docs/operations.md: RMBG-2.0's max_replicas is the number of GPUs in the cluster, YOLO's
+    # twice it (two a card)
+    for name, per_gpu in (("RMBGDeployment", 1), ("YoloDeployment", 2)):
+        assert deployments[name]["autoscaling_config"]["max_replicas"] == per_gpu * gpus, name
+    share = {name: d["ray_actor_options"].get("num_gpus", 0) for name, d in deployments.items()}
+    assert share["RMBGDeployment"] > 0.5, "two RMBG-2.0 replicas would fit on one card"
+    assert share["RMBGDeployment"] + 2 * share["YoloDeployment"] <= 1 + 1e-9
     head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
     assert head.get("num-cpus") == "0", "replicas are placed on the workers only"
     needed = sum(
