@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from starlette.datastructures import FormData, UploadFile
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import Message
@@ -62,15 +64,105 @@ async def read_form_files(
     body = await read_body(request, limit, charge)
     charge(len(body))  # the parsed files are a second copy
     try:
-        form = await parse_form(request, body, max_files=max_files + 1, max_fields=max_files + 16)
+        files = file_parts(
+            request.headers.get("content-type", ""),
+            body,
+            field,
+            max_files=max_files + 1,
+            max_fields=max_files + 16,
+        )
     except PayloadTooLargeError:
         raise PayloadTooLargeError(f"too many files in {field!r}; {too_many}") from None
-    files = [item for item in form.getlist(field) if isinstance(item, UploadFile)]
     if not files:
         raise InvalidRequestError(f"multipart body has no file field {field!r}")
     if len(files) > max_files:
         raise PayloadTooLargeError(f"{len(files)} files in {field!r}; {too_many}")
-    return [await item.read() for item in files]
+    return files
+
+
+class _FileParts:
+    """python-multipart's callbacks, keeping the files (parts with a ``filename``) of one
+    field as views of the body until each part ends, then one copy each. Starlette's form
+    parser copies each file into a spooled file (on disk past 1 MB) and back out again."""
+
+    def __init__(self, field: str, max_files: int, max_fields: int) -> None:
+        self.field = field.encode()
+        self.max_files, self.max_fields = max_files, max_fields
+        self.files: list[bytes] = []
+        self.counts = {"files": 0, "fields": 0}
+        self._header: list[bytes] = [b"", b""]
+        self._disposition = b""
+        self._chunks: list[memoryview] = []
+        self._keep = False
+
+    def on_part_begin(self) -> None:
+        self._disposition, self._chunks, self._keep = b"", [], False
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header[0] += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header[1] += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header[0].lower() == b"content-disposition":
+            self._disposition = self._header[1]
+        self._header = [b"", b""]
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise InvalidRequestError(
+                'malformed form body: a part\'s Content-Disposition has no "name"'
+            )
+        kind = "files" if b"filename" in options else "fields"
+        self.counts[kind] += 1
+        if kind == "files" and self.counts[kind] > self.max_files:
+            raise PayloadTooLargeError(f"too many files: at most {self.max_files - 1}")
+        if kind == "fields" and self.counts[kind] > self.max_fields:
+            raise InvalidRequestError(f"malformed form body: more than {self.max_fields} fields")
+        self._keep = kind == "files" and options[b"name"] == self.field
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._keep:
+            self._chunks.append(memoryview(data)[start:end])
+
+    def on_part_end(self) -> None:
+        if self._keep:
+            self.files.append(b"".join(self._chunks))
+        self._chunks = []
+
+
+def file_parts(
+    content_type: str, body: bytes, field: str, max_files: int, max_fields: int
+) -> list[bytes]:
+    """The files of multipart ``field`` in ``body``, in order (other fields, and parts
+    without a filename, are passed over); 413 past ``max_files`` files of any field, 422
+    past ``max_fields`` other fields or for a malformed body."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise InvalidRequestError("malformed form body: Missing boundary in multipart.")
+    parts = _FileParts(field, max_files, max_fields)
+    callbacks = {
+        name: getattr(parts, name)
+        for name in (
+            "on_part_begin",
+            "on_header_field",
+            "on_header_value",
+            "on_header_end",
+            "on_headers_finished",
+            "on_part_data",
+            "on_part_end",
+        )
+    }
+    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InvalidRequestError(f"malformed form body: {exc}") from None
+    return parts.files
 
 
 async def parse_form(request: Request, body: bytes, max_files: int, max_fields: int) -> FormData:
