@@ -104,6 +104,7 @@ def run_fleet(
         reasons = sorted({e.strip().splitlines()[-1] for e in errors if e.strip()})
         return {"endpoint": endpoint, "transport": transport, "skipped": "; ".join(reasons)}
     latencies = [ms for r in results for ms in r.pop("latencies_ms")]
+    windows = [r.pop("window") for r in results]
     frames_ok = sum(r["frames_ok"] for r in results)
     statuses: dict[str, int] = {}
     for r in results:
@@ -149,4 +150,9 @@ def run_fleet(
         "load_cpu_cores": round(cpu_s / max(1e-9, wall), 2),
         "load_cpu_per_process": per_process_cpu,
         "load_generator_saturated": any(c >= SATURATED for c in per_process_cpu),
+        # From the first process's first request to the last one's last answer (one
+        # monotonic clock for the host): the seconds the service was under this load.
+        "load_span_s": round(
+            max(w["ended"] for w in windows) - min(w["started"] for w in windows), 3
+        ),
     }

@@ -375,7 +375,7 @@ async def run_load(
     }
     if keep_latencies:
         result["latencies_ms"] = [round(s * 1000, 2) for s in latencies]
-        result["window"] = {"started": started, "stop_at": stop_at}
+        result["window"] = {"started": started, "stop_at": stop_at, "ended": started + elapsed}
     return result
 
 

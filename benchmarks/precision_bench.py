@@ -277,11 +277,15 @@ def _measure(
         if not segmentor.capture_graphs((len(frames),)):
             row["graph_error"] = segmentor.graph_error
     row["inference_path"] = segmentor.inference_path
-    outputs: list[list[np.ndarray]] = []
+    outputs: list[list[np.ndarray]] = []  # the last call's mattes only (each holds its batch)
+
+    def call() -> None:
+        outputs[:] = [segmentor.predict(frames)]
+
     try:
         row.update(
             timed(
-                lambda: outputs.append(segmentor.predict(frames)),
+                call,
                 len(frames),
                 warmup=args.warmup,
                 min_frames=len(frames) * args.iters,

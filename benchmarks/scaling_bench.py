@@ -328,12 +328,8 @@ def measure(
             cpu_after = process_cpu.sample()
             cpu = process_cpu.cpu_ms_per_frame(cpu_before, cpu_after, result.get("frames_ok", 0))
             # The window also holds the frames' rendering and the load processes' start: the
-            # busiest cores are over the load's own seconds (its frames over its rate).
-            load_s = (
-                result["frames_ok"] / result["frames_per_s"]
-                if result.get("frames_per_s")
-                else window_s
-            )
+            # busiest cores and GPU busy shares are over the seconds the load ran.
+            load_s = result.get("load_span_s") or window_s
             cpu["busiest_process_cores"] = process_cpu.busiest_cores(cpu_before, cpu_after, load_s)
             after = replicas(cluster.url, expected)
             batches = sum(

@@ -26,19 +26,24 @@ def _tensors() -> list[torch.Tensor]:
         torch.arange(35, dtype=torch.int64, device="cuda").reshape(5, 7).t(),  # not contiguous
         torch.empty((0, 3), dtype=torch.uint8, device="cuda"),
         torch.ones((2, 2), dtype=torch.float16, device="cuda"),
+        torch.tensor([[True, False, True]], device="cuda"),
         torch.arange(6, dtype=torch.uint8).reshape(2, 3),  # a host tensor among them
     ]
 
 
-def test_the_copies_equal_cpu_copies_and_share_one_pinned_buffer() -> None:
+def test_the_copies_equal_cpu_copies_are_pinned_and_outlive_later_batches() -> None:
     tensors = _tensors()
     arrays = host_arrays(tensors)
-    for array, tensor in zip(arrays, tensors, strict=True):
-        expected = tensor.cpu().numpy()
-        assert array.shape == expected.shape and array.dtype == expected.dtype
-        np.testing.assert_array_equal(array, expected)
-    assert torch.from_numpy(arrays[0]).is_pinned()
-    assert not torch.from_numpy(arrays[5]).is_pinned()  # the host tensor's own memory
+    expected = [tensor.cpu().numpy().copy() for tensor in tensors]
+    for array, tensor, want in zip(arrays, tensors, expected, strict=True):
+        assert array.shape == want.shape and array.dtype == want.dtype
+        np.testing.assert_array_equal(array, want)
+        pinned = array.size == 0 or torch.from_numpy(array).is_pinned()
+        assert pinned == tensor.is_cuda or array.size == 0  # the host tensor keeps its memory
+    for _ in range(3):  # more batches through the caching host allocator: ours still held
+        host_arrays([torch.zeros_like(t) for t in tensors if t.is_cuda])
+    for array, want in zip(arrays, expected, strict=True):
+        np.testing.assert_array_equal(array, want)
 
 
 def test_without_pinned_memory_each_is_copied_as_cpu_does(monkeypatch: pytest.MonkeyPatch) -> None:

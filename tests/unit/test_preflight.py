@@ -55,7 +55,7 @@ def weights(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_the_shipped_config_needs_one_card_and_without_one_points_to_the_demo() -> None:
-    # RMBG 0.6 and YOLO 0.3 share a card: one card holds one replica of each.
+    # RMBG 0.6 and YOLO 0.2 share a card: one card holds them (and a second YOLO).
     config = _serve_config("standin:tiny-birefnet", "standin:yolo11n-seg")
     assert check_config(config, {}, gpus=1) == []
     (finding,) = check_config(config, {}, gpus=0)

@@ -1,26 +1,65 @@
-"""host_arrays on host tensors: each as ``tensor.numpy()``, in order, nothing copied."""
+"""Outputs to the host: the staging layout and copies (here into a plain host buffer; into
+pinned memory from CUDA in tests/gpu/test_transfer_gpu.py), host tensors left uncopied, and
+RMBG-2.0's postprocess leaving the caller's logits as they were."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from segmentation.transfer import host_arrays
+from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
+from segmentation.transfer import ALIGN, host_arrays, layout, staged
 
 
-def test_host_tensors_come_back_in_order_with_their_shapes_dtypes_and_memory() -> None:
-    rgba = torch.arange(2 * 3 * 4, dtype=torch.uint8).reshape(2, 3, 4)
-    logits = torch.linspace(-1, 1, 6, dtype=torch.float32).reshape(2, 3)
-    transposed = torch.arange(12, dtype=torch.int64).reshape(3, 4).t()  # not contiguous
-    empty = torch.empty((0, 5), dtype=torch.uint8)
-    arrays = host_arrays([rgba, logits, transposed, empty])
-    for array, tensor in zip(arrays, [rgba, logits, transposed, empty], strict=True):
-        assert array.shape == tuple(tensor.shape)
-        assert array.dtype == tensor.numpy().dtype
+def _tensors() -> list[torch.Tensor]:
+    return [
+        torch.arange(2 * 3 * 4, dtype=torch.uint8).reshape(2, 3, 4),
+        torch.linspace(-1, 1, 7, dtype=torch.float32),  # 28 bytes: the next starts aligned
+        torch.arange(12, dtype=torch.int64).reshape(3, 4).t(),  # not contiguous
+        torch.empty((0, 5), dtype=torch.uint8),
+        torch.tensor([[True, False, True]]),
+        torch.full((3,), 1.5, dtype=torch.float16),
+        torch.tensor(7, dtype=torch.int32),  # no dimensions
+    ]
+
+
+def test_the_layout_packs_each_tensor_aligned_without_overlap() -> None:
+    tensors = _tensors()
+    offsets, total = layout(tensors)
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    assert all(offset % ALIGN == 0 for offset in offsets)
+    ends = [offset + size for offset, size in zip(offsets, sizes, strict=True)]
+    assert all(end <= start for end, start in zip(ends[:-1], offsets[1:], strict=True))
+    assert ends[-1] <= total < ends[-1] + ALIGN
+
+
+def test_staged_copies_are_views_of_the_buffer_with_each_tensors_values() -> None:
+    tensors = _tensors()
+    staging = torch.full((layout(tensors)[1],), 0xAB, dtype=torch.uint8)
+    arrays = staged(tensors, staging)
+    buffer = staging.numpy()
+    for array, tensor in zip(arrays, tensors, strict=True):
+        assert array.shape == tuple(tensor.shape) and array.dtype == tensor.numpy().dtype
         np.testing.assert_array_equal(array, tensor.numpy())
-    rgba[0, 0, 0] = 200  # shared, as tensor.numpy(): no copy was made
+        assert array.size == 0 or np.shares_memory(array, buffer)
+        assert array.flags.c_contiguous
+
+
+def test_host_tensors_come_back_uncopied_and_in_order() -> None:
+    tensors = _tensors()
+    arrays = host_arrays(tensors)
+    for array, tensor in zip(arrays, tensors, strict=True):
+        np.testing.assert_array_equal(array, tensor.numpy())
+    tensors[0][0, 0, 0] = 200  # shared, as tensor.numpy(): no copy was made
     assert arrays[0][0, 0, 0] == 200
-
-
-def test_nothing_gives_nothing() -> None:
     assert host_arrays([]) == []
+
+
+def test_rmbg_postprocess_leaves_fp32_logits_as_they_were() -> None:
+    logits = torch.randn((2, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+    before = logits.clone()
+    segmentor = object.__new__(RMBG20Segmentor)  # postprocess uses no model state
+    mattes = segmentor.postprocess(logits, [(48, 64), (30, 20)])
+    assert torch.equal(logits, before)
+    assert [m.shape for m in mattes] == [(48, 64), (30, 20)]
+    assert all(m.dtype == np.uint8 for m in mattes)
