@@ -28,6 +28,14 @@
 #            eager and with CUDA graphs: frames/s, peak memory, agreement with FP32 on the
 #            published architecture and the trained stand-in; the precision GPU test (needs
 #            torchao among the carried packages)
+#   data-path  one card: the batch copy, serve and YOLO mask GPU tests, RMBG-2.0's batch
+#            copy against frame by frame, YOLO's postprocess batch against frame by frame
+#            (about 3 minutes)
+#   one-card one cluster per layout, one and two YOLO replicas a card, over HTTP and gRPC
+#            with the trained stand-in on product shots; RMBG-2.0 with the default (about 6
+#            minutes)
+#   scaling  every card of the machine (4,2,1): both models, both transports, p99 at half
+#            capacity, the default layout (two YOLO a card) (about 6 minutes on 4 cards)
 # Logs and JSON land in RESULTS_DIR (default bench-results/). Needs the published RMBG-2.0 code
 # in third_party/rmbg20 (or RMBG_ARCH_DIR) and, on an offline machine, the carried packages
 # (source .device-site/setup.sh first). Exact commands and what each part needs: docs/gpu.md.
@@ -36,6 +44,7 @@ parts=",${1:-all},"
 out="${2:-bench-results}"
 mkdir -p "$out"
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0  # NVLink multicast off on hosts with several GPUs
 status=0
 run() { [[ "$parts" == *,all,* && " tests model service " == *" $1 "* || "$parts" == *,"$1",* ]]; }
 step() {  # step LOG TIMEOUT_S COMMAND...: run with a time limit, output to the console and LOG
@@ -122,6 +131,28 @@ if run precision; then
         --table "$out/precision.md"
     step precision.log 600 python3 -m benchmarks.precision_bench --graphs \
         --out "$out/precision-graphs.json" --table "$out/precision-graphs.md"
+fi
+trained_scaling=(python3 -m benchmarks.scaling_bench --config configs/gpu-bench-trained.yaml
+    --frames synthetic --ingress haproxy-throughput --transports http,grpc --half-capacity)
+if run data-path; then
+    step data-path.log 240 python3 -m pytest -m gpu tests/gpu/test_transfer_gpu.py \
+        tests/gpu/test_serve_gpu.py tests/gpu/test_yolo_masks_gpu.py -s -p no:cacheprovider \
+        -o addopts="-q --strict-markers -ra"
+    step data-path.log 60 python3 -m benchmarks.cutout_copy --batch 16 --out "$out/cutout-copy.json"
+    step data-path.log 90 python3 -m benchmarks.yolo_postprocess --batch 64 \
+        --out "$out/yolo-postprocess.json"
+fi
+if run one-card; then
+    step one-card.log 170 "${trained_scaling[@]}" --gpus 1 --scenarios yolo-frames \
+        --duration 4 --yolo-per-gpu 1 --out "$out/one-card-yolo-1.json"
+    step one-card.log 200 "${trained_scaling[@]}" --gpus 1 --scenarios yolo-frames,rmbg \
+        --duration 4 --yolo-per-gpu 2 --out "$out/one-card-yolo-2.json"
+fi
+if run scaling; then
+    cards=$(nvidia-smi -L | wc -l)
+    counts=$(for n in 8 4 2 1; do ((n <= cards)) && printf '%s,' "$n"; done)
+    step scaling.log 590 "${trained_scaling[@]}" --gpus "${counts%,}" \
+        --scenarios rmbg,yolo-frames --duration 4 --out "$out/scaling.json"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true
 exit $status
