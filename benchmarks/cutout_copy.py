@@ -13,13 +13,13 @@ pixels::
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.checked import finish
 from benchmarks.yolo_postprocess import median_ms
 from segmentation.compose import compose_on_device
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "same_pixels": same,
     }
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
-    return 0 if same else 1
+    return finish(result, args.out, same)
 
 
 if __name__ == "__main__":

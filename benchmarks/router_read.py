@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import time
 from typing import Any
@@ -21,6 +20,7 @@ import httpx
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from benchmarks.checked import finish
 from benchmarks.frames import frame_set
 from segmentation_service.inputs import file_parts, parse_form
 
@@ -85,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "same_files": same,
     }
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
-    return 0 if same else 1
+    return finish(result, args.out, same)
 
 
 if __name__ == "__main__":

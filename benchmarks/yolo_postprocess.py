@@ -12,7 +12,6 @@ that the two find the same instances, boxes, scores and strings.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.checked import finish
 from benchmarks.frames import frame_set
 from segmentation.device_decode import decode_jpegs_on
 from segmentation.imaging import EncodedImage
@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     report["same_instances_and_strings"] = all(
         a.instances == b.instances for a, b in zip(batched, by_frame, strict=True)
     )
-    print(json.dumps(report), flush=True)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=2)
-    return 0 if report["same_instances_and_strings"] else 1
+    return finish(report, args.out, report["same_instances_and_strings"])
 
 
 if __name__ == "__main__":
