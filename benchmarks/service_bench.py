@@ -82,6 +82,25 @@ def _set_models(
             args["yolo"].pop("input_size", None)
 
 
+def fit_routers(config: dict[str, Any], cpus: int) -> int:
+    """At most as many Router replicas as the CPUs left by the segmentors can place (the
+    config's 8 beside its segmentors' 10 CPUs do not fit a 16-CPU cluster, whose deploy then
+    never finishes), at least 1; the count set."""
+
+    def asked(d: dict[str, Any]) -> float:
+        return float((d.get("ray_actor_options") or {}).get("num_cpus", 1))
+
+    deployments = config["applications"][0]["deployments"]
+    segmentors = sum(
+        asked(d) * d.get("num_replicas", 1) for d in deployments if d["name"] != "Router"
+    )
+    router = next(d for d in deployments if d["name"] == "Router")
+    fits = int((cpus - segmentors) // max(asked(router), 1e-9))
+    router.pop("autoscaling_config", None)
+    router["num_replicas"] = max(1, min(router.get("num_replicas", 1), fits))
+    return int(router["num_replicas"])
+
+
 def _frame_size(text: str | None) -> tuple[int, int]:
     """(width, height) from ``WxH``; 1920x1080 for None."""
     if not text:
@@ -201,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def edit(config: dict[str, Any], rmbg_path: str) -> None:
         _set_models(config, args.rmbg_dir, args.yolo, args.yolo_input_size)
+        fit_routers(config, args.cpus)
         env = config["applications"][0].setdefault("runtime_env", {}).setdefault("env_vars", {})
         env.update(RMBG_PATHS[rmbg_path])
 

@@ -15,6 +15,7 @@ from benchmarks.scaling_bench import (
     scale_config,
     segmentor_cpus,
 )
+from benchmarks.service_bench import fit_routers
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "gpu-bench-trained.yaml"
 
@@ -66,3 +67,15 @@ def test_placement_problems_say_what_differs_from_the_layout() -> None:
     assert placement_problems(two_each[:5], 2, per_card(2)) == [
         "yolo: 3 replicas seen, 4 asked for"
     ]
+
+
+@pytest.mark.parametrize(("cpus", "routers"), [(16, 6), (14, 4), (11, 1), (64, 8)])
+def test_service_bench_places_only_the_routers_the_cpus_left_can_hold(
+    cpus: int, routers: int
+) -> None:
+    """The config's 10 segmentor CPUs (8 for RMBG-2.0, 1 for each of two YOLO) and 8 Routers
+    of 1 CPU: a 16-CPU cluster holds 6 of them, never more than the config asks, at least 1."""
+    config = yaml.safe_load(CONFIG.read_text())
+    assert fit_routers(config, cpus) == routers
+    (router,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Router"]
+    assert router["num_replicas"] == routers
