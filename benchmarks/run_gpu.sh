@@ -31,9 +31,9 @@
 #   data-path  one card: the batch copy, serve and YOLO mask GPU tests, RMBG-2.0's batch
 #            copy against frame by frame, YOLO's postprocess batch against frame by frame
 #            (about 3 minutes)
-#   one-card one cluster per layout, one and two YOLO replicas a card, over HTTP and gRPC
-#            with the trained stand-in on product shots; RMBG-2.0 with the default (about 6
-#            minutes)
+#   one-card RMBG-2.0 at the model (fp16, CUDA graphs, 1080p in), then one cluster per
+#            layout, one and two YOLO replicas a card, over HTTP and gRPC with the trained
+#            stand-in on product shots; RMBG-2.0 with the default (about 7 minutes)
 #   scaling  every card of the machine (4,2,1): both models, both transports, p99 at half
 #            capacity, the default layout (two YOLO a card) (about 6 minutes on 4 cards)
 # Logs and JSON land in RESULTS_DIR (default bench-results/). Needs the published RMBG-2.0 code
@@ -143,6 +143,10 @@ if run data-path; then
         --out "$out/yolo-postprocess.json"
 fi
 if run one-card; then
+    # RMBG-2.0 at the model on the same path and card, for the service-to-model ratio
+    step one-card.log 120 python3 -m benchmarks.precision_bench --models published --graphs \
+        --variants fp16 --batch 16 --frame-size 1920x1080 --warmup 2 --iters 4 --no-flops \
+        --out "$out/rmbg-model.json"
     step one-card.log 170 "${trained_scaling[@]}" --gpus 1 --scenarios yolo-frames \
         --duration 4 --yolo-per-gpu 1 --out "$out/one-card-yolo-1.json"
     step one-card.log 200 "${trained_scaling[@]}" --gpus 1 --scenarios yolo-frames,rmbg \
