@@ -187,7 +187,8 @@ def save_artifact(path: Path) -> int:
 def warmup_order(max_batch_size: int) -> list[int]:
     """The batch sizes a replica first runs, in its order (a batch of 1, the largest, then
     the other sizes it pads to): the graphs compiled depend on the order (the batch size is
-    made symbolic at the first batch larger than 1), so the artifact is built in it."""
+    made symbolic at the first batch that compiles; a batch of 1 runs uncompiled), so the
+    artifact is built in it."""
     from segmentation.batching import batch_buckets
 
     first = [1, max_batch_size] if max_batch_size > 1 else [1]

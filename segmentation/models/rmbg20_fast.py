@@ -39,7 +39,9 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
 ``compile``
     Optional (``RMBG_COMPILE``): ``torch.compile`` (Inductor) of the Swin block body, one
     function shared by every block, so each distinct geometry compiles once, with the batch
-    size symbolic; an FP32 recompute runs the eager body.
+    size symbolic; a single frame and an FP32 recompute run the eager body (a batch of 1
+    would trace and compile a second graph of every geometry: half of what a replica
+    compiles, or loads from an artifact, at start-up, for calls bound by their launches).
 """
 
 from __future__ import annotations
@@ -342,11 +344,12 @@ def _swin_block(self: Any, x: torch.Tensor, mask_matrix: Any = None) -> torch.Te
     plan = _window_plan(self, height, width, x)
     body = self._fast_body
     if body is not _swin_block_body:
-        if x.dtype != self._fast_dtype:
-            # an FP32 recompute of a few frames: the eager body, never a compile mid-request
+        if x.dtype != self._fast_dtype or x.shape[0] == 1:
+            # an FP32 recompute of a few frames (never a compile mid-request), or a single
+            # frame (Dynamo would trace its batch of 1 as a graph of its own): the eager body
             body = _swin_block_body
         else:
-            # one compiled graph per block geometry for every batch size (batch 1 aside)
+            # one compiled graph per block geometry for every batch size from 2
             torch._dynamo.maybe_mark_dynamic(x, 0)
     return body(self, x, height, width, plan.padded, plan.to_windows, plan.from_windows, plan.bias)
 

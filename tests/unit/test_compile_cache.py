@@ -30,7 +30,7 @@ from segmentation.factory import build_segmentor
 from segmentation.models import rmbg20_fast
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation_standins import synthetic
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, RMBG_ARCH_DIR
 
 SIZE = 128
 COMPILED = (*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE)
@@ -233,3 +233,30 @@ def test_an_artifact_directory_without_rmbg_compile_is_named_in_a_warning(
         f"RMBG_COMPILE_CACHE is set but RMBG_COMPILE is not: nothing compiles, the artifacts "
         f"in {tmp_path} are not used"
     ]
+
+
+@pytest.mark.skipif(
+    not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
+)
+def test_a_single_frame_runs_the_blocks_uncompiled_and_a_batch_compiled() -> None:
+    """A batch of 1 would trace and compile a second graph of every block geometry (half of
+    a replica's start-up with an artifact): it runs the eager body, with the same mattes.
+    The published architecture (random weights): the stand-ins have no Swin blocks."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # graphs compiled before for the same geometries: forgotten
+    segmentor = RMBG20Segmentor(
+        str(RMBG_ARCH_DIR),
+        device="cpu",
+        trust_remote_code=True,
+        load_format="dummy",
+        input_size=64,
+        optimized=COMPILED,
+    )
+    assert rmbg20_fast.COMPILE in segmentor.fast_steps
+    frames = [synthetic.scene(7300 + i, 0, 96, 64).image for i in range(2)]
+    single = segmentor.predict(frames[:1])[0]
+    assert counters["frames"]["ok"] == 0  # nothing traced
+    pair = segmentor.predict(frames)
+    assert counters["frames"]["ok"] >= 1  # the batch of 2 ran compiled graphs
+    assert np.abs(single.astype(int) - pair[0].astype(int)).max() <= 1
