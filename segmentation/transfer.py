@@ -52,12 +52,9 @@ def host_arrays(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     copied (the arrays share their memory, as ``tensor.numpy()``); CUDA tensors are copied
     into one pinned buffer that their arrays view (:func:`staged`), with one wait per device.
     Where pinned memory cannot be had, each is copied as ``tensor.cpu()`` would."""
-    arrays: list[np.ndarray | None] = [
-        None if tensor.is_cuda else tensor.cpu().numpy() for tensor in tensors
-    ]
-    on_cuda = [i for i, tensor in enumerate(tensors) if tensor.is_cuda]
-    if on_cuda:
-        cuda = [tensors[i] for i in on_cuda]
+    cuda = [tensor for tensor in tensors if tensor.is_cuda]
+    copied: list[np.ndarray] = []
+    if cuda:
         try:
             staging = torch.empty(layout(cuda)[1], dtype=torch.uint8, pin_memory=True)
         except RuntimeError:  # no pinned memory to be had: the plain copies
@@ -66,8 +63,5 @@ def host_arrays(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
             copied = staged(cuda, staging)
             for device in {tensor.device for tensor in cuda}:
                 torch.cuda.current_stream(device).synchronize()
-        for i, array in zip(on_cuda, copied, strict=True):
-            arrays[i] = array
-    done = [a for a in arrays if a is not None]
-    assert len(done) == len(tensors)
-    return done
+    from_cuda = iter(copied)
+    return [next(from_cuda) if tensor.is_cuda else tensor.cpu().numpy() for tensor in tensors]

@@ -89,8 +89,8 @@ class _FileParts:
         self.field = field.encode()
         self.max_files, self.max_fields = max_files, max_fields
         self.files: list[bytes] = []
-        self.counts = {"files": 0, "fields": 0}
-        self._header: list[bytes] = [b"", b""]
+        self.file_count = self.field_count = 0
+        self._header_name = self._header_value = b""
         self._disposition = b""
         self._chunks: list[memoryview] = []
         self._keep = False
@@ -99,15 +99,15 @@ class _FileParts:
         self._disposition, self._chunks, self._keep = b"", [], False
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header[0] += data[start:end]
+        self._header_name += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header[1] += data[start:end]
+        self._header_value += data[start:end]
 
     def on_header_end(self) -> None:
-        if self._header[0].lower() == b"content-disposition":
-            self._disposition = self._header[1]
-        self._header = [b"", b""]
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
@@ -115,13 +115,17 @@ class _FileParts:
             raise InvalidRequestError(
                 'malformed form body: a part\'s Content-Disposition has no "name"'
             )
-        kind = "files" if b"filename" in options else "fields"
-        self.counts[kind] += 1
-        if kind == "files" and self.counts[kind] > self.max_files:
-            raise PayloadTooLargeError(f"too many files: at most {self.max_files - 1}")
-        if kind == "fields" and self.counts[kind] > self.max_fields:
-            raise InvalidRequestError(f"malformed form body: more than {self.max_fields} fields")
-        self._keep = kind == "files" and options[b"name"] == self.field
+        if b"filename" in options:
+            self.file_count += 1
+            if self.file_count > self.max_files:
+                raise PayloadTooLargeError(f"too many files: at most {self.max_files - 1}")
+            self._keep = options[b"name"] == self.field
+        else:
+            self.field_count += 1
+            if self.field_count > self.max_fields:
+                raise InvalidRequestError(
+                    f"malformed form body: more than {self.max_fields} fields"
+                )
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._keep:
