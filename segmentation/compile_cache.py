@@ -159,27 +159,8 @@ def load_artifact(path: Path) -> int:
     # torch logs a file it cannot read (corrupt, or from another torch) and returns None
     if torch.compiler.load_cache_artifacts(data) is None:
         raise ValueError(f"{path} is not a compile cache artifact torch {torch.__version__} reads")
-    threads = compile_in_process()
-    logger.info(
-        "loaded compiled artifact %s (%d bytes; Inductor compile threads: %d)",
-        path,
-        len(data),
-        threads,
-    )
+    logger.info("loaded compiled artifact %s (%d bytes)", path, len(data))
     return len(data)
-
-
-def compile_in_process(environ: Mapping[str, str] = os.environ) -> int:
-    """Inductor's compile threads for a process whose graphs all come from an artifact: one,
-    unless ``TORCHINDUCTOR_COMPILE_THREADS`` says otherwise. With every graph in the caches
-    Inductor only loads kernels; a pool of compile workers (by default one per core, each a
-    process importing torch) adds to the start, it does not shorten it (docs/benchmarks.md,
-    RMBG-2.0's start from its artifact). Returns the setting in force."""
-    from torch._inductor import config
-
-    if "TORCHINDUCTOR_COMPILE_THREADS" not in environ:
-        config.compile_threads = 1
-    return int(config.compile_threads)
 
 
 def save_artifact(path: Path) -> int:
