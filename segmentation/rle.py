@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 
 
 def encode_rle_batch(masks: torch.Tensor) -> list[dict[str, Any]]:
@@ -54,38 +53,77 @@ def encode_boxed_rle(
         (left < 0) | (right < left) | (right > width)
     ).any():
         raise ValueError(f"boxes must lie inside the {height}x{width} frame")
+    mask_ids, positions = change_positions(crops, boxes, height)
+    return coco_strings(mask_ids, positions, count, height, width)
+
+
+def change_positions(
+    crops: torch.Tensor, boxes: np.ndarray, height: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each boxed crop's whole mask changes value, found on the crops' device: the
+    mask of each change and its column-major position in a frame ``height`` rows tall (the
+    first pixel of each run of ones and the pixel after it), sorted by mask, then position."""
+    top, left = boxes[:, 0], boxes[:, 2]
     # Crop columns (COCO runs go down the columns) with a zero above and below: every run then
     # starts and ends where a pixel differs from the one above it.
     columns = F.pad(crops.bool().transpose(1, 2), (1, 1))
     changes = (columns[:, :, 1:] != columns[:, :, :-1]).nonzero().cpu().numpy()
     mask_ids, column, row = changes.T  # row: of the run's first pixel, or the one after its last
-    positions = (left[mask_ids] + column) * height + top[mask_ids] + row
-    return _coco_strings(mask_ids, positions, count, height, width)
+    return mask_ids, (left[mask_ids] + column) * height + top[mask_ids] + row
 
 
-def _coco_strings(
+def coco_strings(
     mask_ids: np.ndarray, positions: np.ndarray, count: int, height: int, width: int
 ) -> list[dict[str, Any]]:
-    """COCO strings from the column-major positions where each mask changes value (sorted per
-    mask; the first pixel of each run of ones and the pixel after it)."""
+    """COCO strings from the column-major positions where each mask changes value (sorted by
+    mask, then position; the first pixel of each run of ones and the pixel after it).
+
+    All masks at once, in array operations: their run lengths, COCO's differences (each count
+    after the third less the count two before it) and the 5-bit groups each difference takes
+    (pycocotools' ``rleToString``: six bits a character from ``'0'``, the sixth saying another
+    follows), so a batch's strings cost a few array passes instead of a Python list and a
+    pycocotools call per mask. The same strings as ``pycocotools.mask.frPyObjects`` of each
+    mask's counts (unit-tested against it)."""
     total = height * width
-    uncompressed = []
-    for changes in np.split(positions, np.searchsorted(mask_ids, np.arange(1, count))):
-        # A run that reaches a column's last row and one that starts at the next column's
-        # first row (a box as tall as the frame) are one run: drop the position they share.
-        shared = changes[1:] == changes[:-1]
-        if shared.any():
-            keep = np.ones(len(changes), dtype=bool)
-            keep[1:] &= ~shared
-            keep[:-1] &= ~shared
-            changes = changes[keep]
-        # Counts alternate zeros and ones and start with zeros (0 when the first pixel is set);
-        # a mask whose last pixel is set ends with its run of ones.
-        counts = np.diff(changes, prepend=0, append=total)
-        if len(changes) and changes[-1] == total:
-            counts = counts[:-1]
-        uncompressed.append({"counts": counts.tolist(), "size": [height, width]})
+    mask_ids = np.asarray(mask_ids, dtype=np.int64)
+    positions = np.asarray(positions, dtype=np.int64)
+    # A run that reaches a column's last row and one that starts at the next column's first
+    # row (a box as tall as the frame) are one run: drop the position they share.
+    shared = (positions[1:] == positions[:-1]) & (mask_ids[1:] == mask_ids[:-1])
+    if shared.any():
+        keep = np.ones(len(positions), dtype=bool)
+        keep[1:] &= ~shared
+        keep[:-1] &= ~shared
+        mask_ids, positions = mask_ids[keep], positions[keep]
+    masks = np.arange(count)
+    starts = np.searchsorted(mask_ids, masks)
+    ends = np.searchsorted(mask_ids, masks, side="right")
+    # Counts alternate zeros and ones and start with zeros (0 when the first pixel is set):
+    # the gaps between a mask's changes from pixel 0, then the rest of the frame, except
+    # where the mask's last pixel is set (it ends with its run of ones).
+    gaps = np.diff(positions, prepend=0)
+    gaps[starts[starts < ends]] = positions[starts[starts < ends]]
+    last = np.where(ends > starts, positions[np.maximum(ends - 1, 0)] if len(positions) else 0, 0)
+    tail = (ends == starts) | (last != total)
+    counts = np.insert(gaps, ends[tail], total - last[tail])
+    lengths = ends - starts + tail
+    # COCO's differences: from the fourth count of a mask on, less the count two before it.
+    first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    later = np.flatnonzero(np.arange(len(counts)) - first > 2)
+    values = counts.copy()
+    values[later] -= counts[later - 2]
+    # Five bits a character, lowest first, as many as the value's bits and its sign take (a
+    # value v needs bit_length(v, or ~v when negative) // 5 + 1; frexp's exponent is that
+    # bit length, exact for integers below 2**53), each but the last with the "more" bit.
+    _, bit_length = np.frexp(np.where(values < 0, ~values, values))
+    used = bit_length.astype(np.int64) // 5 + 1
+    owner = np.repeat(np.arange(len(values)), used)
+    group = np.arange(len(owner)) - np.repeat(np.cumsum(used) - used, used)
+    more = (group < used[owner] - 1).astype(np.int64) << 5
+    characters = (((values[owner] >> (5 * group)) & 0x1F) | more) + 48
+    text = characters.astype(np.uint8).tobytes().decode()
+    bounds = np.concatenate(([0], np.cumsum(used)))[np.concatenate(([0], np.cumsum(lengths)))]
     return [
-        {"size": [height, width], "counts": rle["counts"].decode()}
-        for rle in mask_utils.frPyObjects(uncompressed, height, width)
+        {"size": [height, width], "counts": text[begin:end]}
+        for begin, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
     ]

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 import segmentation_standins as standins
+from benchmarks.rle_strings import pycocotools_strings
 from segmentation.encoders import encode_rle
 from segmentation.models import yolo_segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor, _Letterbox
-from segmentation.rle import encode_boxed_rle, encode_rle_batch
+from segmentation.rle import coco_strings, encode_boxed_rle, encode_rle_batch
 from segmentation_standins import synthetic
 
 
@@ -316,6 +317,33 @@ def test_crops_that_fill_whole_columns_make_runs_that_go_on_into_the_next_column
     assert (
         expected[0]["counts"] == full_mask_rle(np.pad(np.ones((6, 3)), ((0, 0), (2, 2))))["counts"]
     )
+
+
+def test_many_masks_of_a_huge_frame_get_pycocotools_strings_in_one_pass() -> None:
+    """Counts up to 4e8 and differences of either sign take up to six characters each (the
+    most pycocotools' own buffer holds: past 2**29 it writes beyond it); empty masks, masks
+    that start at the first pixel or end with the last, and positions shared by two runs sit
+    among the others in one call."""
+    rng = np.random.default_rng(7)
+    height, width = 20_000, 20_000
+    total = height * width
+    changes = [
+        np.sort(rng.choice(total, size=size, replace=False)) for size in (1, 2, 3, 4, 9, 60, 500)
+    ]
+    changes += [
+        np.array([], dtype=np.int64),  # an empty mask
+        np.array([0, total]),  # every pixel
+        np.array([0, 5, 17, total]),  # first and last pixels set
+        np.array([3, 20_000, 20_000, 40_000]),  # one run over two columns
+        np.array([total - 1, total]),  # the last pixel alone
+        np.array([2**28, 2**28 + 1]),  # counts of six characters
+    ]
+    order = rng.permutation(len(changes))
+    changes = [changes[i] for i in order]
+    mask_ids = np.concatenate([np.full(len(c), i) for i, c in enumerate(changes)])
+    positions = np.concatenate(changes)
+    strings = coco_strings(mask_ids, positions, len(changes), height, width)
+    assert strings == pycocotools_strings(changes, height, width)
 
 
 def test_boxes_outside_the_frame_are_refused() -> None:
