@@ -1,9 +1,30 @@
-"""The end of a benchmark that times two paths and checks that they agree."""
+"""Timing two paths of a benchmark, and its end: the figures, and whether the paths agree."""
 
 from __future__ import annotations
 
 import json
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
+
+import torch
+
+
+def median_ms(fn: Callable[[], Any], device: torch.device, runs: int) -> float:
+    """Median wall milliseconds of ``fn`` over ``runs`` calls after one more, the device
+    drained around each."""
+    fn()
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 3)
 
 
 def finish(result: dict[str, Any], out: str | None, agree: bool) -> int:

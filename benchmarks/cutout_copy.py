@@ -19,8 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.checked import finish
-from benchmarks.yolo_postprocess import median_ms
+from benchmarks.checked import finish, median_ms
 from segmentation.compose import compose_on_device
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.options import CutoutOptions

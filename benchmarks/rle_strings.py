@@ -13,16 +13,13 @@ are the same::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from benchmarks.checked import finish
+from benchmarks.checked import finish, median_ms
 from segmentation.rle import change_positions, coco_strings
 from segmentation_standins import synthetic
 
@@ -46,16 +43,6 @@ def pycocotools_strings(changes: list[np.ndarray], height: int, width: int) -> l
     ]
 
 
-def median_ms(fn: Callable[[], Any], runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=64, help="frames in the batch")
@@ -73,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     mask_ids, positions = change_positions(stacked, whole, height)
     changes = np.split(positions, np.searchsorted(mask_ids, np.arange(1, count)))
     batch = coco_strings(mask_ids, positions, count, height, width)
+    cpu = torch.device("cpu")
     one_by_one = pycocotools_strings(changes, height, width)
     report = {
         "frames": args.frames,
@@ -80,12 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         "instances": count,
         "string_bytes": sum(len(s["counts"]) for s in batch),
         "same_strings": batch == one_by_one,
-        "all_at_once_ms": round(
-            median_ms(lambda: coco_strings(mask_ids, positions, count, height, width), args.runs),
-            3,
+        "all_at_once_ms": median_ms(
+            lambda: coco_strings(mask_ids, positions, count, height, width), cpu, args.runs
         ),
-        "one_at_a_time_ms": round(
-            median_ms(lambda: pycocotools_strings(changes, height, width), args.runs), 3
+        "one_at_a_time_ms": median_ms(
+            lambda: pycocotools_strings(changes, height, width), cpu, args.runs
         ),
     }
     return finish(report, args.out, agree=report["same_strings"])

@@ -12,34 +12,16 @@ that the two find the same instances, boxes, scores and strings.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from benchmarks.checked import finish
+from benchmarks.checked import finish, median_ms
 from benchmarks.frames import frame_set
 from segmentation.device_decode import decode_jpegs_on
 from segmentation.imaging import EncodedImage
 from segmentation.models.yolo_segmentor import YoloSegmentor
 from segmentation.options import DetectOptions
-
-
-def median_ms(fn: Callable[[], Any], device: torch.device, runs: int) -> float:
-    """Median wall milliseconds of ``fn`` over ``runs`` calls, the device drained around each."""
-    fn()
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(times), 3)
 
 
 def main(argv: list[str] | None = None) -> int:

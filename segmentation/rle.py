@@ -101,10 +101,12 @@ def coco_strings(
     # Counts alternate zeros and ones and start with zeros (0 when the first pixel is set):
     # the gaps between a mask's changes from pixel 0, then the rest of the frame, except
     # where the mask's last pixel is set (it ends with its run of ones).
+    changed = ends > starts  # masks with a run of ones
     gaps = np.diff(positions, prepend=0)
-    gaps[starts[starts < ends]] = positions[starts[starts < ends]]
-    last = np.where(ends > starts, positions[np.maximum(ends - 1, 0)] if len(positions) else 0, 0)
-    tail = (ends == starts) | (last != total)
+    gaps[starts[changed]] = positions[starts[changed]]
+    last = np.zeros(count, dtype=np.int64)
+    last[changed] = positions[ends[changed] - 1]
+    tail = ~changed | (last != total)
     counts = np.insert(gaps, ends[tail], total - last[tail])
     lengths = ends - starts + tail
     # COCO's differences: from the fourth count of a mask on, less the count two before it.

@@ -6,10 +6,14 @@ import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:
+    from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 
 # Offline and quiet before any test imports transformers, huggingface_hub or ultralytics.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +24,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The published RMBG-2.0 architecture (birefnet.py, BiRefNet_config.py, config.json), brought
 #: in by hand; never committed. Tests that need it skip when it is absent.
 RMBG_ARCH_DIR = Path(os.environ.get("RMBG_ARCH_DIR", REPO_ROOT / "third_party" / "rmbg20"))
+
+
+def published_rmbg(**options: Any) -> RMBG20Segmentor:
+    """The published RMBG-2.0 architecture (:data:`RMBG_ARCH_DIR`) with random weights on the
+    CPU, through the project's loader; ``options`` go to ``RMBG20Segmentor``."""
+    from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
+
+    return RMBG20Segmentor(
+        str(RMBG_ARCH_DIR), device="cpu", trust_remote_code=True, load_format="dummy", **options
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

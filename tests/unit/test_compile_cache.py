@@ -30,7 +30,7 @@ from segmentation.factory import build_segmentor
 from segmentation.models import rmbg20_fast
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation_standins import synthetic
-from tests.conftest import REPO_ROOT, RMBG_ARCH_DIR
+from tests.conftest import REPO_ROOT, RMBG_ARCH_DIR, published_rmbg
 
 SIZE = 128
 COMPILED = (*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE)
@@ -245,14 +245,7 @@ def test_a_single_frame_runs_the_blocks_uncompiled_and_a_batch_compiled() -> Non
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # graphs compiled before for the same geometries: forgotten
-    segmentor = RMBG20Segmentor(
-        str(RMBG_ARCH_DIR),
-        device="cpu",
-        trust_remote_code=True,
-        load_format="dummy",
-        input_size=64,
-        optimized=COMPILED,
-    )
+    segmentor = published_rmbg(input_size=64, optimized=COMPILED)
     assert rmbg20_fast.COMPILE in segmentor.fast_steps
     frames = [synthetic.scene(7300 + i, 0, 96, 64).image for i in range(2)]
     single = segmentor.predict(frames[:1])[0]

@@ -16,7 +16,7 @@ from segmentation import precision
 from segmentation.errors import ModelLoadError
 from segmentation.models.rmbg20_loader import WEIGHTS_FILE, build_model, resolve_model_dir
 from segmentation.models.rmbg20_segmentor import FP16_MESSAGE, RMBG20Segmentor
-from tests.conftest import RMBG_ARCH_DIR, product_frame
+from tests.conftest import RMBG_ARCH_DIR, product_frame, published_rmbg
 
 SIZE = 64  # the stand-in runs at any multiple of its window; small keeps CPU tests fast
 
@@ -286,13 +286,7 @@ def test_stand_in_is_reported_as_such() -> None:
 )
 def test_published_architecture_loads_and_runs_on_cpu() -> None:
     """The real birefnet.py (random weights) through the project's loader on transformers 5."""
-    segmentor = RMBG20Segmentor(
-        str(RMBG_ARCH_DIR),
-        device="cpu",
-        trust_remote_code=True,
-        load_format="dummy",
-        input_size=128,
-    )
+    segmentor = published_rmbg(input_size=128)
     assert sum(p.numel() for p in segmentor.model.parameters()) > 200_000_000
     mattes = segmentor.predict([product_frame(96, 64)])
     assert mattes[0].shape == (64, 96) and mattes[0].dtype == np.uint8
@@ -370,11 +364,10 @@ def test_each_fast_step_gives_the_published_models_outputs(
 def test_published_architecture_reports_its_fast_path() -> None:
     if not (RMBG_ARCH_DIR / "birefnet.py").exists():
         pytest.skip("published RMBG-2.0 code absent")
-    kwargs = dict(device="cpu", trust_remote_code=True, load_format="dummy", input_size=128)
-    fast = RMBG20Segmentor(str(RMBG_ARCH_DIR), **kwargs)  # type: ignore[arg-type]
+    fast = published_rmbg(input_size=128)
     assert fast.info().inference_path == "sdpa+windows+decoder+deform"
     assert fast.info().as_dict()["inference_path"] == "sdpa+windows+decoder+deform"
-    eager = RMBG20Segmentor(str(RMBG_ARCH_DIR), optimized=False, **kwargs)  # type: ignore[arg-type]
+    eager = published_rmbg(input_size=128, optimized=False)
     assert eager.info().inference_path == "eager" and eager.fast_steps == ()
 
 
