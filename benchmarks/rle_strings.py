@@ -2,8 +2,8 @@
 
 A YOLO replica's batch postprocess finds where each instance mask changes value on the
 device, then turns those positions into COCO strings on the host: 14% of its GPU thread's
-samples in the 2026-11-28 profile (docs/benchmarks.md) when that was a Python list and a
-pycocotools call per mask. This times both on the masks of synthetic 1080p product shots
+samples in the 2026-11-28 profile (docs/benchmarks.md) when that was a Python list of counts
+per mask, handed to pycocotools. This times both on the masks of synthetic 1080p product shots
 (the ground truth's, 2-3 products a shot), from the same positions, and checks the strings
 are the same::
 

@@ -81,9 +81,9 @@ def coco_strings(
     All masks at once, in array operations: their run lengths, COCO's differences (each count
     after the third less the count two before it) and the 5-bit groups each difference takes
     (pycocotools' ``rleToString``: six bits a character from ``'0'``, the sixth saying another
-    follows), so a batch's strings cost a few array passes instead of a Python list and a
-    pycocotools call per mask. The same strings as ``pycocotools.mask.frPyObjects`` of each
-    mask's counts (unit-tested against it)."""
+    follows), so a batch's strings cost a few array passes instead of a Python list of counts
+    per mask, each converted and encoded by pycocotools. The same strings as
+    ``pycocotools.mask.frPyObjects`` of each mask's counts (unit-tested against it)."""
     total = height * width
     mask_ids = np.asarray(mask_ids, dtype=np.int64)
     positions = np.asarray(positions, dtype=np.int64)
