@@ -54,8 +54,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: File name suffix of an artifact: ``<key>.inductor``.
+#: File name suffix of an artifact of Inductor's caches: ``<key>.inductor``.
 SUFFIX = ".inductor"
+#: Directory name suffix of ahead-of-time compiled block programs: ``<key>.aoti``.
+AOT_SUFFIX = ".aoti"
 #: Characters of the sha256 hex digest kept in the key.
 KEY_LENGTH = 32
 
@@ -102,6 +104,7 @@ def project_code() -> list[Path]:
     here = Path(__file__).parent
     return [
         here / "models" / "rmbg20_fast.py",
+        here / "models" / "rmbg20_blocks.py",
         here / "models" / "rmbg20_loader.py",
         here / "quantize.py",
     ]
@@ -148,8 +151,15 @@ def key_parts(
     }
 
 
-def artifact_path(directory: str | Path, key: str) -> Path:
-    return Path(directory) / f"{key}{SUFFIX}"
+def ahead_of_time(linear_format: str | None) -> bool:
+    """Whether the artifact of this linear format is ahead-of-time programs
+    (:mod:`segmentation.models.rmbg20_blocks`): plain weights; FP8 and INT8 weights are
+    tensor subclasses a program cannot take as inputs, and keep Inductor's caches."""
+    return linear_format is None
+
+
+def artifact_path(directory: str | Path, key: str, *, ahead: bool = False) -> Path:
+    return Path(directory) / f"{key}{AOT_SUFFIX if ahead else SUFFIX}"
 
 
 def load_artifact(path: Path) -> int:
@@ -203,7 +213,7 @@ def build_command(directory: str | Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     from segmentation.config import load_settings
     from segmentation.factory import build_segmentor
-    from segmentation.models import rmbg20_fast
+    from segmentation.models import rmbg20_blocks, rmbg20_fast
 
     parser = argparse.ArgumentParser(
         description="Build RMBG-2.0's compiled artifact for the settings in the environment "
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "--input-size", type=int, default=None, help="the application's rmbg input_size"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = load_settings(
         rmbg_compile=True, rmbg_optimized=True, rmbg_compile_cache=args.directory
     )
@@ -245,14 +255,25 @@ def main(argv: list[str] | None = None) -> int:
         else warmup_order(args.max_batch_size)
     )
     status = getattr(segmentor, "compile_status", None) or {}
-    if rmbg20_fast.COMPILE not in getattr(segmentor, "fast_steps", ()):
+    ahead = str(status.get("artifact", "")).endswith(AOT_SUFFIX)
+    if not ahead and rmbg20_fast.COMPILE not in getattr(segmentor, "fast_steps", ()):
         raise SystemExit(f"nothing to build: {status.get('state', 'no compiled blocks')}")
     side = args.input_size or settings.rmbg_input_size
     frame = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    path = Path(status["artifact"])
+    if path.suffix == AOT_SUFFIX:
+        with rmbg20_blocks.recorded_calls(segmentor.model) as calls:
+            segmentor.predict([frame] * rmbg20_blocks.MIN_BATCH)
+        try:
+            rmbg20_blocks.export_programs(calls, path, args.max_batch_size)
+        except ValueError as exc:
+            raise SystemExit(f"nothing to build: {exc}") from exc
+        size = sum(file.stat().st_size for file in path.iterdir())
+        print(json.dumps({"artifact": str(path), "key": status["key"], "bytes": size}))
+        return 0
     for size in sizes:
         segmentor.predict([frame] * size)
         logger.info("compiled batch %d", size)
-    path = Path(status["artifact"])
     size = save_artifact(path)
     print(json.dumps({"artifact": str(path), "key": status["key"], "bytes": size}))
     return 0

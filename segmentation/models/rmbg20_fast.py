@@ -51,7 +51,7 @@ import math
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -243,35 +243,42 @@ def _window_attention(
     ``mask`` is the published (0/-100) shift mask ``[nW, N, N]``; ``attn_bias`` instead is the
     bias prebuilt by :func:`_attention_bias` (the Swin block's fast path passes it).
     """
-    windows, tokens, channels = x.shape
-    heads = self.num_heads
     if attn_bias is None:
         attn_bias = _attention_bias(self, mask, x.dtype, x.device)
-    qkv = self.qkv(x)
+    out = windowed_attention(self.qkv(x), attn_bias, self.num_heads, self.scale)
+    return self.proj_drop(self.proj(out))
+
+
+def windowed_attention(
+    qkv: torch.Tensor, attn_bias: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
+    """Attention of each window's tokens from their ``qkv`` projection ``[windows, N, 3C]``
+    with the bias of :func:`_attention_bias` (windows folded into heads when it has a shift
+    mask's ``nW`` groups): ``[windows, N, C]``, before the output projection."""
+    windows, tokens, triple = qkv.shape
+    channels = triple // 3
     groups = attn_bias.shape[1] // heads
     if groups == 1:
         q, k, v = qkv.view(windows, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
-        out = out.transpose(1, 2).reshape(windows, tokens, channels)
-    else:
-        batch = windows // groups
-        q, k, v = (
-            qkv.view(batch, groups, tokens, 3, heads, -1)
-            .permute(3, 0, 1, 4, 2, 5)
-            .reshape(3, batch, groups * heads, tokens, -1)
-            .unbind(0)
-        )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
-        out = out.view(batch, groups, heads, tokens, -1).transpose(2, 3)
-        out = out.reshape(windows, tokens, channels)
-    return self.proj_drop(self.proj(out))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+        return out.transpose(1, 2).reshape(windows, tokens, channels)
+    batch = windows // groups
+    q, k, v = (
+        qkv.view(batch, groups, tokens, 3, heads, -1)
+        .permute(3, 0, 1, 4, 2, 5)
+        .reshape(3, batch, groups * heads, tokens, -1)
+        .unbind(0)
+    )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+    out = out.view(batch, groups, heads, tokens, -1).transpose(2, 3)
+    return out.reshape(windows, tokens, channels)
 
 
 # --- windows: Swin blocks ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _WindowPlan:
+class WindowPlan:
     """Where each token goes for one block geometry."""
 
     padded: tuple[int, int]  # Hp, Wp
@@ -293,11 +300,11 @@ def _shift_mask(hp: int, wp: int, size: int, shift: int, device: torch.device) -
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
 
 
-def _window_plan(block: Any, height: int, width: int, x: torch.Tensor) -> _WindowPlan:
+def window_plan(block: Any, height: int, width: int, x: torch.Tensor) -> WindowPlan:
     size, shift = block.window_size, block.shift_size
     hp, wp = math.ceil(height / size) * size, math.ceil(width / size) * size
 
-    def build() -> _WindowPlan:
+    def build() -> WindowPlan:
         device = x.device
         rows = (torch.arange(hp, device=device) + shift) % hp
         cols = (torch.arange(wp, device=device) + shift) % wp
@@ -308,7 +315,7 @@ def _window_plan(block: Any, height: int, width: int, x: torch.Tensor) -> _Windo
         from_windows = inverse.view(hp, wp)[:height, :width].reshape(-1)
         mask = _shift_mask(hp, wp, size, shift, device) if shift > 0 else None
         bias = _attention_bias(block.attn, mask, x.dtype, device)
-        return _WindowPlan((hp, wp), to_windows, from_windows, bias)
+        return WindowPlan((hp, wp), to_windows, from_windows, bias)
 
     return _cached(block, (x.dtype, x.device, height, width), build)
 
@@ -341,7 +348,14 @@ def _swin_block_body(
 def _swin_block(self: Any, x: torch.Tensor, mask_matrix: Any = None) -> torch.Tensor:
     """``SwinTransformerBlock.forward``; the shift mask comes from the block's own plan."""
     height, width = self.H, self.W
-    plan = _window_plan(self, height, width, x)
+    plan = window_plan(self, height, width, x)
+    program = self.__dict__.get("_fast_program")
+    if program is not None and x.dtype == self._fast_dtype:
+        # an ahead-of-time compiled body (segmentation.models.rmbg20_blocks), when one
+        # takes this geometry and batch size
+        out = program(self, x, plan)
+        if out is not None:
+            return cast(torch.Tensor, out)
     body = self._fast_body
     if body is not _swin_block_body:
         if x.dtype != self._fast_dtype or x.shape[0] == 1:

@@ -17,7 +17,7 @@ from segmentation import compile_cache, quantize
 from segmentation.batching import pad_to_bucket
 from segmentation.compose import Composed, OnDevice, compose_on_device, plain_cutout
 from segmentation.config import DEFAULT_RMBG_MODEL, LinearFormat
-from segmentation.models import rmbg20_fast
+from segmentation.models import rmbg20_blocks, rmbg20_fast
 from segmentation.models.base import (
     Frame,
     ModelInfo,
@@ -132,6 +132,8 @@ class RMBG20Segmentor:
         self.compile_status: dict[str, Any] | None = None
         #: Inductor's cache counts when an artifact was loaded (None: none was).
         self._inductor_before: dict[str, int] | None = None
+        #: The Swin blocks' ahead-of-time programs, when their packages were loaded.
+        self._programs: rmbg20_blocks.BlockPrograms | None = None
         if rmbg20_fast.COMPILE in steps:
             steps, self.compile_status = self._compiled_artifact(
                 steps,
@@ -143,9 +145,11 @@ class RMBG20Segmentor:
             )
         #: Steps of the fast path applied to this model (empty: the published eager code).
         self.fast_steps: tuple[str, ...] = rmbg20_fast.optimize(self.model, steps)
+        if self._programs is not None and rmbg20_blocks.install(self.model, self._programs):
+            self.fast_steps = (*self.fast_steps, rmbg20_fast.COMPILE)
         if (
             self.compile_status is not None
-            and rmbg20_fast.COMPILE in steps
+            and (rmbg20_fast.COMPILE in steps or self._programs is not None)
             and rmbg20_fast.COMPILE not in self.fast_steps
         ):
             self.compile_status["state"] = (
@@ -195,18 +199,28 @@ class RMBG20Segmentor:
             linear_format=linear_format,
         )
         key = compile_cache.artifact_key(parts)
-        path = compile_cache.artifact_path(directory, key)
+        # Plain linear layers: programs compiled ahead of time, called without Dynamo (the
+        # compile step is then installed after the others, not applied by torch.compile).
+        ahead = compile_cache.ahead_of_time(linear_format)
+        path = compile_cache.artifact_path(directory, key, ahead=ahead)
+        without = tuple(step for step in steps if step != rmbg20_fast.COMPILE)
         status: dict[str, Any] = {"key": key, "artifact": str(path)}
         if mode == "build":
-            return steps, {**status, "state": "building the artifact"}
+            return without if ahead else steps, {**status, "state": "building the artifact"}
         try:
-            found = path.is_file()
-            if found:
+            found = path.is_dir() if ahead else path.is_file()
+            if found and ahead:
+                self._programs = rmbg20_blocks.load_programs(path, self.device)
+                status["programs"] = self._programs.describe()
+            elif found:
                 self._inductor_before = compile_cache.inductor_counts()
                 status["bytes"] = compile_cache.load_artifact(path)
         except Exception as exc:  # unreadable, truncated or foreign: start, uncompiled
             reason = f"artifact unreadable ({type(exc).__name__}: {exc})"
         else:
+            if found and ahead:
+                state = "artifact loaded: blocks compiled ahead of time"
+                return without, {**status, "state": state}
             if found:
                 return steps, {**status, "state": "artifact loaded: the blocks compile from it"}
             reason = "no artifact for this model, device and code"
@@ -216,7 +230,6 @@ class RMBG20Segmentor:
             "(same GPU and software, the replicas' settings)"
         )
         logger.warning("RMBG-2.0 compiled blocks: %s (%s)", message, path)
-        without = tuple(step for step in steps if step != rmbg20_fast.COMPILE)
         return without, {**status, "state": message}
 
     def info(self) -> ModelInfo:

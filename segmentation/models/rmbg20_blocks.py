@@ -1,0 +1,294 @@
+"""RMBG-2.0's Swin blocks compiled ahead of time: AOTInductor packages, no tracing at start-up.
+
+``torch.compile`` of the block body (the fast path's ``compile`` step) traces every block
+geometry with Dynamo when a replica starts, even when Inductor finds the compiled code in an
+artifact: 18.9 s of tracing, 6.9 s of guards and 9.7 s of cache lookups of a 48.9-59.3 s
+start on an H200 (docs/benchmarks.md, 2026-11-28). Here each geometry's body is exported once
+(``torch.export``, the batch size a dynamic dimension) and compiled by AOTInductor into a
+package, a shared library and its metadata; a replica loads the packages (a ``dlopen`` each)
+and calls them with the block's tensors. Nothing is traced or compiled at start-up.
+
+**One program per geometry, weights as inputs.** The body is written over plain tensors
+(:func:`block_tensors`): a block's weights, its window gathers and its attention bias are
+arguments, not constants baked into the library, so the 24 blocks of the published model
+share the 8 programs of their 8 geometries (channels, heads, window, shift, token grid), and
+a package holds code only (a few MB), whatever the weights.
+
+**Which blocks.** Only blocks whose arithmetic :func:`block_tensors` reproduces
+(:func:`plain_block`: LayerNorms, linear layers with plain weights, exact GELU, no dropout in
+eval): a block whose linear layers hold FP8 or INT8 weights (torchao tensor subclasses) keeps
+the Inductor-cache artifact of :mod:`segmentation.compile_cache`. A batch of one, an FP32
+recompute, a batch larger than the packages were built for, or a geometry they lack runs the
+eager body: never a compile mid-request.
+
+Packages hold compiled code that the process runs: load only packages you built.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from segmentation.models.rmbg20_fast import WindowPlan, window_plan, windowed_attention
+
+logger = logging.getLogger(__name__)
+
+#: The manifest of a package directory: its programs and the batch sizes they take.
+MANIFEST = "manifest.json"
+#: Smallest batch a program takes (a single frame runs the eager body).
+MIN_BATCH = 2
+#: The tensors of a block a program takes after its window gathers and bias, in order.
+WEIGHTS = (
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+)
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """What one program is specialised to: everything of a block call but its batch size and
+    its tensors."""
+
+    height: int
+    width: int
+    padded: tuple[int, int]
+    window: int
+    shift: int
+    channels: int
+    heads: int
+    scale: float
+    eps: float
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        hp, wp = self.padded
+        kind = self.dtype.removeprefix("torch.")
+        return (
+            f"c{self.channels}-h{self.heads}-w{self.window}-s{self.shift}"
+            f"-{self.height}x{self.width}-p{hp}x{wp}-{kind}"
+        )
+
+
+def block_geometry(block: Any, x: torch.Tensor, plan: WindowPlan) -> BlockGeometry:
+    return BlockGeometry(
+        height=int(block.H),
+        width=int(block.W),
+        padded=(int(plan.padded[0]), int(plan.padded[1])),
+        window=int(block.window_size),
+        shift=int(block.shift_size),
+        channels=int(x.shape[-1]),
+        heads=int(block.attn.num_heads),
+        scale=float(block.attn.scale),
+        eps=float(block.norm1.eps),
+        dtype=str(x.dtype),
+    )
+
+
+def plain_block(block: torch.nn.Module) -> bool:
+    """Whether :func:`block_tensors` computes what ``block`` does in eval mode."""
+    try:
+        linears = [block.get_submodule(n) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+        norms = [block.get_submodule(n) for n in ("norm1", "norm2")]
+        act = block.get_submodule("mlp.act")
+    except AttributeError:
+        return False
+    return (
+        not block.training
+        and all(type(m) is torch.nn.Linear and m.bias is not None for m in linears)
+        and all(type(m.weight.detach()) is torch.Tensor for m in linears)
+        and all(type(m) is torch.nn.LayerNorm and m.elementwise_affine for m in norms)
+        and norms[0].eps == norms[1].eps
+        and type(act) is torch.nn.GELU
+        and act.approximate == "none"
+    )
+
+
+def block_inputs(block: torch.nn.Module, plan: WindowPlan) -> tuple[torch.Tensor, ...]:
+    """The tensors a program takes besides the tokens: the plan's, then :data:`WEIGHTS`."""
+    weights = [block.get_parameter(name).detach() for name in WEIGHTS]
+    return (plan.to_windows, plan.from_windows, plan.bias, *weights)
+
+
+def block_tensors(
+    x: torch.Tensor, inputs: Sequence[torch.Tensor], geometry: BlockGeometry
+) -> torch.Tensor:
+    """The fast path's Swin block body (``rmbg20_fast._swin_block_body``) over plain tensors."""
+    to_windows, from_windows, bias, n1w, n1b, qkv_w, qkv_b, proj_w, proj_b = inputs[:9]
+    n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b = inputs[9:]
+    batch, _, channels = x.shape
+    height, width = geometry.height, geometry.width
+    hp, wp = geometry.padded
+    tokens = F.layer_norm(x, (channels,), n1w, n1b, geometry.eps)
+    if (hp, wp) != (height, width):
+        tokens = F.pad(
+            tokens.view(batch, height, width, channels), (0, 0, 0, wp - width, 0, hp - height)
+        )
+    windows = tokens.reshape(batch, hp * wp, channels).index_select(1, to_windows)
+    windows = windows.view(-1, geometry.window**2, channels)
+    attended = windowed_attention(
+        F.linear(windows, qkv_w, qkv_b), bias, geometry.heads, geometry.scale
+    )
+    attended = F.linear(attended, proj_w, proj_b).view(batch, hp * wp, channels)
+    x = x + attended.index_select(1, from_windows)
+    hidden = F.gelu(F.linear(F.layer_norm(x, (channels,), n2w, n2b, geometry.eps), fc1_w, fc1_b))
+    return x + F.linear(hidden, fc2_w, fc2_b)
+
+
+class BlockProgram(torch.nn.Module):
+    """:func:`block_tensors` of one geometry as a module: what is exported."""
+
+    def __init__(self, geometry: BlockGeometry) -> None:
+        super().__init__()
+        self.geometry = geometry
+
+    def forward(self, x: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return block_tensors(x, inputs, self.geometry)
+
+
+@dataclass
+class BlockCall:
+    """One call of a plain block, as :func:`recorded_calls` saw it."""
+
+    geometry: BlockGeometry
+    x: torch.Tensor
+    inputs: tuple[torch.Tensor, ...]
+
+
+@contextmanager
+def recorded_calls(model: torch.nn.Module) -> Iterator[list[BlockCall]]:
+    """The first call of each geometry of ``model``'s plain Swin blocks while in the block
+    (one forward of the fast path at a batch of at least :data:`MIN_BATCH` sees them all)."""
+    calls: list[BlockCall] = []
+    seen: set[BlockGeometry] = set()
+
+    def record(block: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        if x.shape[0] < MIN_BATCH or not plain_block(block):
+            return
+        plan = window_plan(block, int(block.H), int(block.W), x)
+        geometry = block_geometry(block, x, plan)
+        if geometry not in seen:
+            seen.add(geometry)
+            calls.append(BlockCall(geometry, x.detach().clone(), block_inputs(block, plan)))
+
+    hooks = [
+        module.register_forward_pre_hook(record)
+        for module in model.modules()
+        if "_fast_body" in module.__dict__  # a Swin block the fast path patched
+    ]
+    try:
+        yield calls
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def export_programs(calls: Sequence[BlockCall], directory: Path, max_batch: int) -> Path:
+    """Compile one package per geometry of ``calls`` for batches ``MIN_BATCH..max_batch`` into
+    ``directory`` (replaced in one rename when complete: a replica never sees half of it)."""
+    if not calls:
+        raise ValueError("no Swin block the fast path recognises ran: nothing to compile")
+    if max_batch < MIN_BATCH:
+        raise ValueError(f"max_batch must be at least {MIN_BATCH} (a single frame runs eager)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        programs = []
+        for call in calls:
+            batch = torch.export.Dim("batch", min=MIN_BATCH, max=max_batch)
+            exported = torch.export.export(
+                BlockProgram(call.geometry),
+                (call.x, call.inputs),
+                dynamic_shapes=({0: batch}, (None,) * len(call.inputs)),
+            )
+            file = f"{call.geometry.name}.pt2"
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(building / file))
+            programs.append({"file": file, "geometry": asdict(call.geometry)})
+            logger.info("compiled block program %s", call.geometry.name)
+        manifest = {"min_batch": MIN_BATCH, "max_batch": max_batch, "programs": programs}
+        (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(building, directory)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return directory
+
+
+@dataclass
+class BlockPrograms:
+    """The loaded packages of a directory, by geometry."""
+
+    programs: Mapping[BlockGeometry, Callable[..., Any]]
+    min_batch: int
+    max_batch: int
+
+    def describe(self) -> str:
+        return (
+            f"{len(self.programs)} block geometries compiled ahead of time, "
+            f"batches {self.min_batch}-{self.max_batch}"
+        )
+
+
+def load_programs(directory: Path, device: torch.device) -> BlockPrograms:
+    """Every package of ``directory``'s manifest, loaded for ``device``. ValueError (or the
+    loader's own error) when the directory is not a complete set."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    programs: dict[BlockGeometry, Callable[..., Any]] = {}
+    for entry in manifest["programs"]:
+        fields = dict(entry["geometry"])
+        fields["padded"] = tuple(fields["padded"])
+        geometry = BlockGeometry(**fields)
+        # run_single_threaded: no locking inside the runner, which CUDA-graph capture
+        # needs; the segmentor runs one forward at a time.
+        programs[geometry] = torch._inductor.aoti_load_package(
+            str(directory / entry["file"]),
+            run_single_threaded=True,
+            device_index=device.index if device.index is not None else -1,
+        )
+    if not programs:
+        raise ValueError(f"{directory / MANIFEST} lists no programs")
+    return BlockPrograms(programs, int(manifest["min_batch"]), int(manifest["max_batch"]))
+
+
+def install(model: torch.nn.Module, loaded: BlockPrograms) -> int:
+    """Have ``model``'s plain fast-path Swin blocks call ``loaded``'s programs; the number of
+    blocks whose geometry at the next call a program may take (all plain patched blocks)."""
+
+    def run(block: Any, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor | None:
+        if not loaded.min_batch <= x.shape[0] <= loaded.max_batch:
+            return None
+        program = loaded.programs.get(block_geometry(block, x, plan))
+        if program is None:
+            return None
+        return program(x, block_inputs(block, plan))  # type: ignore[no-any-return]
+
+    count = 0
+    for module in model.modules():
+        if "_fast_body" in module.__dict__ and plain_block(module):
+            module._fast_program = run
+            count += 1
+    return count
