@@ -22,6 +22,7 @@ import time
 STARTED = time.monotonic()  # before torch's import: a replica's start counts it too
 
 import argparse  # noqa: E402
+import faulthandler  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="16", help="batch sizes timed, e.g. 8,16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a crash in native code says where
     compiled_settings = load_settings(
         rmbg_optimized=True, rmbg_compile=True, rmbg_compile_cache=args.directory
     )

@@ -29,6 +29,11 @@ machine with the same GPU and software, with the settings the replicas use::
     RMBG_MODEL=/models/RMBG-2.0 RMBG_COMPILE=true \\
         python -m segmentation.compile_cache /models/compiled --max-batch-size 16
 
+``--ahead-of-time`` also compiles each Swin block geometry into an AOTInductor package
+(``<key>.aoti`` beside the artifact, :mod:`segmentation.models.rmbg20_blocks`): a replica that
+can load them traces nothing at start-up; one whose torch cannot load them says why in
+``/v1/models`` (``compile.programs``) and uses the artifact.
+
 It runs the batch sizes a replica warms up with, in its order (:func:`warmup_order`): the
 graphs compiled depend on the order. On a CPU with the published architecture at 128 pixels
 (2026-11-28), a fresh process running batches 1 then 2 found all 16 of its graphs in the
@@ -152,7 +157,7 @@ def key_parts(
 
 
 def ahead_of_time(linear_format: str | None) -> bool:
-    """Whether the artifact of this linear format is ahead-of-time programs
+    """Whether blocks of this linear format can run ahead-of-time programs
     (:mod:`segmentation.models.rmbg20_blocks`): plain weights; FP8 and INT8 weights are
     tensor subclasses a program cannot take as inputs, and keep Inductor's caches."""
     return linear_format is None
@@ -233,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-batch-size", type=int, default=16, help="the replicas' max_batch_size"
     )
+    parser.add_argument(
+        "--ahead-of-time",
+        action="store_true",
+        help="also compile the Swin blocks ahead of time (AOTInductor, <key>.aoti beside the "
+        "artifact; plain linear layers only): a replica that loads them traces nothing",
+    )
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
     parser.add_argument(
         "--input-size", type=int, default=None, help="the application's rmbg input_size"
@@ -255,27 +266,28 @@ def main(argv: list[str] | None = None) -> int:
         else warmup_order(args.max_batch_size)
     )
     status = getattr(segmentor, "compile_status", None) or {}
-    ahead = str(status.get("artifact", "")).endswith(AOT_SUFFIX)
-    if not ahead and rmbg20_fast.COMPILE not in getattr(segmentor, "fast_steps", ()):
+    if rmbg20_fast.COMPILE not in getattr(segmentor, "fast_steps", ()):
         raise SystemExit(f"nothing to build: {status.get('state', 'no compiled blocks')}")
     side = args.input_size or settings.rmbg_input_size
     frame = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
     path = Path(status["artifact"])
-    if path.suffix == AOT_SUFFIX:
-        with rmbg20_blocks.recorded_calls(segmentor.model) as calls:
-            segmentor.predict([frame] * rmbg20_blocks.MIN_BATCH)
-        try:
-            rmbg20_blocks.export_programs(calls, path, args.max_batch_size)
-        except ValueError as exc:
-            raise SystemExit(f"nothing to build: {exc}") from exc
-        size = sum(file.stat().st_size for file in path.iterdir())
-        print(json.dumps({"artifact": str(path), "key": status["key"], "bytes": size}))
-        return 0
-    for size in sizes:
-        segmentor.predict([frame] * size)
-        logger.info("compiled batch %d", size)
-    size = save_artifact(path)
-    print(json.dumps({"artifact": str(path), "key": status["key"], "bytes": size}))
+    with rmbg20_blocks.recorded_calls(segmentor.model) as calls:
+        for size in sizes:
+            segmentor.predict([frame] * size)
+            logger.info("compiled batch %d", size)
+    built: dict[str, Any] = {"artifact": str(path), "key": status["key"]}
+    built["bytes"] = save_artifact(path)
+    if args.ahead_of_time:
+        programs = artifact_path(args.directory, status["key"], ahead=True)
+        if not calls:
+            raise SystemExit(
+                "no programs to build: no plain Swin block ran at a batch of "
+                f"{rmbg20_blocks.MIN_BATCH} (FP8 or INT8 linear layers, or no such size)"
+            )
+        rmbg20_blocks.export_programs(calls, programs, args.max_batch_size)
+        built["programs"] = str(programs)
+        built["programs_bytes"] = sum(file.stat().st_size for file in programs.iterdir())
+    print(json.dumps(built))
     return 0
 
 

@@ -10,8 +10,9 @@ and calls them with the block's tensors. Nothing is traced or compiled at start-
 
 **One program per geometry, weights as inputs.** The body is written over plain tensors
 (:func:`block_tensors`): a block's weights, its window gathers and its attention bias are
-arguments, not constants baked into the library, so the 24 blocks of the published model
-share the 8 programs of their 8 geometries (channels, heads, window, shift, token grid), and
+arguments, not constants baked into the library, so the 48 block calls of a forward of the
+published model (24 blocks, on the image and on its half) share the 16 programs of their 16
+geometries (channels, heads, window, shift, token grid), and
 a package holds code only (a few MB), whatever the weights.
 
 **Which blocks.** Only blocks whose arithmetic :func:`block_tensors` reproduces
@@ -20,6 +21,15 @@ eval): a block whose linear layers hold FP8 or INT8 weights (torchao tensor subc
 the Inductor-cache artifact of :mod:`segmentation.compile_cache`. A batch of one, an FP32
 recompute, a batch larger than the packages were built for, or a geometry they lack runs the
 eager body: never a compile mid-request.
+
+**Beside the Inductor artifact, not instead of it.** ``python -m segmentation.compile_cache
+DIR --ahead-of-time`` writes the programs (``<key>.aoti``) next to Inductor's caches
+(``<key>.inductor``). A replica uses the programs when its torch can load them: the builder
+tries that in a process of its own (:func:`check_loader`) and records the verdict in the
+manifest, and a replica on another torch tries again itself. On the GPU machines' torch
+2.11.0+cu130 the package loader crashed the process on every package, a one-layer model's
+included (2026-11-28, docs/benchmarks.md), while the same code loads and runs on the CPU with
+torch 2.14.1. Then, or where the programs are missing, the Inductor caches as before.
 
 Packages hold compiled code that the process runs: load only packages you built.
 """
@@ -30,12 +40,14 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +129,7 @@ def plain_block(block: torch.nn.Module) -> bool:
     return (
         not block.training
         and all(type(m) is torch.nn.Linear and m.bias is not None for m in linears)
-        and all(type(m.weight.detach()) is torch.Tensor for m in linears)
+        and all(type(cast(torch.nn.Linear, m).weight.detach()) is torch.Tensor for m in linears)
         and all(type(m) is torch.nn.LayerNorm and m.elementwise_affine for m in norms)
         and norms[0].eps == norms[1].eps
         and type(act) is torch.nn.GELU
@@ -177,15 +189,15 @@ class BlockCall:
 
 
 @contextmanager
-def recorded_calls(model: torch.nn.Module) -> Iterator[list[BlockCall]]:
-    """The first call of each geometry of ``model``'s plain Swin blocks while in the block
-    (one forward of the fast path at a batch of at least :data:`MIN_BATCH` sees them all)."""
+def recorded_calls(model: torch.nn.Module, batch: int = MIN_BATCH) -> Iterator[list[BlockCall]]:
+    """The first call at ``batch`` frames of each geometry of ``model``'s plain Swin blocks
+    while in the block (one forward of the fast path at that batch sees them all)."""
     calls: list[BlockCall] = []
     seen: set[BlockGeometry] = set()
 
-    def record(block: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    def record(block: Any, args: tuple[Any, ...]) -> None:
         x = args[0]
-        if x.shape[0] < MIN_BATCH or not plain_block(block):
+        if x.shape[0] != batch or not plain_block(block):
             return
         plan = window_plan(block, int(block.H), int(block.W), x)
         geometry = block_geometry(block, x, plan)
@@ -217,7 +229,8 @@ def export_programs(calls: Sequence[BlockCall], directory: Path, max_batch: int)
     try:
         programs = []
         for call in calls:
-            batch = torch.export.Dim("batch", min=MIN_BATCH, max=max_batch)
+            # (a range of one size is no dimension to export: the program takes one more)
+            batch = torch.export.Dim("batch", min=MIN_BATCH, max=max(max_batch, MIN_BATCH + 1))
             exported = torch.export.export(
                 BlockProgram(call.geometry),
                 (call.x, call.inputs),
@@ -227,7 +240,12 @@ def export_programs(calls: Sequence[BlockCall], directory: Path, max_batch: int)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(building / file))
             programs.append({"file": file, "geometry": asdict(call.geometry)})
             logger.info("compiled block program %s", call.geometry.name)
-        manifest = {"min_batch": MIN_BATCH, "max_batch": max_batch, "programs": programs}
+        manifest = {
+            "min_batch": MIN_BATCH,
+            "max_batch": max_batch,
+            "programs": programs,
+            "loader": loader_verdict(building / programs[0]["file"], call.x.device),
+        }
         (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if directory.exists():
             shutil.rmtree(directory)
@@ -248,15 +266,67 @@ class BlockPrograms:
 
     def describe(self) -> str:
         return (
-            f"{len(self.programs)} block geometries compiled ahead of time, "
+            f"programs for {len(self.programs)} Swin block geometries, "
             f"batches {self.min_batch}-{self.max_batch}"
         )
 
 
+#: A process that loads one package (argv: its path, the device index) and exits.
+PROBE = (
+    "import sys, torch._inductor\n"
+    "torch._inductor.aoti_load_package(sys.argv[1], device_index=int(sys.argv[2]))\n"
+)
+
+
+def check_loader(package: Path, device_index: int) -> None:
+    """Load ``package`` in a process of its own first: a loader that crashes (torch
+    2.11.0+cu130's did, on every package, on an H200: docs/benchmarks.md) must not take
+    the replica down with it. RuntimeError when that process fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(package), str(device_index)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"status {done.returncode}"
+        tail = " ".join(done.stderr.strip().splitlines()[-2:])[-300:]
+        raise RuntimeError(
+            f"torch {torch.__version__}'s AOTInductor loader failed on {package.name} in a "
+            f"test process ({how}{': ' + tail if tail else ''})"
+        )
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else -1
+
+
+def loader_verdict(package: Path, device: torch.device) -> dict[str, Any]:
+    """Whether this torch loads ``package`` (:func:`check_loader`), for the manifest: the
+    replicas, keyed to the same torch, read it instead of testing again (a crashing loader
+    took 51.5 s to fail in its test process on an H200)."""
+    try:
+        check_loader(package, _index(device))
+    except RuntimeError as exc:
+        return {"torch": torch.__version__, "loads": False, "error": str(exc)}
+    return {"torch": torch.__version__, "loads": True}
+
+
 def load_programs(directory: Path, device: torch.device) -> BlockPrograms:
-    """Every package of ``directory``'s manifest, loaded for ``device``. ValueError (or the
-    loader's own error) when the directory is not a complete set."""
+    """Every package of ``directory``'s manifest, loaded for ``device``, where the loader
+    works: as the manifest found when it was built with this torch, or else once one of them
+    loaded in a test process (:func:`check_loader`). ValueError or RuntimeError (or the
+    loader's own error) when the directory is not a complete set or the loader fails."""
     manifest = json.loads((directory / MANIFEST).read_text())
+    if not manifest["programs"]:
+        raise ValueError(f"{directory / MANIFEST} lists no programs")
+    index = _index(device)
+    verdict = manifest.get("loader") or {}
+    if verdict.get("torch") != torch.__version__:
+        check_loader(directory / manifest["programs"][0]["file"], index)
+    elif not verdict["loads"]:
+        raise RuntimeError(f"{verdict['error']}, when the programs were built")
     programs: dict[BlockGeometry, Callable[..., Any]] = {}
     for entry in manifest["programs"]:
         fields = dict(entry["geometry"])
@@ -265,12 +335,8 @@ def load_programs(directory: Path, device: torch.device) -> BlockPrograms:
         # run_single_threaded: no locking inside the runner, which CUDA-graph capture
         # needs; the segmentor runs one forward at a time.
         programs[geometry] = torch._inductor.aoti_load_package(
-            str(directory / entry["file"]),
-            run_single_threaded=True,
-            device_index=device.index if device.index is not None else -1,
+            str(directory / entry["file"]), run_single_threaded=True, device_index=index
         )
-    if not programs:
-        raise ValueError(f"{directory / MANIFEST} lists no programs")
     return BlockPrograms(programs, int(manifest["min_batch"]), int(manifest["max_batch"]))
 
 
@@ -284,11 +350,11 @@ def install(model: torch.nn.Module, loaded: BlockPrograms) -> int:
         program = loaded.programs.get(block_geometry(block, x, plan))
         if program is None:
             return None
-        return program(x, block_inputs(block, plan))  # type: ignore[no-any-return]
+        return cast(torch.Tensor, program(x, block_inputs(block, plan)))
 
     count = 0
     for module in model.modules():
         if "_fast_body" in module.__dict__ and plain_block(module):
-            module._fast_program = run
+            module.__dict__["_fast_program"] = run
             count += 1
     return count

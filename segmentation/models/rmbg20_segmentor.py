@@ -199,28 +199,34 @@ class RMBG20Segmentor:
             linear_format=linear_format,
         )
         key = compile_cache.artifact_key(parts)
-        # Plain linear layers: programs compiled ahead of time, called without Dynamo (the
-        # compile step is then installed after the others, not applied by torch.compile).
-        ahead = compile_cache.ahead_of_time(linear_format)
-        path = compile_cache.artifact_path(directory, key, ahead=ahead)
+        path = compile_cache.artifact_path(directory, key)
+        programs = compile_cache.artifact_path(directory, key, ahead=True)
         without = tuple(step for step in steps if step != rmbg20_fast.COMPILE)
         status: dict[str, Any] = {"key": key, "artifact": str(path)}
         if mode == "build":
-            return without if ahead else steps, {**status, "state": "building the artifact"}
-        try:
-            found = path.is_dir() if ahead else path.is_file()
-            if found and ahead:
-                self._programs = rmbg20_blocks.load_programs(path, self.device)
+            return steps, {**status, "state": "building the artifact"}
+        # Programs compiled ahead of time first (no tracing at start-up; the compile step is
+        # then installed after the others, not applied by torch.compile), where the linear
+        # layers are plain and the directory is there; then Inductor's caches.
+        if compile_cache.ahead_of_time(linear_format) and programs.is_dir():
+            try:
+                self._programs = rmbg20_blocks.load_programs(programs, self.device)
+            except Exception as exc:  # unreadable, foreign, or a loader that crashes
+                status["programs"] = f"not used: {type(exc).__name__}: {exc}"[:600]
+                logger.warning("RMBG-2.0 compiled blocks: %s", status["programs"])
+            else:
+                status["artifact"] = str(programs)
                 status["programs"] = self._programs.describe()
-            elif found:
+                state = "artifact loaded: blocks compiled ahead of time"
+                return without, {**status, "state": state}
+        try:
+            found = path.is_file()
+            if found:
                 self._inductor_before = compile_cache.inductor_counts()
                 status["bytes"] = compile_cache.load_artifact(path)
         except Exception as exc:  # unreadable, truncated or foreign: start, uncompiled
             reason = f"artifact unreadable ({type(exc).__name__}: {exc})"
         else:
-            if found and ahead:
-                state = "artifact loaded: blocks compiled ahead of time"
-                return without, {**status, "state": state}
             if found:
                 return steps, {**status, "state": "artifact loaded: the blocks compile from it"}
             reason = "no artifact for this model, device and code"
