@@ -227,7 +227,7 @@ def export_programs(calls: Sequence[BlockCall], directory: Path, max_batch: int)
     directory.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        programs = []
+        programs: list[dict[str, Any]] = []
         for call in calls:
             # (a range of one size is no dimension to export: the program takes one more)
             batch = torch.export.Dim("batch", min=MIN_BATCH, max=max(max_batch, MIN_BATCH + 1))
@@ -244,7 +244,7 @@ def export_programs(calls: Sequence[BlockCall], directory: Path, max_batch: int)
             "min_batch": MIN_BATCH,
             "max_batch": max_batch,
             "programs": programs,
-            "loader": loader_verdict(building / programs[0]["file"], call.x.device),
+            "loader": loader_verdict(building / programs[0]["file"], calls[0].x.device),
         }
         (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if directory.exists():
