@@ -21,9 +21,10 @@
 #            without --cuda-graphs (needs PyAV; about 5 minutes)
 #   video-server  segment-video per output format through a local service over HTTP and
 #            gRPC (needs PyAV and Ray; about 3 minutes)
-#   compile-cache  RMBG-2.0's compiled artifact (RMBG_COMPILE_CACHE): built by the tool, then a
-#            fresh process on it (every graph from the artifact, start-up seconds printed)
-#            (up to 8 minutes)
+#   compile-cache  RMBG-2.0's compiled artifact (RMBG_COMPILE_CACHE) and the blocks' programs
+#            compiled ahead of time: built by the tool, then a fresh process on them (the
+#            programs, or where torch cannot load them every graph from the artifact;
+#            start-up seconds printed) (up to 10 minutes)
 #   precision  RMBG-2.0 per precision (fp32, fp16, fp16+fp8, fp16+int8) and input size,
 #            eager and with CUDA graphs: frames/s, peak memory, agreement with FP32 on the
 #            published architecture and the trained stand-in; the precision GPU test (needs
@@ -121,7 +122,7 @@ if run video-server; then
         --out "$out/video-server.json"
 fi
 if run compile-cache; then
-    step compile-cache.log 480 python3 -m pytest -m gpu tests/gpu/test_compile_cache_gpu.py -s \
+    step compile-cache.log 590 python3 -m pytest -m gpu tests/gpu/test_compile_cache_gpu.py -s \
         -p no:cacheprovider -o addopts="-q --strict-markers -ra"
 fi
 if run precision; then
