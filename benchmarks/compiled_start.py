@@ -10,7 +10,8 @@ the two.
 Build the artifact first::
 
     RMBG_MODEL=third_party/rmbg20 RMBG_TRUST_REMOTE_CODE=true \\
-        python -m segmentation.compile_cache /tmp/compiled --max-batch-size 16 --load-format dummy
+        python -m segmentation.compile_cache /tmp/compiled --max-batch-size 16 \\
+        --load-format dummy --ahead-of-time    # --ahead-of-time: the blocks' programs too
     RMBG_MODEL=third_party/rmbg20 RMBG_TRUST_REMOTE_CODE=true \\
         python -m benchmarks.compiled_start /tmp/compiled --max-batch-size 16 --out start.json
 """

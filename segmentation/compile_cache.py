@@ -271,18 +271,24 @@ def main(argv: list[str] | None = None) -> int:
     side = args.input_size or settings.rmbg_input_size
     frame = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
     path = Path(status["artifact"])
-    with rmbg20_blocks.recorded_calls(segmentor.model) as calls:
+    ahead = args.ahead_of_time and ahead_of_time(settings.linear_format)
+    if args.ahead_of_time and not ahead:
+        logger.warning("--ahead-of-time: FP8 and INT8 linear layers use the artifact only")
+    calls: list[rmbg20_blocks.BlockCall] = []
+    with contextlib.ExitStack() as stack:
+        if ahead:
+            calls = stack.enter_context(rmbg20_blocks.recorded_calls(segmentor.model))
         for size in sizes:
             segmentor.predict([frame] * size)
             logger.info("compiled batch %d", size)
     built: dict[str, Any] = {"artifact": str(path), "key": status["key"]}
     built["bytes"] = save_artifact(path)
-    if args.ahead_of_time:
+    if ahead:
         programs = artifact_path(args.directory, status["key"], ahead=True)
         if not calls:
             raise SystemExit(
                 "no programs to build: no plain Swin block ran at a batch of "
-                f"{rmbg20_blocks.MIN_BATCH} (FP8 or INT8 linear layers, or no such size)"
+                f"{rmbg20_blocks.MIN_BATCH} (--batch-sizes without it?)"
             )
         rmbg20_blocks.export_programs(calls, programs, args.max_batch_size)
         built["programs"] = str(programs)

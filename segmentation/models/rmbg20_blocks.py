@@ -24,9 +24,10 @@ eager body: never a compile mid-request.
 
 **Beside the Inductor artifact, not instead of it.** ``python -m segmentation.compile_cache
 DIR --ahead-of-time`` writes the programs (``<key>.aoti``) next to Inductor's caches
-(``<key>.inductor``). A replica uses the programs when its torch can load them: the builder
-tries that in a process of its own (:func:`check_loader`) and records the verdict in the
-manifest, and a replica on another torch tries again itself. On the GPU machines' torch
+(``<key>.inductor``). A replica uses the programs when its torch can load them, which it tries
+first in a process of its own (:func:`check_loader`); the builder tries too and records a
+failure in the manifest, which replicas on the same torch believe without trying (a crashing
+test took 51.5 s). On the GPU machines' torch
 2.11.0+cu130 the package loader crashed the process on every package, a one-layer model's
 included (2026-11-28, docs/benchmarks.md), while the same code loads and runs on the CPU with
 torch 2.14.1. Then, or where the programs are missing, the Inductor caches as before.
@@ -36,6 +37,7 @@ Packages hold compiled code that the process runs: load only packages you built.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,9 +45,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -88,6 +91,7 @@ class BlockGeometry:
     window: int
     shift: int
     channels: int
+    hidden: int
     heads: int
     scale: float
     eps: float
@@ -95,11 +99,13 @@ class BlockGeometry:
 
     @property
     def name(self) -> str:
+        """Readable, and unique: the fields it does not spell out are in its hash."""
         hp, wp = self.padded
         kind = self.dtype.removeprefix("torch.")
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
         return (
             f"c{self.channels}-h{self.heads}-w{self.window}-s{self.shift}"
-            f"-{self.height}x{self.width}-p{hp}x{wp}-{kind}"
+            f"-{self.height}x{self.width}-p{hp}x{wp}-{kind}-{digest[:8]}"
         )
 
 
@@ -111,6 +117,7 @@ def block_geometry(block: Any, x: torch.Tensor, plan: WindowPlan) -> BlockGeomet
         window=int(block.window_size),
         shift=int(block.shift_size),
         channels=int(x.shape[-1]),
+        hidden=int(block.mlp.fc1.out_features),
         heads=int(block.attn.num_heads),
         scale=float(block.attn.scale),
         eps=float(block.norm1.eps),
@@ -119,18 +126,28 @@ def block_geometry(block: Any, x: torch.Tensor, plan: WindowPlan) -> BlockGeomet
 
 
 def plain_block(block: torch.nn.Module) -> bool:
-    """Whether :func:`block_tensors` computes what ``block`` does in eval mode."""
+    """Whether :func:`block_tensors` computes what ``block`` does in eval mode: LayerNorms
+    with weight and bias, linear layers with plain weights and a bias, exact GELU, an MLP of
+    ``fc1``, ``act``, ``fc2`` (and dropouts) only, nothing in training mode."""
     try:
         linears = [block.get_submodule(n) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
         norms = [block.get_submodule(n) for n in ("norm1", "norm2")]
         act = block.get_submodule("mlp.act")
+        mlp = block.get_submodule("mlp")
     except AttributeError:
         return False
+    mlp_parts = {
+        name for name, child in mlp.named_children() if type(child) is not torch.nn.Dropout
+    }
     return (
-        not block.training
+        not any(m.training for m in block.modules())
+        and mlp_parts == {"fc1", "act", "fc2"}
         and all(type(m) is torch.nn.Linear and m.bias is not None for m in linears)
         and all(type(cast(torch.nn.Linear, m).weight.detach()) is torch.Tensor for m in linears)
-        and all(type(m) is torch.nn.LayerNorm and m.elementwise_affine for m in norms)
+        and all(
+            type(m) is torch.nn.LayerNorm and m.weight is not None and m.bias is not None
+            for m in norms
+        )
         and norms[0].eps == norms[1].eps
         and type(act) is torch.nn.GELU
         and act.approximate == "none"
@@ -233,10 +250,12 @@ def export_programs(calls: Sequence[BlockCall], directory: Path, max_batch: int)
             batch = torch.export.Dim("batch", min=MIN_BATCH, max=max(max_batch, MIN_BATCH + 1))
             exported = torch.export.export(
                 BlockProgram(call.geometry),
-                (call.x, call.inputs),
+                (call.x.contiguous(), call.inputs),
                 dynamic_shapes=({0: batch}, (None,) * len(call.inputs)),
             )
             file = f"{call.geometry.name}.pt2"
+            if (building / file).exists():
+                raise ValueError(f"two block geometries named {file}")
             torch._inductor.aoti_compile_and_package(exported, package_path=str(building / file))
             programs.append({"file": file, "geometry": asdict(call.geometry)})
             logger.info("compiled block program %s", call.geometry.name)
@@ -247,9 +266,17 @@ def export_programs(calls: Sequence[BlockCall], directory: Path, max_batch: int)
             "loader": loader_verdict(building / programs[0]["file"], calls[0].x.device),
         }
         (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        # mkdtemp made it private: replicas may run as another user
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(building, 0o777 & ~umask)
+        old = None
         if directory.exists():
-            shutil.rmtree(directory)
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
+            os.replace(directory, old / directory.name)
         os.replace(building, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -263,6 +290,9 @@ class BlockPrograms:
     programs: Mapping[BlockGeometry, Callable[..., Any]]
     min_batch: int
     max_batch: int
+    #: Block calls since the load: ``program`` (a program ran), ``batch`` (a batch size
+    #: outside the programs' range: the eager body), ``geometry`` (no program for it: eager).
+    calls: Counter[str] = field(default_factory=Counter)
 
     def describe(self) -> str:
         return (
@@ -271,6 +301,8 @@ class BlockPrograms:
         )
 
 
+#: Seconds the test process of :func:`check_loader` may take.
+PROBE_TIMEOUT_S = 120
 #: A process that loads one package (argv: its path, the device index) and exits.
 PROBE = (
     "import sys, torch._inductor\n"
@@ -282,20 +314,26 @@ def check_loader(package: Path, device_index: int) -> None:
     """Load ``package`` in a process of its own first: a loader that crashes (torch
     2.11.0+cu130's did, on every package, on an H200: docs/benchmarks.md) must not take
     the replica down with it. RuntimeError when that process fails."""
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(package), str(device_index)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    failed = (
+        f"torch {torch.__version__}'s AOTInductor loader failed on {package.name} in a test process"
     )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, str(package), str(device_index)],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{failed} (no answer within {PROBE_TIMEOUT_S} s)") from None
+    except OSError as exc:
+        raise RuntimeError(f"{failed} ({exc})") from None
     if done.returncode != 0:
         how = f"signal {-done.returncode}" if done.returncode < 0 else f"status {done.returncode}"
         tail = " ".join(done.stderr.strip().splitlines()[-2:])[-300:]
-        raise RuntimeError(
-            f"torch {torch.__version__}'s AOTInductor loader failed on {package.name} in a "
-            f"test process ({how}{': ' + tail if tail else ''})"
-        )
+        raise RuntimeError(f"{failed} ({how}{': ' + tail if tail else ''})")
 
 
 def _index(device: torch.device) -> int:
@@ -303,9 +341,9 @@ def _index(device: torch.device) -> int:
 
 
 def loader_verdict(package: Path, device: torch.device) -> dict[str, Any]:
-    """Whether this torch loads ``package`` (:func:`check_loader`), for the manifest: the
-    replicas, keyed to the same torch, read it instead of testing again (a crashing loader
-    took 51.5 s to fail in its test process on an H200)."""
+    """Whether this torch loads ``package`` (:func:`check_loader`), for the manifest: a
+    replica on the same torch believes a failure instead of testing again (a crashing loader
+    took 51.5 s to fail in its test process on an H200), and tests a success again."""
     try:
         check_loader(package, _index(device))
     except RuntimeError as exc:
@@ -323,10 +361,11 @@ def load_programs(directory: Path, device: torch.device) -> BlockPrograms:
         raise ValueError(f"{directory / MANIFEST} lists no programs")
     index = _index(device)
     verdict = manifest.get("loader") or {}
-    if verdict.get("torch") != torch.__version__:
-        check_loader(directory / manifest["programs"][0]["file"], index)
-    elif not verdict["loads"]:
+    if verdict.get("torch") == torch.__version__ and not verdict["loads"]:
         raise RuntimeError(f"{verdict['error']}, when the programs were built")
+    # Loaded at build time, or with another torch: this host may still differ (driver,
+    # libraries), and a crash here would take the replica down; a test process costs seconds.
+    check_loader(directory / manifest["programs"][0]["file"], index)
     programs: dict[BlockGeometry, Callable[..., Any]] = {}
     for entry in manifest["programs"]:
         fields = dict(entry["geometry"])
@@ -345,12 +384,18 @@ def install(model: torch.nn.Module, loaded: BlockPrograms) -> int:
     blocks whose geometry at the next call a program may take (all plain patched blocks)."""
 
     def run(block: Any, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor | None:
+        if block.training:
+            return None  # a program is the eval-mode body
         if not loaded.min_batch <= x.shape[0] <= loaded.max_batch:
+            loaded.calls["batch"] += 1
             return None
         program = loaded.programs.get(block_geometry(block, x, plan))
         if program is None:
+            loaded.calls["geometry"] += 1
             return None
-        return cast(torch.Tensor, program(x, block_inputs(block, plan)))
+        loaded.calls["program"] += 1
+        # the programs were exported from contiguous tokens, and assume their strides
+        return cast(torch.Tensor, program(x.contiguous(), block_inputs(block, plan)))
 
     count = 0
     for module in model.modules():

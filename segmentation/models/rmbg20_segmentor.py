@@ -145,8 +145,11 @@ class RMBG20Segmentor:
             )
         #: Steps of the fast path applied to this model (empty: the published eager code).
         self.fast_steps: tuple[str, ...] = rmbg20_fast.optimize(self.model, steps)
-        if self._programs is not None and rmbg20_blocks.install(self.model, self._programs):
-            self.fast_steps = (*self.fast_steps, rmbg20_fast.COMPILE)
+        if self._programs is not None:
+            if rmbg20_blocks.install(self.model, self._programs):
+                self.fast_steps = (*self.fast_steps, rmbg20_fast.COMPILE)
+            else:
+                self._programs = None  # loaded, but no block takes them: nothing ran
         if (
             self.compile_status is not None
             and (rmbg20_fast.COMPILE in steps or self._programs is not None)
@@ -254,7 +257,11 @@ class RMBG20Segmentor:
 
     def compile_report(self) -> dict[str, Any] | None:
         """``compile_status``, and once an artifact was loaded, Inductor's FX-graph cache
-        hits and misses since (a miss is a graph the artifact lacked, compiled here)."""
+        hits and misses since (a miss is a graph the artifact lacked, compiled here), or the
+        block calls since the programs were loaded (``program``; ``batch`` and ``geometry``:
+        the eager body, for a batch size or a geometry the programs do not take)."""
+        if self.compile_status is not None and self._programs is not None:
+            return {**self.compile_status, "block_calls": dict(self._programs.calls)}
         if self.compile_status is None or self._inductor_before is None:
             return self.compile_status
         now = compile_cache.inductor_counts()

@@ -109,6 +109,7 @@ def test_a_fresh_replica_compiles_every_graph_from_the_artifact(tmp_path: Path) 
         )
         assert warm["compile"]["artifact"] == built["programs"]
         assert not warm["inductor"], warm  # nothing traced or compiled at all
+        assert warm["compile"]["block_calls"]["program"] > 0, warm  # and the programs ran
     assert plain["compile"] is None and "compile" not in plain["inference_path"].split("+")
     compiled, uncompiled = np.load(tmp_path / "warm.npy"), np.load(tmp_path / "plain.npy")
     assert np.abs(compiled.astype(int) - uncompiled.astype(int)).max() <= 2
