@@ -178,6 +178,15 @@ def load_artifact(path: Path) -> int:
     return len(data)
 
 
+def shared_mode(mode: int) -> int:
+    """``mode`` less this process's umask: what a plain ``open`` or ``mkdir`` would give,
+    where ``mkstemp`` and ``mkdtemp`` give their owner alone (replicas may run as another
+    user than the builder)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def save_artifact(path: Path) -> int:
     """Write what this process compiled so far to ``path`` (atomically: a replica reading
     the directory never sees half a file); its size in bytes. ValueError when nothing was
@@ -191,6 +200,7 @@ def save_artifact(path: Path) -> int:
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
+        os.chmod(temporary, shared_mode(0o666))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -55,6 +55,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from segmentation.compile_cache import shared_mode
 from segmentation.models.rmbg20_fast import WindowPlan, window_plan, windowed_attention
 
 logger = logging.getLogger(__name__)
@@ -266,10 +267,7 @@ def export_programs(calls: Sequence[BlockCall], directory: Path, max_batch: int)
             "loader": loader_verdict(building / programs[0]["file"], calls[0].x.device),
         }
         (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        # mkdtemp made it private: replicas may run as another user
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(building, 0o777 & ~umask)
+        os.chmod(building, shared_mode(0o777))  # mkdtemp made it private
         old = None
         if directory.exists():
             old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))

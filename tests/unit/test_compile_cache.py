@@ -80,6 +80,7 @@ def test_an_artifact_saved_in_one_process_compiles_every_graph_in_another(tmp_pa
     built = _compile("save", artifact, tmp_path / "inductor-build")
     assert built["inductor"].get("fxgraph_cache_miss", 0) >= 1  # it did compile
     assert artifact.stat().st_size == built["saved"] > 0
+    assert artifact.stat().st_mode & 0o777 == compile_cache.shared_mode(0o666)  # not private
     assert not [p.name for p in artifact.parent.iterdir() if p != artifact]  # no temp left
     loaded = _compile("load", artifact, tmp_path / "inductor-loaded")
     assert loaded["inductor"].get("fxgraph_cache_hit", 0) >= 1, loaded
@@ -248,8 +249,9 @@ def test_a_single_frame_runs_the_blocks_uncompiled_and_a_batch_compiled() -> Non
     segmentor = published_rmbg(input_size=64, optimized=COMPILED)
     assert rmbg20_fast.COMPILE in segmentor.fast_steps
     frames = [synthetic.scene(7300 + i, 0, 96, 64).image for i in range(2)]
+    traced = counters["frames"]["ok"]  # process-wide: what ran before in this process too
     single = segmentor.predict(frames[:1])[0]
-    assert counters["frames"]["ok"] == 0  # nothing traced
+    assert counters["frames"]["ok"] == traced  # nothing traced
     pair = segmentor.predict(frames)
-    assert counters["frames"]["ok"] >= 1  # the batch of 2 ran compiled graphs
+    assert counters["frames"]["ok"] > traced  # the batch of 2 ran compiled graphs
     assert np.abs(single.astype(int) - pair[0].astype(int)).max() <= 1
