@@ -244,11 +244,11 @@ def export_programs(calls: Sequence[BlockCall], directory: Path, max_batch: int)
         raise ValueError(f"max_batch must be at least {MIN_BATCH} (a single frame runs eager)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    # (a range of one size is no dimension to export: the program takes one more)
+    batch = torch.export.Dim("batch", min=MIN_BATCH, max=max(max_batch, MIN_BATCH + 1))
     try:
         programs: list[dict[str, Any]] = []
         for call in calls:
-            # (a range of one size is no dimension to export: the program takes one more)
-            batch = torch.export.Dim("batch", min=MIN_BATCH, max=max(max_batch, MIN_BATCH + 1))
             exported = torch.export.export(
                 BlockProgram(call.geometry),
                 (call.x.contiguous(), call.inputs),

@@ -27,7 +27,7 @@ import segmentation_standins as standins
 from segmentation import compile_cache
 from segmentation.config import load_settings
 from segmentation.factory import build_segmentor
-from segmentation.models import rmbg20_fast
+from segmentation.models import rmbg20_blocks, rmbg20_fast
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation_standins import synthetic
 from tests.conftest import REPO_ROOT, RMBG_ARCH_DIR, published_rmbg
@@ -145,6 +145,22 @@ def test_an_unreadable_artifact_is_reported_and_the_model_serves_uncompiled(
     assert segmentor.compile_status["state"].startswith("not compiled: artifact unreadable")
     frame = synthetic.scene(7201, 0, 160, 120).image
     assert segmentor.predict([frame])[0].shape == (120, 160)
+
+
+def test_a_loader_test_process_that_does_not_answer_in_time_is_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test process of the block programs' loader is bounded: one that does not answer
+    (here: a bound shorter than importing torch takes) fails the programs with a message."""
+    monkeypatch.setattr(rmbg20_blocks, "PROBE_TIMEOUT_S", 0.01)
+    package = tmp_path / "any.pt2"
+    package.write_bytes(b"never read")
+    with pytest.raises(RuntimeError) as failed:
+        rmbg20_blocks.check_loader(package, -1)
+    assert str(failed.value) == (
+        f"torch {torch.__version__}'s AOTInductor loader failed on any.pt2 in a test process "
+        "(no answer within 0.01 s)"
+    )
 
 
 def test_an_artifact_for_a_model_without_swin_blocks_loads_but_says_nothing_compiled(
