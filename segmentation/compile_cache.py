@@ -259,6 +259,23 @@ def main(argv: list[str] | None = None) -> int:
         "--input-size", type=int, default=None, help="the application's rmbg input_size"
     )
     args = parser.parse_args(argv)
+    sizes = (
+        [int(size) for size in args.batch_sizes.split(",")]
+        if args.batch_sizes
+        else warmup_order(args.max_batch_size)
+    )
+    if not 1 <= min(sizes) <= max(sizes) <= args.max_batch_size:
+        parser.error(f"--batch-sizes {sizes}: each from 1 to --max-batch-size")
+    if max(sizes) < rmbg20_blocks.MIN_BATCH:
+        parser.error(
+            "--batch-sizes 1 compiles nothing (a single frame runs the blocks uncompiled): "
+            "give the sizes a replica batches, e.g. 2,4,8,16"
+        )
+    if args.ahead_of_time and rmbg20_blocks.MIN_BATCH not in sizes:
+        parser.error(
+            f"--ahead-of-time records the blocks at a batch of {rmbg20_blocks.MIN_BATCH}: "
+            "give --batch-sizes with it"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = load_settings(
         rmbg_compile=True, rmbg_optimized=True, rmbg_compile_cache=args.directory
@@ -269,11 +286,6 @@ def main(argv: list[str] | None = None) -> int:
         load_format=args.load_format,
         input_size=args.input_size,
         compile_artifacts="build",
-    )
-    sizes = (
-        [int(size) for size in args.batch_sizes.split(",")]
-        if args.batch_sizes
-        else warmup_order(args.max_batch_size)
     )
     status = getattr(segmentor, "compile_status", None) or {}
     if rmbg20_fast.COMPILE not in getattr(segmentor, "fast_steps", ()):
@@ -297,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         programs = artifact_path(args.directory, status["key"], ahead=True)
         if not calls:
             raise SystemExit(
-                "no programs to build: no plain Swin block ran at a batch of "
-                f"{rmbg20_blocks.MIN_BATCH} (--batch-sizes without it?)"
+                "no programs to build: no Swin block the programs compute ran (blocks with "
+                "other layers keep the artifact)"
             )
         rmbg20_blocks.export_programs(calls, programs, args.max_batch_size)
         built["programs"] = str(programs)

@@ -271,3 +271,36 @@ def test_a_single_frame_runs_the_blocks_uncompiled_and_a_batch_compiled() -> Non
     pair = segmentor.predict(frames)
     assert counters["frames"]["ok"] > traced  # the batch of 2 ran compiled graphs
     assert np.abs(single.astype(int) - pair[0].astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--batch-sizes", "1"],
+            "--batch-sizes 1 compiles nothing (a single frame runs the blocks uncompiled)",
+        ),
+        (["--max-batch-size", "1"], "--batch-sizes 1 compiles nothing"),
+        (
+            ["--batch-sizes", "4,8", "--ahead-of-time"],
+            "--ahead-of-time records the blocks at a batch of 2: give --batch-sizes with it",
+        ),
+        (["--batch-sizes", "2,32"], "--batch-sizes [2, 32]: each from 1 to --max-batch-size"),
+        (["--batch-sizes", "0,2"], "--batch-sizes [0, 2]: each from 1 to --max-batch-size"),
+    ],
+)
+def test_the_builder_refuses_batch_sizes_that_build_nothing_before_loading_a_model(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    options: list[str],
+    message: str,
+) -> None:
+    """Sizes that compile nothing, or no batch the programs are recorded at, are a usage
+    error at once (no model loaded, no artifact written), not a traceback after the build."""
+    monkeypatch.setenv("RMBG_MODEL", str(tmp_path / "no-model-here"))
+    with pytest.raises(SystemExit) as refused:
+        compile_cache.main([str(tmp_path / "artifacts"), *options])
+    assert refused.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "artifacts").exists()
