@@ -56,7 +56,13 @@ import torch
 import torch.nn.functional as F
 
 from segmentation.compile_cache import shared_mode
-from segmentation.models.rmbg20_fast import WindowPlan, window_plan, windowed_attention
+from segmentation.models.rmbg20_fast import (
+    WindowPlan,
+    token_order,
+    window_plan,
+    window_tokens,
+    windowed_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,21 +173,19 @@ def block_tensors(
     """The fast path's Swin block body (``rmbg20_fast._swin_block_body``) over plain tensors."""
     to_windows, from_windows, bias, n1w, n1b, qkv_w, qkv_b, proj_w, proj_b = inputs[:9]
     n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b = inputs[9:]
-    batch, _, channels = x.shape
-    height, width = geometry.height, geometry.width
-    hp, wp = geometry.padded
-    tokens = F.layer_norm(x, (channels,), n1w, n1b, geometry.eps)
-    if (hp, wp) != (height, width):
-        tokens = F.pad(
-            tokens.view(batch, height, width, channels), (0, 0, 0, wp - width, 0, hp - height)
-        )
-    windows = tokens.reshape(batch, hp * wp, channels).index_select(1, to_windows)
-    windows = windows.view(-1, geometry.window**2, channels)
+    channels = x.shape[-1]
+    windows = window_tokens(
+        F.layer_norm(x, (channels,), n1w, n1b, geometry.eps),
+        geometry.height,
+        geometry.width,
+        geometry.padded,
+        to_windows,
+        geometry.window,
+    )
     attended = windowed_attention(
         F.linear(windows, qkv_w, qkv_b), bias, geometry.heads, geometry.scale
     )
-    attended = F.linear(attended, proj_w, proj_b).view(batch, hp * wp, channels)
-    x = x + attended.index_select(1, from_windows)
+    x = x + token_order(F.linear(attended, proj_w, proj_b), x.shape[0], from_windows)
     hidden = F.gelu(F.linear(F.layer_norm(x, (channels,), n2w, n2b, geometry.eps), fc1_w, fc1_b))
     return x + F.linear(hidden, fc2_w, fc2_b)
 

@@ -331,18 +331,35 @@ def _swin_block_body(
     bias: torch.Tensor,
 ) -> torch.Tensor:
     """The arithmetic of ``SwinTransformerBlock.forward``, tokens moved by two gathers."""
-    batch, _, channels = x.shape
+    windows = window_tokens(block.norm1(x), height, width, padded, to_windows, block.window_size)
+    attended = block.attn(windows, attn_bias=bias)
+    x = x + block.drop_path(token_order(attended, x.shape[0], from_windows))
+    return x + block.drop_path(block.mlp(block.norm2(x)))
+
+
+def window_tokens(
+    tokens: torch.Tensor,
+    height: int,
+    width: int,
+    padded: tuple[int, int],
+    to_windows: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """A block's normalised tokens ``[B, H*W, C]``, padded to whole windows and gathered
+    window by window (the shift included): ``[B*nW, window*window, C]``."""
+    batch, _, channels = tokens.shape
     hp, wp = padded
-    tokens = block.norm1(x)
     if (hp, wp) != (height, width):
         tokens = F.pad(
             tokens.view(batch, height, width, channels), (0, 0, 0, wp - width, 0, hp - height)
         )
     windows = tokens.reshape(batch, hp * wp, channels).index_select(1, to_windows)
-    size = block.window_size
-    attended = block.attn(windows.view(-1, size * size, channels), attn_bias=bias)
-    x = x + block.drop_path(attended.view(batch, hp * wp, channels).index_select(1, from_windows))
-    return x + block.drop_path(block.mlp(block.norm2(x)))
+    return windows.view(-1, window * window, channels)
+
+
+def token_order(windows: torch.Tensor, batch: int, from_windows: torch.Tensor) -> torch.Tensor:
+    """:func:`window_tokens` undone on the attention's output: ``[B, H*W, C]``."""
+    return windows.reshape(batch, -1, windows.shape[-1]).index_select(1, from_windows)
 
 
 def _swin_block(self: Any, x: torch.Tensor, mask_matrix: Any = None) -> torch.Tensor:
