@@ -128,15 +128,19 @@ def scale_config(
     on_gpus: bool = True,
     segmentor_args: dict[str, Any] | None = None,
     yolo_per_gpu: int = 1,
+    router_args: dict[str, Any] | None = None,
 ) -> None:
     """``count`` cards' segmentors (one RMBG-2.0 and ``yolo_per_gpu`` YOLO per card) and
-    ``routers`` routers; ``segmentor_args`` set on both segmentors (e.g. ``decode_ahead``)."""
+    ``routers`` routers; ``segmentor_args`` set on both segmentors (e.g. ``decode_ahead``),
+    ``router_args`` on the routers."""
     app = config["applications"][0]
     if "rmbg" in app["args"] and rmbg_dir:
         app["args"]["rmbg"]["model"] = str(Path(rmbg_dir).resolve())
     for model in ("rmbg", "yolo"):
         if model in app["args"]:
             app["args"][model].update(segmentor_args or {})
+    if router_args:
+        app["args"].setdefault("router", {}).update(router_args)
     for deployment in app["deployments"]:
         deployment.pop("autoscaling_config", None)
         if deployment["name"] == "Router":
@@ -157,13 +161,13 @@ def spread_over_nodes(config: dict[str, Any], nodes: int) -> None:
             deployment["max_surge_percent"] = 0  # a card has no room for a second replica
 
 
-def parse_assignments(items: list[str]) -> dict[str, Any]:
+def parse_assignments(items: list[str], option: str = "--segmentor-arg") -> dict[str, Any]:
     """``["decode_ahead=true"]`` -> ``{"decode_ahead": True}`` (values read as YAML)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--segmentor-arg {item!r}: expected KEY=VALUE")
+            raise SystemExit(f"{option} {item!r}: expected KEY=VALUE")
         out[key] = yaml.safe_load(value)
     return out
 
@@ -447,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         help="set a SegmentorArgs field on both segmentors (YAML value), e.g. decode_ahead=true",
     )
     parser.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a RouterArgs field (YAML value), e.g. heap_keep_mib=0",
+    )
+    parser.add_argument(
         "--nodes",
         type=int,
         default=1,
@@ -465,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.yolo_per_gpu < 1:
         parser.error("--yolo-per-gpu takes 1 or more")
     segmentor_args = parse_assignments(args.segmentor_arg)
+    router_args = parse_assignments(args.router_arg, "--router-arg")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     frame_size = (1920, 1080)
     if args.frame_size:
@@ -508,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                     not args.no_gpu,
                     segmentor_args,
                     args.yolo_per_gpu,
+                    router_args,
                 )
                 if args.nodes > 1:
                     spread_over_nodes(config, args.nodes)
@@ -557,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                             not args.no_gpu,
                             segmentor_args,
                             args.yolo_per_gpu,
+                            router_args,
                         )
                         cluster.deploy(config, f"n{gpus}.yaml")
                         wait_for_replicas(cluster, gpus, layout=layout)

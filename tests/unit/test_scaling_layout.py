@@ -30,7 +30,16 @@ def test_exactly_n_yolo_replicas_fit_beside_rmbg_on_a_card(each: int) -> None:
 
 def test_the_config_gets_each_cards_replicas_and_their_shares() -> None:
     config = yaml.safe_load(CONFIG.read_text())
-    scale_config(config, 4, 10, "", True, {"decode_ahead": True}, yolo_per_gpu=2)
+    scale_config(
+        config,
+        4,
+        10,
+        "",
+        True,
+        {"decode_ahead": True},
+        yolo_per_gpu=2,
+        router_args={"heap_keep_mib": 0},
+    )
     app = config["applications"][0]
     layout = {
         d["name"]: (d["num_replicas"], (d.get("ray_actor_options") or {}).get("num_gpus"))
@@ -40,6 +49,8 @@ def test_the_config_gets_each_cards_replicas_and_their_shares() -> None:
     assert layout["YoloDeployment"] == (8, 0.2)
     assert layout["Router"][0] == 10
     assert app["args"]["yolo"]["decode_ahead"] is True
+    assert app["args"]["router"]["heap_keep_mib"] == 0
+    assert app["args"]["router"]["max_frames_per_request"] == 256  # the file's own kept
     one = segmentor_cpus(str(CONFIG))
     two = segmentor_cpus(str(CONFIG), 2)
     yolo_cpus = next(
