@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="set a RouterArgs field (YAML value), e.g. heap_keep_mib=0",
+        help="set a RouterArgs field (YAML value), e.g. max_inflight_frames=2048",
     )
     parser.add_argument(
         "--nodes",

@@ -13,18 +13,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _heap_keep_mib() -> Any:
-    return Field(
-        256,
-        ge=0,
-        le=1024,
-        description="MiB of freed memory this process keeps in its heap for the next request's "
-        "buffers (bodies, pickled calls, frames: megabytes each), instead of returning it to "
-        "the kernel and faulting fresh pages in again; buffers under 32 MiB come from the "
-        "heap. 0: the C library's defaults (glibc only: elsewhere nothing changes).",
-    )
-
-
 class BatchConfig(_Strict):
     """A segmentor deployment's ``user_config``: changes apply live, without a restart."""
 
@@ -92,7 +80,6 @@ class SegmentorArgs(_Strict):
         "nvJPEG on the device as their batch runs; other images are decoded on this "
         "replica's codec threads.",
     )
-    heap_keep_mib: int = _heap_keep_mib()
     decode_ahead: bool = Field(
         False,
         description="With device JPEG decoding: decode the next batch's JPEGs on a thread and "
@@ -156,7 +143,6 @@ class SegmentorArgs(_Strict):
 class RouterArgs(_Strict):
     """Limits and options of the HTTP router."""
 
-    heap_keep_mib: int = _heap_keep_mib()
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 above)."
     )

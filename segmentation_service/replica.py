@@ -72,7 +72,7 @@ from segmentation_service.config import BatchConfig, SegmentorArgs
 from segmentation_service.errors import http_status
 from segmentation_service.faults import with_faults
 from segmentation_service.metrics import SegmentorMetrics
-from segmentation_service.resources import codec_threads, keep_heap
+from segmentation_service.resources import codec_threads
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -110,7 +110,6 @@ class SegmentorReplica:
     def __init__(self, args: dict[str, Any] | SegmentorArgs | None = None) -> None:
         self._created = time.monotonic()
         self.args = SegmentorArgs.model_validate(args or {})
-        keep_heap(self.args.heap_keep_mib)
         settings = load_settings()
         self.segmentor = self.load(self.args, settings)
         #: Seconds from the replica's construction: model loaded, first batch config

@@ -57,7 +57,7 @@ from segmentation_service.errors import (
 )
 from segmentation_service.inputs import Charge, read_form_files, read_image
 from segmentation_service.metrics import StageTotals
-from segmentation_service.resources import codec_threads, keep_heap
+from segmentation_service.resources import codec_threads
 from segmentation_service.schemas import (
     Error,
     ErrorBody,
@@ -453,7 +453,6 @@ class Router:
         self.rmbg = rmbg
         self.yolo = yolo
         self.args = RouterArgs.model_validate(args or {})
-        keep_heap(self.args.heap_keep_mib)
         self.api_key = load_api_key(self.args.api_key_env)  # fails closed: see auth.py
         self.stages = StageTotals()
         self.budget = FrameBudget(

@@ -38,7 +38,7 @@ def test_the_config_gets_each_cards_replicas_and_their_shares() -> None:
         True,
         {"decode_ahead": True},
         yolo_per_gpu=2,
-        router_args={"heap_keep_mib": 0},
+        router_args={"max_frames_per_request": 64},
     )
     app = config["applications"][0]
     layout = {
@@ -49,8 +49,8 @@ def test_the_config_gets_each_cards_replicas_and_their_shares() -> None:
     assert layout["YoloDeployment"] == (8, 0.2)
     assert layout["Router"][0] == 10
     assert app["args"]["yolo"]["decode_ahead"] is True
-    assert app["args"]["router"]["heap_keep_mib"] == 0
-    assert app["args"]["router"]["max_frames_per_request"] == 256  # the file's own kept
+    assert app["args"]["router"]["max_frames_per_request"] == 64
+    assert app["args"]["router"]["max_body_bytes"] == 104857600  # the file's own kept
     one = segmentor_cpus(str(CONFIG))
     two = segmentor_cpus(str(CONFIG), 2)
     yolo_cpus = next(
