@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +12,17 @@ import torch
 from segmentation.batching import is_oom
 from segmentation.errors import InvalidImageError
 from segmentation.imaging import EncodedImage
+
+# The decoders read each image's bytes in place: torch.frombuffer warns (once a process) that
+# they are read-only, which only matters to a writer. Copying them into a bytearray first, as
+# this did, was 8.6% of a YOLO replica's samples (py-spy) on a busy four-card host
+# (docs/benchmarks.md, "Four H200s with two YOLO replicas a card").
+warnings.filterwarnings(
+    "ignore",
+    message="The given buffer is not writable",
+    category=UserWarning,
+    module=re.escape(__name__) + "$",
+)
 
 
 def decode_jpegs_on(device: torch.device, jpegs: Sequence[EncodedImage]) -> list[Any]:
@@ -22,7 +35,7 @@ def decode_jpegs_on(device: torch.device, jpegs: Sequence[EncodedImage]) -> list
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    tensors = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
+    tensors = [torch.frombuffer(j.data, dtype=torch.uint8) for j in jpegs]
     try:
         return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
     except RuntimeError as exc:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from PIL import Image
 
 from segmentation.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
 from segmentation.imaging import decode_image
-from tests.conftest import encode, product_frame
+from tests.conftest import REPO_ROOT, encode, product_frame
 
 
 def _save(image: Image.Image, fmt: str, **params: object) -> bytes:
@@ -279,3 +282,32 @@ def test_probing_a_png_reads_its_header_and_never_its_pixels() -> None:
         probed = probe_image(_save(rotated, fmt, exif=exif))
         assert (probed.width, probed.height) == (20, 40), fmt  # shown a quarter turned
         assert decode_image(_save(rotated, fmt, exif=exif)).shape[:2] == (40, 20), fmt
+
+
+def test_device_decode_reads_the_bytes_in_place_without_a_warning_escaping(tmp_path: Path) -> None:
+    """The JPEGs are not copied to make them writable: the read-only buffer's warning is
+    silenced at this call site, so a process that turns warnings into errors still decodes,
+    the bytes stay as they were, and the images decode as libjpeg decodes them."""
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from segmentation.device_decode import decode_jpegs_on\n"
+        "from segmentation.imaging import EncodedImage, decode_image\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = bytes(bytearray(data))\n"
+        "out = decode_jpegs_on(torch.device('cpu'), [EncodedImage(data, 64, 48)] * 2)\n"
+        "assert data == before\n"
+        "ref = decode_image(data).astype(int)\n"
+        "print(max(int(np.abs(o.permute(1, 2, 0).numpy().astype(int) - ref).max()) for o in out))\n"
+    )
+    path = tmp_path / "frame.jpg"
+    path.write_bytes(encode(product_frame(64, 48, seed=3), "JPEG"))
+    done = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.strip().splitlines()[-1]) <= 2
