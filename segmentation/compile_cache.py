@@ -259,27 +259,34 @@ def main(argv: list[str] | None = None) -> int:
         "--input-size", type=int, default=None, help="the application's rmbg input_size"
     )
     args = parser.parse_args(argv)
-    sizes = (
-        [int(size) for size in args.batch_sizes.split(",")]
-        if args.batch_sizes
-        else warmup_order(args.max_batch_size)
-    )
+    try:
+        sizes = (
+            [int(size) for size in args.batch_sizes.split(",")]
+            if args.batch_sizes
+            else warmup_order(args.max_batch_size)
+        )
+    except ValueError:
+        parser.error(f"--batch-sizes {args.batch_sizes!r}: comma-separated integers, e.g. 1,16,8")
     if not 1 <= min(sizes) <= max(sizes) <= args.max_batch_size:
         parser.error(f"--batch-sizes {sizes}: each from 1 to --max-batch-size")
     if max(sizes) < rmbg20_blocks.MIN_BATCH:
         parser.error(
-            "--batch-sizes 1 compiles nothing (a single frame runs the blocks uncompiled): "
-            "give the sizes a replica batches, e.g. 2,4,8,16"
-        )
-    if args.ahead_of_time and rmbg20_blocks.MIN_BATCH not in sizes:
-        parser.error(
-            f"--ahead-of-time records the blocks at a batch of {rmbg20_blocks.MIN_BATCH}: "
-            "give --batch-sizes with it"
+            f"{'--batch-sizes' if args.batch_sizes else '--max-batch-size'} 1 compiles nothing "
+            "(a single frame runs the blocks uncompiled)"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = load_settings(
         rmbg_compile=True, rmbg_optimized=True, rmbg_compile_cache=args.directory
     )
+    ahead = args.ahead_of_time and ahead_of_time(settings.linear_format)
+    if args.ahead_of_time and not ahead:
+        logger.warning("--ahead-of-time: FP8 and INT8 linear layers use the artifact only")
+    if ahead and rmbg20_blocks.MIN_BATCH not in sizes:
+        parser.error(
+            f"--ahead-of-time records the blocks at a batch of {rmbg20_blocks.MIN_BATCH}: "
+            f"include {rmbg20_blocks.MIN_BATCH} in --batch-sizes, or leave them out (a "
+            "replica's warm-up order)"
+        )
     segmentor = build_segmentor(
         "rmbg",
         settings,
@@ -293,9 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     side = args.input_size or settings.rmbg_input_size
     frame = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
     path = Path(status["artifact"])
-    ahead = args.ahead_of_time and ahead_of_time(settings.linear_format)
-    if args.ahead_of_time and not ahead:
-        logger.warning("--ahead-of-time: FP8 and INT8 linear layers use the artifact only")
     calls: list[rmbg20_blocks.BlockCall] = []
     with contextlib.ExitStack() as stack:
         if ahead:

@@ -14,8 +14,8 @@ from segmentation.errors import InvalidImageError
 from segmentation.imaging import EncodedImage
 
 # The decoders read each image's bytes in place: torch.frombuffer warns (once a process) that
-# they are read-only, which only matters to a writer. Copying them into a bytearray first, as
-# this did, was 8.6% of a YOLO replica's samples (py-spy) on a busy four-card host
+# they are read-only, which only matters to a writer. The copy into a bytearray this made
+# first: its line was 8.6% of a YOLO replica's samples (py-spy) on a busy four-card host
 # (docs/benchmarks.md, "Four H200s with two YOLO replicas a card").
 warnings.filterwarnings(
     "ignore",

@@ -280,13 +280,14 @@ def test_a_single_frame_runs_the_blocks_uncompiled_and_a_batch_compiled() -> Non
             ["--batch-sizes", "1"],
             "--batch-sizes 1 compiles nothing (a single frame runs the blocks uncompiled)",
         ),
-        (["--max-batch-size", "1"], "--batch-sizes 1 compiles nothing"),
+        (["--max-batch-size", "1"], "--max-batch-size 1 compiles nothing"),
         (
             ["--batch-sizes", "4,8", "--ahead-of-time"],
-            "--ahead-of-time records the blocks at a batch of 2: give --batch-sizes with it",
+            "--ahead-of-time records the blocks at a batch of 2: include 2 in --batch-sizes",
         ),
         (["--batch-sizes", "2,32"], "--batch-sizes [2, 32]: each from 1 to --max-batch-size"),
         (["--batch-sizes", "0,2"], "--batch-sizes [0, 2]: each from 1 to --max-batch-size"),
+        (["--batch-sizes", "2,,4"], "--batch-sizes '2,,4': comma-separated integers"),
     ],
 )
 def test_the_builder_refuses_batch_sizes_that_build_nothing_before_loading_a_model(

@@ -285,17 +285,14 @@ def test_probing_a_png_reads_its_header_and_never_its_pixels() -> None:
 
 
 def test_device_decode_reads_the_bytes_in_place_without_a_warning_escaping(tmp_path: Path) -> None:
-    """The JPEGs are not copied to make them writable: the read-only buffer's warning is
-    silenced at this call site, so a process that turns warnings into errors still decodes,
-    the bytes stay as they were, and the images decode as libjpeg decodes them."""
+    """The read-only buffer's warning is silenced at the decoder's call site, so a process
+    that turns warnings into errors still decodes, as libjpeg decodes."""
     script = (
         "import sys, numpy as np, torch\n"
         "from segmentation.device_decode import decode_jpegs_on\n"
         "from segmentation.imaging import EncodedImage, decode_image\n"
         "data = open(sys.argv[1], 'rb').read()\n"
-        "before = bytes(bytearray(data))\n"
         "out = decode_jpegs_on(torch.device('cpu'), [EncodedImage(data, 64, 48)] * 2)\n"
-        "assert data == before\n"
         "ref = decode_image(data).astype(int)\n"
         "print(max(int(np.abs(o.permute(1, 2, 0).numpy().astype(int) - ref).max()) for o in out))\n"
     )
@@ -311,3 +308,32 @@ def test_device_decode_reads_the_bytes_in_place_without_a_warning_escaping(tmp_p
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.strip().splitlines()[-1]) <= 2
+
+
+def test_device_decode_hands_the_decoder_each_images_own_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No copy before the decoder: the tensor each JPEG is read through is made on that
+    image's own bytes object (``torch.frombuffer`` observed, still doing its work)."""
+    import torch
+
+    from segmentation.device_decode import decode_jpegs_on
+    from segmentation.imaging import EncodedImage
+
+    buffers: list[object] = []
+    real = torch.frombuffer
+
+    def observed(buffer: object, *args: object, **kwargs: object) -> torch.Tensor:
+        buffers.append(buffer)
+        return real(buffer, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "frombuffer", observed)
+    images = [
+        EncodedImage(encode(product_frame(64, 48, seed=seed), "JPEG"), 64, 48) for seed in (3, 4)
+    ]
+    out = decode_jpegs_on(torch.device("cpu"), images)
+    assert len(buffers) == 2
+    assert all(seen is image.data for seen, image in zip(buffers, images, strict=True))
+    for image, tensor in zip(images, out, strict=True):
+        reference = decode_image(image.data).astype(int)
+        assert np.abs(tensor.permute(1, 2, 0).numpy().astype(int) - reference).max() <= 2
