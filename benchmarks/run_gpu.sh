@@ -37,6 +37,9 @@
 #            stand-in on product shots; RMBG-2.0 with the default (about 7 minutes)
 #   scaling  every card of the machine (4,2,1): both models, both transports, p99 at half
 #            capacity, the default layout (two YOLO a card) (about 6 minutes on 4 cards)
+#   profile  all cards at once: both models over HTTP in 14-second windows, py-spy for 8 s on
+#            two Routers and the busiest replica of each (profile.json; the stacks in
+#            profiles.tar.gz) (about 4 minutes)
 # Logs and JSON land in RESULTS_DIR (default bench-results/). Needs the published RMBG-2.0 code
 # in third_party/rmbg20 (or RMBG_ARCH_DIR) and, on an offline machine, the carried packages
 # (source .device-site/setup.sh first). Exact commands and what each part needs: docs/gpu.md.
@@ -158,6 +161,13 @@ if run scaling; then
     counts=$(for n in 8 4 2 1; do ((n <= cards)) && printf '%s,' "$n"; done)
     step scaling.log 590 "${trained_scaling[@]}" --gpus "${counts%,}" \
         --scenarios rmbg,yolo-frames --duration 4 --out "$out/scaling.json"
+fi
+if run profile; then
+    cards=$(nvidia-smi -L | wc -l)
+    step profile.log 400 "${trained_scaling[@]}" --gpus "$cards" --transports http \
+        --scenarios yolo-frames,rmbg --duration 14 --profile 8 --profile-dir "$out/profiles" \
+        --out "$out/profile.json"
+    tar -czf "$out/profiles.tar.gz" -C "$out" profiles && rm -rf "$out/profiles"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true
 exit $status

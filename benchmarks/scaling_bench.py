@@ -82,6 +82,7 @@ from benchmarks.fleet import run_fleet
 from benchmarks.frames import FRAME_SOURCES
 from benchmarks.ingress import PACK_SCHEDULING, VARIANTS, direct_targets, ingress_env
 from benchmarks.load_test import run_load
+from benchmarks.py_spy import LoadProfile
 from benchmarks.replica_stages import per_frame_ms
 from tests.conftest import REPO_ROOT
 from tests.serve_cluster import Cluster, WorkerNode, node_cards, running_cluster, start_worker
@@ -315,6 +316,10 @@ def measure(
                 continue
             expected = {kind: max(1, gpus) * each for kind, each in layout.items()}
             before = replicas(cluster.url, expected)
+            profile = None
+            if args.profile:
+                where = Path(args.profile_dir) / f"{scenario_name}-{transport}-{gpus}gpu"
+                profile = LoadProfile(scenario.model, where, seconds=args.profile).start()
             cpu_before, started = process_cpu.sample(), time.monotonic()
             result = run_fleet(
                 targets[transport],
@@ -356,6 +361,8 @@ def measure(
                 replicas=found,
                 placement_problems=[] if args.no_gpu else placement_problems(found, gpus, layout),
             )
+            if profile is not None:
+                result["profile"] = profile.finish()
             if args.half_capacity and result.get("steady_frames_per_s"):
                 result["half_capacity"] = half_capacity(
                     targets[transport], scenario, result["steady_frames_per_s"], args, frame_size
@@ -451,6 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         help="set a SegmentorArgs field on both segmentors (YAML value), e.g. decode_ahead=true",
     )
     parser.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="py-spy on two Routers and the busiest replica under load for SECONDS in every "
+        "run (shorter than --duration); summaries in the report, stacks in --profile-dir",
+    )
+    parser.add_argument("--profile-dir", default="profiles", help="where the stacks go")
+    parser.add_argument(
         "--router-arg",
         action="append",
         default=[],
@@ -475,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.yolo_per_gpu < 1:
         parser.error("--yolo-per-gpu takes 1 or more")
+    if args.profile and not 0 < args.profile < args.duration:
+        parser.error("--profile SECONDS: more than 0 and less than --duration")
     segmentor_args = parse_assignments(args.segmentor_arg)
     router_args = parse_assignments(args.router_arg, "--router-arg")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
