@@ -40,6 +40,10 @@
 #   profile  all cards at once: both models over HTTP in 14-second windows, py-spy for 8 s on
 #            two Routers and the busiest replica of each (profile.json; the stacks in
 #            profiles.tar.gz) (about 4 minutes)
+#   yolo-variants  all cards at once, YOLO over both transports, one machine: the default
+#            layout, then nvJPEG's host side on a thread of its own (decode_ahead), then three
+#            YOLO replicas a card: what moves the wall of the YOLO replicas' host work
+#            (about 8 minutes on 4 cards)
 # Logs and JSON land in RESULTS_DIR (default bench-results/). Needs the published RMBG-2.0 code
 # in third_party/rmbg20 (or RMBG_ARCH_DIR) and, on an offline machine, the carried packages
 # (source .device-site/setup.sh first). Exact commands and what each part needs: docs/gpu.md.
@@ -161,6 +165,16 @@ if run scaling; then
     counts=$(for n in 8 4 2 1; do ((n <= cards)) && printf '%s,' "$n"; done)
     step scaling.log 590 "${trained_scaling[@]}" --gpus "${counts%,}" \
         --scenarios rmbg,yolo-frames --duration 4 --out "$out/scaling.json"
+fi
+if run yolo-variants; then
+    cards=$(nvidia-smi -L | wc -l)
+    yolo_all=(python3 -m benchmarks.scaling_bench --config configs/gpu-bench-trained.yaml
+        --frames synthetic --ingress haproxy-throughput --transports http,grpc --gpus "$cards"
+        --scenarios yolo-frames --duration 6)
+    step yolo-variants.log 190 "${yolo_all[@]}" --out "$out/yolo-default.json"
+    step yolo-variants.log 190 "${yolo_all[@]}" --segmentor-arg decode_ahead=true \
+        --out "$out/yolo-decode-ahead.json"
+    step yolo-variants.log 190 "${yolo_all[@]}" --yolo-per-gpu 3 --out "$out/yolo-3-a-card.json"
 fi
 if run profile; then
     cards=$(nvidia-smi -L | wc -l)
