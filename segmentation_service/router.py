@@ -819,8 +819,8 @@ class Router:
 
     async def _probe_all(self, files: Sequence[bytes]) -> list[Any]:
         """Each file's checked header, or its own error in its place: all of them in one
-        call off the event loop (a thread hop a request, not one a frame: 0.8 instead of
-        1.3-1.5 CPU-ms for 16 1080p JPEGs on the 2-core VM)."""
+        call off the event loop, a thread hop a request instead of one a frame (docs/
+        benchmarks.md, "The Router's header probes in one call")."""
         return await self._run_codec(probe_images, files, self.args.max_pixels)
 
     def _admit_all(
