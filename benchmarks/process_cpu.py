@@ -57,13 +57,13 @@ def sample() -> dict[int, tuple[str, float]]:
 
 def _used(
     before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
-) -> list[tuple[str, float]]:
-    """(kind, CPU seconds used between the samples) of each process of the later sample; one
-    that started in between counts from zero."""
-    return [
-        (kind, max(0.0, now - before.get(pid, (kind, 0.0))[1]))
+) -> dict[int, tuple[str, float]]:
+    """pid -> (kind, CPU seconds used between the samples) of each process of the later
+    sample; one that started in between counts from zero."""
+    return {
+        pid: (kind, max(0.0, now - before.get(pid, (kind, 0.0))[1]))
         for pid, (kind, now) in after.items()
-    ]
+    }
 
 
 def cpu_ms_per_frame(
@@ -72,7 +72,7 @@ def cpu_ms_per_frame(
     """CPU-ms per answered frame of each kind between two samples, and the processes seen."""
     seconds: dict[str, float] = {}
     processes: dict[str, int] = {}
-    for kind, used in _used(before, after):
+    for kind, used in _used(before, after).values():
         seconds[kind] = seconds.get(kind, 0.0) + used
         processes[kind] = processes.get(kind, 0) + 1
     return {
@@ -85,6 +85,16 @@ def cpu_ms_per_frame(
     }
 
 
+def cores(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], window_s: float
+) -> dict[int, tuple[str, float]]:
+    """pid -> (kind, cores it used over the window) of each process of the later sample."""
+    return {
+        pid: (kind, used / max(1e-9, window_s))
+        for pid, (kind, used) in _used(before, after).items()
+    }
+
+
 def busiest_cores(
     before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], window_s: float
 ) -> dict[str, float]:
@@ -92,8 +102,8 @@ def busiest_cores(
     one core (its interpreter) or a kind whose busiest process is far above its mean says
     where a run saturates."""
     busiest: dict[str, float] = {}
-    for kind, used in _used(before, after):
-        busiest[kind] = max(busiest.get(kind, 0.0), round(used / max(1e-9, window_s), 2))
+    for kind, used in cores(before, after, window_s).values():
+        busiest[kind] = max(busiest.get(kind, 0.0), round(used, 2))
     return dict(sorted(busiest.items()))
 
 

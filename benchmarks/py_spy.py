@@ -28,10 +28,10 @@ RATE = 250
 
 def _cores_by_pid(kind: str, interval: float) -> dict[int, float]:
     """Cores each process of ``kind`` used over the next ``interval`` seconds."""
-    before = {pid: cpu for pid, (k, cpu) in process_cpu.sample().items() if k == kind}
+    before = process_cpu.sample()
     time.sleep(interval)
-    after = {pid: cpu for pid, (k, cpu) in process_cpu.sample().items() if k == kind}
-    return {pid: (after[pid] - before[pid]) / interval for pid in before if pid in after}
+    used = process_cpu.cores(before, process_cpu.sample(), interval)
+    return {pid: cores for pid, (k, cores) in used.items() if k == kind}
 
 
 class LoadProfile:

@@ -140,8 +140,9 @@ if run precision; then
     step precision.log 600 python3 -m benchmarks.precision_bench --graphs \
         --out "$out/precision-graphs.json" --table "$out/precision-graphs.md"
 fi
-trained_scaling=(python3 -m benchmarks.scaling_bench --config configs/gpu-bench-trained.yaml
-    --frames synthetic --ingress haproxy-throughput --transports http,grpc --half-capacity)
+trained_load=(python3 -m benchmarks.scaling_bench --config configs/gpu-bench-trained.yaml
+    --frames synthetic --ingress haproxy-throughput --transports http,grpc)
+trained_scaling=("${trained_load[@]}" --half-capacity)
 if run data-path; then
     step data-path.log 240 python3 -m pytest -m gpu tests/gpu/test_transfer_gpu.py \
         tests/gpu/test_serve_gpu.py tests/gpu/test_yolo_masks_gpu.py -s -p no:cacheprovider \
@@ -168,9 +169,7 @@ if run scaling; then
 fi
 if run yolo-variants; then
     cards=$(nvidia-smi -L | wc -l)
-    yolo_all=(python3 -m benchmarks.scaling_bench --config configs/gpu-bench-trained.yaml
-        --frames synthetic --ingress haproxy-throughput --transports http,grpc --gpus "$cards"
-        --scenarios yolo-frames --duration 6)
+    yolo_all=("${trained_load[@]}" --gpus "$cards" --scenarios yolo-frames --duration 6)
     step yolo-variants.log 190 "${yolo_all[@]}" --out "$out/yolo-default.json"
     step yolo-variants.log 190 "${yolo_all[@]}" --segmentor-arg decode_ahead=true \
         --out "$out/yolo-decode-ahead.json"

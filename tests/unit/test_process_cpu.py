@@ -18,6 +18,13 @@ def test_cores_of_the_busiest_process_of_each_kind_over_a_window() -> None:
         "router": 0.9,
         "yolo": 1.4,
     }
+    cores = process_cpu.cores(before, after, 4.0)
+    assert {pid: (kind, round(used, 6)) for pid, (kind, used) in cores.items()} == {
+        1: ("router", 0.5),
+        2: ("router", 0.9),
+        3: ("yolo", 1.4),
+        4: ("haproxy", 0.1),
+    }
     per_frame = process_cpu.cpu_ms_per_frame(before, after, 100)
     assert per_frame["cpu_ms_per_frame"] == {"haproxy": 4.0, "router": 56.0, "yolo": 56.0}
     assert per_frame["processes"] == {"haproxy": 1, "router": 2, "yolo": 1}
