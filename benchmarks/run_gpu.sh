@@ -7,9 +7,9 @@
 #   service  service-level benchmark (the Serve app under load)
 #   trained  YOLO trained stand-in on synthetic product shots: model rows, FP16-vs-FP32
 #            quality test, GPU RLE test (about 3 minutes)
-#   compile  RMBG-2.0 fast path with the Swin blocks compiled: a cold compile, then a second
-#            process on the same Inductor cache (TORCHINDUCTOR_CACHE_DIR, a fresh one per
-#            run unless set) (up to 6 minutes)
+#   compile  RMBG-2.0 fast path with the Swin blocks compiled, the decoder compiled, and both:
+#            a cold compile, then a second process on the same Inductor cache
+#            (TORCHINDUCTOR_CACHE_DIR, a fresh one per run unless set) (up to 10 minutes)
 #   paths    the service with RMBG-2.0 eager vs optimized (about 4 minutes)
 #   trained-service  the service's YOLO scenarios with the trained stand-in on synthetic
 #            product shots (about 3 minutes)
@@ -81,12 +81,12 @@ if run trained; then
 fi
 if run compile; then
     export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d /tmp/inductor-XXXX)}"
-    variants="sdpa+windows+decoder+graphs,sdpa+windows+decoder+compile+graphs"
-    for start in cold warm; do
-        step compile.log 240 python3 -m benchmarks.model_bench --rmbg-fast --compile \
-            --fast-variants "$variants" --fast-batches 16 --out "$out/compile-$start.json"
-        variants="sdpa+windows+decoder+compile+graphs"
-    done
+    fast="sdpa+windows+decoder+deform"
+    compiled="$fast+compile+graphs,$fast+compile-decoder+graphs,$fast+compile+compile-decoder+graphs"
+    step compile.log 400 python3 -m benchmarks.model_bench --rmbg-fast --compile \
+        --fast-variants "$fast+graphs,$compiled" --fast-batches 16 --out "$out/compile-cold.json"
+    step compile.log 180 python3 -m benchmarks.model_bench --rmbg-fast --compile \
+        --fast-variants "$compiled" --fast-batches 16 --out "$out/compile-warm.json"
 fi
 if run paths; then
     step paths.log 300 python3 -m benchmarks.service_bench --scenarios rmbg \

@@ -42,6 +42,12 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
     size symbolic; a single frame and an FP32 recompute run the eager body (a batch of 1
     would trace and compile a second graph of every geometry: half of what a replica
     compiles, or loads from an artifact, at start-up, for calls bound by their launches).
+``compile-decoder``
+    Optional, measured only (``benchmarks.model_bench --compile``): ``torch.compile`` of the
+    whole decoder (its upsampling, gradient attention, lateral sums and the deformable
+    convolutions' sampling), static shapes, one graph per batch size; a single frame and an
+    FP32 recompute run it eagerly. Not a serving setting: a replica would compile it per batch
+    bucket at start-up.
 """
 
 from __future__ import annotations
@@ -65,10 +71,11 @@ WINDOWS = "windows"
 DECODER = "decoder"
 DEFORM = "deform"
 COMPILE = "compile"
+COMPILE_DECODER = "compile-decoder"
 #: The steps :func:`optimize` applies unless told otherwise (compile is opt-in: see
 #: docs/benchmarks.md for its cold start).
 DEFAULT_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM)
-ALL_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, COMPILE)
+ALL_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, COMPILE, COMPILE_DECODER)
 
 _Cache = dict[tuple[Any, ...], Any]
 
@@ -88,6 +95,7 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
         wanted.add(SDPA)  # the window gather hands the attention its prebuilt bias
     dtype = next(model.parameters()).dtype
     applied: dict[str, int] = {step: 0 for step in ALL_STEPS}
+    decoders: list[torch.nn.Module] = []
     for module in model.modules():
         kind = type(module).__name__
         if SDPA in wanted and kind == "WindowAttention" and _is_swin_attention(module):
@@ -100,6 +108,7 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
             _patch(module, _basic_layer)
         elif DECODER in wanted and kind == "Decoder" and _is_birefnet_decoder(module):
             _patch(module, _decoder, _fast_dtype=dtype)
+            decoders.append(module)
             applied[DECODER] += 1
         elif DEFORM in wanted and kind == "DeformableConv2d" and _is_deformable_conv(module):
             _patch(module, _deformable_conv, _fast_deform=True)
@@ -110,6 +119,11 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
             if getattr(module, "_fast_body", None) is _swin_block_body:
                 _patch(module, _swin_block, _fast_body=compiled)
         applied[COMPILE] = applied[WINDOWS]
+    if COMPILE_DECODER in wanted and decoders:
+        compiled_decoder = _compiled_decoder()
+        for module in decoders:
+            _patch(module, _decoder, _fast_compiled=compiled_decoder)
+        applied[COMPILE_DECODER] = len(decoders)
     done = tuple(step for step in ALL_STEPS if applied[step])
     logger.info("RMBG-2.0 fast path: %s", {k: v for k, v in applied.items() if v} or "none")
     return done
@@ -452,10 +466,26 @@ def _output_head(self: Any, dtype: torch.dtype, device: torch.device) -> tuple[t
     return _cached(self, (dtype, device, "head"), build)
 
 
+def _compiled_decoder() -> Callable[..., list[torch.Tensor]]:
+    """:func:`_decoder_body` through Inductor, static shapes (the deformable convolutions'
+    chunks follow the batch size): one graph per batch size."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(_decoder_body, dynamic=False)
+
+
 def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
     """``Decoder.forward`` in eval mode (training runs the published code)."""
     if self.training:
         return type(self).forward(self, features)
+    compiled = self.__dict__.get("_fast_compiled")
+    if compiled is not None and features[0].dtype == self._fast_dtype and len(features[0]) > 1:
+        return cast(list[torch.Tensor], compiled(self, features))
+    return _decoder_body(self, features)
+
+
+def _decoder_body(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
     x, x1, x2, x3, x4 = features
     x4 = torch.cat((x4, self.ipt_blk5(_patches(x, x4))), 1)
     p4 = self.decoder_block4(x4)

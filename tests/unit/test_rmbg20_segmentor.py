@@ -361,6 +361,34 @@ def test_each_fast_step_gives_the_published_models_outputs(
     assert reference[-1].std() > 1e-3  # a map that a wrong token order would change
 
 
+def test_compiled_decoder_gives_the_published_models_outputs(published: torch.nn.Module) -> None:
+    """The ``compile-decoder`` step: one Inductor graph of the whole decoder (its deformable
+    convolutions' sampling included) for a batch of two; a single frame runs it eagerly."""
+    import copy
+
+    import torch._dynamo.utils
+
+    from segmentation.models import rmbg20_fast
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 128, 128)
+    steps = ("decoder", "deform", "compile-decoder")
+    graphs = torch._dynamo.utils.counters["stats"]
+    with torch.inference_mode():
+        reference = published(x)
+        fast = copy.deepcopy(published)
+        assert rmbg20_fast.optimize(fast, steps) == steps
+        before = graphs["unique_graphs"]
+        outputs = fast(x)
+        compiled = graphs["unique_graphs"] - before
+        single = fast(x[:1])
+        assert graphs["unique_graphs"] - before == compiled == 1  # nothing compiled for one
+    assert [o.shape for o in outputs] == [r.shape for r in reference]
+    for out, ref in zip(outputs, reference, strict=True):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(single[-1], reference[-1][:1], atol=1e-5, rtol=1e-4)
+
+
 def test_published_architecture_reports_its_fast_path() -> None:
     if not (RMBG_ARCH_DIR / "birefnet.py").exists():
         pytest.skip("published RMBG-2.0 code absent")
