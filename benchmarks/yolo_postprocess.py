@@ -4,7 +4,9 @@ At batch 64 of the trained stand-in on an H100 the forward replays in ~3.4 ms; N
 frame size and their RLE took ~108 ms frame by frame (Ultralytics' NMS 24.7 ms, the frames'
 boxes, masks and strings 82 ms). This times the segmentor's steps on one batch of synthetic
 product shots (decoded on the device, as a replica does), both postprocess paths, and checks
-that the two find the same instances, boxes, scores and strings.
+that the two find the same instances, boxes, scores and strings; ``torch_ops`` counts the
+operators each path dispatches for the batch (on a GPU each costs the replica host time,
+whatever its size).
 
     python -m benchmarks.yolo_postprocess --batch 64 --out yolo-postprocess.json
 """
@@ -15,6 +17,7 @@ import argparse
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.checked import finish, median_ms
 from benchmarks.frames import frame_set
@@ -22,6 +25,24 @@ from segmentation.device_decode import decode_jpegs_on
 from segmentation.imaging import EncodedImage
 from segmentation.models.yolo_segmentor import YoloSegmentor
 from segmentation.options import DetectOptions
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(call: Any) -> int:
+    with _OpCount() as counter:
+        call()
+    return counter.count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: model.postprocess_frame_by_frame(preds, protos, boxes, options),
                 device,
                 args.runs,
+            ),
+        }
+        report["torch_ops"] = {
+            "postprocess (batch)": dispatched_ops(
+                lambda: model.postprocess(preds, protos, boxes, options)
+            ),
+            "postprocess (frame by frame)": dispatched_ops(
+                lambda: model.postprocess_frame_by_frame(preds, protos, boxes, options)
             ),
         }
     report["instances_per_frame"] = round(sum(len(d.instances) for d in batched) / len(frames), 2)

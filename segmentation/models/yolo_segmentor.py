@@ -386,13 +386,17 @@ class YoloSegmentor:
         xyxy = det[:, :4].clone()
         xyxy[:, [0, 2]] = ((xyxy[:, [0, 2]] - lb.pad_left) / lb.scale).clamp_(0, lb.width)
         xyxy[:, [1, 3]] = ((xyxy[:, [1, 3]] - lb.pad_top) / lb.scale).clamp_(0, lb.height)
-        logits = torch.cat(
-            [
-                _mask_logits(d[:, 6:], protos[frame], lb)
-                for d, frame in zip(dets, frames, strict=True)
-                if d.shape[0]
-            ]
-        )
+        # One product a frame (each instance with its own frame's prototypes), as in
+        # _mask_logits; the slicing, casts and crop once for the run, not per frame: each op
+        # costs a replica host time that its event loop waits for.
+        prototypes = protos.flatten(2).unbind(0)  # [C, h*w] a frame, views
+        coeffs = det[:, 6:].float().split(counts)
+        products = [
+            part @ prototypes[frame]
+            for part, frame in zip(coeffs, frames, strict=True)
+            if part.shape[0]
+        ]
+        logits = _content(torch.cat(products).view(-1, *protos.shape[-2:]), lb)
         if _masks_batch_exactly(logits, lb):
             masks = _box_masks(logits, xyxy, lb.height, lb.width)
         else:  # each frame's chunks as the reference forms them
@@ -431,12 +435,18 @@ def _mask_logits(coeffs: torch.Tensor, proto: torch.Tensor, lb: _Letterbox) -> t
     """One frame's instance mask logits over the letterboxed content region, in prototype
     pixels: ``[N, h, w]``."""
     channels, proto_h, proto_w = proto.shape
+    logits = (coeffs.float() @ proto.view(channels, -1)).view(-1, proto_h, proto_w)
+    return _content(logits, lb)
+
+
+def _content(logits: torch.Tensor, lb: _Letterbox) -> torch.Tensor:
+    """``[N, h, w]`` prototype-pixel logits cut to the letterboxed content region."""
+    proto_h, proto_w = logits.shape[-2:]
     ratio = proto_h / lb.input_height
     top = int(lb.pad_top * ratio)
     left = int(lb.pad_left * ratio)
     bottom = min(proto_h, math.ceil((lb.pad_top + lb.height * lb.scale) * ratio))
     right = min(proto_w, math.ceil((lb.pad_left + lb.width * lb.scale) * ratio))
-    logits = (coeffs.float() @ proto.view(channels, -1)).view(-1, proto_h, proto_w)
     return logits[:, top:bottom, left:right]
 
 
