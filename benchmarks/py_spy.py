@@ -107,6 +107,7 @@ class LoadProfile:
                 _, stderr = process.communicate(timeout=self.seconds + 60)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()  # reaped, not left a zombie for the rest of the benchmark
                 stderr = "py-spy did not finish"
             name = f"{kind}-{pid}"
             if not path.exists():
