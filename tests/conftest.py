@@ -26,13 +26,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RMBG_ARCH_DIR = Path(os.environ.get("RMBG_ARCH_DIR", REPO_ROOT / "third_party" / "rmbg20"))
 
 
-def published_rmbg(**options: Any) -> RMBG20Segmentor:
-    """The published RMBG-2.0 architecture (:data:`RMBG_ARCH_DIR`) with random weights on the
-    CPU, through the project's loader; ``options`` go to ``RMBG20Segmentor``."""
+def published_rmbg(device: str = "cpu", **options: Any) -> RMBG20Segmentor:
+    """The published RMBG-2.0 architecture (:data:`RMBG_ARCH_DIR`) with random weights on
+    ``device``, through the project's loader; ``options`` go to ``RMBG20Segmentor``."""
     from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 
     return RMBG20Segmentor(
-        str(RMBG_ARCH_DIR), device="cpu", trust_remote_code=True, load_format="dummy", **options
+        str(RMBG_ARCH_DIR), device=device, trust_remote_code=True, load_format="dummy", **options
     )
 
 

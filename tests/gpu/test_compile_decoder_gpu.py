@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from segmentation.models import rmbg20_fast
-from segmentation.models.rmbg20_segmentor import RMBG20Segmentor, _in_fp32
-from tests.conftest import RMBG_ARCH_DIR, product_frame
+from segmentation.models.rmbg20_segmentor import _in_fp32
+from tests.conftest import RMBG_ARCH_DIR, product_frame, published_rmbg
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,12 +24,8 @@ def _gap(logits: torch.Tensor, reference: torch.Tensor) -> float:
 
 def test_compiled_decoder_under_graphs_gives_the_fast_paths_mattes() -> None:
     torch.manual_seed(0)
-    model = RMBG20Segmentor(
-        str(RMBG_ARCH_DIR.resolve()),
-        device="cuda",
-        trust_remote_code=True,
-        load_format="dummy",
-        optimized=(*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE_DECODER),
+    model = published_rmbg(
+        "cuda", optimized=(*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE_DECODER)
     )
     assert rmbg20_fast.COMPILE_DECODER in model.fast_steps
     frames = [product_frame(1920, 1080, seed=i) for i in range(2)]
