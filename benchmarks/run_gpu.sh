@@ -40,6 +40,10 @@
 #   profile  all cards at once: both models over HTTP in 14-second windows, py-spy for 8 s on
 #            two Routers and the busiest replica of each (profile.json; the stacks in
 #            profiles.tar.gz) (about 4 minutes)
+#   yolo-routing  all cards at once, YOLO over both transports, one machine: the default
+#            layout, then Serve's queue-length cache held 1 s and its probes given 0.5-2 s,
+#            then a round-robin router for YOLO: what evens out the replicas' load (about
+#            8 minutes on 4 cards)
 #   yolo-variants  all cards at once, YOLO over both transports, one machine: the default
 #            layout, then nvJPEG's host side on a thread of its own (decode_ahead), then three
 #            YOLO replicas a card: what moves the wall of the YOLO replicas' host work
@@ -167,6 +171,7 @@ if run scaling; then
     step scaling.log 590 "${trained_scaling[@]}" --gpus "${counts%,}" \
         --scenarios rmbg,yolo-frames --duration 4 --out "$out/scaling.json"
 fi
+round_robin="ray.serve.experimental.round_robin_router:RoundRobinRouter"
 if run yolo-variants; then
     cards=$(nvidia-smi -L | wc -l)
     yolo_all=("${trained_load[@]}" --gpus "$cards" --scenarios yolo-frames --duration 6)
@@ -174,6 +179,19 @@ if run yolo-variants; then
     step yolo-variants.log 190 "${yolo_all[@]}" --segmentor-arg decode_ahead=true \
         --out "$out/yolo-decode-ahead.json"
     step yolo-variants.log 190 "${yolo_all[@]}" --yolo-per-gpu 3 --out "$out/yolo-3-a-card.json"
+fi
+if run yolo-routing; then
+    cards=$(nvidia-smi -L | wc -l)
+    yolo_all=("${trained_load[@]}" --gpus "$cards" --scenarios yolo-frames --duration 6)
+    step yolo-routing.log 190 "${yolo_all[@]}" --out "$out/yolo-routing-default.json"
+    step yolo-routing.log 190 "${yolo_all[@]}" \
+        --serve-env RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S=1 \
+        --serve-env RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S=0.5 \
+        --serve-env RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S=2 \
+        --out "$out/yolo-routing-probes.json"
+    step yolo-routing.log 190 "${yolo_all[@]}" \
+        --yolo-option "request_router_config={request_router_class: $round_robin}" \
+        --out "$out/yolo-routing-round-robin.json"
 fi
 if run profile; then
     cards=$(nvidia-smi -L | wc -l)

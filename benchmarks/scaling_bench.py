@@ -130,10 +130,12 @@ def scale_config(
     segmentor_args: dict[str, Any] | None = None,
     yolo_per_gpu: int = 1,
     router_args: dict[str, Any] | None = None,
+    yolo_options: dict[str, Any] | None = None,
 ) -> None:
     """``count`` cards' segmentors (one RMBG-2.0 and ``yolo_per_gpu`` YOLO per card) and
     ``routers`` routers; ``segmentor_args`` set on both segmentors (e.g. ``decode_ahead``),
-    ``router_args`` on the routers."""
+    ``router_args`` on the routers, ``yolo_options`` on YOLO's deployment (Serve's own
+    deployment options, e.g. ``max_ongoing_requests`` or ``request_router_config``)."""
     app = config["applications"][0]
     if "rmbg" in app["args"] and rmbg_dir:
         app["args"]["rmbg"]["model"] = str(Path(rmbg_dir).resolve())
@@ -148,6 +150,8 @@ def scale_config(
             deployment["num_replicas"] = routers
             continue
         each = yolo_per_gpu if deployment["name"] == SEGMENTORS["yolo"] else 1
+        if deployment["name"] == SEGMENTORS["yolo"]:
+            deployment.update(yolo_options or {})
         deployment["num_replicas"] = count * each
         if on_gpus and deployment["name"] in GPU_SHARE:
             deployment["ray_actor_options"]["num_gpus"] = gpu_share(deployment["name"], each)
@@ -474,6 +478,23 @@ def main(argv: list[str] | None = None) -> int:
         help="set a RouterArgs field (YAML value), e.g. max_inflight_frames=2048",
     )
     parser.add_argument(
+        "--yolo-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a Serve deployment option on YOLO's deployment (YAML value), e.g. "
+        "max_ongoing_requests=512 or 'request_router_config={request_router_class: "
+        "ray.serve.experimental.round_robin_router:RoundRobinRouter}'",
+    )
+    parser.add_argument(
+        "--serve-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for every Ray process of the cluster, e.g. Serve's "
+        "RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S=1",
+    )
+    parser.add_argument(
         "--nodes",
         type=int,
         default=1,
@@ -495,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--profile SECONDS: more than 0 and less than --duration")
     segmentor_args = parse_assignments(args.segmentor_arg)
     router_args = parse_assignments(args.router_arg, "--router-arg")
+    yolo_options = parse_assignments(args.yolo_option, "--yolo-option")
+    serve_env = {k: str(v) for k, v in parse_assignments(args.serve_env, "--serve-env").items()}
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     frame_size = (1920, 1080)
     if args.frame_size:
@@ -523,11 +546,13 @@ def main(argv: list[str] | None = None) -> int:
         "nodes": args.nodes,
         "routers": routers,
         "yolo_per_gpu": args.yolo_per_gpu,
+        "yolo_options": yolo_options,
+        "serve_env": serve_env,
         "runs": [],
     }
     for variant in args.ingress.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            env = {**PACK_SCHEDULING, **ingress_env(variant, Path(tmp))}
+            env = {**PACK_SCHEDULING, **ingress_env(variant, Path(tmp)), **serve_env}
 
             def edit(config: dict[str, Any]) -> None:
                 scale_config(
@@ -539,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                     segmentor_args,
                     args.yolo_per_gpu,
                     router_args,
+                    yolo_options,
                 )
                 if args.nodes > 1:
                     spread_over_nodes(config, args.nodes)
@@ -589,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                             segmentor_args,
                             args.yolo_per_gpu,
                             router_args,
+                            yolo_options,
                         )
                         cluster.deploy(config, f"n{gpus}.yaml")
                         wait_for_replicas(cluster, gpus, layout=layout)

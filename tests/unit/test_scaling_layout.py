@@ -10,6 +10,7 @@ import yaml
 from benchmarks.scaling_bench import (
     GPU_SHARE,
     gpu_share,
+    parse_assignments,
     per_card,
     placement_problems,
     scale_config,
@@ -59,6 +60,33 @@ def test_the_config_gets_each_cards_replicas_and_their_shares() -> None:
         if d["name"] == "YoloDeployment"
     )
     assert two - one == pytest.approx(float(yolo_cpus))
+
+
+ROUND_ROBIN = "ray.serve.experimental.round_robin_router:RoundRobinRouter"
+
+
+def test_yolo_options_reach_yolos_deployment_only_and_serve_reads_them() -> None:
+    from ray.serve.config import RequestRouterConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(CONFIG.read_text())
+    options = parse_assignments(
+        [
+            "max_ongoing_requests=512",
+            f"request_router_config={{request_router_class: {ROUND_ROBIN}}}",
+        ],
+        "--yolo-option",
+    )
+    scale_config(config, 2, 4, "", True, yolo_per_gpu=2, yolo_options=options)
+    parsed = ServeDeploySchema.parse_obj(config).applications[0]
+    deployments = {d.name: d for d in parsed.deployments}
+    yolo = deployments["YoloDeployment"]
+    assert yolo.max_ongoing_requests == 512 and yolo.num_replicas == 4
+    router = RequestRouterConfig(**yolo.request_router_config).get_request_router_class()
+    assert router.__name__ == "RoundRobinRouter"  # the class Serve will import and use
+    rmbg = config["applications"][0]["deployments"][0]
+    assert rmbg["name"] == "RMBGDeployment" and "request_router_config" not in rmbg
+    assert deployments["RMBGDeployment"].max_ongoing_requests != 512
 
 
 def test_placement_problems_say_what_differs_from_the_layout() -> None:
