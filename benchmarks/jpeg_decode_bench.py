@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -98,6 +99,20 @@ def agreement(decode: Decode, jpegs: Sequence[bytes], expected: list[np.ndarray]
     }
 
 
+def _nvimgcodec_version() -> str | None:
+    """nvImageCodec's installed version, or its module's where it came without metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nvidia-nvimgcodec-cu13")
+    except PackageNotFoundError:
+        try:
+            from nvidia import nvimgcodec
+        except ImportError:
+            return None
+        return str(nvimgcodec.__version__)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", choices=FRAME_SOURCES, default="synthetic")
@@ -121,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         "nvImageCodec CUDA (hybrid)": lambda: nvimgcodec_decoder(device, "GPU_ONLY", args.threads),
     }
     result: dict[str, Any] = {
+        "command": "python -m benchmarks.jpeg_decode_bench " + " ".join(argv or sys.argv[1:]),
         "gpu": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
+        "nvimgcodec": _nvimgcodec_version(),
         "frames": frames.describe(),
     }
     result["rows"] = rows = []

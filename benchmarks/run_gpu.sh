@@ -87,7 +87,7 @@ if run compile; then
     export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d /tmp/inductor-XXXX)}"
     fast="sdpa+windows+decoder+deform"
     compiled="$fast+compile+graphs,$fast+compile-decoder+graphs,$fast+compile+compile-decoder+graphs"
-    step compile.log 400 python3 -m benchmarks.model_bench --rmbg-fast --compile \
+    step compile.log 420 python3 -m benchmarks.model_bench --rmbg-fast --compile \
         --fast-variants "$fast+graphs,$compiled" --fast-batches 16 --out "$out/compile-cold.json"
     step compile.log 180 python3 -m benchmarks.model_bench --rmbg-fast --compile \
         --fast-variants "$compiled" --fast-batches 16 --out "$out/compile-warm.json"

@@ -45,9 +45,10 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
 ``compile-decoder``
     Optional, measured only (``benchmarks.model_bench --compile``): ``torch.compile`` of the
     whole decoder (its upsampling, gradient attention, lateral sums and the deformable
-    convolutions' sampling), static shapes, one graph per batch size; a single frame and an
-    FP32 recompute run it eagerly. Not a serving setting: a replica would compile it per batch
-    bucket at start-up.
+    convolutions' sampling), static shapes, one graph per batch size (the folded output head
+    is fetched before the compiled body, which would break its graph there); a single frame
+    and an FP32 recompute run it eagerly. Not a serving setting: a replica would compile it
+    per batch bucket at start-up, and compiled artifacts do not hold it.
 """
 
 from __future__ import annotations
@@ -479,13 +480,18 @@ def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
     """``Decoder.forward`` in eval mode (training runs the published code)."""
     if self.training:
         return type(self).forward(self, features)
+    # The folded output head, fetched (or built and cached) here: a compiled body that
+    # reads the module's cache would break its graph there.
+    head = _output_head(self, features[0].dtype, features[0].device)
     compiled = self.__dict__.get("_fast_compiled")
     if compiled is not None and features[0].dtype == self._fast_dtype and len(features[0]) > 1:
-        return cast(list[torch.Tensor], compiled(self, features))
-    return _decoder_body(self, features)
+        return cast(list[torch.Tensor], compiled(self, features, head))
+    return _decoder_body(self, features, head)
 
 
-def _decoder_body(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
+def _decoder_body(
+    self: Any, features: list[torch.Tensor], head: tuple[torch.Tensor, ...]
+) -> list[torch.Tensor]:
     x, x1, x2, x3, x4 = features
     x4 = torch.cat((x4, self.ipt_blk5(_patches(x, x4))), 1)
     p4 = self.decoder_block4(x4)
@@ -505,7 +511,7 @@ def _decoder_body(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]
     p1 = torch.cat((p1, self.ipt_blk2(_patches(x, p1))), 1)
     p1 = self.decoder_block1(p1)
     # conv_out1(cat(up(p1), ipt_blk1(x))): the 1x1 convolution first, then the upsampling.
-    features_weight, folded, bias = _output_head(self, p1.dtype, p1.device)
+    features_weight, folded, bias = head
     logits = _up(F.conv2d(p1, features_weight), x)
     logits = logits + F.conv2d(self.ipt_blk1.conv1(x), folded, bias, padding=1)
     return [m4, m3, m2, logits]

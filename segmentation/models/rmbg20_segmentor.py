@@ -91,6 +91,12 @@ class RMBG20Segmentor:
         self.device = resolve_device(device)
         if linear_format is not None:
             quantize.check_supported(linear_format, self.device)
+        asked = () if isinstance(optimized, bool) else tuple(optimized)
+        if rmbg20_fast.COMPILE_DECODER in asked and compile_cache is not None:
+            raise ValueError(
+                "the compile-decoder step is not kept in compiled artifacts "
+                "(RMBG_COMPILE_CACHE): it compiles at start-up, one graph per batch size"
+            )
         self.source = model_path
         self.revision = revision
         self.input_size = input_size
@@ -150,6 +156,9 @@ class RMBG20Segmentor:
                 self.fast_steps = (*self.fast_steps, rmbg20_fast.COMPILE)
             else:
                 self._programs = None  # loaded, but no block takes them: nothing ran
+        if rmbg20_fast.COMPILE_DECODER in self.fast_steps:
+            decoder = {"decoder": "compiled at start-up (compile-decoder), one graph a batch size"}
+            self.compile_status = {**(self.compile_status or {}), **decoder}
         if (
             self.compile_status is not None
             and (rmbg20_fast.COMPILE in steps or self._programs is not None)

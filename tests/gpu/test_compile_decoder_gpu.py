@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.utils
 
 from segmentation.models import rmbg20_fast
 from segmentation.models.rmbg20_segmentor import _in_fp32
@@ -32,7 +33,10 @@ def test_compiled_decoder_under_graphs_gives_the_fast_paths_mattes() -> None:
     model.batch_buckets = (1, 2)
     with torch.inference_mode():
         batch = model.preprocess(frames)
+        graphs = torch._dynamo.utils.counters["stats"]
+        before = graphs["unique_graphs"]
         compiled = model.forward(batch)  # a batch of 2: the compiled decoder
+        assert graphs["unique_graphs"] > before  # the decoder went through Inductor
         # One frame at a time: the same fast path with the eager decoder.
         uncompiled = torch.cat([model.forward(batch[i : i + 1]) for i in range(2)])
         with _in_fp32(model.model):

@@ -389,6 +389,19 @@ def test_compiled_decoder_gives_the_published_models_outputs(published: torch.nn
     torch.testing.assert_close(single[-1], reference[-1][:1], atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_decoder_is_reported_and_kept_out_of_artifacts(tmp_path: Path) -> None:
+    from segmentation.models import rmbg20_fast
+
+    steps = (*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE_DECODER)
+    with pytest.raises(ValueError, match="compile-decoder step is not kept in compiled"):
+        _segmentor(optimized=steps, compile_cache=tmp_path)
+    if not (RMBG_ARCH_DIR / "birefnet.py").exists():
+        pytest.skip("published RMBG-2.0 code absent")
+    info = published_rmbg(input_size=128, optimized=steps).info()
+    assert info.inference_path == "sdpa+windows+decoder+deform+compile-decoder"
+    assert info.compile is not None and "compile-decoder" in info.compile["decoder"]
+
+
 def test_published_architecture_reports_its_fast_path() -> None:
     if not (RMBG_ARCH_DIR / "birefnet.py").exists():
         pytest.skip("published RMBG-2.0 code absent")
