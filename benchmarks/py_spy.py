@@ -43,12 +43,15 @@ class LoadProfile:
         seconds: float = 8.0,
         busy_cores: float = 0.3,
         give_up_s: float = 120.0,
+        overrun_s: float = 60.0,
     ) -> None:
         self.kind = kind
         self.directory = directory
         self.seconds = seconds
         self.busy_cores = busy_cores
         self.give_up_s = give_up_s
+        #: How long past ``seconds`` a recording may take before py-spy is stopped.
+        self.overrun_s = overrun_s
         beside = Path(sys.executable).parent / "py-spy"  # a virtual environment's own
         self.py_spy = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
         self._stop = threading.Event()
@@ -104,7 +107,7 @@ class LoadProfile:
             recordings.append((kind, pid, path, process))
         for kind, pid, path, process in recordings:
             try:
-                _, stderr = process.communicate(timeout=self.seconds + 60)
+                _, stderr = process.communicate(timeout=self.seconds + self.overrun_s)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()  # reaped, not left a zombie for the rest of the benchmark
@@ -127,5 +130,5 @@ class LoadProfile:
         if not self.py_spy:
             return {"error": "py-spy is not installed (pip install py-spy)"}
         self._stop.set()
-        self._thread.join(timeout=self.seconds + 90)
+        self._thread.join(timeout=self.seconds + self.overrun_s + 30)
         return dict(self._recorded)

@@ -53,3 +53,28 @@ def test_without_load_of_the_kind_it_says_so(tmp_path: Path) -> None:
         NO_PY_SPY if profile.py_spy is None else {"error": "no no-such-kind load to profile"}
     )
     assert not list(tmp_path.iterdir())
+
+
+def test_a_py_spy_that_does_not_finish_is_stopped_and_said(tmp_path: Path) -> None:
+    """py-spy hung on a process (a fault that cannot be caused on purpose): a stand-in that
+    never writes its stacks is stopped once the recording overruns, reaped, and the report
+    says so for that process."""
+    pid_file = tmp_path / "py-spy.pid"
+    fake = tmp_path / "py-spy"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    fake.chmod(0o755)
+    busy = subprocess.Popen([sys.executable, "-c", BUSY, "YoloDeployment"])
+    try:
+        profile = LoadProfile("yolo", tmp_path / "stacks", seconds=1, give_up_s=15, overrun_s=1)
+        profile.py_spy = str(fake)
+        profile.start()
+        time.sleep(3.5)  # the load window, as above
+        started = time.monotonic()
+        result = profile.finish()
+    finally:
+        busy.kill()
+        busy.wait()
+    assert result == {f"yolo-{busy.pid}": {"error": "py-spy did not finish"}}
+    assert time.monotonic() - started < 10  # not the 60 s the stand-in would sleep
+    hung = int(pid_file.read_text())
+    assert not Path(f"/proc/{hung}").exists()  # killed and reaped, not left a zombie
