@@ -165,24 +165,23 @@ if run one-card; then
     step one-card.log 200 "${trained_scaling[@]}" --gpus 1 --scenarios yolo-frames,rmbg \
         --duration 4 --yolo-per-gpu 2 --out "$out/one-card-yolo-2.json"
 fi
+if run scaling || run yolo-variants || run yolo-routing || run profile; then
+    cards=$(nvidia-smi -L | wc -l)  # these parts use every card of the machine
+    yolo_all=("${trained_load[@]}" --gpus "$cards" --scenarios yolo-frames --duration 6)
+fi
 if run scaling; then
-    cards=$(nvidia-smi -L | wc -l)
     counts=$(for n in 8 4 2 1; do ((n <= cards)) && printf '%s,' "$n"; done)
     step scaling.log 590 "${trained_scaling[@]}" --gpus "${counts%,}" \
         --scenarios rmbg,yolo-frames --duration 4 --out "$out/scaling.json"
 fi
-round_robin="ray.serve.experimental.round_robin_router:RoundRobinRouter"
 if run yolo-variants; then
-    cards=$(nvidia-smi -L | wc -l)
-    yolo_all=("${trained_load[@]}" --gpus "$cards" --scenarios yolo-frames --duration 6)
     step yolo-variants.log 190 "${yolo_all[@]}" --out "$out/yolo-default.json"
     step yolo-variants.log 190 "${yolo_all[@]}" --segmentor-arg decode_ahead=true \
         --out "$out/yolo-decode-ahead.json"
     step yolo-variants.log 190 "${yolo_all[@]}" --yolo-per-gpu 3 --out "$out/yolo-3-a-card.json"
 fi
 if run yolo-routing; then
-    cards=$(nvidia-smi -L | wc -l)
-    yolo_all=("${trained_load[@]}" --gpus "$cards" --scenarios yolo-frames --duration 6)
+    round_robin="ray.serve.experimental.round_robin_router:RoundRobinRouter"
     step yolo-routing.log 190 "${yolo_all[@]}" --out "$out/yolo-routing-default.json"
     step yolo-routing.log 190 "${yolo_all[@]}" \
         --serve-env RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S=1 \
@@ -194,7 +193,6 @@ if run yolo-routing; then
         --out "$out/yolo-routing-round-robin.json"
 fi
 if run profile; then
-    cards=$(nvidia-smi -L | wc -l)
     step profile.log 400 "${trained_scaling[@]}" --gpus "$cards" --transports http \
         --scenarios yolo-frames,rmbg --duration 14 --profile 8 --profile-dir "$out/profiles" \
         --out "$out/profile.json"

@@ -149,8 +149,9 @@ def scale_config(
         if deployment["name"] == "Router":
             deployment["num_replicas"] = routers
             continue
-        each = yolo_per_gpu if deployment["name"] == SEGMENTORS["yolo"] else 1
-        if deployment["name"] == SEGMENTORS["yolo"]:
+        yolo = deployment["name"] == SEGMENTORS["yolo"]
+        each = yolo_per_gpu if yolo else 1
+        if yolo:
             deployment.update(yolo_options or {})
         deployment["num_replicas"] = count * each
         if on_gpus and deployment["name"] in GPU_SHARE:

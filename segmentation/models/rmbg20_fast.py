@@ -418,10 +418,15 @@ def _compiled_block_body() -> Callable[..., torch.Tensor]:
     Inductor keeps what it compiled on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under
     the system's temp directory): a process that finds the same graphs there loads them
     instead of compiling (docs/benchmarks.md has the cold and warm start-up times)."""
+    return _inductor(_swin_block_body, dynamic=None)
+
+
+def _inductor(body: Callable[..., Any], dynamic: bool | None) -> Callable[..., Any]:
+    """``torch.compile`` of ``body``, with room for a graph per geometry and batch size."""
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(_swin_block_body, dynamic=None)
+    return torch.compile(body, dynamic=dynamic)
 
 
 # --- decoder ----------------------------------------------------------------------------------
@@ -470,10 +475,7 @@ def _output_head(self: Any, dtype: torch.dtype, device: torch.device) -> tuple[t
 def _compiled_decoder() -> Callable[..., list[torch.Tensor]]:
     """:func:`_decoder_body` through Inductor, static shapes (the deformable convolutions'
     chunks follow the batch size): one graph per batch size."""
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(_decoder_body, dynamic=False)
+    return _inductor(_decoder_body, dynamic=False)
 
 
 def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:

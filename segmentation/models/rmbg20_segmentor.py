@@ -91,8 +91,8 @@ class RMBG20Segmentor:
         self.device = resolve_device(device)
         if linear_format is not None:
             quantize.check_supported(linear_format, self.device)
-        asked = () if isinstance(optimized, bool) else tuple(optimized)
-        if rmbg20_fast.COMPILE_DECODER in asked and compile_cache is not None:
+        steps = tuple(rmbg20_fast.DEFAULT_STEPS if optimized is True else (optimized or ()))
+        if rmbg20_fast.COMPILE_DECODER in steps and compile_cache is not None:
             raise ValueError(
                 "the compile-decoder step is not kept in compiled artifacts "
                 "(RMBG_COMPILE_CACHE): it compiles at start-up, one graph per batch size"
@@ -133,7 +133,6 @@ class RMBG20Segmentor:
             self.precision = self.precision.with_linear(linear_format, done.describe())
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the FP32 tensors the build and the conversion left
-        steps = tuple(rmbg20_fast.DEFAULT_STEPS if optimized is True else (optimized or ()))
         #: The ``compile`` step's state for ``/v1/models`` (None: the step was not asked for).
         self.compile_status: dict[str, Any] | None = None
         #: Inductor's cache counts when an artifact was loaded (None: none was).
