@@ -1,6 +1,6 @@
 """RMBG-2.0 started from its compiled artifact, against the uncompiled fast path, in one process.
 
-A replica's start as the service does it: the model built with ``RMBG_COMPILE=true`` and
+A replica's start as the service does it: the model built with ``RMBG_COMPILE`` (``--compile``) and
 ``RMBG_COMPILE_CACHE=DIR`` (random weights), a batch at each warm-up size
 (:func:`segmentation.compile_cache.warmup_order`), CUDA graphs captured at the batch buckets:
 ``load_s`` and ``ready_s`` from the start of this process. Then the same weights on the
@@ -60,11 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", help="the artifact directory (RMBG_COMPILE_CACHE)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batches", default="16", help="batch sizes timed, e.g. 8,16")
+    parser.add_argument(
+        "--compile",
+        default="blocks",
+        help="what compiles (RMBG_COMPILE): blocks, decoder or blocks,decoder; the artifact "
+        "must have been built with the same",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     faulthandler.enable()  # a crash in native code says where
     compiled_settings = load_settings(
-        rmbg_optimized=True, rmbg_compile=True, rmbg_compile_cache=args.directory
+        rmbg_optimized=True, rmbg_compile=args.compile, rmbg_compile_cache=args.directory
     )
     compiled, report = started(compiled_settings, args.max_batch_size)
     report["ready_s"] = round(time.monotonic() - STARTED, 1)

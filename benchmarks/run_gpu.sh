@@ -7,9 +7,13 @@
 #   service  service-level benchmark (the Serve app under load)
 #   trained  YOLO trained stand-in on synthetic product shots: model rows, FP16-vs-FP32
 #            quality test, GPU RLE test (about 3 minutes)
-#   compile  RMBG-2.0 fast path with the Swin blocks compiled, the decoder compiled, and both:
-#            a cold compile, then a second process on the same Inductor cache
-#            (TORCHINDUCTOR_CACHE_DIR, a fresh one per run unless set) (up to 10 minutes)
+#   compile  RMBG-2.0 fast path at batches 8 and 16 uncompiled and with its decoder compiled
+#            (RMBG_COMPILE=decoder): a cold compile, then a second process on the same
+#            Inductor cache (TORCHINDUCTOR_CACHE_DIR, a fresh one per run unless set); the
+#            compiled decoder's GPU test (up to 9 minutes)
+#   compiled-decoder  RMBG-2.0's compiled decoder as a replica gets it: the artifact built
+#            by the tool, a fresh process started from it (start-up seconds, frames/s); then
+#            the service over HTTP, uncompiled against RMBG_COMPILE=decoder (up to 10 minutes)
 #   paths    the service with RMBG-2.0 eager vs optimized (about 4 minutes)
 #   trained-service  the service's YOLO scenarios with the trained stand-in on synthetic
 #            product shots (about 3 minutes)
@@ -86,11 +90,28 @@ fi
 if run compile; then
     export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d /tmp/inductor-XXXX)}"
     fast="sdpa+windows+decoder+deform"
-    compiled="$fast+compile+graphs,$fast+compile-decoder+graphs,$fast+compile+compile-decoder+graphs"
-    step compile.log 420 python3 -m benchmarks.model_bench --rmbg-fast --compile \
-        --fast-variants "$fast+graphs,$compiled" --fast-batches 16 --out "$out/compile-cold.json"
-    step compile.log 180 python3 -m benchmarks.model_bench --rmbg-fast --compile \
-        --fast-variants "$compiled" --fast-batches 16 --out "$out/compile-warm.json"
+    step compile.log 300 python3 -m benchmarks.model_bench --rmbg-fast --compile \
+        --fast-variants "$fast+graphs,$fast+compile-decoder+graphs" --fast-batches 8,16 \
+        --out "$out/compile-cold.json"
+    step compile.log 150 python3 -m benchmarks.model_bench --rmbg-fast --compile \
+        --fast-variants "$fast+compile-decoder+graphs" --fast-batches 8,16 \
+        --out "$out/compile-warm.json"
+    step compile.log 120 python3 -m pytest -m gpu tests/gpu/test_compile_decoder_gpu.py -s \
+        -p no:cacheprovider -o addopts="-q --strict-markers -ra"
+fi
+if run compiled-decoder; then
+    artifacts=$(mktemp -d /tmp/compiled-XXXX)
+    published=(env RMBG_MODEL=third_party/rmbg20 RMBG_TRUST_REMOTE_CODE=true RMBG_COMPILE=decoder)
+    step compiled-decoder.log 240 "${published[@]}" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
+        python3 -m segmentation.compile_cache "$artifacts" --max-batch-size 16 \
+        --load-format dummy
+    step compiled-decoder.log 180 "${published[@]}" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
+        python3 -m benchmarks.compiled_start "$artifacts" --compile decoder --batches 8,16 \
+        --out "$out/compiled-decoder-start.json"
+    step compiled-decoder.log 300 env RMBG_COMPILE_CACHE="$artifacts" \
+        python3 -m benchmarks.service_bench --scenarios rmbg \
+        --rmbg-paths optimized,compiled-decoder --duration 10 --no-yolo-x \
+        --out "$out/service-compiled-decoder.json"
 fi
 if run paths; then
     step paths.log 300 python3 -m benchmarks.service_bench --scenarios rmbg \

@@ -60,6 +60,7 @@ RMBG_PATHS = {
     "optimized": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false"},
     "eager": {"RMBG_OPTIMIZED": "false", "RMBG_COMPILE": "false"},
     "compiled": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "true"},
+    "compiled-decoder": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "decoder"},
 }
 #: Input size of YOLO sources that were trained at another size than Ultralytics' 640.
 TRAINED_INPUT_SIZE = {"standin:product-yolo11n-seg": 320}
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         default="optimized",
         help="RMBG-2.0 inference paths, one cluster each, in order (a path may repeat: "
         "compiled,compiled is a cold then a warm compile cache): optimized (the fast path, "
-        "the default), eager (the published code) or compiled (RMBG_COMPILE=true)",
+        "the default), eager (the published code), compiled (RMBG_COMPILE=true: the "
+        "blocks) or compiled-decoder (RMBG_COMPILE=decoder)",
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

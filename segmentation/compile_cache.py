@@ -1,7 +1,8 @@
-"""Compiled RMBG-2.0 blocks built once and reused (``RMBG_COMPILE_CACHE``).
+"""Compiled RMBG-2.0 blocks and decoder built once and reused (``RMBG_COMPILE_CACHE``).
 
-``RMBG_COMPILE=true`` compiles the fast path's Swin block body with Inductor when a replica
-starts: minutes on a cold cache (168 s of replica start-up on an H100, docs/benchmarks.md).
+``RMBG_COMPILE`` compiles parts of the fast path with Inductor when a replica starts: the Swin
+block body (``true`` or ``blocks``), the whole decoder (``decoder``), or both: minutes on a
+cold cache (168 s of replica start-up for the blocks on an H100, docs/benchmarks.md).
 Inductor keeps what it compiled on the local disk, so a second start on the same machine is
 quicker, but a new machine, pod or container starts cold again. An *artifact* packs those
 caches (PyTorch's portable compile caches, ``torch.compiler.save_cache_artifacts``) into one
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         description="Build RMBG-2.0's compiled artifact for the settings in the environment "
-        "(RMBG_MODEL, DEVICE, USE_FP16, RMBG_INPUT_SIZE, USE_FP8/USE_INT8) into DIRECTORY, "
+        "(RMBG_MODEL, DEVICE, USE_FP16, RMBG_INPUT_SIZE, USE_FP8/USE_INT8, RMBG_COMPILE: the "
+        "blocks when unset) into DIRECTORY, "
         "the RMBG_COMPILE_CACHE the replicas will use. Give it what the application's args "
         "change (--input-size, --load-format) and its max_batch_size: a replica finds only "
         "the artifact of exactly what it runs, and a replica without one says so in "
@@ -275,10 +277,15 @@ def main(argv: list[str] | None = None) -> int:
             "(a single frame runs the blocks uncompiled)"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # What RMBG_COMPILE names (the blocks when it is unset: the tool builds something).
+    compiled = load_settings(rmbg_optimized=True).rmbg_compile or True
     settings = load_settings(
-        rmbg_compile=True, rmbg_optimized=True, rmbg_compile_cache=args.directory
+        rmbg_compile=compiled, rmbg_optimized=True, rmbg_compile_cache=args.directory
     )
-    ahead = args.ahead_of_time and ahead_of_time(settings.linear_format)
+    blocks = "blocks" in settings.rmbg_compile
+    ahead = args.ahead_of_time and blocks and ahead_of_time(settings.linear_format)
+    if args.ahead_of_time and not blocks:
+        parser.error("--ahead-of-time compiles the Swin blocks: RMBG_COMPILE must include blocks")
     if args.ahead_of_time and not ahead:
         logger.warning("--ahead-of-time: FP8 and INT8 linear layers use the artifact only")
     if ahead and rmbg20_blocks.MIN_BATCH not in sizes:
@@ -295,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         compile_artifacts="build",
     )
     status = getattr(segmentor, "compile_status", None) or {}
-    if rmbg20_fast.COMPILE not in getattr(segmentor, "fast_steps", ()):
-        raise SystemExit(f"nothing to build: {status.get('state', 'no compiled blocks')}")
+    compiling = {rmbg20_fast.COMPILE, rmbg20_fast.COMPILE_DECODER}
+    if not compiling & set(getattr(segmentor, "fast_steps", ())):
+        raise SystemExit(f"nothing to build: {status.get('state', 'nothing compiled')}")
     side = args.input_size or settings.rmbg_input_size
     frame = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
     path = Path(status["artifact"])

@@ -28,6 +28,9 @@ DEFAULT_YOLO_MODEL = "yolo11m-seg.pt"
 
 #: Lower-precision formats of RMBG-2.0's transformer linear layers (segmentation/quantize.py).
 LinearFormat = Literal["fp8", "int8"]
+#: What ``RMBG_COMPILE`` compiles of RMBG-2.0's fast path: its Swin blocks, its decoder.
+CompilePart = Literal["blocks", "decoder"]
+COMPILE_PARTS: tuple[CompilePart, ...] = ("blocks", "decoder")
 
 
 def parse_bool(value: str) -> bool:
@@ -41,6 +44,29 @@ def parse_bool(value: str) -> bool:
         f"invalid boolean {value!r}: accepted values are "
         f"{', '.join(TRUE_SPELLINGS)} (true) or {', '.join(FALSE_SPELLINGS)} (false), any case"
     )
+
+
+def parse_compile(value: object) -> tuple[CompilePart, ...]:
+    """``RMBG_COMPILE``: a boolean (true compiles the Swin blocks, as it always has), or the
+    parts to compile, ``blocks`` and/or ``decoder``, comma-separated, any case."""
+    if isinstance(value, bool):
+        return ("blocks",) if value else ()
+    if isinstance(value, (tuple, list)):
+        words = [str(word) for word in value]
+    else:
+        text = str(value).strip().lower()
+        if text in TRUE_SPELLINGS or text in FALSE_SPELLINGS:
+            return ("blocks",) if parse_bool(text) else ()
+        words = text.split(",")
+    parts = {word.strip().lower() for word in words}
+    unknown = sorted(parts - set(COMPILE_PARTS))
+    if unknown:
+        raise ValueError(
+            f"invalid value {value!r}: give blocks, decoder or blocks,decoder (the parts to "
+            f"compile), or a boolean: {', '.join(TRUE_SPELLINGS)} (the blocks) or "
+            f"{', '.join(FALSE_SPELLINGS)} (nothing), any case"
+        )
+    return tuple(part for part in COMPILE_PARTS if part in parts)
 
 
 class Settings(BaseModel):
@@ -91,11 +117,13 @@ class Settings(BaseModel):
         "gathered windows, leaner decoder); false runs the published eager code, the "
         "reference (RMBG_OPTIMIZED).",
     )
-    rmbg_compile: bool = Field(
-        False,
-        description="Also compile RMBG-2.0's Swin blocks with torch.compile (Inductor) on the "
-        "fast path: more frames/s, paid for at start-up unless Inductor's on-disk cache "
-        "(TORCHINDUCTOR_CACHE_DIR) already holds them; needs RMBG_OPTIMIZED (RMBG_COMPILE).",
+    rmbg_compile: tuple[CompilePart, ...] = Field(
+        (),
+        description="Also compile parts of RMBG-2.0's fast path with torch.compile (Inductor): "
+        "'blocks' (the Swin blocks; 'true' means them), 'decoder' (the whole decoder), or "
+        "'blocks,decoder'; paid for at start-up unless Inductor's on-disk cache "
+        "(TORCHINDUCTOR_CACHE_DIR) or a compiled artifact (RMBG_COMPILE_CACHE) holds them; "
+        "needs RMBG_OPTIMIZED (RMBG_COMPILE).",
     )
     rmbg_compile_cache: str | None = Field(
         None,
@@ -141,12 +169,17 @@ class Settings(BaseModel):
             )
         return self
 
+    @field_validator("rmbg_compile", mode="before")
+    @classmethod
+    def _parse_compile(cls, value: object) -> tuple[CompilePart, ...]:
+        return parse_compile(value)
+
     @model_validator(mode="after")
     def _compile_needs_fast_path(self) -> Settings:
         if self.rmbg_compile and not self.rmbg_optimized:
             raise ValueError(
-                "RMBG_COMPILE=true compiles the fast path, which RMBG_OPTIMIZED=false turns "
-                "off: set RMBG_OPTIMIZED=true or RMBG_COMPILE=false"
+                f"RMBG_COMPILE={','.join(self.rmbg_compile)} compiles the fast path, which "
+                "RMBG_OPTIMIZED=false turns off: set RMBG_OPTIMIZED=true or RMBG_COMPILE=false"
             )
         return self
 
@@ -181,7 +214,6 @@ _BOOL_FIELDS = {
     "use_int8",
     "rmbg_trust_remote_code",
     "rmbg_optimized",
-    "rmbg_compile",
 }
 
 
@@ -214,7 +246,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     except ValidationError as exc:
         field_to_var = {f: v for v, f in ENV_VARS.items()}
         problems = "; ".join(
-            f"{field_to_var.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}"
+            f"{field_to_var.get(str(err['loc'][0]), err['loc'][0])}: "
+            f"{str(err['msg']).removeprefix('Value error, ')}"
             if err["loc"]
             else str(err["msg"]).removeprefix("Value error, ")
             for err in exc.errors()

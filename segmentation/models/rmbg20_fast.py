@@ -43,12 +43,13 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
     would trace and compile a second graph of every geometry: half of what a replica
     compiles, or loads from an artifact, at start-up, for calls bound by their launches).
 ``compile-decoder``
-    Optional, measured only (``benchmarks.model_bench --compile``): ``torch.compile`` of the
-    whole decoder (its upsampling, gradient attention, lateral sums and the deformable
-    convolutions' sampling), static shapes, one graph per batch size (the folded output head
-    is fetched before the compiled body, which would break its graph there); a single frame
-    and an FP32 recompute run it eagerly. Not a serving setting: a replica would compile it
-    per batch bucket at start-up, and compiled artifacts do not hold it.
+    Optional (``RMBG_COMPILE=decoder``): ``torch.compile`` of the whole decoder (its
+    upsampling, gradient attention, lateral sums and the deformable convolutions' sampling)
+    with the batch size symbolic: one graph for every batch size from 2 (the deformable
+    convolutions trace bands of output rows that hold every frame, not a loop per frame; the
+    folded output head is fetched before the compiled body, which would break its graph
+    there); a single frame and an FP32 recompute run it eagerly. Compiled artifacts
+    (:mod:`segmentation.compile_cache`) hold it like the blocks.
 """
 
 from __future__ import annotations
@@ -473,9 +474,10 @@ def _output_head(self: Any, dtype: torch.dtype, device: torch.device) -> tuple[t
 
 
 def _compiled_decoder() -> Callable[..., list[torch.Tensor]]:
-    """:func:`_decoder_body` through Inductor, static shapes (the deformable convolutions'
-    chunks follow the batch size): one graph per batch size."""
-    return _inductor(_decoder_body, dynamic=False)
+    """:func:`_decoder_body` through Inductor with the batch size symbolic (:func:`_decoder`
+    marks it; the deformable convolutions trace chunks of every frame): one graph for every
+    batch size from 2."""
+    return _inductor(_decoder_body, dynamic=None)
 
 
 def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -487,6 +489,8 @@ def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
     head = _output_head(self, features[0].dtype, features[0].device)
     compiled = self.__dict__.get("_fast_compiled")
     if compiled is not None and features[0].dtype == self._fast_dtype and len(features[0]) > 1:
+        for feature in features:
+            torch._dynamo.maybe_mark_dynamic(feature, 0)
         return cast(list[torch.Tensor], compiled(self, features, head))
     return _decoder_body(self, features, head)
 
@@ -524,7 +528,8 @@ def _decoder_body(
 
 def _deformable_conv(self: Any, x: torch.Tensor) -> torch.Tensor:
     """``DeformableConv2d.forward`` with the same offsets, modulation and weights, sampled on
-    the current stream."""
+    the current stream; traced for a compiled decoder, in chunks that hold every frame (one
+    graph for every batch size)."""
     offset = self.offset_conv(x)
     modulator = 2.0 * torch.sigmoid(self.modulator_conv(x))
     return deform_conv2d(
@@ -535,4 +540,5 @@ def _deformable_conv(self: Any, x: torch.Tensor) -> torch.Tensor:
         stride=self.stride,
         padding=self.padding,
         mask=modulator,
+        whole_batch=torch.compiler.is_compiling(),
     )

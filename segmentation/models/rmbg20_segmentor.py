@@ -42,6 +42,8 @@ LoadFormat = Literal["auto", "dummy"]
 #: With a ``compile_cache``: ``use`` an artifact that is there (compile nothing without one);
 #: ``build`` one (compile whatever is there; :mod:`segmentation.compile_cache` saves it).
 CompileArtifacts = Literal["use", "build"]
+#: The fast path's steps that compile, and so the ones a compiled artifact holds.
+COMPILED_STEPS = frozenset({rmbg20_fast.COMPILE, rmbg20_fast.COMPILE_DECODER})
 
 
 class RMBG20Segmentor:
@@ -62,8 +64,9 @@ class RMBG20Segmentor:
             then says so (``fp16+int8-linear``). FP8 on a device that cannot run it, or
             either without torchao, is refused here, before any weight is loaded.
         compile_cache: a directory of compiled artifacts (``RMBG_COMPILE_CACHE``,
-            :mod:`segmentation.compile_cache`) for the ``compile`` step: its artifact is
-            loaded before anything compiles; without one the step is left out (see
+            :mod:`segmentation.compile_cache`) for the compile steps (``compile``,
+            ``compile-decoder``): its artifact is loaded before anything compiles; without
+            one those steps are left out (see
             ``compile_artifacts``). ``info().compile`` says which happened.
         compile_artifacts: ``use`` (the service) or ``build`` (the tool that makes them).
     """
@@ -92,11 +95,6 @@ class RMBG20Segmentor:
         if linear_format is not None:
             quantize.check_supported(linear_format, self.device)
         steps = tuple(rmbg20_fast.DEFAULT_STEPS if optimized is True else (optimized or ()))
-        if rmbg20_fast.COMPILE_DECODER in steps and compile_cache is not None:
-            raise ValueError(
-                "the compile-decoder step is not kept in compiled artifacts "
-                "(RMBG_COMPILE_CACHE): it compiles at start-up, one graph per batch size"
-            )
         self.source = model_path
         self.revision = revision
         self.input_size = input_size
@@ -133,13 +131,13 @@ class RMBG20Segmentor:
             self.precision = self.precision.with_linear(linear_format, done.describe())
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the FP32 tensors the build and the conversion left
-        #: The ``compile`` step's state for ``/v1/models`` (None: the step was not asked for).
+        #: The compile steps' state for ``/v1/models`` (None: none was asked for).
         self.compile_status: dict[str, Any] | None = None
         #: Inductor's cache counts when an artifact was loaded (None: none was).
         self._inductor_before: dict[str, int] | None = None
         #: The Swin blocks' ahead-of-time programs, when their packages were loaded.
         self._programs: rmbg20_blocks.BlockPrograms | None = None
-        if rmbg20_fast.COMPILE in steps:
+        if COMPILED_STEPS & set(steps):
             steps, self.compile_status = self._compiled_artifact(
                 steps,
                 compile_cache,
@@ -152,12 +150,12 @@ class RMBG20Segmentor:
         self.fast_steps: tuple[str, ...] = rmbg20_fast.optimize(self.model, steps)
         if self._programs is not None:
             if rmbg20_blocks.install(self.model, self._programs):
-                self.fast_steps = (*self.fast_steps, rmbg20_fast.COMPILE)
+                applied = {*self.fast_steps, rmbg20_fast.COMPILE}
+                self.fast_steps = tuple(s for s in rmbg20_fast.ALL_STEPS if s in applied)
             else:
                 self._programs = None  # loaded, but no block takes them: nothing ran
-        if rmbg20_fast.COMPILE_DECODER in self.fast_steps:
-            decoder = {"decoder": "compiled at start-up (compile-decoder), one graph a batch size"}
-            self.compile_status = {**(self.compile_status or {}), **decoder}
+        if rmbg20_fast.COMPILE_DECODER in self.fast_steps and self.compile_status is not None:
+            self.compile_status["decoder"] = "compiled: one graph for every batch size from 2"
         if (
             self.compile_status is not None
             and (rmbg20_fast.COMPILE in steps or self._programs is not None)
@@ -194,8 +192,8 @@ class RMBG20Segmentor:
         linear_format: LinearFormat | None,
     ) -> tuple[tuple[str, ...], dict[str, Any]]:
         """The steps to apply and the compile state: the artifact of this model, device and
-        code loaded (the blocks compile from it), or, where it is missing or unreadable,
-        the steps without ``compile``."""
+        code loaded (the compiled parts, blocks and/or decoder, compile from it), or, where it
+        is missing or unreadable, the steps without the compile steps."""
         if directory is None:
             return steps, {"state": "compiled at start-up (no RMBG_COMPILE_CACHE)"}
         parts = compile_cache.key_parts(
@@ -212,24 +210,28 @@ class RMBG20Segmentor:
         key = compile_cache.artifact_key(parts)
         path = compile_cache.artifact_path(directory, key)
         programs = compile_cache.artifact_path(directory, key, ahead=True)
-        without = tuple(step for step in steps if step != rmbg20_fast.COMPILE)
         status: dict[str, Any] = {"key": key, "artifact": str(path)}
         if mode == "build":
             return steps, {**status, "state": "building the artifact"}
         # Programs compiled ahead of time first (no tracing at start-up; the compile step is
-        # then installed after the others, not applied by torch.compile), where the linear
-        # layers are plain and the directory is there; then Inductor's caches.
-        if compile_cache.ahead_of_time(linear_format) and programs.is_dir():
+        # then installed after the others, not applied by torch.compile), where the blocks
+        # compile, the linear layers are plain and the directory is there; then Inductor's
+        # caches for what is left to compile.
+        ahead = rmbg20_fast.COMPILE in steps and compile_cache.ahead_of_time(linear_format)
+        if ahead and programs.is_dir():
             try:
                 self._programs = rmbg20_blocks.load_programs(programs, self.device)
             except Exception as exc:  # unreadable, foreign, or a loader that crashes
                 status["programs"] = f"not used: {type(exc).__name__}: {exc}"[:600]
                 logger.warning("RMBG-2.0 compiled blocks: %s", status["programs"])
             else:
-                status["artifact"] = str(programs)
                 status["programs"] = self._programs.describe()
-                state = "artifact loaded: blocks compiled ahead of time"
-                return without, {**status, "state": state}
+                steps = tuple(step for step in steps if step != rmbg20_fast.COMPILE)
+                if rmbg20_fast.COMPILE_DECODER not in steps:
+                    state = "artifact loaded: blocks compiled ahead of time"
+                    return steps, {**status, "artifact": str(programs), "state": state}
+        named = ((rmbg20_fast.COMPILE, "blocks"), (rmbg20_fast.COMPILE_DECODER, "decoder"))
+        compiled = " and ".join(part for step, part in named if step in steps)
         try:
             found = path.is_file()
             if found:
@@ -239,14 +241,18 @@ class RMBG20Segmentor:
             reason = f"artifact unreadable ({type(exc).__name__}: {exc})"
         else:
             if found:
-                return steps, {**status, "state": "artifact loaded: the blocks compile from it"}
+                verb = "compiles" if compiled == "decoder" else "compile"
+                state = f"artifact loaded: the {compiled} {verb} from it"
+                return steps, {**status, "state": state}
             reason = "no artifact for this model, device and code"
+        without = tuple(step for step in steps if step not in COMPILED_STEPS)
+        rest = "blocks compiled ahead of time, the rest" if self._programs else "the fast path"
         message = (
-            f"not compiled: {reason}; the fast path runs uncompiled. Build it with "
+            f"not compiled: {reason}; {rest} runs uncompiled. Build it with "
             f"`{compile_cache.build_command(directory)}` on a machine like this one "
             "(same GPU and software, the replicas' settings)"
         )
-        logger.warning("RMBG-2.0 compiled blocks: %s (%s)", message, path)
+        logger.warning("RMBG-2.0 compiled %s: %s (%s)", compiled, message, path)
         return without, {**status, "state": message}
 
     def info(self) -> ModelInfo:

@@ -57,22 +57,28 @@ print(json.dumps({"sum": float(out.sum()), "saved": saved, "inductor": dict(coun
 """
 
 
-def _compile(mode: str, artifact: Path, inductor_dir: Path) -> dict[str, Any]:
+def _python(args: list[str], inductor_dir: Path, **env: str) -> dict[str, Any]:
+    """``python ARGS`` in a fresh process with its own Inductor cache; its last line's JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", COMPILE, mode, str(artifact)],
+        [sys.executable, *args],
         env={
             **os.environ,
             "PYTHONPATH": str(REPO_ROOT),
             "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir),
+            **env,
         },
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return report
+
+
+def _compile(mode: str, artifact: Path, inductor_dir: Path) -> dict[str, Any]:
+    return _python(["-c", COMPILE, mode, str(artifact)], inductor_dir)
 
 
 def test_an_artifact_saved_in_one_process_compiles_every_graph_in_another(tmp_path: Path) -> None:
@@ -305,3 +311,55 @@ def test_the_builder_refuses_batch_sizes_that_build_nothing_before_loading_a_mod
     assert refused.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "artifacts").exists()
+
+
+#: A replica's start from an artifact directory (the settings in the environment): batches of
+#: 2 and 3 (the compiled decoder) and 1 (eager); the compile report and the mattes' gap.
+REPLICA = """
+import json
+import numpy as np
+from segmentation.config import load_settings
+from segmentation.factory import build_segmentor
+from segmentation_standins import synthetic
+
+segmentor = build_segmentor("rmbg", load_settings(), load_format="dummy")
+frames = [synthetic.scene(7400 + i, 0, 96, 64).image for i in range(3)]
+pair, triple = segmentor.predict(frames[:2]), segmentor.predict(frames)
+single = segmentor.predict(frames[:1])[0]
+gap = max(int(np.abs(m[0].astype(int) - single.astype(int)).max()) for m in (pair, triple))
+print(json.dumps({"compile": segmentor.info().compile, "path": segmentor.inference_path,
+                  "gap": gap, "std": float(single.std())}))
+"""
+
+
+@pytest.mark.skipif(
+    not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
+)
+def test_the_compiled_decoder_is_built_into_an_artifact_and_a_fresh_replica_compiles_nothing(
+    tmp_path: Path,
+) -> None:
+    """``RMBG_COMPILE=decoder``: the builder compiles the published decoder (random weights,
+    128 pixels) into the artifact; a fresh process with its own empty Inductor cache finds
+    its one graph there for batches of 2 and 3 (a symbolic batch), compiles nothing, and its
+    mattes match the eager decoder's (a single frame)."""
+    env = {
+        "DEVICE": "cpu",
+        "RMBG_MODEL": str(RMBG_ARCH_DIR),
+        "RMBG_TRUST_REMOTE_CODE": "true",
+        "RMBG_INPUT_SIZE": str(SIZE),
+        "RMBG_COMPILE": "decoder",
+    }
+    artifacts = tmp_path / "artifacts"
+    builder = ["-m", "segmentation.compile_cache", str(artifacts), "--load-format", "dummy"]
+    built = _python([*builder, "--max-batch-size", "4"], tmp_path / "inductor-build", **env)
+    assert Path(built["artifact"]).is_file() and built["bytes"] > 0
+    replica = _python(
+        ["-c", REPLICA], tmp_path / "inductor-replica", **env, RMBG_COMPILE_CACHE=str(artifacts)
+    )
+    report = replica["compile"]
+    assert report["key"] == built["key"]
+    assert report["state"] == "artifact loaded: the decoder compiles from it"
+    assert report["decoder"] == "compiled: one graph for every batch size from 2"
+    assert report["inductor_cache"]["misses"] == 0 and report["inductor_cache"]["hits"] >= 1
+    assert replica["path"] == "sdpa+windows+decoder+deform+compile-decoder"
+    assert replica["std"] > 0 and replica["gap"] <= 1

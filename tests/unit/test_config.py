@@ -112,6 +112,20 @@ def test_rmbg_compile_adds_the_compiled_blocks_to_the_fast_path() -> None:
     assert rmbg_steps(load_settings({"RMBG_OPTIMIZED": "no"})) is False
     compiled = rmbg_steps(load_settings({"RMBG_COMPILE": "Enable"}))
     assert compiled == ("sdpa", "windows", "decoder", "deform", "compile")
+    assert rmbg_steps(load_settings({"RMBG_COMPILE": "Decoder"}))[-1] == "compile-decoder"
+    both = rmbg_steps(load_settings({"RMBG_COMPILE": " decoder, BLOCKS "}))
+    assert both == ("sdpa", "windows", "decoder", "deform", "compile", "compile-decoder")
+    assert load_settings({"RMBG_COMPILE": "disable"}).rmbg_compile == ()
+    assert load_settings({}, rmbg_compile=True).rmbg_compile == ("blocks",)
+
+
+@pytest.mark.parametrize("value", ["decoders", "blocks,attention", "maybe"])
+def test_rmbg_compile_names_what_it_accepts(value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"RMBG_COMPILE": value})
+    message = str(caught.value)
+    assert message.startswith("invalid settings: RMBG_COMPILE: ")
+    assert repr(value) in message and "blocks,decoder" in message and "enable" in message
 
 
 def test_rmbg_compile_without_the_fast_path_is_refused_with_the_fix() -> None:
