@@ -227,6 +227,7 @@ def build_command(directory: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from segmentation.batching import batch_buckets
     from segmentation.config import load_settings
     from segmentation.factory import build_segmentor
     from segmentation.models import rmbg20_blocks, rmbg20_fast
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     frame = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
     path = Path(status["artifact"])
     calls: list[rmbg20_blocks.BlockCall] = []
+    # The sizes a replica pads to (a compiled decoder compiles for the largest only).
+    segmentor.batch_buckets = batch_buckets(args.max_batch_size)
     with contextlib.ExitStack() as stack:
         if ahead:
             calls = stack.enter_context(rmbg20_blocks.recorded_calls(segmentor.model))

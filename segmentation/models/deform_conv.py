@@ -28,9 +28,6 @@ import torch.nn.functional as F
 
 #: Largest FP32 sampling buffer one chunk of frames may use.
 CHUNK_BYTES = 256 << 20
-#: With ``whole_batch``, the batch size a band of output rows is sized for (the service's
-#: largest RMBG-2.0 batch); a larger batch's bands take proportionally more.
-WHOLE_BATCH_FRAMES = 16
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -47,22 +44,14 @@ def deform_conv2d(
     dilation: int | tuple[int, int] = 1,
     mask: torch.Tensor | None = None,
     chunk_bytes: int = CHUNK_BYTES,
-    whole_batch: bool = False,
 ) -> torch.Tensor:
     """``torchvision.ops.deform_conv2d`` for one weight group and one offset group.
 
     ``x`` is ``[B, C, H, W]``, ``weight`` ``[O, C, kh, kw]``, ``offset``
     ``[B, 2*kh*kw, Ho, Wo]`` (channel ``2k`` the row shift of kernel tap ``k = i*kw + j``,
     ``2k+1`` its column shift) and ``mask`` ``[B, kh*kw, Ho, Wo]``.
-
-    ``whole_batch``: the chunks are bands of output rows holding every frame and every tap,
-    as many rows as fit ``chunk_bytes`` for :data:`WHOLE_BATCH_FRAMES` frames, so they do not
-    depend on the batch size: a graph compiled with the batch symbolic holds for every batch
-    size (the default chunks of frames unroll a loop per frame and specialise on the batch),
-    and each output value is one product over all the taps (chunks of taps would read and
-    write the output once per chunk).
     """
-    channels = x.shape[1]
+    batch, channels, height, width = x.shape
     out_channels, weight_channels, kh, kw = weight.shape
     taps = kh * kw
     if weight_channels != channels or offset.shape[1] != 2 * taps:
@@ -83,82 +72,7 @@ def deform_conv2d(
     base_y = (tap_rows.view(taps, 1, 1) + rows.view(1, out_h, 1)).expand(taps, out_h, out_w)
     base_x = (tap_cols.view(taps, 1, 1) + cols.view(1, 1, out_w)).expand(taps, out_h, out_w)
     taps_weight = weight.reshape(out_channels, channels, taps)
-    if whole_batch:
-        result = _in_row_bands(x, offset, taps_weight, mask, base_y, base_x, chunk_bytes)
-    else:
-        result = _in_frame_chunks(x, offset, taps_weight, mask, base_y, base_x, chunk_bytes)
-    if bias is not None:
-        result = result + bias.view(1, -1, 1, 1)
-    return result
-
-
-def _sampled(
-    source: torch.Tensor,
-    shift: torch.Tensor,
-    base_y: torch.Tensor,
-    base_x: torch.Tensor,
-    modulation: torch.Tensor | None,
-) -> torch.Tensor:
-    """The columns of some taps at some output rows: ``source`` ``[n, C, H, W]`` sampled at
-    ``base + shift`` (``shift`` ``[n, taps, 2, rows, Wo]``, FP32) and modulated,
-    ``[n, C * taps, rows * Wo]``, FP32 (the caller casts)."""
-    n, channels, height, width = source.shape
-    taps, rows, out_w = base_y.shape
-    # grid_sample's unnormalisation with align_corners=False: p = ((g + 1) * size - 1) / 2.
-    gy = (base_y + shift[:, :, 0]).mul_(2.0 / height)
-    gx = (base_x + shift[:, :, 1]).mul_(2.0 / width)
-    grid = torch.stack((gx.add_(1.0 / width - 1.0), gy.add_(1.0 / height - 1.0)), dim=-1)
-    sampled = F.grid_sample(
-        source, grid.view(n, taps * rows, out_w, 2), "bilinear", "zeros", align_corners=False
-    ).view(n, channels, taps, rows * out_w)  # the columns, tap-major per channel
-    if modulation is not None:
-        sampled.mul_(modulation.float().reshape(n, 1, taps, rows * out_w))
-    return sampled.view(n, channels * taps, rows * out_w)
-
-
-def _in_row_bands(
-    x: torch.Tensor,
-    offset: torch.Tensor,
-    taps_weight: torch.Tensor,
-    mask: torch.Tensor | None,
-    base_y: torch.Tensor,
-    base_x: torch.Tensor,
-    chunk_bytes: int,
-) -> torch.Tensor:
-    """:func:`deform_conv2d` in bands of output rows, each every frame by every tap."""
-    batch, channels = x.shape[:2]
-    out_channels, _, taps = taps_weight.shape
-    out_h, out_w = base_y.shape[1:]
-    per_row = channels * taps * out_w * 4 * WHOLE_BATCH_FRAMES
-    band = max(1, min(out_h, chunk_bytes // max(per_row, 1)))
-    source = x.float()
-    shift = offset.float().view(batch, taps, 2, out_h, out_w)
-    weight = taps_weight.reshape(out_channels, channels * taps)
-    bands = []
-    for top in range(0, out_h, band):
-        rows = slice(top, min(out_h, top + band))
-        modulation = None if mask is None else mask[:, :, rows]
-        columns = _sampled(
-            source, shift[..., rows, :], base_y[:, rows], base_x[:, rows], modulation
-        )
-        bands.append(torch.matmul(weight, columns.to(x.dtype)).view(batch, out_channels, -1, out_w))
-    return bands[0] if len(bands) == 1 else torch.cat(bands, dim=2)
-
-
-def _in_frame_chunks(
-    x: torch.Tensor,
-    offset: torch.Tensor,
-    taps_weight: torch.Tensor,
-    mask: torch.Tensor | None,
-    base_y: torch.Tensor,
-    base_x: torch.Tensor,
-    chunk_bytes: int,
-) -> torch.Tensor:
-    """:func:`deform_conv2d` in chunks of `frames` frames by `group` taps, their FP32 samples
-    within ``chunk_bytes``; the taps of a chunk summed into the output in its dtype."""
-    batch, channels = x.shape[:2]
-    out_channels, _, taps = taps_weight.shape
-    out_h, out_w = base_y.shape[1:]
+    # A chunk is `frames` frames by `group` taps, its FP32 samples within `chunk_bytes`.
     per_tap = channels * out_h * out_w * 4
     frames = max(1, min(batch, chunk_bytes // max(per_tap * taps, 1)))
     group = taps if frames > 1 else max(1, min(taps, chunk_bytes // max(per_tap, 1)))
@@ -171,14 +85,25 @@ def _in_frame_chunks(
         target = out[start:stop]
         for first in range(0, taps, group):
             last = min(taps, first + group)
-            taps_ = slice(first, last)
-            modulation = None if mask is None else mask[start:stop, taps_]
-            columns = _sampled(
-                source, shift[:, taps_], base_y[taps_], base_x[taps_], modulation
-            ).to(x.dtype)
-            part = taps_weight[:, :, taps_].reshape(out_channels, -1)
+            # grid_sample's unnormalisation with align_corners=False: p = ((g + 1) * size - 1) / 2.
+            gy = (base_y[first:last] + shift[:, first:last, 0]).mul_(2.0 / height)
+            gx = (base_x[first:last] + shift[:, first:last, 1]).mul_(2.0 / width)
+            grid = torch.stack(
+                (gx.add_(1.0 / width - 1.0), gy.add_(1.0 / height - 1.0)), dim=-1
+            ).view(n, (last - first) * out_h, out_w, 2)
+            sampled = F.grid_sample(
+                source, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            ).view(n, channels, last - first, out_h * out_w)  # the columns, tap-major per channel
+            if mask is not None:
+                modulation = mask[start:stop, first:last].float()
+                sampled.mul_(modulation.reshape(n, 1, last - first, out_h * out_w))
+            columns = sampled.to(x.dtype).view(n, channels * (last - first), -1)
+            part = taps_weight[:, :, first:last].reshape(out_channels, -1)
             if first == 0:
                 torch.matmul(part, columns, out=target)
             else:
                 target.baddbmm_(part.expand(n, -1, -1), columns)
-    return out.view(batch, out_channels, out_h, out_w)
+    result = out.view(batch, out_channels, out_h, out_w)
+    if bias is not None:
+        result = result + bias.view(1, -1, 1, 1)
+    return result

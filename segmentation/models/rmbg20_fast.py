@@ -44,12 +44,13 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
     compiles, or loads from an artifact, at start-up, for calls bound by their launches).
 ``compile-decoder``
     Optional (``RMBG_COMPILE=decoder``): ``torch.compile`` of the whole decoder (its
-    upsampling, gradient attention, lateral sums and the deformable convolutions' sampling)
-    with the batch size symbolic: one graph for every batch size from 2 (the deformable
-    convolutions trace bands of output rows that hold every frame, not a loop per frame; the
-    folded output head is fetched before the compiled body, which would break its graph
-    there); a single frame and an FP32 recompute run it eagerly. Compiled artifacts
-    (:mod:`segmentation.compile_cache`) hold it like the blocks.
+    upsampling, gradient attention, lateral sums and the deformable convolutions' sampling),
+    static shapes, one graph per batch size it is compiled for (:func:`compile_decoder_for`;
+    a segmentor with batch buckets compiles it for the largest only, the batches a loaded
+    replica runs); the folded output head is fetched before the compiled body, which would
+    break its graph there. Other sizes, a single frame and an FP32 recompute run it eagerly.
+    Compiled artifacts (:mod:`segmentation.compile_cache`) hold it like the blocks. With the
+    batch symbolic it gained nothing on an H200 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -474,10 +475,18 @@ def _output_head(self: Any, dtype: torch.dtype, device: torch.device) -> tuple[t
 
 
 def _compiled_decoder() -> Callable[..., list[torch.Tensor]]:
-    """:func:`_decoder_body` through Inductor with the batch size symbolic (:func:`_decoder`
-    marks it; the deformable convolutions trace chunks of every frame): one graph for every
-    batch size from 2."""
-    return _inductor(_decoder_body, dynamic=None)
+    """:func:`_decoder_body` through Inductor, static shapes: one graph per batch size it
+    runs at (:func:`compile_decoder_for`)."""
+    return _inductor(_decoder_body, dynamic=False)
+
+
+def compile_decoder_for(model: torch.nn.Module, batches: Iterable[int] | None) -> None:
+    """The batch sizes ``model``'s compiled decoder runs at (None: every size from 2); other
+    sizes run it uncompiled. A size compiles at its first call."""
+    sizes = None if batches is None else frozenset(batches)
+    for module in model.modules():
+        if "_fast_compiled" in module.__dict__:
+            module.__dict__["_fast_compiled_batches"] = sizes
 
 
 def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -489,9 +498,9 @@ def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
     head = _output_head(self, features[0].dtype, features[0].device)
     compiled = self.__dict__.get("_fast_compiled")
     if compiled is not None and features[0].dtype == self._fast_dtype and len(features[0]) > 1:
-        for feature in features:
-            torch._dynamo.maybe_mark_dynamic(feature, 0)
-        return cast(list[torch.Tensor], compiled(self, features, head))
+        batches = self.__dict__.get("_fast_compiled_batches")
+        if batches is None or len(features[0]) in batches:
+            return cast(list[torch.Tensor], compiled(self, features, head))
     return _decoder_body(self, features, head)
 
 
@@ -528,8 +537,7 @@ def _decoder_body(
 
 def _deformable_conv(self: Any, x: torch.Tensor) -> torch.Tensor:
     """``DeformableConv2d.forward`` with the same offsets, modulation and weights, sampled on
-    the current stream; traced for a compiled decoder, in chunks that hold every frame (one
-    graph for every batch size)."""
+    the current stream."""
     offset = self.offset_conv(x)
     modulator = 2.0 * torch.sigmoid(self.modulator_conv(x))
     return deform_conv2d(
@@ -540,5 +548,4 @@ def _deformable_conv(self: Any, x: torch.Tensor) -> torch.Tensor:
         stride=self.stride,
         padding=self.padding,
         mask=modulator,
-        whole_batch=torch.compiler.is_compiling(),
     )

@@ -155,7 +155,10 @@ class RMBG20Segmentor:
             else:
                 self._programs = None  # loaded, but no block takes them: nothing ran
         if rmbg20_fast.COMPILE_DECODER in self.fast_steps and self.compile_status is not None:
-            self.compile_status["decoder"] = "compiled: one graph for every batch size from 2"
+            self.compile_status["decoder"] = (
+                "compiled for the largest batch size (a loaded replica's batches); smaller "
+                "batches run it uncompiled"
+            )
         if (
             self.compile_status is not None
             and (rmbg20_fast.COMPILE in steps or self._programs is not None)
@@ -169,9 +172,7 @@ class RMBG20Segmentor:
         self._model_lock = threading.Lock()
         #: Frames whose FP16 output had non-finite values and were recomputed in FP32.
         self.fp32_recomputed = 0
-        #: Batch sizes the model runs at (see :func:`segmentation.batching.batch_buckets`);
-        #: None runs every batch at its own size.
-        self.batch_buckets: tuple[int, ...] | None = None
+        self._batch_buckets: tuple[int, ...] | None = None
         self._graphs: Any = None  # GraphedForward, once capture_graphs succeeded
         #: Why the last capture failed (None: it did not, or none was tried).
         self.graph_error: str | None = None
@@ -181,6 +182,18 @@ class RMBG20Segmentor:
     @property
     def dtype(self) -> torch.dtype:
         return self.precision.dtype
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...] | None:
+        """Batch sizes the model runs at (see :func:`segmentation.batching.batch_buckets`);
+        None runs every batch at its own size. A compiled decoder (``compile-decoder``)
+        compiles for the largest (None: for each size it meets)."""
+        return self._batch_buckets
+
+    @batch_buckets.setter
+    def batch_buckets(self, buckets: tuple[int, ...] | None) -> None:
+        self._batch_buckets = buckets
+        rmbg20_fast.compile_decoder_for(self.model, (max(buckets),) if buckets else None)
 
     def _compiled_artifact(
         self,
@@ -381,7 +394,9 @@ class RMBG20Segmentor:
             for group in groups
         ]
         batch = torch.cat(resized) if len(resized) > 1 else resized[0]
-        return ((batch - self._mean) / self._std).to(self.dtype)
+        # One layout whatever the frames' sizes (frames already at the input size keep their
+        # channels-last layout through the resize): a compiled graph specialises on it.
+        return ((batch - self._mean) / self._std).to(self.dtype).contiguous()
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Full-resolution logits ``[B, 1, S, S]`` (the last of the model's four maps).

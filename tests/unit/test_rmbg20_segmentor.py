@@ -363,8 +363,8 @@ def test_each_fast_step_gives_the_published_models_outputs(
 
 def test_compiled_decoder_gives_the_published_models_outputs(published: torch.nn.Module) -> None:
     """The ``compile-decoder`` step: one Inductor graph of the whole decoder (its deformable
-    convolutions' sampling included) for batches of two and three; a single frame runs it
-    eagerly."""
+    convolutions' sampling included) for a batch of two; told to compile for two only, a
+    batch of three runs it eagerly, as a single frame does."""
     import copy
 
     import torch._dynamo.utils
@@ -382,6 +382,7 @@ def test_compiled_decoder_gives_the_published_models_outputs(published: torch.nn
         before = graphs["unique_graphs"]
         pair = fast(x[:2])
         compiled = graphs["unique_graphs"] - before
+        rmbg20_fast.compile_decoder_for(fast, [2])
         triple = fast(x)
         single = fast(x[:1])
         assert graphs["unique_graphs"] - before == compiled == 1  # none for 3, none for 1
@@ -410,7 +411,8 @@ def test_the_compiled_decoder_without_its_artifact_is_left_out_and_reported(
     assert at_start.inference_path == "sdpa+windows+decoder+deform+compile-decoder"
     assert at_start.compile == {
         "state": "compiled at start-up (no RMBG_COMPILE_CACHE)",
-        "decoder": "compiled: one graph for every batch size from 2",
+        "decoder": "compiled for the largest batch size (a loaded replica's batches); "
+        "smaller batches run it uncompiled",
     }
 
 
@@ -493,3 +495,14 @@ def test_concurrent_predicts_stay_right_while_one_recomputes_in_fp32(fake_gpu: N
     assert len(results["b"]) >= 2
     assert all((matte == clean_b).all() for matte in results["b"])
     assert all(p.dtype == torch.float16 for p in segmentor.model.parameters())
+
+
+def test_the_model_input_has_one_layout_whatever_the_frames_sizes() -> None:
+    """A frame already at the input size skips the resize's copy and would keep its
+    channels-last layout: a compiled graph (which specialises on strides) would then be
+    traced again, mid-request, for such a batch."""
+    segmentor = _segmentor()
+    square = segmentor.preprocess([product_frame(SIZE, SIZE, 1)] * 2)
+    other = segmentor.preprocess([product_frame(SIZE + 40, SIZE - 8, 2)] * 2)
+    assert square.shape == other.shape == (2, 3, SIZE, SIZE)
+    assert square.stride() == other.stride() == (3 * SIZE * SIZE, SIZE * SIZE, SIZE, 1)
