@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Build RMBG-2.0's compiled artifact for the settings in the environment "
         "(RMBG_MODEL, DEVICE, USE_FP16, RMBG_INPUT_SIZE, USE_FP8/USE_INT8, RMBG_COMPILE: the "
-        "blocks when unset) into DIRECTORY, "
+        "blocks when it is unset or false) into DIRECTORY, "
         "the RMBG_COMPILE_CACHE the replicas will use. Give it what the application's args "
         "change (--input-size, --load-format) and its max_batch_size: a replica finds only "
         "the artifact of exactly what it runs, and a replica without one says so in "
@@ -249,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         "--max-batch-size)",
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=16, help="the replicas' max_batch_size"
+        "--max-batch-size",
+        type=int,
+        default=16,
+        help="the replicas' max_batch_size (their largest batch: a compiled decoder's graph is "
+        "for it; a replica whose memory caps it lower compiles its own)",
     )
     parser.add_argument(
         "--ahead-of-time",
@@ -283,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(
         rmbg_compile=compiled, rmbg_optimized=True, rmbg_compile_cache=args.directory
     )
+    if "decoder" in settings.rmbg_compile and args.max_batch_size not in sizes:
+        parser.error(
+            f"--batch-sizes {sizes}: the decoder compiles for --max-batch-size "
+            f"({args.max_batch_size}), the replicas' largest batch: include it"
+        )
     blocks = "blocks" in settings.rmbg_compile
     ahead = args.ahead_of_time and blocks and ahead_of_time(settings.linear_format)
     if args.ahead_of_time and not blocks:

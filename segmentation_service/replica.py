@@ -359,6 +359,10 @@ class SegmentorReplica:
             return  # built and captured already (e.g. only the batch wait changed)
         started = time.perf_counter()
         self.segmentor.batch_buckets = buckets  # each size below runs as itself, unpadded
+        # A new largest size runs again with the new sizes in place, whatever ran before: what
+        # runs at it follows them (RMBG-2.0's compiled decoder compiles for the largest only).
+        if previous is not None and max(previous) != max(buckets):
+            self._built_sizes.discard(max(buckets))
         try:
             for size in buckets:
                 if size not in self._built_sizes:

@@ -31,8 +31,9 @@ class ModelInfo:
     stand_in_weights: str | None = None
     #: How the forward runs, e.g. ``eager`` or ``sdpa+windows+decoder+graphs``.
     inference_path: str = "eager"
-    #: RMBG-2.0's compiled blocks (``RMBG_COMPILE``): whether they were compiled at start-up,
-    #: from an artifact (``RMBG_COMPILE_CACHE``), or not at all and why; None when not asked.
+    #: RMBG-2.0's compiled parts (``RMBG_COMPILE``: blocks, decoder): whether they were compiled
+    #: at start-up, from an artifact (``RMBG_COMPILE_CACHE``), or not at all and why; None
+    #: when not asked.
     compile: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:

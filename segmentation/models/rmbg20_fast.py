@@ -37,11 +37,12 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
     this step the model is not captured in graphs (:func:`graph_blocker`). It also bounds the
     sampling buffer (torchvision's columns take 6.6 GB in FP16 at batch 16).
 ``compile``
-    Optional (``RMBG_COMPILE``): ``torch.compile`` (Inductor) of the Swin block body, one
-    function shared by every block, so each distinct geometry compiles once, with the batch
-    size symbolic; a single frame and an FP32 recompute run the eager body (a batch of 1
-    would trace and compile a second graph of every geometry: half of what a replica
-    compiles, or loads from an artifact, at start-up, for calls bound by their launches).
+    Optional (``RMBG_COMPILE=blocks``, or ``true``): ``torch.compile`` (Inductor) of the Swin
+    block body, one function shared by every block, so each distinct geometry compiles once,
+    with the batch size symbolic; a single frame and an FP32 recompute run the eager body (a
+    batch of 1 would trace and compile a second graph of every geometry: half of what a
+    replica compiles, or loads from an artifact, at start-up, for calls bound by their
+    launches).
 ``compile-decoder``
     Optional (``RMBG_COMPILE=decoder``): ``torch.compile`` of the whole decoder (its
     upsampling, gradient attention, lateral sums and the deformable convolutions' sampling),
@@ -424,11 +425,17 @@ def _compiled_block_body() -> Callable[..., torch.Tensor]:
 
 
 def _inductor(body: Callable[..., Any], dynamic: bool | None) -> Callable[..., Any]:
-    """``torch.compile`` of ``body``, with room for a graph per geometry and batch size."""
+    """``torch.compile`` of ``body``, with room for a graph per geometry and batch size.
+
+    CPU kernels read the thread count when they run instead of being compiled for the
+    process's: a Serve replica gets as many threads as its ``num_cpus`` (Ray sets
+    ``OMP_NUM_THREADS``), the tool that builds a compiled artifact as many as its machine has,
+    and Inductor keys its cached graphs by a thread count compiled in, so a replica missed
+    every graph of an artifact built on the CPU."""
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(body, dynamic=dynamic)
+    return torch.compile(body, dynamic=dynamic, options={"cpp.dynamic_threads": True})
 
 
 # --- decoder ----------------------------------------------------------------------------------

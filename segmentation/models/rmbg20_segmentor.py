@@ -154,11 +154,6 @@ class RMBG20Segmentor:
                 self.fast_steps = tuple(s for s in rmbg20_fast.ALL_STEPS if s in applied)
             else:
                 self._programs = None  # loaded, but no block takes them: nothing ran
-        if rmbg20_fast.COMPILE_DECODER in self.fast_steps and self.compile_status is not None:
-            self.compile_status["decoder"] = (
-                "compiled for the largest batch size (a loaded replica's batches); smaller "
-                "batches run it uncompiled"
-            )
         if (
             self.compile_status is not None
             and (rmbg20_fast.COMPILE in steps or self._programs is not None)
@@ -259,9 +254,12 @@ class RMBG20Segmentor:
                 return steps, {**status, "state": state}
             reason = "no artifact for this model, device and code"
         without = tuple(step for step in steps if step not in COMPILED_STEPS)
-        rest = "blocks compiled ahead of time, the rest" if self._programs else "the fast path"
+        if self._programs:  # the blocks' programs loaded: only the decoder is left out
+            head, rest = "decoder not compiled", "blocks compiled ahead of time, the rest"
+        else:
+            head, rest = "not compiled", "the fast path"
         message = (
-            f"not compiled: {reason}; {rest} runs uncompiled. Build it with "
+            f"{head}: {reason}; {rest} runs uncompiled. Build it with "
             f"`{compile_cache.build_command(directory)}` on a machine like this one "
             "(same GPU and software, the replicas' settings)"
         )
@@ -283,17 +281,27 @@ class RMBG20Segmentor:
         )
 
     def compile_report(self) -> dict[str, Any] | None:
-        """``compile_status``, and once an artifact was loaded, Inductor's FX-graph cache
-        hits and misses since (a miss is a graph the artifact lacked, compiled here), or the
-        block calls since the programs were loaded (``program``; ``batch`` and ``geometry``:
-        the eager body, for a batch size or a geometry the programs do not take)."""
-        if self.compile_status is not None and self._programs is not None:
-            return {**self.compile_status, "block_calls": dict(self._programs.calls)}
-        if self.compile_status is None or self._inductor_before is None:
-            return self.compile_status
-        now = compile_cache.inductor_counts()
-        since = {k: now[k] - self._inductor_before[k] for k in now}
-        return {**self.compile_status, "inductor_cache": since}
+        """``compile_status``; the batch sizes the compiled decoder runs at (``decoder``); once
+        an artifact was loaded, Inductor's FX-graph cache hits and misses since (a miss is a
+        graph the artifact lacked, compiled here); once the blocks' programs were loaded, the
+        block calls since (``program``; ``batch`` and ``geometry``: the eager body, for a
+        batch size or a geometry the programs do not take)."""
+        if self.compile_status is None:
+            return None
+        report = dict(self.compile_status)
+        if rmbg20_fast.COMPILE_DECODER in self.fast_steps:
+            report["decoder"] = (
+                f"compiled for batches of {max(self._batch_buckets)} (the largest batch "
+                "size); smaller batches run it uncompiled"
+                if self._batch_buckets
+                else "compiled for each batch size from 2 (no batch sizes set)"
+            )
+        if self._programs is not None:
+            report["block_calls"] = dict(self._programs.calls)
+        if self._inductor_before is not None:
+            now = compile_cache.inductor_counts()
+            report["inductor_cache"] = {k: now[k] - self._inductor_before[k] for k in now}
+        return report
 
     @property
     def inference_path(self) -> str:

@@ -37,7 +37,7 @@ def test_compiled_decoder_under_graphs_gives_the_fast_paths_mattes() -> None:
         graphs = torch._dynamo.utils.counters["stats"]
         before = graphs["unique_graphs"]
         compiled = model.forward(batch)  # a batch of 2: the compiled decoder
-        assert graphs["unique_graphs"] == before + 1  # the decoder went through Inductor
+        assert graphs["unique_graphs"] > before  # the decoder went through Inductor
         # One frame at a time: the same fast path with the eager decoder.
         uncompiled = torch.cat([model.forward(batch[i : i + 1]) for i in range(2)])
         with _in_fp32(model.model):

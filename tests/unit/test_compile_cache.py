@@ -362,7 +362,24 @@ def test_the_compiled_decoder_is_built_into_an_artifact_and_a_fresh_replica_comp
     report = replica["compile"]
     assert report["key"] == built["key"]
     assert report["state"] == "artifact loaded: the decoder compiles from it"
-    assert report["decoder"].startswith("compiled for the largest batch size")
+    assert report["decoder"].startswith("compiled for batches of 4 (the largest batch size)")
     assert report["inductor_cache"]["misses"] == 0 and report["inductor_cache"]["hits"] >= 1
     assert replica["path"] == "sdpa+windows+decoder+deform+compile-decoder"
     assert replica["std"] > 0 and replica["gap"] <= 1
+
+
+def test_the_builder_refuses_a_decoder_artifact_without_the_largest_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoder compiles for the replicas' largest batch only: sizes without it would
+    build an artifact that lacks it (or nothing), so they are refused before any load."""
+    monkeypatch.setenv("RMBG_MODEL", str(tmp_path / "no-model-here"))
+    monkeypatch.setenv("RMBG_COMPILE", "decoder")
+    with pytest.raises(SystemExit) as refused:
+        compile_cache.main([str(tmp_path / "artifacts"), "--batch-sizes", "1,2,4"])
+    assert refused.value.code == 2
+    assert (
+        "--batch-sizes [1, 2, 4]: the decoder compiles for --max-batch-size (16), the "
+        "replicas' largest batch: include it"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "artifacts").exists()

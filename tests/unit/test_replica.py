@@ -254,9 +254,10 @@ def test_reconfigure_during_a_running_batch_never_runs_the_model_beside_it() -> 
     assert rep.segmentor.most_active == 1
     threads = {thread for thread, _ in rep.segmentor.calls}
     assert threads and all(t.startswith("toy-gpu") for t in threads)
-    # warm-ups: 1 and 2, then 1 and 8 (peaks) and 4 (the one new bucket size), all on it
+    # warm-ups: 1 and 2, then 1 and 8 (peaks), 4 (the one new bucket size) and 8 again (the
+    # new largest, with the new sizes in place), all on it
     warmups = [len(v) for _, v in rep.segmentor.calls if v[0] == WARMUP]
-    assert warmups == [1, 2, 1, 8, 4]
+    assert warmups == [1, 2, 1, 8, 4, 8]
     assert rep.segmentor.batch_buckets == (1, 2, 4, 8) and rep.cap.value == 8
     assert ticks >= 3, "the event loop was blocked during the reconfigure"
 
@@ -343,3 +344,26 @@ def test_the_first_failure_cancels_the_other_calls_of_a_request() -> None:
     assert run(scenario()) < 2.0
     assert sorted(ended) == ["a", "b"]  # both ended (cancelled) before the error came out
     assert run(all_or_cancel(asyncio.sleep(0, result=n) for n in range(3))) == [0, 1, 2]
+
+
+def test_new_batch_sizes_run_their_largest_once_more_with_the_sizes_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What runs at a batch size can follow the sizes (RMBG-2.0's compiled decoder compiles
+    for the largest only), so after a change the new largest runs once with the new sizes in
+    place, also where it ran before under the old ones: never a compile in a request."""
+    rep = replica()
+    ran: list[tuple[int, tuple[int, ...] | None]] = []
+    predict = rep.segmentor.predict
+
+    def recording(frames: list[np.ndarray]) -> list[int]:
+        ran.append((len(frames), rep.segmentor.batch_buckets))
+        return predict(frames)
+
+    monkeypatch.setattr(rep.segmentor, "predict", recording)
+    run(rep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.01}))
+    assert ran[-1] == (4, (1, 2, 4, 8))  # the first sizes: 8 ran before them, as the peak
+    ran.clear()
+    run(rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.01}))
+    assert ran == [(4, (1, 2, 4))]  # 4 ran before, as a smaller size of 8's
+    assert rep.segmentor.batch_buckets == (1, 2, 4)
