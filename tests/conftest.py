@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,3 +92,23 @@ def assert_cutout(rgba: np.ndarray, frame: np.ndarray) -> None:
     assert visible.any(), "the matte hides every pixel; the comparison would prove nothing"
     assert np.array_equal(rgba[..., :3][visible], frame[visible])
     assert not rgba[..., :3][~visible].any()
+
+
+def python_json(args: list[str], inductor_dir: Path, **env: str) -> dict[str, Any]:
+    """``python ARGS`` in a fresh process with its own Inductor cache; its last line's JSON."""
+    done = subprocess.run(
+        [sys.executable, *args],
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT),
+            "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir),
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report

@@ -7,10 +7,6 @@ graph in the artifact (its own Inductor cache is empty), compiles nothing, and s
 from __future__ import annotations
 
 import io
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +16,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.load_test import synthetic_jpeg
-from tests.conftest import REPO_ROOT, RMBG_ARCH_DIR
+from tests.conftest import REPO_ROOT, RMBG_ARCH_DIR, python_json
 from tests.serve_cluster import Cluster, running_cluster
 
 pytestmark = [
@@ -46,27 +42,16 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster
     demo application with RMBG-2.0 pointed at the published code and the artifact."""
     workdir = tmp_path_factory.mktemp("compiled-service")
     artifacts = workdir / "artifacts"
-    built = subprocess.run(
+    artifact = python_json(
         [
-            sys.executable,
             *("-m", "segmentation.compile_cache", str(artifacts)),
             *("--max-batch-size", str(MAX_BATCH), "--input-size", str(SIZE)),
             *("--load-format", "dummy"),
         ],
-        env={
-            **os.environ,
-            **SETTINGS,
-            "RMBG_MODEL": str(RMBG_ARCH_DIR),
-            "PYTHONPATH": str(REPO_ROOT),
-            "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor-build"),
-        },
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+        workdir / "inductor-build",
+        **SETTINGS,
+        RMBG_MODEL=str(RMBG_ARCH_DIR),
     )
-    assert built.returncode == 0, built.stderr[-3000:]
-    artifact: dict[str, Any] = json.loads(built.stdout.strip().splitlines()[-1])
 
     def edit(config: dict[str, Any]) -> None:
         app = config["applications"][0]

@@ -12,10 +12,6 @@ architecture's blocks compiled from an artifact are a GPU test
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +26,7 @@ from segmentation.factory import build_segmentor
 from segmentation.models import rmbg20_blocks, rmbg20_fast
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation_standins import synthetic
-from tests.conftest import REPO_ROOT, RMBG_ARCH_DIR, published_rmbg
+from tests.conftest import RMBG_ARCH_DIR, published_rmbg, python_json
 
 SIZE = 128
 COMPILED = (*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE)
@@ -57,28 +53,8 @@ print(json.dumps({"sum": float(out.sum()), "saved": saved, "inductor": dict(coun
 """
 
 
-def _python(args: list[str], inductor_dir: Path, **env: str) -> dict[str, Any]:
-    """``python ARGS`` in a fresh process with its own Inductor cache; its last line's JSON."""
-    done = subprocess.run(
-        [sys.executable, *args],
-        env={
-            **os.environ,
-            "PYTHONPATH": str(REPO_ROOT),
-            "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir),
-            **env,
-        },
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return report
-
-
 def _compile(mode: str, artifact: Path, inductor_dir: Path) -> dict[str, Any]:
-    return _python(["-c", COMPILE, mode, str(artifact)], inductor_dir)
+    return python_json(["-c", COMPILE, mode, str(artifact)], inductor_dir)
 
 
 def test_an_artifact_saved_in_one_process_compiles_every_graph_in_another(tmp_path: Path) -> None:
@@ -354,9 +330,9 @@ def test_the_compiled_decoder_is_built_into_an_artifact_and_a_fresh_replica_comp
     }
     artifacts = tmp_path / "artifacts"
     builder = ["-m", "segmentation.compile_cache", str(artifacts), "--load-format", "dummy"]
-    built = _python([*builder, "--max-batch-size", "4"], tmp_path / "inductor-build", **env)
+    built = python_json([*builder, "--max-batch-size", "4"], tmp_path / "inductor-build", **env)
     assert Path(built["artifact"]).is_file() and built["bytes"] > 0
-    replica = _python(
+    replica = python_json(
         ["-c", REPLICA], tmp_path / "inductor-replica", **env, RMBG_COMPILE_CACHE=str(artifacts)
     )
     report = replica["compile"]
