@@ -312,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_artifacts="build",
     )
     status = getattr(segmentor, "compile_status", None) or {}
-    compiling = {rmbg20_fast.COMPILE, rmbg20_fast.COMPILE_DECODER}
-    if not compiling & set(getattr(segmentor, "fast_steps", ())):
+    if not rmbg20_fast.COMPILED_STEPS.keys() & set(getattr(segmentor, "fast_steps", ())):
         raise SystemExit(f"nothing to build: {status.get('state', 'nothing compiled')}")
     side = args.input_size or settings.rmbg_input_size
     frame = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)

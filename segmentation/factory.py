@@ -83,16 +83,16 @@ def linear_format(
     return "int8" if use_int8 else None
 
 
-#: ``RMBG_COMPILE``'s parts as the fast path's steps.
-COMPILE_STEPS = {"blocks": rmbg20_fast.COMPILE, "decoder": rmbg20_fast.COMPILE_DECODER}
-
-
 def rmbg_steps(settings: Settings) -> bool | Sequence[str]:
     """RMBG-2.0's inference path from the settings: the fast path's default steps, with the
     compiled parts under ``RMBG_COMPILE``, or the published eager code."""
     if not settings.rmbg_optimized:
         return False
     if settings.rmbg_compile:
-        compiled = (COMPILE_STEPS[part] for part in settings.rmbg_compile)
+        compiled = (
+            step
+            for step, part in rmbg20_fast.COMPILED_STEPS.items()
+            if part in settings.rmbg_compile
+        )
         return (*rmbg20_fast.DEFAULT_STEPS, *compiled)
     return True

@@ -80,6 +80,9 @@ COMPILE_DECODER = "compile-decoder"
 #: docs/benchmarks.md for its cold start).
 DEFAULT_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM)
 ALL_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, COMPILE, COMPILE_DECODER)
+#: The steps that compile, each with the part of ``RMBG_COMPILE`` that names it; a compiled
+#: artifact holds what they compile.
+COMPILED_STEPS: dict[str, str] = {COMPILE: "blocks", COMPILE_DECODER: "decoder"}
 
 _Cache = dict[tuple[Any, ...], Any]
 

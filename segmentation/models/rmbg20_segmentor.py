@@ -42,8 +42,6 @@ LoadFormat = Literal["auto", "dummy"]
 #: With a ``compile_cache``: ``use`` an artifact that is there (compile nothing without one);
 #: ``build`` one (compile whatever is there; :mod:`segmentation.compile_cache` saves it).
 CompileArtifacts = Literal["use", "build"]
-#: The fast path's steps that compile, and so the ones a compiled artifact holds.
-COMPILED_STEPS = frozenset({rmbg20_fast.COMPILE, rmbg20_fast.COMPILE_DECODER})
 
 
 class RMBG20Segmentor:
@@ -137,7 +135,7 @@ class RMBG20Segmentor:
         self._inductor_before: dict[str, int] | None = None
         #: The Swin blocks' ahead-of-time programs, when their packages were loaded.
         self._programs: rmbg20_blocks.BlockPrograms | None = None
-        if COMPILED_STEPS & set(steps):
+        if rmbg20_fast.COMPILED_STEPS.keys() & set(steps):
             steps, self.compile_status = self._compiled_artifact(
                 steps,
                 compile_cache,
@@ -238,8 +236,9 @@ class RMBG20Segmentor:
                 if rmbg20_fast.COMPILE_DECODER not in steps:
                     state = "artifact loaded: blocks compiled ahead of time"
                     return steps, {**status, "artifact": str(programs), "state": state}
-        named = ((rmbg20_fast.COMPILE, "blocks"), (rmbg20_fast.COMPILE_DECODER, "decoder"))
-        compiled = " and ".join(part for step, part in named if step in steps)
+        compiled = " and ".join(
+            part for step, part in rmbg20_fast.COMPILED_STEPS.items() if step in steps
+        )
         try:
             found = path.is_file()
             if found:
@@ -253,7 +252,7 @@ class RMBG20Segmentor:
                 state = f"artifact loaded: the {compiled} {verb} from it"
                 return steps, {**status, "state": state}
             reason = "no artifact for this model, device and code"
-        without = tuple(step for step in steps if step not in COMPILED_STEPS)
+        without = tuple(step for step in steps if step not in rmbg20_fast.COMPILED_STEPS)
         if self._programs:  # the blocks' programs loaded: only the decoder is left out
             head, rest = "decoder not compiled", "blocks compiled ahead of time, the rest"
         else:
