@@ -359,3 +359,19 @@ def test_the_builder_refuses_a_decoder_artifact_without_the_largest_batch(
         "replicas' largest batch: include it"
     ) in capsys.readouterr().err
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_the_builder_refuses_ahead_of_time_programs_without_the_blocks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The programs compiled ahead of time are the Swin blocks': with only the decoder to
+    compile there is nothing to put in them, said before any load."""
+    monkeypatch.setenv("RMBG_MODEL", str(tmp_path / "no-model-here"))
+    monkeypatch.setenv("RMBG_COMPILE", "decoder")
+    with pytest.raises(SystemExit) as refused:
+        compile_cache.main([str(tmp_path / "artifacts"), "--ahead-of-time"])
+    assert refused.value.code == 2
+    assert (
+        "--ahead-of-time compiles the Swin blocks: RMBG_COMPILE must include blocks"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "artifacts").exists()
