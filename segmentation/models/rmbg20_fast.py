@@ -56,6 +56,7 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
 
 from __future__ import annotations
 
+import copyreg
 import logging
 import math
 import types
@@ -438,7 +439,33 @@ def _inductor(body: Callable[..., Any], dynamic: bool | None) -> Callable[..., A
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    pickle_by_name()
     return torch.compile(body, dynamic=dynamic, options={"cpp.dynamic_threads": True})
+
+
+def torch_attribute(name: str) -> Any:
+    """``torch.<name>``: what a dtype or memory format pickled by :func:`pickle_by_name`
+    unpickles with."""
+    return getattr(torch, name)
+
+
+def _by_name(value: torch.dtype | torch.memory_format) -> tuple[Any, tuple[str]]:
+    return torch_attribute, (str(value).removeprefix("torch."),)
+
+
+def pickle_by_name() -> None:
+    """Pickle dtypes and memory formats as ``torch.<name>`` in this process, whatever it
+    imported first.
+
+    Inductor keys a compiled graph by its inputs' pickled metadata. Pickle names a memory
+    format (and a dtype) by the first module in ``sys.modules`` through which its name
+    reaches it: ``torch._utils`` in a plain process, but in a Ray worker a module imported
+    before torch (Cython's ``cython.cimports.libc``, whose attributes import what they name)
+    comes first. The keys then differ, and a Serve replica on a GPU missed every graph of an
+    artifact built by the tool, compiling the decoder for minutes at start-up. Reducers in
+    ``copyreg`` (Inductor's pickler starts from them) make the bytes one thing everywhere."""
+    copyreg.pickle(torch.memory_format, _by_name)
+    copyreg.pickle(torch.dtype, _by_name)
 
 
 # --- decoder ----------------------------------------------------------------------------------

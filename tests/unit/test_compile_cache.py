@@ -31,13 +31,28 @@ from tests.conftest import RMBG_ARCH_DIR, published_rmbg, python_json
 SIZE = 128
 COMPILED = (*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE)
 
-#: A process compiling one small function with Inductor; ``save`` or ``load`` an artifact at
-#: argv[2]; prints the output's sum and Inductor's cache counters.
+#: A process compiling one small function as the fast path compiles (``rmbg20_fast``'s
+#: Inductor settings); ``save`` or ``load`` an artifact at argv[2]; with argv[3] ``shadowed``,
+#: a module that imports whatever attribute is asked of it is imported before torch, as
+#: Cython's ``cython.cimports.libc`` is in a Ray worker. Prints the output's sum and Inductor's
+#: cache counters.
 COMPILE = """
-import json, sys
+import importlib, json, sys, types
+
+def importer(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise AttributeError(name) from exc
+
+if sys.argv[3] == "shadowed":
+    shim = types.ModuleType("a_shim_that_imports")
+    shim.__getattr__ = importer
+    sys.modules[shim.__name__] = shim
 import torch
 from torch._dynamo.utils import counters
 from segmentation import compile_cache
+from segmentation.models import rmbg20_fast
 
 def body(x):
     return torch.sin(x) * 2 + torch.cos(x * 3).sum(-1, keepdim=True)
@@ -46,15 +61,17 @@ mode, path = sys.argv[1], sys.argv[2]
 if mode == "load":
     compile_cache.load_artifact(__import__("pathlib").Path(path))
 x = torch.arange(64, dtype=torch.float32).reshape(8, 8) / 10
-out = torch.compile(body)(x)
+out = rmbg20_fast._inductor(body, dynamic=None)(x)
 assert torch.allclose(out, body(x), atol=1e-5)
 saved = compile_cache.save_artifact(__import__("pathlib").Path(path)) if mode == "save" else 0
 print(json.dumps({"sum": float(out.sum()), "saved": saved, "inductor": dict(counters["inductor"])}))
 """
 
 
-def _compile(mode: str, artifact: Path, inductor_dir: Path) -> dict[str, Any]:
-    return python_json(["-c", COMPILE, mode, str(artifact)], inductor_dir)
+def _compile(
+    mode: str, artifact: Path, inductor_dir: Path, imports: str = "plain"
+) -> dict[str, Any]:
+    return python_json(["-c", COMPILE, mode, str(artifact), imports], inductor_dir)
 
 
 def test_an_artifact_saved_in_one_process_compiles_every_graph_in_another(tmp_path: Path) -> None:
@@ -71,6 +88,18 @@ def test_an_artifact_saved_in_one_process_compiles_every_graph_in_another(tmp_pa
     # Without the artifact a fresh process compiles the graph again.
     cold = _compile("none", artifact, tmp_path / "inductor-cold")
     assert cold["inductor"].get("fxgraph_cache_miss", 0) >= 1, cold
+
+
+def test_a_process_that_imported_another_module_first_finds_the_graphs(tmp_path: Path) -> None:
+    # Pickle names a memory format by the first module in sys.modules that reaches it, and
+    # Inductor's graph keys hold pickled metadata: in a Ray worker (a module imported before
+    # torch) every key differed from the tool's, and a GPU replica compiled for minutes.
+    artifact = tmp_path / f"key{compile_cache.SUFFIX}"
+    built = _compile("save", artifact, tmp_path / "inductor-build")
+    loaded = _compile("load", artifact, tmp_path / "inductor-loaded", imports="shadowed")
+    assert loaded["inductor"].get("fxgraph_cache_hit", 0) >= 1, loaded
+    assert loaded["inductor"].get("fxgraph_cache_miss", 0) == 0, loaded
+    assert loaded["sum"] == built["sum"]
 
 
 @pytest.fixture
