@@ -73,9 +73,13 @@ class Deadline:
         awaitable: Awaitable[T],
         cap_s: float | None = None,
         on_timeout: Callable[[], object] | None = None,
+        capped: Callable[[], Exception] | None = None,
     ) -> T:
         """``awaitable``'s result, waiting at most the time left and at most ``cap_s``;
-        ``on_timeout`` (e.g. cancelling a replica call) runs when either runs out."""
+        ``on_timeout`` (e.g. cancelling a replica call) runs when either runs out. Which one
+        ran out is the smaller of the two, not the clock read after the wait (a timer may
+        fire a little early): the deadline's 504, or ``capped()`` (default: a 504 naming the
+        model call's limit) for ``cap_s``."""
         try:
             left = self.remaining()
         except DeadlineExceededError:
@@ -92,6 +96,8 @@ class Deadline:
                 raise DeadlineExceededError(
                     "the request deadline (X-Request-Timeout-Ms) passed"
                 ) from None
+            if capped is not None:
+                raise capped() from None
             raise DeadlineExceededError(
                 f"no answer from the model within {cap_s or 0:g} s (router model_call_timeout_s)"
             ) from None

@@ -24,7 +24,6 @@ from ray.serve.handle import DeploymentHandle
 
 from segmentation.encoders import b64
 from segmentation.errors import (
-    DeadlineExceededError,
     InvalidRequestError,
     OverloadedError,
     PayloadTooLargeError,
@@ -46,7 +45,7 @@ from segmentation_service.admission import ByteBudget, FrameBudget
 from segmentation_service.auth import key_matches, load_api_key
 from segmentation_service.config import RouterArgs
 from segmentation_service.crops import crop_box
-from segmentation_service.deadlines import MAX_TIMEOUT_MS, Deadline, discard
+from segmentation_service.deadlines import MAX_TIMEOUT_MS, Deadline
 from segmentation_service.docs_assets import serve_docs_offline
 from segmentation_service.errors import (
     RequestTimeoutError,
@@ -741,20 +740,14 @@ class Router:
 
     async def _read_body(self, reading: Awaitable[T], deadline: Deadline) -> T:
         """``reading`` within ``body_timeout_s`` (408) and the request's deadline (504)."""
-        try:
-            left = deadline.remaining()
-        except DeadlineExceededError:
-            discard(reading)
-            raise
-        limit = self.args.body_timeout_s if left is None else min(left, self.args.body_timeout_s)
-        try:
-            return await asyncio.wait_for(reading, limit)
-        except TimeoutError:
-            deadline.remaining()  # 504 when it was the request's own deadline that passed
-            raise RequestTimeoutError(
-                f"the request body did not arrive within {self.args.body_timeout_s:g} s "
-                "(router.body_timeout_s)"
-            ) from None
+        limit = self.args.body_timeout_s
+        return await deadline.bound(
+            reading,
+            cap_s=limit,
+            capped=lambda: RequestTimeoutError(
+                f"the request body did not arrive within {limit:g} s (router.body_timeout_s)"
+            ),
+        )
 
     async def _probe(self, data: bytes) -> EncodedImage:
         """The image's header, checked (400/413/415), off the event loop."""

@@ -9,7 +9,7 @@ import pytest
 
 from segmentation.errors import DeadlineExceededError
 from segmentation_service.deadlines import Deadline
-from segmentation_service.errors import http_status
+from segmentation_service.errors import RequestTimeoutError, http_status
 
 
 async def _never() -> None:
@@ -59,3 +59,29 @@ def test_a_call_within_its_deadline_returns_its_answer() -> None:
         return await Deadline.after(time.time(), timeout_ms=10_000).bound(answer(), cap_s=5)
 
     assert asyncio.run(run()) == 7
+
+
+def _stuck_upload(timeout_ms: int, cap_s: float) -> Exception:
+    """What a body read that never finishes ends with (as the router bounds it)."""
+
+    async def run() -> None:
+        await Deadline.after(time.time(), timeout_ms=timeout_ms).bound(
+            _never(), cap_s=cap_s, capped=lambda: RequestTimeoutError("body_timeout_s")
+        )
+
+    with pytest.raises(Exception) as info:
+        asyncio.run(run())
+    return info.value
+
+
+def test_an_upload_cut_by_the_request_deadline_is_a_504_even_at_the_clock_boundary() -> None:
+    # Which limit ran out follows from the limits, not from the wall clock read again after
+    # the wait: a tiny deadline is a 504 every time, never the body limit's 408.
+    statuses = {http_status(_stuck_upload(timeout_ms=2, cap_s=30)) for _ in range(100)}
+    assert statuses == {504}
+
+
+def test_an_upload_cut_by_the_body_limit_is_the_limit_s_error() -> None:
+    error = _stuck_upload(timeout_ms=30_000, cap_s=0.02)
+    assert http_status(error) == 408
+    assert "body_timeout_s" in str(error)
