@@ -24,6 +24,11 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 
+#: A directory to keep each cluster's Serve logs in when it stops (``serve/``: controller,
+#: proxies, replicas; ``worker-*.err``: a replica's stderr, its tracebacks). The temp dirs go
+#: with their clusters, and with them what says why one never became ready.
+KEEP_LOGS_ENV = "SERVE_CLUSTER_KEEP_LOGS"
+
 #: What ``serve deploy`` prints when the dashboard closed the connection without an answer.
 _DROPPED = "Remote end closed connection without response"
 _CLI_MODULES = {"ray": "ray.scripts.scripts", "serve": "ray.serve.scripts"}
@@ -220,7 +225,25 @@ def running_cluster(
         yield cluster
     finally:
         stop_process_group(head)
+        keep_logs(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def keep_logs(temp_dir: str, keep_in: str | None = None) -> Path | None:
+    """Copy a stopped node's Serve logs (``serve/`` and ``worker-*.err``) from its Ray temp
+    dir to ``keep_in`` (default: ``$SERVE_CLUSTER_KEEP_LOGS``; nothing when neither is set),
+    under the temp dir's name; where they went."""
+    keep_in = keep_in or os.environ.get(KEEP_LOGS_ENV)
+    logs = Path(temp_dir) / "session_latest" / "logs"
+    if not keep_in or not logs.is_dir():
+        return None
+    kept = Path(keep_in) / Path(temp_dir).name
+    kept.mkdir(parents=True, exist_ok=True)
+    if (logs / "serve").is_dir():
+        shutil.copytree(logs / "serve", kept / "serve", dirs_exist_ok=True)
+    for err in logs.glob("worker-*.err"):
+        shutil.copy2(err, kept / err.name)
+    return kept
 
 
 def _wait_for_dashboard(url: str, head: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
@@ -291,6 +314,7 @@ class WorkerNode:
 
     def stop(self) -> None:
         stop_process_group(self.process)
+        keep_logs(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         Path(self.temp_dir + ".log").unlink(missing_ok=True)
 
