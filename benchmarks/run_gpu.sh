@@ -7,9 +7,9 @@
 #   service  service-level benchmark (the Serve app under load)
 #   trained  YOLO trained stand-in on synthetic product shots: model rows, FP16-vs-FP32
 #            quality test, GPU RLE test (about 3 minutes)
-#   compile  RMBG-2.0 fast path at batch 16 uncompiled and with its decoder compiled
-#            (RMBG_COMPILE=decoder; a cold compile: about 4 minutes on an H200), then the
-#            compiled decoder's GPU test (another cold compile; up to 12 minutes)
+#   compile  the compiled decoder's GPU test (a cold compile), then RMBG-2.0's fast path at
+#            batch 16 uncompiled and with its decoder compiled (RMBG_COMPILE=decoder; another
+#            cold compile, about 3 minutes on an H200) (up to 10 minutes)
 #   compiled-decoder  RMBG-2.0's compiled decoder as a replica gets it: the artifact built
 #            by the tool (about 3.5 minutes on an H200), the service over HTTP with
 #            RMBG_COMPILE=decoder and the artifact, then uncompiled (about 4 minutes); then a
@@ -91,11 +91,11 @@ fi
 if run compile; then
     export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d /tmp/inductor-XXXX)}"
     fast="sdpa+windows+decoder+deform"
-    step compile.log 360 python3 -m benchmarks.model_bench --rmbg-fast --compile \
+    step compile.log 300 python3 -m pytest -m gpu tests/gpu/test_compile_decoder_gpu.py -s \
+        -p no:cacheprovider -o addopts="-q --strict-markers -ra"
+    step compile.log 260 python3 -m benchmarks.model_bench --rmbg-fast --compile \
         --fast-variants "$fast+graphs,$fast+compile-decoder+graphs" --fast-batches 16 \
         --out "$out/compile-cold.json"
-    step compile.log 330 python3 -m pytest -m gpu tests/gpu/test_compile_decoder_gpu.py -s \
-        -p no:cacheprovider -o addopts="-q --strict-markers -ra"
 fi
 if run compiled-decoder; then
     artifacts=$(mktemp -d /tmp/compiled-XXXX)
