@@ -246,6 +246,7 @@ class SegmentorReplica:
         """Swap in a prepared config; no ``await`` here, so no batch forms half-way."""
         if self.startup_s["ready"] is None:
             self.startup_s["ready"] = round(time.monotonic() - self._created, 2)
+            self._warn_of_compiled_misses()
         self.batch_config = config
         self.memory_cap = prepared.memory_cap
         self.warmed_batch = prepared.warmed_batch
@@ -257,6 +258,23 @@ class SegmentorReplica:
         self.metrics.batch_cap.set(float(self.cap.value))
         self._wake.set()  # a batch window may have changed
         logger.info("%s batch config: %s (cap %d)", self.name, config.model_dump(), self.cap.value)
+
+    def _warn_of_compiled_misses(self) -> None:
+        """Say in the log when graphs a loaded compiled artifact should have held were
+        compiled at start-up (minutes on a GPU): an artifact built with other settings, or
+        for another batch size, than the replica's."""
+        report = self.segmentor.info().compile or {}
+        missed = (report.get("inductor_cache") or {}).get("misses", 0)
+        if missed:
+            logger.warning(
+                "%s compiled %d graph(s) at start-up that its compiled artifact %s lacked "
+                "(ready in %.0f s): build it again with the replicas' settings and "
+                "max_batch_size (docs/operations.md, RMBG_COMPILE_CACHE)",
+                self.name,
+                missed,
+                report.get("artifact"),
+                self.startup_s["ready"],
+            )
 
     def _limit_gpu_memory(self) -> float | None:
         """Hold this process to its share of the card: Ray does not isolate GPU memory."""

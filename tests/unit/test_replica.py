@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Coroutine
@@ -41,11 +42,14 @@ class ToySegmentor:
         self.active = 0
         self.most_active = 0
         self.graphs_for: tuple[int, ...] | None = None
+        self.compile: dict[str, Any] | None = None  # what /v1/models' compile would say
         self.started = threading.Event()  # set when a call on request frames begins
         self._lock = threading.Lock()
 
     def info(self) -> ModelInfo:
-        return ModelInfo("toy", "toy/hub-id", None, "fp32", "toy", "cpu", False)
+        return ModelInfo(
+            "toy", "toy/hub-id", None, "fp32", "toy", "cpu", False, compile=self.compile
+        )
 
     def predict(self, frames: list[np.ndarray]) -> list[int]:
         with self._lock:
@@ -273,6 +277,27 @@ def test_startup_is_ready_only_once_the_first_config_is_warmed_up() -> None:
     assert startup["ready"] >= startup["load"] + warmups * 0.05 - 0.01  # 2-decimal rounding
     run(rep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.0}))
     assert run(rep.info())["startup_s"] == startup  # a later reconfigure is not a start
+
+
+@pytest.mark.parametrize("misses", [0, 2])
+def test_graphs_compiled_despite_an_artifact_are_named_in_a_warning_once(
+    misses: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    rep = replica()
+    rep.segmentor.compile = {
+        "artifact": "/models/compiled/k.inductor",
+        "inductor_cache": {"hits": 1, "misses": misses},
+    }
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        run(rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.0}))
+        run(rep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.0}))
+    warnings = [r.getMessage() for r in caplog.records if "artifact" in r.getMessage()]
+    if misses:
+        assert len(warnings) == 1, warnings  # at start-up, not at each reconfigure
+        assert "compiled 2 graph(s)" in warnings[0]
+        assert "/models/compiled/k.inductor" in warnings[0]
+    else:
+        assert warnings == []
 
 
 def test_weights_sha256_of_local_models_and_none_for_hub_ids(tmp_path: Path) -> None:
