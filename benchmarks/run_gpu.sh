@@ -89,25 +89,27 @@ if run trained; then
         -p no:cacheprovider -o addopts="-q --strict-markers -ra"
 fi
 if run compile; then
-    export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d /tmp/inductor-XXXX)}"
     fast="sdpa+windows+decoder+deform"
-    step compile.log 300 python3 -m pytest -m gpu tests/gpu/test_compile_decoder_gpu.py -s \
+    # each step on an empty Inductor cache: both compile cold
+    step compile.log 300 env TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
+        python3 -m pytest -m gpu tests/gpu/test_compile_decoder_gpu.py -s \
         -p no:cacheprovider -o addopts="-q --strict-markers -ra"
-    step compile.log 260 python3 -m benchmarks.model_bench --rmbg-fast --compile \
+    step compile.log 260 env TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
+        python3 -m benchmarks.model_bench --rmbg-fast --compile \
         --fast-variants "$fast+graphs,$fast+compile-decoder+graphs" --fast-batches 16 \
         --out "$out/compile-cold.json"
 fi
 if run compiled-decoder; then
     artifacts=$(mktemp -d /tmp/compiled-XXXX)
     published=(env RMBG_MODEL=third_party/rmbg20 RMBG_TRUST_REMOTE_CODE=true RMBG_COMPILE=decoder)
-    step compiled-decoder.log 260 "${published[@]}" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
+    step compiled-decoder.log 230 "${published[@]}" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
         python3 -m segmentation.compile_cache "$artifacts" --max-batch-size 16 \
         --load-format dummy
-    step compiled-decoder.log 280 env RMBG_COMPILE_CACHE="$artifacts" \
+    step compiled-decoder.log 250 env RMBG_COMPILE_CACHE="$artifacts" \
         TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" python3 -m benchmarks.service_bench --scenarios rmbg \
         --rmbg-paths compiled-decoder,optimized --duration 10 --no-yolo-x \
         --out "$out/service-compiled-decoder.json"
-    step compiled-decoder.log 120 "${published[@]}" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
+    step compiled-decoder.log 90 "${published[@]}" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
         python3 -m benchmarks.compiled_start "$artifacts" --compile decoder --batches 16 \
         --out "$out/compiled-decoder-start.json"
 fi

@@ -244,9 +244,9 @@ class SegmentorReplica:
 
     def _install(self, config: BatchConfig, prepared: _Prepared) -> None:
         """Swap in a prepared config; no ``await`` here, so no batch forms half-way."""
-        if self.startup_s["ready"] is None:
+        starting = self.startup_s["ready"] is None
+        if starting:
             self.startup_s["ready"] = round(time.monotonic() - self._created, 2)
-            self._warn_of_compiled_misses()
         self.batch_config = config
         self.memory_cap = prepared.memory_cap
         self.warmed_batch = prepared.warmed_batch
@@ -258,13 +258,19 @@ class SegmentorReplica:
         self.metrics.batch_cap.set(float(self.cap.value))
         self._wake.set()  # a batch window may have changed
         logger.info("%s batch config: %s (cap %d)", self.name, config.model_dump(), self.cap.value)
+        if starting:
+            self._warn_of_compiled_misses()
 
     def _warn_of_compiled_misses(self) -> None:
         """Say in the log when graphs a loaded compiled artifact should have held were
         compiled at start-up (minutes on a GPU): an artifact built with other settings, or
         for another batch size, than the replica's."""
-        report = self.segmentor.info().compile or {}
-        missed = (report.get("inductor_cache") or {}).get("misses", 0)
+        try:
+            report = self.segmentor.info().compile or {}
+            missed = (report.get("inductor_cache") or {}).get("misses", 0)
+        except Exception:  # a log line only: never in the way of a replica's start
+            logger.exception("%s: reading the compile report failed", self.name)
+            return
         if missed:
             logger.warning(
                 "%s compiled %d graph(s) at start-up that its compiled artifact %s lacked "

@@ -238,11 +238,14 @@ def keep_logs(temp_dir: str, keep_in: str | None = None) -> Path | None:
     if not keep_in or not logs.is_dir():
         return None
     kept = Path(keep_in) / Path(temp_dir).name
-    kept.mkdir(parents=True, exist_ok=True)
-    if (logs / "serve").is_dir():
-        shutil.copytree(logs / "serve", kept / "serve", dirs_exist_ok=True)
-    for err in logs.glob("worker-*.err"):
-        shutil.copy2(err, kept / err.name)
+    try:
+        kept.mkdir(parents=True, exist_ok=True)
+        if (logs / "serve").is_dir():
+            shutil.copytree(logs / "serve", kept / "serve", dirs_exist_ok=True)
+        for err in logs.glob("worker-*.err"):
+            shutil.copy2(err, kept / err.name)
+    except (OSError, shutil.Error) as exc:  # never in place of the error being torn down
+        print(f"{KEEP_LOGS_ENV}: keeping {logs} failed: {exc}", file=sys.stderr)
     return kept
 
 
@@ -403,6 +406,7 @@ def _start_worker_once(
         raise RuntimeError(f"the worker node did not join within {timeout_s:.0f}s")
     except BaseException:
         stop_process_group(process)
+        keep_logs(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         log.unlink(missing_ok=True)
         raise

@@ -56,7 +56,7 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
 
 from __future__ import annotations
 
-import copyreg
+import functools
 import logging
 import math
 import types
@@ -444,8 +444,7 @@ def _inductor(body: Callable[..., Any], dynamic: bool | None) -> Callable[..., A
 
 
 def torch_attribute(name: str) -> Any:
-    """``torch.<name>``: what a dtype or memory format pickled by :func:`pickle_by_name`
-    unpickles with."""
+    """``torch.<name>``: what a dtype or memory format in a graph's key is pickled as."""
     return getattr(torch, name)
 
 
@@ -454,18 +453,32 @@ def _by_name(value: torch.dtype | torch.memory_format) -> tuple[Any, tuple[str]]
 
 
 def pickle_by_name() -> None:
-    """Pickle dtypes and memory formats as ``torch.<name>`` in this process, whatever it
-    imported first.
+    """Make Inductor's graph keys pickle dtypes and memory formats as ``torch.<name>``,
+    whatever this process imported first.
 
     Inductor keys a compiled graph by its inputs' pickled metadata. Pickle names a memory
     format (and a dtype) by the first module in ``sys.modules`` through which its name
     reaches it: ``torch._utils`` in a plain process, but in a Ray worker a module imported
     before torch (Cython's ``cython.cimports.libc``, whose attributes import what they name)
-    comes first. The keys then differ, and a Serve replica on a GPU missed every graph of an
-    artifact built by the tool, compiling the decoder for minutes at start-up. Reducers in
-    ``copyreg`` (Inductor's pickler starts from them) make the bytes one thing everywhere."""
-    copyreg.pickle(torch.memory_format, _by_name)
-    copyreg.pickle(torch.dtype, _by_name)
+    comes first. The keys then differed, and a Serve replica on a GPU missed every graph of
+    an artifact built by the tool, compiling the decoder for minutes at start-up. Only the
+    key's pickler (``FxGraphCachePickler``, AOTAutograd's derives from it) gets the
+    reducers: its bytes are hashed, never unpickled, and every other pickle in the process
+    (``torch.save``, Ray's) stays as torch writes it."""
+    from torch._inductor.codecache import FxGraphCachePickler
+
+    if getattr(FxGraphCachePickler, "_pickles_by_name", False):
+        return
+    original = FxGraphCachePickler.__init__
+
+    @functools.wraps(original)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.dispatch_table[torch.dtype] = _by_name
+        self.dispatch_table[torch.memory_format] = _by_name
+
+    FxGraphCachePickler.__init__ = init  # type: ignore[method-assign]
+    FxGraphCachePickler._pickles_by_name = True  # type: ignore[attr-defined]
 
 
 # --- decoder ----------------------------------------------------------------------------------

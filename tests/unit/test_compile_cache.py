@@ -12,6 +12,7 @@ architecture's blocks compiled from an artifact are a GPU test
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,23 @@ def test_a_process_that_imported_another_module_first_finds_the_graphs(tmp_path:
     assert loaded["inductor"].get("fxgraph_cache_hit", 0) >= 1, loaded
     assert loaded["inductor"].get("fxgraph_cache_miss", 0) == 0, loaded
     assert loaded["sum"] == built["sum"]
+
+
+def test_only_inductors_graph_keys_pickle_dtypes_by_name(tmp_path: Path) -> None:
+    from torch._inductor.codecache import FxGraphCachePickler
+
+    rmbg20_fast.pickle_by_name()
+    rmbg20_fast.pickle_by_name()  # again: the same, once
+    key_pickler = FxGraphCachePickler(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()))
+    assert b"torch_attribute" in key_pickler.dumps(torch.contiguous_format)
+    assert b"torch_attribute" in key_pickler.dumps(torch.float16)
+    # Everything else pickles as torch writes it: weights-only loads still read dtypes.
+    saved = tmp_path / "state.pt"
+    torch.save({"dtype": torch.float16, "t": torch.tensor([0, 1, 2], dtype=torch.uint16)}, saved)
+    loaded = torch.load(saved, weights_only=True)
+    assert loaded["dtype"] is torch.float16
+    assert loaded["t"].dtype == torch.uint16 and loaded["t"].tolist() == [0, 1, 2]
+    assert b"torch_attribute" not in pickle.dumps((torch.float16, torch.channels_last))
 
 
 @pytest.fixture

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
-from segmentation.errors import DeadlineExceededError
+from segmentation.errors import DeadlineExceededError, SegmentationError
 from segmentation_service.deadlines import Deadline
 from segmentation_service.errors import RequestTimeoutError, http_status
 
@@ -61,7 +63,7 @@ def test_a_call_within_its_deadline_returns_its_answer() -> None:
     assert asyncio.run(run()) == 7
 
 
-def _stuck_upload(timeout_ms: int, cap_s: float) -> Exception:
+def _stuck_upload(timeout_ms: int, cap_s: float) -> SegmentationError:
     """What a body read that never finishes ends with (as the router bounds it)."""
 
     async def run() -> None:
@@ -69,7 +71,7 @@ def _stuck_upload(timeout_ms: int, cap_s: float) -> Exception:
             _never(), cap_s=cap_s, capped=lambda: RequestTimeoutError("body_timeout_s")
         )
 
-    with pytest.raises(Exception) as info:
+    with pytest.raises(SegmentationError) as info:
         asyncio.run(run())
     return info.value
 
@@ -77,8 +79,35 @@ def _stuck_upload(timeout_ms: int, cap_s: float) -> Exception:
 def test_an_upload_cut_by_the_request_deadline_is_a_504_even_at_the_clock_boundary() -> None:
     # Which limit ran out follows from the limits, not from the wall clock read again after
     # the wait: a tiny deadline is a 504 every time, never the body limit's 408.
-    statuses = {http_status(_stuck_upload(timeout_ms=2, cap_s=30)) for _ in range(100)}
+    statuses = {http_status(_stuck_upload(timeout_ms=20, cap_s=30)) for _ in range(50)}
     assert statuses == {504}
+
+
+def _router_read(timeout_ms: int | None, body_timeout_s: float) -> SegmentationError:
+    """What the Router's body read of an upload that never finishes ends with (the Router
+    with only its settings: the read uses nothing else)."""
+    from segmentation_service.router import Router
+
+    read_body = cast(Any, Router).func_or_class._read_body
+    router = SimpleNamespace(args=SimpleNamespace(body_timeout_s=body_timeout_s))
+
+    async def run() -> None:
+        await read_body(router, _never(), Deadline.after(time.time(), timeout_ms))
+
+    with pytest.raises(SegmentationError) as info:
+        asyncio.run(run())
+    return info.value
+
+
+def test_the_routers_body_read_answers_504_for_the_deadline_and_408_for_its_limit() -> None:
+    deadline = _router_read(timeout_ms=30, body_timeout_s=30)
+    assert http_status(deadline) == 504
+    assert "X-Request-Timeout-Ms" in str(deadline)
+    limit = _router_read(timeout_ms=None, body_timeout_s=0.03)
+    assert http_status(limit) == 408
+    assert "within 0.03 s (router.body_timeout_s)" in str(limit)
+    # A deadline further off than the limit: the limit's 408.
+    assert http_status(_router_read(timeout_ms=30_000, body_timeout_s=0.03)) == 408
 
 
 def test_an_upload_cut_by_the_body_limit_is_the_limit_s_error() -> None:
