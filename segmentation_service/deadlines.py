@@ -77,9 +77,9 @@ class Deadline:
     ) -> T:
         """``awaitable``'s result, waiting at most the time left and at most ``cap_s``;
         ``on_timeout`` (e.g. cancelling a replica call) runs when either runs out. Which one
-        ran out is the smaller of the two, not the clock read after the wait (a timer may
-        fire a little early): the deadline's 504, or ``capped()`` (default: a 504 naming the
-        model call's limit) for ``cap_s``."""
+        ran out is the smaller of the two, not the clock read again after the wait: the
+        deadline's 504, or ``capped()`` (default: a 504 naming the model call's limit) for
+        ``cap_s``."""
         try:
             left = self.remaining()
         except DeadlineExceededError:

@@ -452,6 +452,7 @@ def _by_name(value: torch.dtype | torch.memory_format) -> tuple[Any, tuple[str]]
     return torch_attribute, (str(value).removeprefix("torch."),)
 
 
+@functools.cache  # once a process: the wrapper goes on the class
 def pickle_by_name() -> None:
     """Make Inductor's graph keys pickle dtypes and memory formats as ``torch.<name>``,
     whatever this process imported first.
@@ -467,8 +468,6 @@ def pickle_by_name() -> None:
     (``torch.save``, Ray's) stays as torch writes it."""
     from torch._inductor.codecache import FxGraphCachePickler
 
-    if getattr(FxGraphCachePickler, "_pickles_by_name", False):
-        return
     original = FxGraphCachePickler.__init__
 
     @functools.wraps(original)
@@ -478,7 +477,6 @@ def pickle_by_name() -> None:
         self.dispatch_table[torch.memory_format] = _by_name
 
     FxGraphCachePickler.__init__ = init  # type: ignore[method-assign]
-    FxGraphCachePickler._pickles_by_name = True  # type: ignore[attr-defined]
 
 
 # --- decoder ----------------------------------------------------------------------------------
