@@ -51,3 +51,15 @@ def test_without_the_setting_or_a_session_nothing_is_kept(
     # A node that never started has no session: nothing to keep, and no error.
     assert keep_logs(str(tmp_path / "never-started"), str(tmp_path / "kept")) is None
     assert not (tmp_path / "kept").exists()
+
+
+def test_logs_that_cannot_be_kept_are_reported_and_never_raise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    temp = _ray_temp_dir(tmp_path)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # where the logs should go is a file: no directory fits there
+    keep_logs(str(temp), str(blocked))  # in a teardown: the error being torn down stays
+    err = capsys.readouterr().err
+    assert err.startswith(f"{KEEP_LOGS_ENV}: keeping {temp / 'session_latest' / 'logs'} failed:")
+    assert blocked.read_text() == ""

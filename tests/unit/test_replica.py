@@ -300,6 +300,19 @@ def test_graphs_compiled_despite_an_artifact_are_named_in_a_warning_once(
         assert warnings == []
 
 
+def test_a_compile_report_that_cannot_be_read_is_logged_and_the_replica_starts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rep = replica()
+    rep.segmentor.compile = "garbled"  # type: ignore[assignment]  # not the mapping it should be
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        run(rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.0}))
+    assert run(rep.info())["startup_s"]["ready"] is not None
+    assert rep.cap.value == 4
+    failed = [r for r in caplog.records if "reading the compile report failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+
+
 def test_weights_sha256_of_local_models_and_none_for_hub_ids(tmp_path: Path) -> None:
     model_dir = tmp_path / "rmbg"
     model_dir.mkdir()
