@@ -12,9 +12,14 @@
 #            cold compile, about 3 minutes on an H200) (up to 10 minutes)
 #   compiled-decoder  RMBG-2.0's compiled decoder as a replica gets it: the artifact built
 #            by the tool (about 3.5 minutes on an H200), the service over HTTP with
-#            RMBG_COMPILE=decoder and the artifact, then uncompiled (about 4 minutes); then a
-#            fresh process started from the artifact (start-up seconds, frames/s at the model;
-#            about 1 minute)
+#            RMBG_COMPILE=decoder and the artifact, then uncompiled (about 4 minutes)
+#   compiled-start  after compiled-decoder in the same run: a fresh process started from its
+#            artifact (start-up seconds, frames/s at the model; about 1 minute)
+#   rmbg-profile  where RMBG-2.0's GPU time goes at batch 16 (benchmarks.rmbg_profile): the
+#            fast path, then with the decoder compiled (from compiled-decoder's artifact when
+#            it ran before in the same run, else a cold compile) (about 2-5 minutes)
+#   rmbg-variants  the service over HTTP with RMBG-2.0 uncompiled, FP8, INT8 (needs torchao
+#            among the carried packages), input 768 and 512 (about 5 minutes)
 #   paths    the service with RMBG-2.0 eager vs optimized (about 4 minutes)
 #   trained-service  the service's YOLO scenarios with the trained stand-in on synthetic
 #            product shots (about 3 minutes)
@@ -109,9 +114,24 @@ if run compiled-decoder; then
         TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" python3 -m benchmarks.service_bench --scenarios rmbg \
         --rmbg-paths compiled-decoder,optimized --duration 10 --no-yolo-x \
         --out "$out/service-compiled-decoder.json"
+fi
+if run compiled-start && [[ -n "${artifacts:-}" ]]; then
     step compiled-decoder.log 90 "${published[@]}" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
         python3 -m benchmarks.compiled_start "$artifacts" --compile decoder --batches 16 \
         --out "$out/compiled-decoder-start.json"
+fi
+if run rmbg-profile; then
+    fast="sdpa,windows,decoder,deform"
+    step rmbg-profile.log 120 python3 -m benchmarks.rmbg_profile --batch 16 --steps "$fast" \
+        --out "$out/rmbg-profile-fast.json"
+    step rmbg-profile.log 300 env TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
+        python3 -m benchmarks.rmbg_profile --batch 16 --steps "$fast,compile-decoder" \
+        ${artifacts:+--compile-cache "$artifacts"} --out "$out/rmbg-profile-compiled-decoder.json"
+fi
+if run rmbg-variants; then
+    step rmbg-variants.log 420 python3 -m benchmarks.service_bench --scenarios rmbg \
+        --rmbg-paths optimized,fp8,int8,input-768,input-512 --duration 10 --no-yolo-x \
+        --out "$out/service-rmbg-variants.json"
 fi
 if run paths; then
     step paths.log 300 python3 -m benchmarks.service_bench --scenarios rmbg \

@@ -61,6 +61,11 @@ RMBG_PATHS = {
     "eager": {"RMBG_OPTIMIZED": "false", "RMBG_COMPILE": "false"},
     "compiled": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "true"},
     "compiled-decoder": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "decoder"},
+    # the fast path with the Swin linear layers in a lower format, or a smaller model input
+    "fp8": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false", "USE_FP8": "true"},
+    "int8": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false", "USE_INT8": "true"},
+    "input-768": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false", "RMBG_INPUT_SIZE": "768"},
+    "input-512": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false", "RMBG_INPUT_SIZE": "512"},
 }
 #: Input size of YOLO sources that were trained at another size than Ultralytics' 640.
 TRAINED_INPUT_SIZE = {"standin:product-yolo11n-seg": 320}
@@ -157,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         help="RMBG-2.0 inference paths, one cluster each, in order (a path may repeat: "
         "compiled,compiled is a cold then a warm compile cache): optimized (the fast path, "
         "the default), eager (the published code), compiled (RMBG_COMPILE=true: the "
-        "blocks) or compiled-decoder (RMBG_COMPILE=decoder)",
+        "blocks), compiled-decoder (RMBG_COMPILE=decoder), fp8 or int8 (USE_FP8, USE_INT8: the "
+        "Swin linear layers) or input-768 and input-512 (RMBG_INPUT_SIZE)",
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
