@@ -187,6 +187,18 @@ FAST_VARIANTS: list[tuple[str, bool, Any, bool]] = [
     ("sdpa+windows+decoder+deform", True, ("sdpa", "windows", "decoder", "deform"), False),
     ("deform + graphs", True, ("deform",), True),
     ("sdpa+windows+decoder+deform+graphs", True, ("sdpa", "windows", "decoder", "deform"), True),
+    (
+        "sdpa+windows+decoder+deform+resample",
+        True,
+        ("sdpa", "windows", "decoder", "deform", "resample"),
+        False,
+    ),
+    (
+        "sdpa+windows+decoder+deform+resample+graphs",
+        True,
+        ("sdpa", "windows", "decoder", "deform", "resample"),
+        True,
+    ),
 ]
 COMPILE_VARIANTS: list[tuple[str, bool, Any, bool]] = [
     (
@@ -199,6 +211,12 @@ COMPILE_VARIANTS: list[tuple[str, bool, Any, bool]] = [
         "sdpa+windows+decoder+deform+compile-decoder+graphs",
         True,
         ("sdpa", "windows", "decoder", "deform", "compile-decoder"),
+        True,
+    ),
+    (
+        "sdpa+windows+decoder+deform+resample+compile-decoder+graphs",
+        True,
+        ("sdpa", "windows", "decoder", "deform", "resample", "compile-decoder"),
         True,
     ),
     (

@@ -106,21 +106,36 @@ def stage_ranges(model: torch.nn.Module) -> Iterator[None]:
             open_ranges.pop().__exit__(None, None, None)
 
 
-def _kernels(event: Any) -> Iterator[tuple[str, float]]:
-    """(name, microseconds) of every kernel launched inside a CPU event, its children's too."""
-    for kernel in event.kernels:
-        yield kernel.name, kernel.duration
+def _ops(event: Any, into: set[int]) -> set[int]:
+    """The correlation ids of a CPU event and of every op under it."""
+    into.add(event.id)
     for child in event.cpu_children:
-        yield from _kernels(child)
+        _ops(child, into)
+    return into
 
 
 def summarise(events: Any, frames: int, top: int = 25) -> dict[str, Any]:
     """Per-frame milliseconds by stage (with categories), by category and by kernel, from
-    one profiled forward of ``frames`` frames."""
+    one profiled forward of ``frames`` frames.
+
+    A kernel belongs to a stage when the op that launched it (its linked correlation id) is
+    under the stage's range; each kernel counts once per stage, however many nested ops
+    share that id. The profiler's GPU-side copies of the ranges are not kernels."""
+    cpu = torch.autograd.DeviceType.CPU
+    kernels = [
+        e
+        for e in events
+        if e.device_type != cpu
+        and not e.name.startswith(STAGE)
+        and not getattr(e, "is_user_annotation", False)
+    ]
+    launched: dict[int, list[Any]] = defaultdict(list)
+    for kernel in kernels:
+        launched[getattr(kernel, "linked_correlation_id", -1)].append(kernel)
     per_frame = 1e-3 / frames  # microseconds of a batch -> milliseconds a frame
     stages: dict[str, dict[str, Any]] = {}
     for event in events:
-        if not event.name.startswith(STAGE):
+        if event.device_type != cpu or not event.name.startswith(STAGE):
             continue
         stage = stages.setdefault(
             event.name.removeprefix(STAGE),
@@ -128,13 +143,14 @@ def summarise(events: Any, frames: int, top: int = 25) -> dict[str, Any]:
         )
         stage["calls"] += 1
         stage["cpu_ms"] += event.cpu_time_total * per_frame
-        for name, duration in _kernels(event):
-            stage["device_ms"] += duration * per_frame
-            stage["categories"][category(name)] += duration * per_frame
+        for op in _ops(event, set()):
+            for kernel in launched.get(op, ()):
+                ms = kernel.device_time_total * per_frame
+                stage["device_ms"] += ms
+                stage["categories"][category(kernel.name)] += ms
     by_kernel: dict[str, list[float]] = defaultdict(list)
-    for event in events:
-        if event.device_type != torch.autograd.DeviceType.CPU:
-            by_kernel[event.name].append(event.device_time_total * per_frame)
+    for kernel in kernels:
+        by_kernel[kernel.name].append(kernel.device_time_total * per_frame)
     by_category: dict[str, float] = defaultdict(float)
     for name, times in by_kernel.items():
         by_category[category(name)] += sum(times)

@@ -11,13 +11,16 @@
 #            batch 16 uncompiled and with its decoder compiled (RMBG_COMPILE=decoder; another
 #            cold compile, about 3 minutes on an H200) (up to 10 minutes)
 #   compiled-decoder  RMBG-2.0's compiled decoder as a replica gets it: the artifact built
-#            by the tool (about 3.5 minutes on an H200), the service over HTTP with
+#            by the tool (3-5 minutes on an H200), the service over HTTP with
 #            RMBG_COMPILE=decoder and the artifact, then uncompiled (about 4 minutes)
 #   compiled-start  after compiled-decoder in the same run: a fresh process started from its
 #            artifact (start-up seconds, frames/s at the model; about 1 minute)
 #   rmbg-profile  where RMBG-2.0's GPU time goes at batch 16 (benchmarks.rmbg_profile): the
 #            fast path, then with the decoder compiled (from compiled-decoder's artifact when
 #            it ran before in the same run, else a cold compile) (about 2-5 minutes)
+#   resample RMBG-2.0's fast path at batch 16 with and without its resample step (CUDA
+#            graphs, one process), the step's GPU tests, then where the time goes with it
+#            (benchmarks.rmbg_profile) (about 4 minutes)
 #   rmbg-variants  the service over HTTP with RMBG-2.0 uncompiled, FP8, INT8 (needs torchao
 #            among the carried packages), input 768 and 512 (about 5 minutes)
 #   paths    the service with RMBG-2.0 eager vs optimized (about 4 minutes)
@@ -107,7 +110,7 @@ fi
 if run compiled-decoder; then
     artifacts=$(mktemp -d /tmp/compiled-XXXX)
     published=(env RMBG_MODEL=third_party/rmbg20 RMBG_TRUST_REMOTE_CODE=true RMBG_COMPILE=decoder)
-    step compiled-decoder.log 230 "${published[@]}" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
+    step compiled-decoder.log 320 "${published[@]}" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
         python3 -m segmentation.compile_cache "$artifacts" --max-batch-size 16 \
         --load-format dummy
     step compiled-decoder.log 250 env RMBG_COMPILE_CACHE="$artifacts" \
@@ -121,12 +124,21 @@ if run compiled-start && [[ -n "${artifacts:-}" ]]; then
         --out "$out/compiled-decoder-start.json"
 fi
 if run rmbg-profile; then
-    fast="sdpa,windows,decoder,deform"
+    fast="sdpa,windows,decoder,deform,resample"
     step rmbg-profile.log 120 python3 -m benchmarks.rmbg_profile --batch 16 --steps "$fast" \
         --out "$out/rmbg-profile-fast.json"
     step rmbg-profile.log 300 env TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
         python3 -m benchmarks.rmbg_profile --batch 16 --steps "$fast,compile-decoder" \
         ${artifacts:+--compile-cache "$artifacts"} --out "$out/rmbg-profile-compiled-decoder.json"
+fi
+if run resample; then
+    fast="sdpa+windows+decoder+deform"
+    step resample.log 150 python3 -m benchmarks.model_bench --rmbg-fast --fast-batches 16 \
+        --fast-variants "$fast+graphs,$fast+resample+graphs" --out "$out/resample.json"
+    step resample.log 200 python3 -m pytest -m gpu tests/gpu/test_fp16_gpu.py -s \
+        -k "resize or resample" -p no:cacheprovider -o addopts="-q --strict-markers -ra"
+    step resample.log 120 python3 -m benchmarks.rmbg_profile --batch 16 \
+        --out "$out/rmbg-profile-resample.json"
 fi
 if run rmbg-variants; then
     step rmbg-variants.log 420 python3 -m benchmarks.service_bench --scenarios rmbg \

@@ -52,6 +52,15 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
     break its graph there. Other sizes, a single frame and an FP32 recompute run it eagerly.
     Compiled artifacts (:mod:`segmentation.compile_cache`) hold it like the blocks. With the
     batch symbolic it gained nothing on an H200 (docs/benchmarks.md).
+``resample``
+    Bilinear resampling (the encoder's half-size backbone pass brought to the full pass's
+    sizes, the context features brought to the deepest stage's, the decoder's 2x steps)
+    through PyTorch's channels-last kernel: its NCHW kernel gives each thread one output
+    position and loops over batch and channels, so a 32x32 output of 16 x 384 channels runs
+    on 1,024 threads (3.4 ms a frame of 20 at batch 16 on an H200, for a few hundred MB of
+    traffic). The same arithmetic; the layout is converted in and out around the call.
+    The encoder's forward (``forward_enc``, eval mode) is replaced for that, and a decoder
+    compiled by ``compile-decoder`` keeps the plain call (Inductor writes its own kernel).
 """
 
 from __future__ import annotations
@@ -77,10 +86,11 @@ DECODER = "decoder"
 DEFORM = "deform"
 COMPILE = "compile"
 COMPILE_DECODER = "compile-decoder"
+RESAMPLE = "resample"
 #: The steps :func:`optimize` applies unless told otherwise (compile is opt-in: see
 #: docs/benchmarks.md for its cold start).
-DEFAULT_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM)
-ALL_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, COMPILE, COMPILE_DECODER)
+DEFAULT_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, RESAMPLE)
+ALL_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, RESAMPLE, COMPILE, COMPILE_DECODER)
 #: The steps that compile, each with the part of ``RMBG_COMPILE`` that names it; a compiled
 #: artifact holds what they compile.
 COMPILED_STEPS: dict[str, str] = {COMPILE: "blocks", COMPILE_DECODER: "decoder"}
@@ -121,6 +131,12 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
         elif DEFORM in wanted and kind == "DeformableConv2d" and _is_deformable_conv(module):
             _patch(module, _deformable_conv, _fast_deform=True)
             applied[DEFORM] += 1
+        elif RESAMPLE in wanted and kind == "BiRefNet" and _is_birefnet(module):
+            setattr(module, "forward_enc", types.MethodType(_encoder, module))  # noqa: B010
+            applied[RESAMPLE] += 1
+    if RESAMPLE in wanted and applied[RESAMPLE]:
+        for module in decoders:
+            module.__dict__["_fast_resize"] = resize
     if COMPILE in wanted and applied[WINDOWS]:
         compiled = _compiled_block_body()
         for module in model.modules():
@@ -198,6 +214,18 @@ def _is_birefnet_decoder(module: torch.nn.Module) -> bool:
         and getattr(config, "out_ref", False)
         and hasattr(module, "get_patches_batch")
         and len(getattr(module, "conv_out1", ())) == 1
+    )
+
+
+def _is_birefnet(module: torch.nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return (
+        config is not None
+        and hasattr(module, "forward_enc")
+        and hasattr(module, "bb")
+        and getattr(config, "bb", None) not in ("vgg16", "vgg16bn", "resnet50")
+        and getattr(config, "mul_scl_ipt", None) in ("", "add", "cat")
+        and isinstance(getattr(config, "cxt", None), list | tuple)
     )
 
 
@@ -496,6 +524,42 @@ def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=like.shape[2:], mode="bilinear", align_corners=True)
 
 
+def resize(x: torch.Tensor, size: Iterable[int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=True)`` of an NCHW tensor,
+    computed by the channels-last kernel and returned in NCHW (see the ``resample`` step).
+    Inside a graph being compiled, and where a tensor is too large for that kernel's 32-bit
+    indexing, the plain call."""
+    size = tuple(size)
+    largest = max(x.numel(), x.shape[0] * x.shape[1] * math.prod(size))
+    if torch.compiler.is_compiling() or largest >= 2**31:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(nhwc, size=size, mode="bilinear", align_corners=True)
+    return out.contiguous()
+
+
+def _encoder(self: Any, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], None]:
+    """``BiRefNet.forward_enc`` in eval mode (training runs the published code), its
+    resampling through :func:`resize`."""
+    if self.training:
+        return cast(tuple[tuple[torch.Tensor, ...], None], type(self).forward_enc(self, x))
+    features = tuple(self.bb(x))
+    mode = self.config.mul_scl_ipt
+    if mode in ("cat", "add"):
+        height, width = x.shape[2:]
+        half = self.bb(resize(x, (height // 2, width // 2)))
+        merged = []
+        for full, small in zip(features, half, strict=True):
+            up = resize(small, full.shape[2:])
+            merged.append(torch.cat([full, up], dim=1) if mode == "cat" else full + up)
+        features = tuple(merged)
+    x1, x2, x3, x4 = features
+    if self.config.cxt:
+        context = [resize(f, x4.shape[2:]) for f in (x1, x2, x3)][-len(self.config.cxt) :]
+        x4 = torch.cat((*context, x4), dim=1)
+    return (x1, x2, x3, x4), None
+
+
 def _gradient_attention(stage: torch.Tensor, convs: Any, attn: Any) -> torch.Tensor:
     return stage * attn(convs(stage)).sigmoid()
 
@@ -556,26 +620,28 @@ def _decoder_body(
     self: Any, features: list[torch.Tensor], head: tuple[torch.Tensor, ...]
 ) -> list[torch.Tensor]:
     x, x1, x2, x3, x4 = features
+    fast_resize = self.__dict__.get("_fast_resize")
+    up = _up if fast_resize is None else (lambda a, like: fast_resize(a, like.shape[2:]))
     x4 = torch.cat((x4, self.ipt_blk5(_patches(x, x4))), 1)
     p4 = self.decoder_block4(x4)
     m4 = self.conv_ms_spvn_4(p4)
     p4 = _gradient_attention(p4, self.gdt_convs_4, self.gdt_convs_attn_4)
-    p3 = _up(p4, x3) + self.lateral_block4(x3)
+    p3 = up(p4, x3) + self.lateral_block4(x3)
     p3 = torch.cat((p3, self.ipt_blk4(_patches(x, p3))), 1)
     p3 = self.decoder_block3(p3)
     m3 = self.conv_ms_spvn_3(p3)
     p3 = _gradient_attention(p3, self.gdt_convs_3, self.gdt_convs_attn_3)
-    p2 = _up(p3, x2) + self.lateral_block3(x2)
+    p2 = up(p3, x2) + self.lateral_block3(x2)
     p2 = torch.cat((p2, self.ipt_blk3(_patches(x, p2))), 1)
     p2 = self.decoder_block2(p2)
     m2 = self.conv_ms_spvn_2(p2)
     p2 = _gradient_attention(p2, self.gdt_convs_2, self.gdt_convs_attn_2)
-    p1 = _up(p2, x1) + self.lateral_block2(x1)
+    p1 = up(p2, x1) + self.lateral_block2(x1)
     p1 = torch.cat((p1, self.ipt_blk2(_patches(x, p1))), 1)
     p1 = self.decoder_block1(p1)
     # conv_out1(cat(up(p1), ipt_blk1(x))): the 1x1 convolution first, then the upsampling.
     features_weight, folded, bias = head
-    logits = _up(F.conv2d(p1, features_weight), x)
+    logits = up(F.conv2d(p1, features_weight), x)
     logits = logits + F.conv2d(self.ipt_blk1.conv1(x), folded, bias, padding=1)
     return [m4, m3, m2, logits]
 

@@ -43,7 +43,9 @@ def test_compiled_decoder_under_graphs_gives_the_fast_paths_mattes() -> None:
         with _in_fp32(model.model):
             exact = model.forward(batch.float())
     assert model.capture_graphs(model.batch_buckets)
-    assert model.info().inference_path == "sdpa+windows+decoder+deform+compile-decoder+graphs"
+    assert (
+        model.info().inference_path == "sdpa+windows+decoder+deform+resample+compile-decoder+graphs"
+    )
     with torch.inference_mode():
         replayed = model.forward(batch)
     print(

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from segmentation.models.rmbg20_loader import WEIGHTS_FILE
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
@@ -60,7 +61,7 @@ def _peak(fn: Callable[[], object]) -> int:
 def test_rmbg_activations_are_fp16_inside_the_model(rmbg_dir: Path) -> None:
     segmentor = _load(rmbg_dir, fp16=True)
     assert segmentor.precision.name == "fp16"
-    assert segmentor.info().inference_path == "sdpa+windows+decoder+deform"
+    assert segmentor.info().inference_path == "sdpa+windows+decoder+deform+resample"
     dtypes: dict[str, set[torch.dtype]] = {}
 
     def record(module: torch.nn.Module, args: tuple, output: object) -> None:
@@ -126,6 +127,8 @@ def test_rmbg_fp16_output_close_to_fp32(rmbg_dir: Path) -> None:
         ("sdpa", "windows"),
         ("decoder",),
         ("deform",),
+        ("resample",),
+        ("sdpa", "windows", "decoder", "deform", "resample"),
         ("sdpa", "windows", "decoder", "deform", "compile"),
     ],
 )
@@ -152,6 +155,26 @@ def test_rmbg_each_fast_step_in_fp16_stays_within_2_of_255_of_eager_fp32(
     diff = (probs["fast"] - probs["fp32"]).abs()
     print(f"\n{'+'.join(steps)} FP16 vs eager FP32: max {diff.max() * 255:.2f}/255")
     assert float(diff.max()) <= 2 / 255
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [
+        ((16, 192, 128, 128), (256, 256)),  # the half-size pass's first stage, brought up
+        ((16, 384, 256, 256), (32, 32)),  # the context features, brought down
+        ((16, 1, 256, 256), (1024, 1024)),  # the decoder's last step
+    ],
+)
+def test_resize_through_the_channels_last_kernel_matches_the_plain_call(
+    shape: tuple[int, ...], size: tuple[int, int]
+) -> None:
+    from segmentation.models.rmbg20_fast import resize
+
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    expected = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    out = resize(x, size)
+    assert out.is_contiguous() and out.dtype == torch.float16
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
 
 
 @needs_arch

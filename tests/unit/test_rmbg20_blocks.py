@@ -113,7 +113,7 @@ def test_the_artifacts_program_runs_its_geometrys_blocks_and_the_mattes_stay(
     assert status["state"] == "artifact loaded: blocks compiled ahead of time"
     assert status["programs"] == "programs for 1 Swin block geometries, batches 2-3"
     assert Path(status["artifact"]).name == f"{status['key']}{compile_cache.AOT_SUFFIX}"
-    assert segmentor.inference_path == "sdpa+windows+decoder+deform+compile"
+    assert segmentor.inference_path == "sdpa+windows+decoder+deform+resample+compile"
     assert segmentor._programs is not None
     ran: Counter[int] = Counter()
     programs = segmentor._programs.programs

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import segmentation_standins as standins
 from segmentation import precision
@@ -337,7 +338,15 @@ def published() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(
-    "steps", [("sdpa",), ("sdpa", "windows"), ("decoder",), ("sdpa", "windows", "decoder")]
+    "steps",
+    [
+        ("sdpa",),
+        ("sdpa", "windows"),
+        ("decoder",),
+        ("sdpa", "windows", "decoder"),
+        ("resample",),
+        ("decoder", "resample"),
+    ],
 )
 def test_each_fast_step_gives_the_published_models_outputs(
     published: torch.nn.Module, steps: tuple[str, ...]
@@ -359,6 +368,22 @@ def test_each_fast_step_gives_the_published_models_outputs(
     for out, ref in zip(outputs, reference, strict=True):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     assert reference[-1].std() > 1e-3  # a map that a wrong token order would change
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((2, 6, 16, 16), (32, 32)), ((2, 6, 32, 24), (4, 4)), ((1, 1, 8, 8), (8, 8))],
+)
+def test_resize_gives_the_plain_calls_result_in_the_plain_layout(
+    shape: tuple[int, ...], size: tuple[int, int]
+) -> None:
+    from segmentation.models.rmbg20_fast import resize
+
+    x = torch.randn(shape)
+    out = resize(x, size)
+    expected = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    assert out.is_contiguous() and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_compiled_decoder_gives_the_published_models_outputs(published: torch.nn.Module) -> None:
@@ -403,12 +428,12 @@ def test_the_compiled_decoder_without_its_artifact_is_left_out_and_reported(
     steps = (*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE_DECODER)
     segmentor = published_rmbg(input_size=128, optimized=steps, compile_cache=tmp_path)
     info = segmentor.info()
-    assert info.inference_path == "sdpa+windows+decoder+deform"
+    assert info.inference_path == "sdpa+windows+decoder+deform+resample"
     assert info.compile is not None
     assert info.compile["state"].startswith("not compiled: no artifact for this model")
     assert "decoder" not in info.compile  # nothing compiled
     at_start = published_rmbg(input_size=128, optimized=steps).info()
-    assert at_start.inference_path == "sdpa+windows+decoder+deform+compile-decoder"
+    assert at_start.inference_path == "sdpa+windows+decoder+deform+resample+compile-decoder"
     assert at_start.compile == {
         "state": "compiled at start-up (no RMBG_COMPILE_CACHE)",
         "decoder": "compiled for each batch size from 2 (no batch sizes set)",
@@ -419,8 +444,8 @@ def test_published_architecture_reports_its_fast_path() -> None:
     if not (RMBG_ARCH_DIR / "birefnet.py").exists():
         pytest.skip("published RMBG-2.0 code absent")
     fast = published_rmbg(input_size=128)
-    assert fast.info().inference_path == "sdpa+windows+decoder+deform"
-    assert fast.info().as_dict()["inference_path"] == "sdpa+windows+decoder+deform"
+    assert fast.info().inference_path == "sdpa+windows+decoder+deform+resample"
+    assert fast.info().as_dict()["inference_path"] == "sdpa+windows+decoder+deform+resample"
     eager = published_rmbg(input_size=128, optimized=False)
     assert eager.info().inference_path == "eager" and eager.fast_steps == ()
 
