@@ -106,11 +106,12 @@ def stage_ranges(model: torch.nn.Module) -> Iterator[None]:
             open_ranges.pop().__exit__(None, None, None)
 
 
-def _ops(event: Any, into: set[int]) -> set[int]:
-    """The correlation ids of a CPU event and of every op under it."""
-    into.add(event.id)
+def _launchers(event: Any, into: dict[int, Any]) -> dict[int, Any]:
+    """A CPU event and every op under it, one per correlation id (nested ops that share an
+    id carry the same kernels: the outermost is kept)."""
+    into.setdefault(event.id, event)
     for child in event.cpu_children:
-        _ops(child, into)
+        _launchers(child, into)
     return into
 
 
@@ -118,9 +119,9 @@ def summarise(events: Any, frames: int, top: int = 25) -> dict[str, Any]:
     """Per-frame milliseconds by stage (with categories), by category and by kernel, from
     one profiled forward of ``frames`` frames.
 
-    A kernel belongs to a stage when the op that launched it (its linked correlation id) is
-    under the stage's range; each kernel counts once per stage, however many nested ops
-    share that id. The profiler's GPU-side copies of the ranges are not kernels."""
+    A stage's kernels are those the profiler attached to the ops under its range, each
+    correlation id counted once (nested ops that share an id would count them twice). The
+    profiler's GPU-side copies of the ranges are not kernels."""
     cpu = torch.autograd.DeviceType.CPU
     kernels = [
         e
@@ -129,9 +130,6 @@ def summarise(events: Any, frames: int, top: int = 25) -> dict[str, Any]:
         and not e.name.startswith(STAGE)
         and not getattr(e, "is_user_annotation", False)
     ]
-    launched: dict[int, list[Any]] = defaultdict(list)
-    for kernel in kernels:
-        launched[getattr(kernel, "linked_correlation_id", -1)].append(kernel)
     per_frame = 1e-3 / frames  # microseconds of a batch -> milliseconds a frame
     stages: dict[str, dict[str, Any]] = {}
     for event in events:
@@ -143,9 +141,11 @@ def summarise(events: Any, frames: int, top: int = 25) -> dict[str, Any]:
         )
         stage["calls"] += 1
         stage["cpu_ms"] += event.cpu_time_total * per_frame
-        for op in _ops(event, set()):
-            for kernel in launched.get(op, ()):
-                ms = kernel.device_time_total * per_frame
+        for op in _launchers(event, {}).values():
+            for kernel in op.kernels:
+                if kernel.name.startswith(STAGE):
+                    continue
+                ms = kernel.duration * per_frame
                 stage["device_ms"] += ms
                 stage["categories"][category(kernel.name)] += ms
     by_kernel: dict[str, list[float]] = defaultdict(list)

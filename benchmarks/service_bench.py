@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         result.update(labels)
         results["runs"].append(result)
         print(json.dumps(result), flush=True)
+        if args.out:  # after every run: a step stopped by its time limit keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=2))
         return result
 
     def drive(

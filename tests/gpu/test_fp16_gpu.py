@@ -131,6 +131,7 @@ def test_rmbg_fp16_output_close_to_fp32(rmbg_dir: Path) -> None:
         ("sdpa", "windows", "decoder", "deform", "resample"),
         ("sdpa", "windows", "decoder", "deform", "compile"),
     ],
+    ids="+".join,
 )
 def test_rmbg_each_fast_step_in_fp16_stays_within_2_of_255_of_eager_fp32(
     rmbg_dir: Path, steps: tuple[str, ...]
