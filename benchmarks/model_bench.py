@@ -176,55 +176,31 @@ def _bench_rmbg_fp16(
     return rows
 
 
+def _fast(steps: str, graphs: bool) -> tuple[str, bool, Any, bool]:
+    """A fast-path row in FP16: its label is its steps joined by ``+`` (and ``+graphs``)."""
+    return (steps + ("+graphs" if graphs else ""), True, tuple(steps.split("+")), graphs)
+
+
+_PATH = "sdpa+windows+decoder+deform"
 FAST_VARIANTS: list[tuple[str, bool, Any, bool]] = [
     # label, fp16, optimized steps, CUDA graphs
     ("eager FP32 (TF32)", False, False, False),
     ("eager FP16", True, False, False),
-    ("sdpa", True, ("sdpa",), False),
-    ("sdpa+windows", True, ("sdpa", "windows"), False),
-    ("decoder", True, ("decoder",), False),
-    ("sdpa+windows+decoder", True, ("sdpa", "windows", "decoder"), False),
-    ("sdpa+windows+decoder+deform", True, ("sdpa", "windows", "decoder", "deform"), False),
+    _fast("sdpa", False),
+    _fast("sdpa+windows", False),
+    _fast("decoder", False),
+    _fast("sdpa+windows+decoder", False),
+    _fast(_PATH, False),
     ("deform + graphs", True, ("deform",), True),
-    ("sdpa+windows+decoder+deform+graphs", True, ("sdpa", "windows", "decoder", "deform"), True),
-    (
-        "sdpa+windows+decoder+deform+resample",
-        True,
-        ("sdpa", "windows", "decoder", "deform", "resample"),
-        False,
-    ),
-    (
-        "sdpa+windows+decoder+deform+resample+graphs",
-        True,
-        ("sdpa", "windows", "decoder", "deform", "resample"),
-        True,
-    ),
+    _fast(_PATH, True),
+    _fast(f"{_PATH}+resample", False),
+    _fast(f"{_PATH}+resample", True),
 ]
 COMPILE_VARIANTS: list[tuple[str, bool, Any, bool]] = [
-    (
-        "sdpa+windows+decoder+deform+compile+graphs",
-        True,
-        ("sdpa", "windows", "decoder", "deform", "compile"),
-        True,
-    ),
-    (
-        "sdpa+windows+decoder+deform+compile-decoder+graphs",
-        True,
-        ("sdpa", "windows", "decoder", "deform", "compile-decoder"),
-        True,
-    ),
-    (
-        "sdpa+windows+decoder+deform+resample+compile-decoder+graphs",
-        True,
-        ("sdpa", "windows", "decoder", "deform", "resample", "compile-decoder"),
-        True,
-    ),
-    (
-        "sdpa+windows+decoder+deform+compile+compile-decoder+graphs",
-        True,
-        ("sdpa", "windows", "decoder", "deform", "compile", "compile-decoder"),
-        True,
-    ),
+    _fast(f"{_PATH}+compile", True),
+    _fast(f"{_PATH}+compile-decoder", True),
+    _fast(f"{_PATH}+resample+compile-decoder", True),
+    _fast(f"{_PATH}+compile+compile-decoder", True),
 ]
 
 

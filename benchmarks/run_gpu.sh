@@ -104,7 +104,7 @@ if run compile; then
         -p no:cacheprovider -o addopts="-q --strict-markers -ra"
     step compile.log 260 env TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" \
         python3 -m benchmarks.model_bench --rmbg-fast --compile \
-        --fast-variants "$fast+graphs,$fast+compile-decoder+graphs" --fast-batches 16 \
+        --fast-variants "$fast+resample+graphs,$fast+resample+compile-decoder+graphs" --fast-batches 16 \
         --out "$out/compile-cold.json"
 fi
 if run compiled-decoder; then
