@@ -33,6 +33,7 @@ def snapshot(url: str, samples: int = 20) -> Snapshot:
                 "model": model["name"],
                 "frames_ok": (model.get("frames") or {}).get("ok", 0),
                 "inference_path": model.get("inference_path"),
+                "precision": model.get("precision"),
                 "startup_s": model.get("startup_s"),
                 "compile": model.get("compile"),
                 "stages": model.get("stages") or {},

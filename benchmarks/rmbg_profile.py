@@ -106,12 +106,15 @@ def stage_ranges(model: torch.nn.Module) -> Iterator[None]:
             open_ranges.pop().__exit__(None, None, None)
 
 
-def _launchers(event: Any, into: dict[int, Any]) -> dict[int, Any]:
-    """A CPU event and every op under it, one per correlation id (nested ops that share an
-    id carry the same kernels: the outermost is kept)."""
-    into.setdefault(event.id, event)
+def _launched(event: Any, into: dict[int, list[Any]]) -> dict[int, list[Any]]:
+    """The kernels the profiler attached to a CPU event and to every event under it, by
+    correlation id: nested ops that share an id carry the same kernels, so one op's list is
+    kept per id; events with none (the CUDA runtime's calls, whose ids come from another
+    counter and can equal an op's) are passed over."""
+    if event.kernels and event.id not in into:
+        into[event.id] = list(event.kernels)
     for child in event.cpu_children:
-        _launchers(child, into)
+        _launched(child, into)
     return into
 
 
@@ -120,8 +123,9 @@ def summarise(events: Any, frames: int, top: int = 25) -> dict[str, Any]:
     one profiled forward of ``frames`` frames.
 
     A stage's kernels are those the profiler attached to the ops under its range, each
-    correlation id counted once (nested ops that share an id would count them twice). The
-    profiler's GPU-side copies of the ranges are not kernels."""
+    correlation id counted once (see :func:`_launched`). The profiler's GPU-side copies of
+    the ranges are not kernels. ``attributed_ms_per_frame`` is what the ``forward`` range
+    holds: all of ``device_ms_per_frame`` when every kernel was attributed."""
     cpu = torch.autograd.DeviceType.CPU
     kernels = [
         e
@@ -141,8 +145,8 @@ def summarise(events: Any, frames: int, top: int = 25) -> dict[str, Any]:
         )
         stage["calls"] += 1
         stage["cpu_ms"] += event.cpu_time_total * per_frame
-        for op in _launchers(event, {}).values():
-            for kernel in op.kernels:
+        for launched in _launched(event, {}).values():
+            for kernel in launched:
                 if kernel.name.startswith(STAGE):
                     continue
                 ms = kernel.duration * per_frame
@@ -170,6 +174,9 @@ def summarise(events: Any, frames: int, top: int = 25) -> dict[str, Any]:
     rounded = lambda d: {k: round(v, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}  # noqa: E731
     return {
         "device_ms_per_frame": round(total, 3),
+        "attributed_ms_per_frame": round(stages["forward"]["device_ms"], 3)
+        if "forward" in stages
+        else None,
         "stages": {
             name: {
                 **s,

@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 inference_paths=sorted(
                     {f"{r['model']}: {r['inference_path']}" for r in after.values()}
                 ),
+                precisions=sorted({f"{r['model']}: {r['precision']}" for r in after.values()}),
                 startup_s={r["model"]: r["startup_s"] for r in after.values()},
                 # RMBG-2.0's compiled parts: loaded from the artifact, graphs found or compiled
                 compile={r["model"]: r["compile"] for r in after.values() if r["compile"]},

@@ -531,7 +531,7 @@ def resize(x: torch.Tensor, size: Iterable[int]) -> torch.Tensor:
     indexing, the plain call."""
     size = tuple(size)
     largest = max(x.numel(), x.shape[0] * x.shape[1] * math.prod(size))
-    if torch.compiler.is_compiling() or largest >= 2**31:
+    if torch.compiler.is_compiling() or largest >= 2**31 - 1:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
     nhwc = x.contiguous(memory_format=torch.channels_last)
     out = F.interpolate(nhwc, size=size, mode="bilinear", align_corners=True)
@@ -606,7 +606,8 @@ def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
     if self.training:
         return type(self).forward(self, features)
     # The folded output head, fetched (or built and cached) here: a compiled body that
-    # reads the module's cache would break its graph there.
+    # builds it into the module's cache would break its graph there (reading an attribute
+    # set at load time, as the body does for ``_fast_resize``, does not).
     head = _output_head(self, features[0].dtype, features[0].device)
     compiled = self.__dict__.get("_fast_compiled")
     if compiled is not None and features[0].dtype == self._fast_dtype and len(features[0]) > 1:

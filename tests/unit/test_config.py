@@ -111,10 +111,18 @@ def test_rmbg_compile_adds_the_compiled_blocks_to_the_fast_path() -> None:
     assert rmbg_steps(load_settings({})) is True  # the fast path's default steps
     assert rmbg_steps(load_settings({"RMBG_OPTIMIZED": "no"})) is False
     compiled = rmbg_steps(load_settings({"RMBG_COMPILE": "Enable"}))
-    assert compiled == ("sdpa", "windows", "decoder", "deform", "compile")
+    assert compiled == ("sdpa", "windows", "decoder", "deform", "resample", "compile")
     assert rmbg_steps(load_settings({"RMBG_COMPILE": "Decoder"}))[-1] == "compile-decoder"
     both = rmbg_steps(load_settings({"RMBG_COMPILE": " decoder, BLOCKS "}))
-    assert both == ("sdpa", "windows", "decoder", "deform", "compile", "compile-decoder")
+    assert both == (
+        "sdpa",
+        "windows",
+        "decoder",
+        "deform",
+        "resample",
+        "compile",
+        "compile-decoder",
+    )
     assert load_settings({"RMBG_COMPILE": "disable"}).rmbg_compile == ()
     assert load_settings({}, rmbg_compile=True).rmbg_compile == ("blocks",)
 

@@ -386,10 +386,40 @@ def test_resize_gives_the_plain_calls_result_in_the_plain_layout(
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["", "add", "cat"])
+@pytest.mark.parametrize("context", [[], ["sum"], ["sum", "cat"], ["sum", "cat", "x"]])
+def test_the_resample_encoder_is_the_published_one_for_each_configuration(
+    published: torch.nn.Module, mode: str, context: list[str]
+) -> None:
+    """The ``resample`` step's ``forward_enc`` against the published one on the same weights,
+    for each two-scale mode and number of context features the model's config can name
+    (the published config: ``cat`` and three)."""
+    from segmentation.models import rmbg20_fast
+
+    config = published.config
+    saved = config.mul_scl_ipt, config.cxt
+    config.mul_scl_ipt, config.cxt = mode, context
+    try:
+        torch.manual_seed(2)
+        x = torch.randn(2, 3, 96, 128)  # not square: heights and widths kept apart
+        with torch.inference_mode():
+            (expected, _), (features, classes) = (
+                type(published).forward_enc(published, x),
+                rmbg20_fast._encoder(published, x),
+            )
+    finally:
+        config.mul_scl_ipt, config.cxt = saved
+    assert classes is None
+    assert [f.shape for f in features] == [e.shape for e in expected]
+    for out, ref in zip(features, expected, strict=True):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_compiled_decoder_gives_the_published_models_outputs(published: torch.nn.Module) -> None:
     """The ``compile-decoder`` step: one Inductor graph of the whole decoder (its deformable
     convolutions' sampling included) for a batch of two; told to compile for two only, a
-    batch of three runs it eagerly, as a single frame does."""
+    batch of three runs it eagerly, as a single frame does. With ``resample`` the compiled
+    body reads its resize function from the module and still makes one graph."""
     import copy
 
     import torch._dynamo.utils
@@ -398,7 +428,7 @@ def test_compiled_decoder_gives_the_published_models_outputs(published: torch.nn
 
     torch.manual_seed(1)
     x = torch.randn(3, 3, 128, 128)
-    steps = ("decoder", "deform", "compile-decoder")
+    steps = ("decoder", "deform", "resample", "compile-decoder")
     graphs = torch._dynamo.utils.counters["stats"]
     with torch.inference_mode():
         reference = published(x)

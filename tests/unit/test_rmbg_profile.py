@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler_util import Kernel
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.rmbg_profile import STAGE, category, stage_ranges, summarise
@@ -132,3 +136,57 @@ def test_a_forward_that_raises_inside_a_stage_leaves_no_hook_or_open_range() -> 
         "forward",
         "outside the parts above",
     }
+
+
+def _op(
+    op_id: int, name: str, kernels: list[tuple[str, float]], children: list[Any] | None = None
+) -> SimpleNamespace:
+    """A CPU event as the profiler reports it: its kernels as (name, device, microseconds)."""
+    return SimpleNamespace(
+        id=op_id,
+        name=name,
+        device_type=torch.autograd.DeviceType.CPU,
+        cpu_time_total=10.0,
+        kernels=[Kernel(k, 0, us) for k, us in kernels],
+        cpu_children=children or [],
+    )
+
+
+def _kernel(name: str, us: float) -> SimpleNamespace:
+    return SimpleNamespace(
+        name=name, device_type=torch.autograd.DeviceType.CUDA, device_time_total=us
+    )
+
+
+def test_each_kernel_counts_once_in_each_stage_that_holds_it() -> None:
+    """The cases a GPU profile has: nested ops that share a correlation id carry the same
+    kernels; a CUDA runtime call (no kernels) can have an op's id; the profiler copies each
+    range to the GPU timeline as an event of its own."""
+    gemm, norm, up = "nvjet_sm90_hsh_192x192", "vectorized_layer_norm_kernel", "upsample_bilinear2d"
+    linear = _op(7, "aten::linear", [(gemm, 400.0)], [_op(7, "aten::addmm", [(gemm, 400.0)])])
+    stage = _op(
+        5, STAGE + "backbone 32px / Swin stage 1", [], [_op(7, "cudaLaunchKernel", []), linear]
+    )
+    backbone = _op(
+        3, STAGE + "backbone 32px", [], [stage, _op(8, "aten::layer_norm", [(norm, 100.0)])]
+    )
+    decoder = _op(9, STAGE + "decoder", [], [_op(10, "aten::upsample_bilinear2d", [(up, 50.0)])])
+    forward = _op(
+        1,
+        STAGE + "forward",
+        [],
+        [backbone, decoder, _op(11, "aten::cat", [("CatArrayBatchedCopy", 30.0)])],
+    )
+    events = [forward, backbone, stage, decoder, *stage.cpu_children, linear, *linear.cpu_children]
+    events += [_kernel(gemm, 400.0), _kernel(norm, 100.0), _kernel(up, 50.0)]
+    events += [_kernel("CatArrayBatchedCopy", 30.0), _kernel(STAGE + "forward", 999.0)]
+    result = summarise(events, frames=2)
+    stages = result["stages"]
+    assert result["device_ms_per_frame"] == 0.29  # 580 us of kernels over 2 frames
+    assert result["attributed_ms_per_frame"] == stages["forward"]["device_ms"] == 0.29
+    assert stages["backbone 32px / Swin stage 1"]["device_ms"] == 0.2  # the gemm once
+    assert stages["backbone 32px"]["device_ms"] == 0.25
+    assert stages["backbone 32px"]["categories"] == {"matrix product": 0.2, "normalisation": 0.05}
+    assert stages["decoder"]["categories"] == {"resampling": 0.025}
+    assert stages["outside the parts above"]["device_ms"] == pytest.approx(0.015)
+    assert all(k["name"] != STAGE + "forward" for k in result["kernels"])
