@@ -5,11 +5,13 @@ at half of it), concatenates the two, squeezes the deepest features and decodes.
 times each of those stages (and each Swin stage inside the backbone) by the GPU time of the
 kernels launched inside it, sorts every kernel into a category (matrix products,
 convolutions, attention, compiled Triton kernels, normalisation, resampling, gathers,
-copies, other elementwise work), and times the whole forward by CUDA events, with and without
-the profiler, so that a reader can see what is left to speed up and what the profiler costs::
+copies, other elementwise work), and times the whole forward outside the profiler (as
+``model_bench`` times its rows), with and without the stage hooks, so that a reader can see
+what is left to speed up and what the hooks cost::
 
     python -m benchmarks.rmbg_profile --rmbg-dir third_party/rmbg20 --batch 16 \\
-        --steps sdpa,windows,decoder,deform,compile-decoder --compile-cache DIR --out profile.json
+        --steps sdpa,windows,decoder,deform,resample,compile-decoder --compile-cache DIR \\
+        --out profile.json
 
 The forward runs without CUDA graphs (a graph replay hides its kernels from the profiler);
 with ``--compile-cache`` a compiled step loads its graphs from the artifact there, as a
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch.autograd.profiler import record_function
 
+from benchmarks.model_bench import environment, timed
 from segmentation.models import rmbg20_fast
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 
@@ -200,24 +202,6 @@ def summarise(events: Any, frames: int, top: int = 25) -> dict[str, Any]:
     }
 
 
-def timed_forward(model: RMBG20Segmentor, x: torch.Tensor, runs: int) -> float:
-    """Median milliseconds per frame of ``model.forward(x)`` (CUDA events on a GPU)."""
-    times = []
-    for _ in range(runs):
-        if x.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model.forward(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            model.forward(x)
-            times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times) / len(x)
-
-
 def profile(
     rmbg_dir: str,
     batch: int,
@@ -254,19 +238,20 @@ def profile(
         if x.is_cuda:
             torch.cuda.synchronize()
         first_s = time.perf_counter() - started
-        model.forward(x)
-        plain = timed_forward(model, x, runs)
+        forward = lambda: model.forward(x)  # noqa: E731
+        plain = timed(forward, batch, warmup=1, min_frames=0, min_iters=runs)
         activities = [ProfilerActivity.CPU]
         if x.is_cuda:
             activities.append(ProfilerActivity.CUDA)
         with stage_ranges(model.model):
-            with_ranges = timed_forward(model, x, runs)
+            with_ranges = timed(forward, batch, warmup=0, min_frames=0, min_iters=runs)
             with torch_profile(activities=activities) as prof:
                 with record_function(STAGE + "forward"):
                     model.forward(x)
                 if x.is_cuda:
                     torch.cuda.synchronize()
     return {
+        "environment": environment(),
         "batch": batch,
         "input_size": input_size,
         "inference_path": model.inference_path,
@@ -274,9 +259,9 @@ def profile(
         "compile": model.compile_status,
         "load_s": round(load_s, 1),
         "first_forward_s": round(first_s, 1),
-        "ms_per_frame": round(plain, 3),
-        "frames_per_s": round(1e3 / plain, 2),
-        "ms_per_frame_with_stage_hooks": round(with_ranges, 3),
+        "ms_per_frame": plain["ms_per_frame"],
+        "frames_per_s": plain["frames_per_s"],
+        "ms_per_frame_with_stage_hooks": with_ranges["ms_per_frame"],
         **summarise(prof.events(), batch),
     }
 

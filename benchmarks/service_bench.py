@@ -56,16 +56,17 @@ SCENARIOS = {
 }
 #: ``--rmbg-paths`` label: the replicas' settings (compiled: Inductor's on-disk cache is
 #: TORCHINDUCTOR_CACHE_DIR of this process's environment, shared by the runs that follow)
+_FAST = {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false"}
 RMBG_PATHS = {
-    "optimized": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false"},
+    "optimized": _FAST,
     "eager": {"RMBG_OPTIMIZED": "false", "RMBG_COMPILE": "false"},
     "compiled": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "true"},
     "compiled-decoder": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "decoder"},
     # the fast path with the Swin linear layers in a lower format, or a smaller model input
-    "fp8": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false", "USE_FP8": "true"},
-    "int8": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false", "USE_INT8": "true"},
-    "input-768": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false", "RMBG_INPUT_SIZE": "768"},
-    "input-512": {"RMBG_OPTIMIZED": "true", "RMBG_COMPILE": "false", "RMBG_INPUT_SIZE": "512"},
+    "fp8": {**_FAST, "USE_FP8": "true"},
+    "int8": {**_FAST, "USE_INT8": "true"},
+    "input-768": {**_FAST, "RMBG_INPUT_SIZE": "768"},
+    "input-512": {**_FAST, "RMBG_INPUT_SIZE": "512"},
 }
 #: Input size of YOLO sources that were trained at another size than Ultralytics' 640.
 TRAINED_INPUT_SIZE = {"standin:product-yolo11n-seg": 320}

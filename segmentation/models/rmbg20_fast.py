@@ -136,7 +136,7 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
             applied[RESAMPLE] += 1
     if RESAMPLE in wanted and applied[RESAMPLE]:
         for module in decoders:
-            module.__dict__["_fast_resize"] = resize
+            module.__dict__["_fast_up"] = _up_channels_last
     if COMPILE in wanted and applied[WINDOWS]:
         compiled = _compiled_block_body()
         for module in model.modules():
@@ -524,6 +524,10 @@ def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=like.shape[2:], mode="bilinear", align_corners=True)
 
 
+def _up_channels_last(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return resize(x, like.shape[2:])
+
+
 def resize(x: torch.Tensor, size: Iterable[int]) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=True)`` of an NCHW tensor,
     computed by the channels-last kernel and returned in NCHW (see the ``resample`` step).
@@ -607,7 +611,7 @@ def _decoder(self: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
         return type(self).forward(self, features)
     # The folded output head, fetched (or built and cached) here: a compiled body that
     # builds it into the module's cache would break its graph there (reading an attribute
-    # set at load time, as the body does for ``_fast_resize``, does not).
+    # set at load time, as the body does for ``_fast_up``, does not).
     head = _output_head(self, features[0].dtype, features[0].device)
     compiled = self.__dict__.get("_fast_compiled")
     if compiled is not None and features[0].dtype == self._fast_dtype and len(features[0]) > 1:
@@ -621,8 +625,7 @@ def _decoder_body(
     self: Any, features: list[torch.Tensor], head: tuple[torch.Tensor, ...]
 ) -> list[torch.Tensor]:
     x, x1, x2, x3, x4 = features
-    fast_resize = self.__dict__.get("_fast_resize")
-    up = _up if fast_resize is None else (lambda a, like: fast_resize(a, like.shape[2:]))
+    up = self.__dict__.get("_fast_up", _up)  # the resample step's, when it applied
     x4 = torch.cat((x4, self.ipt_blk5(_patches(x, x4))), 1)
     p4 = self.decoder_block4(x4)
     m4 = self.conv_ms_spvn_4(p4)
