@@ -42,6 +42,7 @@ from PIL import Image
 from benchmarks.frames import FRAME_SOURCES, frame_set
 from segmentation.device_decode import decode_jpegs_on
 from segmentation.imaging import EncodedImage
+from segmentation.models import rmbg20_fast
 from segmentation.models.rmbg20_segmentor import IMAGENET_MEAN, IMAGENET_STD, RMBG20Segmentor
 from segmentation.models.yolo_segmentor import YoloSegmentor
 from segmentation.options import DetectOptions
@@ -222,10 +223,15 @@ def bench_rmbg_fast(
     torch.set_float32_matmul_precision("high")
     variants = FAST_VARIANTS + (COMPILE_VARIANTS if compile_blocks else [])
     if only:
-        unknown = set(only) - {v[0] for v in variants}
+        named = {v[0]: v for v in variants}
+        for label in only:  # any other combination of the fast path's steps
+            steps = label.removesuffix("+graphs").split("+")
+            if label not in named and set(steps) <= set(rmbg20_fast.ALL_STEPS):
+                named[label] = _fast("+".join(steps), label.endswith("+graphs"))
+        unknown = set(only) - set(named)
         if unknown:
             raise SystemExit(f"unknown --fast-variants {sorted(unknown)}")
-        variants = [v for v in variants if v[0] in only]
+        variants = [named[label] for label in only]
     for (label, fp16, steps, graphs), size in itertools.product(variants, input_sizes):
         torch.manual_seed(0)  # the same random weights for every variant
         started = time.perf_counter()

@@ -21,6 +21,10 @@
 #   resample RMBG-2.0's fast path at batch 16 with and without its resample step (CUDA
 #            graphs, one process), the step's GPU tests, then where the time goes with it
 #            (benchmarks.rmbg_profile) (about 4 minutes)
+#   kernels  RMBG-2.0's Swin blocks through the fast path's Triton kernels: their GPU tests,
+#            PyTorch's ops against each kernel tile by geometry (benchmarks.window_attention),
+#            the fast path at batch 16 without and with the fuse and attn steps (CUDA graphs,
+#            one process) (about 6 minutes)
 #   rmbg-variants  the service over HTTP with RMBG-2.0 uncompiled, FP8, INT8 (needs torchao
 #            among the carried packages), input 768 and 512 (about 5 minutes)
 #   paths    the service with RMBG-2.0 eager vs optimized (about 4 minutes)
@@ -139,6 +143,16 @@ if run resample; then
         -k "resize or resample" -p no:cacheprovider -o addopts="-q --strict-markers -ra"
     step resample.log 120 python3 -m benchmarks.rmbg_profile --batch 16 \
         --out "$out/rmbg-profile-resample.json"
+fi
+if run kernels; then
+    fast="sdpa+windows+decoder+deform+resample"
+    step kernels.log 200 python3 -m pytest -m gpu tests/gpu/test_fp16_gpu.py -s \
+        -k "swin_kernels or fuse or attn" -p no:cacheprovider -o addopts="-q --strict-markers -ra"
+    step kernels.log 150 python3 -m benchmarks.window_attention --batch 16 \
+        --out "$out/window-attention.json"
+    step kernels.log 260 python3 -m benchmarks.model_bench --rmbg-fast --fast-batches 16 \
+        --fast-variants "$fast+graphs,$fast+fuse+graphs,$fast+attn+graphs,$fast+fuse+attn+graphs" \
+        --out "$out/kernels.json"
 fi
 if run rmbg-variants; then
     step rmbg-variants.log 420 python3 -m benchmarks.service_bench --scenarios rmbg \

@@ -76,6 +76,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from segmentation.models import rmbg20_kernels
 from segmentation.models.deform_conv import deform_conv2d
 
 logger = logging.getLogger(__name__)
@@ -87,10 +88,22 @@ DEFORM = "deform"
 COMPILE = "compile"
 COMPILE_DECODER = "compile-decoder"
 RESAMPLE = "resample"
+FUSE = "fuse"
+ATTN = "attn"
 #: The steps :func:`optimize` applies unless told otherwise (compile is opt-in: see
 #: docs/benchmarks.md for its cold start).
 DEFAULT_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, RESAMPLE)
-ALL_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, RESAMPLE, COMPILE, COMPILE_DECODER)
+ALL_STEPS: tuple[str, ...] = (
+    SDPA,
+    WINDOWS,
+    DECODER,
+    DEFORM,
+    RESAMPLE,
+    FUSE,
+    ATTN,
+    COMPILE,
+    COMPILE_DECODER,
+)
 #: The steps that compile, each with the part of ``RMBG_COMPILE`` that names it; a compiled
 #: artifact holds what they compile.
 COMPILED_STEPS: dict[str, str] = {COMPILE: "blocks", COMPILE_DECODER: "decoder"}
@@ -109,19 +122,31 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
     unknown = wanted - set(ALL_STEPS)
     if unknown:
         raise ValueError(f"unknown optimization steps {sorted(unknown)}; known: {ALL_STEPS}")
-    if WINDOWS in wanted or COMPILE in wanted:
+    if WINDOWS in wanted or COMPILE in wanted or ATTN in wanted:
         wanted.add(SDPA)  # the window gather hands the attention its prebuilt bias
+    if FUSE in wanted:
+        wanted.add(WINDOWS)  # the fused kernels read the block's window plan
+    if COMPILE in wanted:
+        wanted -= {FUSE, ATTN}  # Inductor writes its own kernels for the block body
     dtype = next(model.parameters()).dtype
     applied: dict[str, int] = {step: 0 for step in ALL_STEPS}
     decoders: list[torch.nn.Module] = []
     for module in model.modules():
         kind = type(module).__name__
         if SDPA in wanted and kind == "WindowAttention" and _is_swin_attention(module):
-            _patch(module, _window_attention, _fast_dtype=dtype)
+            _patch(module, _window_attention, _fast_dtype=dtype, _fast_kernel=ATTN in wanted)
             applied[SDPA] += 1
+            applied[ATTN] += ATTN in wanted
         elif WINDOWS in wanted and kind == "SwinTransformerBlock" and _is_swin_block(module):
-            _patch(module, _swin_block, _fast_dtype=dtype, _fast_body=_swin_block_body)
+            fuse = FUSE in wanted and _is_fusable_block(module)
+            _patch(
+                module,
+                _swin_block,
+                _fast_dtype=dtype,
+                _fast_body=_fused_block_body if fuse else _swin_block_body,
+            )
             applied[WINDOWS] += 1
+            applied[FUSE] += fuse
         elif WINDOWS in wanted and kind == "BasicLayer" and _is_swin_layer(module):
             _patch(module, _basic_layer)
         elif DECODER in wanted and kind == "Decoder" and _is_birefnet_decoder(module):
@@ -295,7 +320,11 @@ def _window_attention(
     """
     if attn_bias is None:
         attn_bias = _attention_bias(self, mask, x.dtype, x.device)
-    out = windowed_attention(self.qkv(x), attn_bias, self.num_heads, self.scale)
+    qkv = self.qkv(x)
+    if self.__dict__.get("_fast_kernel") and rmbg20_kernels.takes_attention(qkv, self.num_heads):
+        out = rmbg20_kernels.window_attention(qkv, attn_bias, self.num_heads, self.scale)
+    else:
+        out = windowed_attention(qkv, attn_bias, self.num_heads, self.scale)
     return self.proj_drop(self.proj(out))
 
 
@@ -335,6 +364,7 @@ class WindowPlan:
     to_windows: torch.Tensor  # [Hp*Wp]: padded flat index of each windowed token
     from_windows: torch.Tensor  # [H*W]: windowed index of each original token
     bias: torch.Tensor  # attention bias, see _attention_bias
+    sources: torch.Tensor  # [Hp*Wp]: original token at each windowed position, -1 padding
 
 
 def _shift_mask(hp: int, wp: int, size: int, shift: int, device: torch.device) -> torch.Tensor:
@@ -365,7 +395,9 @@ def window_plan(block: Any, height: int, width: int, x: torch.Tensor) -> WindowP
         from_windows = inverse.view(hp, wp)[:height, :width].reshape(-1)
         mask = _shift_mask(hp, wp, size, shift, device) if shift > 0 else None
         bias = _attention_bias(block.attn, mask, x.dtype, device)
-        return WindowPlan((hp, wp), to_windows, from_windows, bias)
+        row, col = to_windows // wp, to_windows % wp
+        sources = torch.where((row < height) & (col < width), row * width + col, -1)
+        return WindowPlan((hp, wp), to_windows, from_windows, bias, sources)
 
     return _cached(block, (x.dtype, x.device, height, width), build)
 
@@ -424,7 +456,11 @@ def _swin_block(self: Any, x: torch.Tensor, mask_matrix: Any = None) -> torch.Te
         if out is not None:
             return cast(torch.Tensor, out)
     body = self._fast_body
-    if body is not _swin_block_body:
+    if body is _fused_block_body:
+        if x.dtype == self._fast_dtype:
+            return _fused_block_body(self, x, plan)
+        body = _swin_block_body  # an FP32 recompute: the plain body
+    elif body is not _swin_block_body:
         if x.dtype != self._fast_dtype or x.shape[0] == 1:
             # an FP32 recompute of a few frames (never a compile mid-request), or a single
             # frame (Dynamo would trace its batch of 1 as a graph of its own): the eager body
@@ -433,6 +469,42 @@ def _swin_block(self: Any, x: torch.Tensor, mask_matrix: Any = None) -> torch.Te
             # one compiled graph per block geometry for every batch size from 2
             torch._dynamo.maybe_mark_dynamic(x, 0)
     return body(self, x, height, width, plan.padded, plan.to_windows, plan.from_windows, plan.bias)
+
+
+def _is_fusable_block(block: Any) -> bool:
+    """Whether the ``fuse`` step takes this block: affine layer norms and an MLP of two
+    biased linear layers (the published Swin-L's)."""
+    mlp = block.mlp
+    return (
+        all(
+            isinstance(norm, torch.nn.LayerNorm) and norm.weight is not None
+            and norm.bias is not None and len(norm.normalized_shape) == 1
+            for norm in (block.norm1, block.norm2)
+        )
+        and all(
+            isinstance(getattr(mlp, name, None), torch.nn.Linear)
+            and getattr(mlp, name).bias is not None
+            for name in ("fc1", "fc2")
+        )
+        and hasattr(mlp, "act")
+    )  # fmt: skip
+
+
+def _fused_block_body(block: Any, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+    """``SwinTransformerBlock.forward`` (eval) through :mod:`rmbg20_kernels`: the first layer
+    norm fused with the move into windows, the move back with the residual sum and the
+    second layer norm, and the MLP's residual added by its second matrix product in place
+    (the sum's buffer already holds the ``fc2`` bias)."""
+    batch, tokens, channels = x.shape
+    norm1, norm2, mlp = block.norm1, block.norm2, block.mlp
+    windows = rmbg20_kernels.ln_windows(x, norm1.weight, norm1.bias, norm1.eps, plan.sources)
+    attended = block.attn(windows.view(-1, block.window_size**2, channels), attn_bias=plan.bias)
+    residual, normed = rmbg20_kernels.unwindow_residual_ln(
+        x, attended, plan.from_windows, norm2.weight, norm2.bias, norm2.eps, mlp.fc2.bias
+    )
+    hidden = mlp.act(mlp.fc1(normed)).view(batch * tokens, -1)
+    out = residual.view(batch * tokens, channels).addmm_(hidden, mlp.fc2.weight.t())
+    return out.view(batch, tokens, channels)
 
 
 def _basic_layer(self: Any, x: torch.Tensor, H: int, W: int) -> tuple[Any, ...]:

@@ -129,6 +129,9 @@ def test_rmbg_fp16_output_close_to_fp32(rmbg_dir: Path) -> None:
         ("deform",),
         ("resample",),
         ("sdpa", "windows", "decoder", "deform", "resample"),
+        ("sdpa", "windows", "fuse"),
+        ("sdpa", "attn"),
+        ("sdpa", "windows", "decoder", "deform", "resample", "fuse", "attn"),
         ("sdpa", "windows", "decoder", "deform", "compile"),
     ],
     ids="+".join,
@@ -176,6 +179,63 @@ def test_resize_through_the_channels_last_kernel_matches_the_plain_call(
     out = resize(x, size)
     assert out.is_contiguous() and out.dtype == torch.float16
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("side", "channels", "heads", "shifted"),
+    [(256, 192, 6, True), (64, 768, 24, False), (64, 768, 24, True), (16, 1536, 48, True)],
+)
+def test_swin_kernels_on_the_models_shapes_match_the_pytorch_versions(
+    side: int, channels: int, heads: int, shifted: bool
+) -> None:
+    """The Triton kernels of the ``fuse`` and ``attn`` steps on real geometries at batch 16
+    (the first stage at 1024, the third, the last at 512: padded 256 -> 264, 64 -> 72, 16 ->
+    24) against their PyTorch versions in FP32."""
+    from benchmarks.window_attention import WINDOW
+    from segmentation.models import rmbg20_kernels as kernels
+    from segmentation.models.rmbg20_fast import _shift_mask
+
+    batch, tokens, device = 16, WINDOW * WINDOW, torch.device("cuda")
+    padded = -(-side // WINDOW) * WINDOW
+    windows = (padded // WINDOW) ** 2
+    gen = torch.Generator(device=device).manual_seed(3)
+    qkv = torch.randn(batch * windows, tokens, 3 * channels, device=device, generator=gen).half()
+    bias = torch.randn(1, heads, tokens, tokens, device=device, generator=gen)
+    if shifted:
+        mask = _shift_mask(padded, padded, WINDOW, WINDOW // 2, device)
+        bias = (bias + mask.unsqueeze(1)).reshape(1, -1, tokens, tokens)
+    bias = bias.half()
+    scale = (channels // heads) ** -0.5
+    assert kernels.takes_attention(qkv, heads)
+    out = kernels.window_attention(qkv, bias, heads, scale)
+    expected = kernels.window_attention_reference(qkv.float(), bias.float(), heads, scale)
+    assert out.dtype == torch.float16 and out.shape == expected.shape
+    torch.testing.assert_close(out.float(), expected, atol=4e-3, rtol=1e-2)
+
+    shift = WINDOW // 2 if shifted else 0
+    rows = (torch.arange(padded, device=device) + shift) % padded
+    grid = (rows[:, None] * padded + rows[None, :]).view(
+        padded // WINDOW, WINDOW, padded // WINDOW, WINDOW
+    )
+    to_windows = grid.permute(0, 2, 1, 3).reshape(-1)
+    inverse = torch.empty_like(to_windows)
+    inverse[to_windows] = torch.arange(padded * padded, device=device)
+    from_windows = inverse.view(padded, padded)[:side, :side].reshape(-1)
+    r, c = to_windows // padded, to_windows % padded
+    sources = torch.where((r < side) & (c < side), r * side + c, -1)
+    x = torch.randn(batch, side * side, channels, device=device, generator=gen).half()
+    w, b, out_bias = (torch.randn(channels, device=device, generator=gen).half() for _ in range(3))
+    got = kernels.ln_windows(x, w, b, 1e-5, sources)
+    want = kernels.ln_windows_reference(x.float(), w.float(), b.float(), 1e-5, sources)
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)
+    assert bool((got.view(batch, -1, channels)[:, sources < 0] == 0).all())
+    attended = torch.randn(batch * windows, tokens, channels, device=device, generator=gen).half()
+    got_pair = kernels.unwindow_residual_ln(x, attended, from_windows, w, b, 1e-5, out_bias)
+    want_pair = kernels.unwindow_residual_ln_reference(
+        x.float(), attended.float(), from_windows, w.float(), b.float(), 1e-5, out_bias.float()
+    )
+    for g, e in zip(got_pair, want_pair, strict=True):
+        torch.testing.assert_close(g.float(), e, atol=2e-2, rtol=1e-2)
 
 
 @needs_arch

@@ -346,6 +346,8 @@ def published() -> torch.nn.Module:
         ("sdpa", "windows", "decoder"),
         ("resample",),
         ("decoder", "resample"),
+        ("sdpa", "windows", "fuse"),
+        ("sdpa", "attn"),
     ],
 )
 def test_each_fast_step_gives_the_published_models_outputs(
