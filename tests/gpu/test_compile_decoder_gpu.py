@@ -44,7 +44,8 @@ def test_compiled_decoder_under_graphs_gives_the_fast_paths_mattes() -> None:
             exact = model.forward(batch.float())
     assert model.capture_graphs(model.batch_buckets)
     assert (
-        model.info().inference_path == "sdpa+windows+decoder+deform+resample+compile-decoder+graphs"
+        model.info().inference_path
+        == "sdpa+windows+decoder+deform+resample+fuse+attn+compile-decoder+graphs"
     )
     with torch.inference_mode():
         replayed = model.forward(batch)

@@ -61,7 +61,7 @@ def _peak(fn: Callable[[], object]) -> int:
 def test_rmbg_activations_are_fp16_inside_the_model(rmbg_dir: Path) -> None:
     segmentor = _load(rmbg_dir, fp16=True)
     assert segmentor.precision.name == "fp16"
-    assert segmentor.info().inference_path == "sdpa+windows+decoder+deform+resample"
+    assert segmentor.info().inference_path == "sdpa+windows+decoder+deform+resample+fuse+attn"
     dtypes: dict[str, set[torch.dtype]] = {}
 
     def record(module: torch.nn.Module, args: tuple, output: object) -> None:

@@ -460,12 +460,14 @@ def test_the_compiled_decoder_without_its_artifact_is_left_out_and_reported(
     steps = (*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE_DECODER)
     segmentor = published_rmbg(input_size=128, optimized=steps, compile_cache=tmp_path)
     info = segmentor.info()
-    assert info.inference_path == "sdpa+windows+decoder+deform+resample"
+    assert info.inference_path == "sdpa+windows+decoder+deform+resample+fuse+attn"
     assert info.compile is not None
     assert info.compile["state"].startswith("not compiled: no artifact for this model")
     assert "decoder" not in info.compile  # nothing compiled
     at_start = published_rmbg(input_size=128, optimized=steps).info()
-    assert at_start.inference_path == "sdpa+windows+decoder+deform+resample+compile-decoder"
+    assert (
+        at_start.inference_path == "sdpa+windows+decoder+deform+resample+fuse+attn+compile-decoder"
+    )
     assert at_start.compile == {
         "state": "compiled at start-up (no RMBG_COMPILE_CACHE)",
         "decoder": "compiled for each batch size from 2 (no batch sizes set)",
@@ -476,8 +478,10 @@ def test_published_architecture_reports_its_fast_path() -> None:
     if not (RMBG_ARCH_DIR / "birefnet.py").exists():
         pytest.skip("published RMBG-2.0 code absent")
     fast = published_rmbg(input_size=128)
-    assert fast.info().inference_path == "sdpa+windows+decoder+deform+resample"
-    assert fast.info().as_dict()["inference_path"] == "sdpa+windows+decoder+deform+resample"
+    assert fast.info().inference_path == "sdpa+windows+decoder+deform+resample+fuse+attn"
+    assert (
+        fast.info().as_dict()["inference_path"] == "sdpa+windows+decoder+deform+resample+fuse+attn"
+    )
     eager = published_rmbg(input_size=128, optimized=False)
     assert eager.info().inference_path == "eager" and eager.fast_steps == ()
 
