@@ -25,6 +25,8 @@
 #            PyTorch's ops against each kernel tile by geometry (benchmarks.window_attention),
 #            the fast path at batch 16 without and with the fuse and attn steps (CUDA graphs,
 #            one process) (about 6 minutes)
+#   rmbg-service  one card, RMBG-2.0 over HTTP (scaling_bench): the replica's stages, its
+#            GPU thread's busy share and py-spy stacks of it and the Routers (about 2 minutes)
 #   rmbg-variants  the service over HTTP with RMBG-2.0 uncompiled, FP8, INT8 (needs torchao
 #            among the carried packages), input 768 and 512 (about 5 minutes)
 #   paths    the service with RMBG-2.0 eager vs optimized (about 4 minutes)
@@ -153,6 +155,14 @@ if run kernels; then
     step kernels.log 260 python3 -m benchmarks.model_bench --rmbg-fast --fast-batches 16 \
         --fast-variants "$fast+graphs,$fast+fuse+graphs,$fast+attn+graphs,$fast+fuse+attn+graphs" \
         --out "$out/kernels.json"
+fi
+if run rmbg-service; then
+    # one card, RMBG-2.0 over HTTP with its replica read and sampled: where the service
+    # loses against the model
+    step rmbg-service.log 240 python3 -m benchmarks.scaling_bench --gpus 1 --transports http \
+        --scenarios rmbg --duration 14 --profile 8 --half-capacity \
+        --profile-dir "$out/profiles" --out "$out/rmbg-service.json"
+    tar -czf "$out/rmbg-profiles.tar.gz" -C "$out" profiles && rm -rf "$out/profiles"
 fi
 if run rmbg-variants; then
     step rmbg-variants.log 420 python3 -m benchmarks.service_bench --scenarios rmbg \
