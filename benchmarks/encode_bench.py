@@ -1,7 +1,8 @@
-"""Router CPU per cutout: compose + encode of 1080p RGBA cutouts and mattes, per core.
+"""CPU per cutout: compose + encode of 1080p RGBA cutouts and mattes, per core.
 
-The router composes every RGBA cutout and encodes it (``segmentation.encoders``) on its CPU,
-in a thread pool of ``os.cpu_count()`` threads. This measures, on mattes that look like real
+A GPU replica encodes every RGBA cutout (``segmentation.encoders``; composed on its device,
+or by OpenCV for frames it decoded on the host) on its codec threads, one per CPU Ray gave
+it; the Router encodes what it composes itself. This measures, on mattes that look like real
 ones, what one frame costs and whether the encoder scales over threads (it only does if it
 works outside the interpreter lock):
 
@@ -44,7 +45,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from segmentation.encoders import mask_png, rgba_png
+from segmentation.encoders import compose_rgba, mask_png, png, rgba_png
 from segmentation_client.wire import cutout_rgba
 from segmentation_standins import synthetic
 
@@ -151,6 +152,8 @@ def rows() -> list[Row]:
         )
     out += [
         Row("cv2 png L3 rle sub", "rgba", _cv2_rgba(3, "rle", "sub")),
+        Row("isal png L0 up", "rgba", lambda frame, alpha: png(compose_rgba(frame, alpha), 0)),
+        Row("isal png L2 up", "rgba", lambda frame, alpha: png(compose_rgba(frame, alpha), 2)),
         Row("pillow webp lossless m0", "rgba", _webp_lossless),
         Row("shipped mask_png", "mask", lambda frame, alpha: mask_png(alpha)),
         Row(

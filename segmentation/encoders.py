@@ -1,17 +1,15 @@
 """Image encoders of the service's answers: PNG cutouts and mattes, JPEG, base64.
 
-PNGs are written by OpenCV (libpng), not Pillow, for two measured reasons
-(``benchmarks/encode_bench.py``, 1080p synthetic product shots, see docs/benchmarks.md):
+PNGs are written here (:func:`png`): every row Up-filtered by NumPy (a row minus the one above
+it: a still background and the transparent area become runs of zeros) and the rows deflated
+by ISA-L (Intel's Intelligent Storage Acceleration Library, ``isal``) at level 1. Measured
+(``benchmarks/encode_bench.py``, 1080p synthetic product shots, one core, see
+docs/benchmarks.md) against the OpenCV (libpng, zlib level 1, run-length strategy, Up filter)
+encoder used before: 2.5-4x faster a frame, 5-15% larger. Both run outside the interpreter
+lock (NumPy's loops and ISA-L's deflate release it), so a replica's codec threads encode on
+every core at once. A GPU replica answering RMBG-2.0's cutouts spends most of its CPU here.
 
-- OpenCV's calls run outside the interpreter lock, so the router's codec threads encode on
-  every core at once; Pillow's PNG encoder holds the lock and a router process encodes on
-  one core however many threads it has.
-- zlib level 1 with the run-length strategy and the Up filter is 2-3x faster per frame than
-  Pillow's level 1 (adaptive filters, default strategy) and 11-22% smaller: a product cutout's
-  transparent background is long runs of zero bytes, and Up turns the still parts of
-  the product into zeros too. (Level makes no difference under the run-length strategy.)
-
-The output is an ordinary 8-bit RGBA (or grayscale) PNG: lossless, decoded by any reader to
+The output is an ordinary 8-bit PNG (greyscale, RGB or RGBA), lossless: any reader decodes
 exactly the pixels of :func:`cutout_rgba` (tests/unit/test_encoders.py checks the round trip).
 """
 
@@ -19,9 +17,11 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 
 import cv2
 import numpy as np
+from isal import isal_zlib
 from PIL import Image
 
 from segmentation.options import CutoutOptions
@@ -29,7 +29,7 @@ from segmentation_client.wire import cutout_rgba, decode_rle, encode_rle, jpeg, 
 
 __all__ = [
     "b64",
-    "cutout_bgra",
+    "compose_rgba",
     "cutout_png",
     "cutout_rgba",
     "decode_rle",
@@ -37,58 +37,79 @@ __all__ = [
     "encode_rle",
     "jpeg",
     "mask_png",
+    "png",
     "rgba_png",
     "union_matte",
 ]
 
-#: zlib level for PNG: 1 is several times faster than the default 6 at a few % more bytes;
-#: PNG encoding is on the response path of every background-removal request.
+#: ISA-L's deflate level for PNG (0-3): on 1080p cutouts 1 was as fast as 0, whose output is
+#: 35-70% larger, and faster than 2, whose output was no smaller (docs/benchmarks.md).
 PNG_COMPRESS_LEVEL = 1
-_PNG_PARAMS = [
-    cv2.IMWRITE_PNG_COMPRESSION,
-    PNG_COMPRESS_LEVEL,
-    cv2.IMWRITE_PNG_STRATEGY,
-    cv2.IMWRITE_PNG_STRATEGY_RLE,
-    cv2.IMWRITE_PNG_FILTER,
-    cv2.IMWRITE_PNG_FILTER_UP,
-]
-# RGB frame channels 0, 1, 2 and the matte (channel 3 of the pair) into B, G, R, A.
-_RGB_ALPHA_TO_BGRA = [0, 2, 1, 1, 2, 0, 3, 3]
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: PNG colour type by channels: greyscale, greyscale + alpha, RGB, RGBA.
+_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
+_UP = 2  # PNG's filter type: each byte minus the byte above it
+# RGB frame channels 0, 1, 2 and the matte (channel 3 of the pair) into R, G, B, A.
+_RGB_ALPHA_TO_RGBA = [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-def cutout_bgra(frame: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """:func:`cutout_rgba` in OpenCV's BGRA channel order, composed by OpenCV (off the
-    interpreter lock, and about 5x faster than NumPy's strided multiply into a channel)."""
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    crc = isal_zlib.crc32(data, isal_zlib.crc32(kind))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def png(pixels: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """An 8-bit PNG of ``HxW`` or ``HxWxC`` uint8 pixels (C 1-4: grey, grey + alpha, RGB,
+    RGBA), each row Up-filtered and the whole deflated by ISA-L at ``level`` (see the
+    module's docstring)."""
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
+        raise ValueError(f"PNG needs HxW or HxWxC uint8 pixels, not {pixels.shape} {pixels.dtype}")
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    if height == 0 or width == 0 or channels not in _COLOUR_TYPE:
+        raise ValueError(f"PNG cannot hold an image of shape {pixels.shape}")
+    rows = np.ascontiguousarray(pixels).reshape(height, width * channels)
+    filtered = np.empty((height, width * channels + 1), dtype=np.uint8)
+    filtered[:, 0] = _UP  # the first row's "row above" is zeros: its bytes go as they are
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG's Up is
+    header = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPE[channels], 0, 0, 0)
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", isal_zlib.compress(filtered, level)),
+            _chunk(b"IEND", b""),
+        )
+    )
+
+
+def compose_rgba(frame: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """:func:`cutout_rgba` composed by OpenCV (off the interpreter lock, and about 5x faster
+    than NumPy's strided multiply into a channel)."""
     if frame.shape[:2] != alpha.shape:
         raise ValueError(f"alpha {alpha.shape} does not match frame {frame.shape[:2]}")
     alpha = np.ascontiguousarray(alpha, dtype=np.uint8)
     _, visible = cv2.threshold(alpha, 0, 255, cv2.THRESH_BINARY)
     shown = cv2.bitwise_and(frame, frame, mask=visible)
-    bgra = np.empty((*alpha.shape, 4), dtype=np.uint8)
-    cv2.mixChannels([shown, alpha], [bgra], _RGB_ALPHA_TO_BGRA)
-    return bgra
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", pixels, _PNG_PARAMS)
-    if not ok:
-        raise RuntimeError(f"PNG encoding of a {pixels.shape} {pixels.dtype} array failed")
-    return data.tobytes()
+    rgba = np.empty((*alpha.shape, 4), dtype=np.uint8)
+    cv2.mixChannels([shown, alpha], [rgba], _RGB_ALPHA_TO_RGBA)
+    return rgba
 
 
 def rgba_png(frame: np.ndarray, alpha: np.ndarray) -> bytes:
     """RGBA PNG of :func:`cutout_rgba` (the frame's pixels where the matte is not 0)."""
-    return _png(cutout_bgra(frame, alpha))
+    return png(compose_rgba(frame, alpha))
 
 
 def cutout_png(rgba: np.ndarray) -> bytes:
     """PNG of an ``HxWx4`` RGBA cutout composed already (on the model's device)."""
-    return _png(cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2BGRA))
+    return png(rgba)
 
 
 def mask_png(alpha: np.ndarray) -> bytes:
     """Grayscale (mode L) PNG of a uint8 matte."""
-    return _png(np.ascontiguousarray(alpha, dtype=np.uint8))
+    return png(np.asarray(alpha, dtype=np.uint8))
 
 
 #: libwebp effort (0 fastest - 6 smallest). Lossy at 2: on 1080p product cutouts as small
@@ -100,9 +121,9 @@ _TO_BGR = {3: cv2.COLOR_RGB2BGR, 4: cv2.COLOR_RGBA2BGRA}
 
 
 def encode_pixels(pixels: np.ndarray, options: CutoutOptions) -> bytes:
-    """``HxWxC`` uint8 pixels (C 1: a matte, 3: RGB, 4: RGBA) in ``options.format``: PNG and
-    JPEG by OpenCV (off the interpreter lock), WebP by Pillow (lossy with alpha, or
-    lossless)."""
+    """``HxWxC`` uint8 pixels (C 1: a matte, 3: RGB, 4: RGBA) in ``options.format``: PNG by
+    :func:`png`, JPEG by OpenCV (both off the interpreter lock), WebP by Pillow (lossy with
+    alpha, or lossless)."""
     channels = pixels.shape[2] if pixels.ndim == 3 else 1
     flat = pixels.reshape(pixels.shape[:2]) if channels == 1 else pixels
     if options.format == "webp":
@@ -120,13 +141,13 @@ def encode_pixels(pixels: np.ndarray, options: CutoutOptions) -> bytes:
         else:
             image.save(buffer, format="WEBP", quality=options.quality, method=WEBP_LOSSY_METHOD)
         return buffer.getvalue()
-    ordered = cv2.cvtColor(flat, _TO_BGR[channels]) if channels in _TO_BGR else flat
     if options.format == "jpeg":
+        ordered = cv2.cvtColor(flat, _TO_BGR[channels]) if channels in _TO_BGR else flat
         ok, data = cv2.imencode(".jpg", ordered, [cv2.IMWRITE_JPEG_QUALITY, options.quality])
         if not ok:
             raise RuntimeError(f"JPEG encoding of a {pixels.shape} array failed")
         return bytes(data.tobytes())
-    return _png(np.ascontiguousarray(ordered))
+    return png(flat)
 
 
 def b64(data: bytes) -> str:

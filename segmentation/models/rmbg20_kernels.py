@@ -270,7 +270,7 @@ def _rows_block(channels: int) -> tuple[int, int, int]:
 HEAD_SIZES = (16, 32, 64, 128)
 #: The attention kernel's tiles (query rows, key rows a step) and warps; set by
 #: ``benchmarks.window_attention`` on an H200 (docs/benchmarks.md).
-ATTENTION_TILES: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+ATTENTION_TILES: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 
 
 def ln_windows(

@@ -5,11 +5,13 @@ import pytest
 from PIL import Image
 
 from segmentation.encoders import (
-    cutout_bgra,
+    compose_rgba,
+    cutout_png,
     cutout_rgba,
     decode_rle,
     encode_rle,
     mask_png,
+    png,
     rgba_png,
 )
 from segmentation_standins import synthetic
@@ -73,9 +75,48 @@ def test_rgba_png_of_a_crop_view_encodes_the_crop() -> None:
     assert np.array_equal(pixels, cutout_rgba(np.ascontiguousarray(crop), alpha[10:90, 20:130]))
 
 
-def test_cutout_bgra_is_cutout_rgba_in_opencv_order() -> None:
+def test_compose_rgba_is_cutout_rgba() -> None:
     frame, alpha = _product_shot(6)
-    assert np.array_equal(cutout_bgra(frame, alpha), cutout_rgba(frame, alpha)[..., [2, 1, 0, 3]])
+    assert np.array_equal(compose_rgba(frame, alpha), cutout_rgba(frame, alpha))
+
+
+@pytest.mark.parametrize(
+    ("shape", "mode"),
+    [((1, 1), "L"), ((7, 5), "L"), ((1, 9, 3), "RGB"), ((33, 17, 3), "RGB"), ((5, 1, 4), "RGBA")],
+)
+def test_png_of_any_bytes_decodes_to_them_in_pillow_and_opencv(
+    shape: tuple[int, ...], mode: str
+) -> None:
+    """Random bytes (the Up filter's differences wrap around 256 in both directions), one
+    row, one column, each colour type; read back by Pillow and by OpenCV (libpng)."""
+    import cv2
+
+    pixels = np.random.default_rng(len(shape) * 10 + shape[0]).integers(
+        0, 256, shape, dtype=np.uint8
+    )
+    data = png(pixels)
+    assert np.array_equal(_decoded(data, mode, (shape[1], shape[0])), pixels)
+    read = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if read.ndim == 3:
+        read = read[..., [2, 1, 0, 3][: read.shape[2]]]
+    assert np.array_equal(read, pixels)
+
+
+@pytest.mark.parametrize(
+    "pixels",
+    [np.zeros((0, 4), np.uint8), np.zeros((4, 4, 5), np.uint8), np.zeros((4, 4), np.float32)],
+    ids=["empty", "five-channels", "float"],
+)
+def test_png_refuses_what_it_cannot_hold(pixels: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="PNG"):
+        png(pixels)
+
+
+def test_cutout_png_of_a_strided_rgba_view_is_lossless() -> None:
+    frame, alpha = _product_shot(8)
+    rgba = cutout_rgba(frame, alpha)[::2, 1::3]
+    assert not rgba.flags.c_contiguous
+    assert np.array_equal(_decoded(cutout_png(rgba), "RGBA", (rgba.shape[1], rgba.shape[0])), rgba)
 
 
 @pytest.mark.parametrize("seed", [1, 7])
