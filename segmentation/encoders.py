@@ -5,7 +5,7 @@ it: a still background and the transparent area become runs of zeros) and the ro
 by ISA-L (Intel's Intelligent Storage Acceleration Library, ``isal``) at level 1. Measured
 (``benchmarks/encode_bench.py``, 1080p synthetic product shots, one core, see
 docs/benchmarks.md) against the OpenCV (libpng, zlib level 1, run-length strategy, Up filter)
-encoder used before: 2.5-4x faster a frame, 5-15% larger. Both run outside the interpreter
+encoder used before: 3.6-4.2x faster a cutout, 5-18% larger. Both run outside the interpreter
 lock (NumPy's loops and ISA-L's deflate release it), so a replica's codec threads encode on
 every core at once. A GPU replica answering RMBG-2.0's cutouts spends most of its CPU here.
 
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: ISA-L's deflate level for PNG (0-3): on 1080p cutouts 1 was as fast as 0, whose output is
-#: 35-70% larger, and faster than 2, whose output was no smaller (docs/benchmarks.md).
+#: 42-67% larger, and as 2, whose output was no smaller (docs/benchmarks.md).
 PNG_COMPRESS_LEVEL = 1
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: PNG colour type by channels: greyscale, greyscale + alpha, RGB, RGBA.
