@@ -226,6 +226,9 @@ def bench_rmbg_fast(
         named = {v[0]: v for v in variants}
         for label in only:  # any other combination of the fast path's steps
             steps = label.removesuffix("+graphs").split("+")
+            compiles = set(steps) & set(rmbg20_fast.COMPILED_STEPS)
+            if label not in named and compiles and not compile_blocks:
+                raise SystemExit(f"--fast-variants {label}: compiles, so needs --compile")
             if label not in named and set(steps) <= set(rmbg20_fast.ALL_STEPS):
                 named[label] = _fast("+".join(steps), label.endswith("+graphs"))
         unknown = set(only) - set(named)

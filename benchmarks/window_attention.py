@@ -36,7 +36,9 @@ from segmentation.models.rmbg20_fast import _shift_mask, windowed_attention
 
 #: Swin-L as RMBG-2.0 configures it: blocks, channels and heads per stage, window size.
 DEPTHS, CHANNELS, HEADS, WINDOW = (2, 2, 18, 2), (192, 384, 768, 1536), (6, 12, 24, 48), 12
-DEFAULT_TILES = "64x64x4x2,64x32x4x2,32x64x4x2,64x128x4x2,128x64x8x2,128x32x8x2,64x64x4x3,32x32x2x2"
+DEFAULT_TILES = (
+    "64x32x4x3,64x32x4x2,64x64x4x3,64x64x4x2,32x64x4x2,64x128x4x2,128x64x8x2,128x32x8x2,32x32x2x2"
+)
 
 
 @dataclass(frozen=True)

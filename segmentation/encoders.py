@@ -5,9 +5,11 @@ it: a still background and the transparent area become runs of zeros) and the ro
 by ISA-L (Intel's Intelligent Storage Acceleration Library, ``isal``) at level 1. Measured
 (``benchmarks/encode_bench.py``, 1080p synthetic product shots, one core, see
 docs/benchmarks.md) against the OpenCV (libpng, zlib level 1, run-length strategy, Up filter)
-encoder used before: 3.6-4.2x faster a cutout, 5-18% larger. Both run outside the interpreter
-lock (NumPy's loops and ISA-L's deflate release it), so a replica's codec threads encode on
-every core at once. A GPU replica answering RMBG-2.0's cutouts spends most of its CPU here.
+encoder used before: 3.6-4.2x faster a cutout, 5-18% larger. The filter and the deflate run
+outside the interpreter lock (NumPy's loops and ISA-L release it; the chunks' framing does
+not: a Python thread beside an encode kept 0.72-0.96 of its pace), so a replica's codec
+threads encode on every core at once. A GPU replica answering RMBG-2.0's cutouts spends
+most of its CPU here.
 
 The output is an ordinary 8-bit PNG (greyscale, RGB or RGBA), lossless: any reader decodes
 exactly the pixels of :func:`cutout_rgba` (tests/unit/test_encoders.py checks the round trip).

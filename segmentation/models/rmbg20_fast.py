@@ -73,11 +73,14 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
     Window attention in a Triton kernel made for Swin's windows: q, k and v read where the
     ``qkv`` projection wrote them and the output written in token order, the keys in blocks
     of 32 (144 tokens, head size 32, where cuDNN's attention tiles of 64x128 are mostly
-    padding): 3.8 -> 1.3 ms a frame at batch 16 on an H200. Heads of other sizes, FP32 and
-    the CPU keep ``scaled_dot_product_attention``.
+    padding): 3.8 -> 1.1 ms a frame at batch 16 on an H200. Not applied (nor named in the
+    path) where it cannot run: the CPU, FP32 weights, heads of other sizes; an FP32
+    recompute keeps ``scaled_dot_product_attention``.
 
 ``compile`` (the blocks) replaces ``fuse`` and ``attn``: Inductor writes its own kernels for
-the block body.
+the block body. On the CPU ``fuse`` runs the kernels' PyTorch versions (the same arithmetic).
+With autograd on or in training mode both steps give way to the plain body and attention:
+the kernels record no graph for a backward pass.
 """
 
 from __future__ import annotations
@@ -139,21 +142,25 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
     unknown = wanted - set(ALL_STEPS)
     if unknown:
         raise ValueError(f"unknown optimization steps {sorted(unknown)}; known: {ALL_STEPS}")
-    if WINDOWS in wanted or COMPILE in wanted or ATTN in wanted:
-        wanted.add(SDPA)  # the window gather hands the attention its prebuilt bias
-    if FUSE in wanted:
-        wanted.add(WINDOWS)  # the fused kernels read the block's window plan
     if COMPILE in wanted:
         wanted -= {FUSE, ATTN}  # Inductor writes its own kernels for the block body
+    if FUSE in wanted:
+        wanted.add(WINDOWS)  # the fused kernels read the block's window plan
+    if WINDOWS in wanted or COMPILE in wanted or ATTN in wanted:
+        wanted.add(SDPA)  # the window gather hands the attention its prebuilt bias
+    if ATTN in wanted and not _kernels_run(model):
+        wanted.discard(ATTN)  # the kernel runs on CUDA in FP16/BF16 only: not named where not
     dtype = next(model.parameters()).dtype
     applied: dict[str, int] = {step: 0 for step in ALL_STEPS}
     decoders: list[torch.nn.Module] = []
     for module in model.modules():
         kind = type(module).__name__
         if SDPA in wanted and kind == "WindowAttention" and _is_swin_attention(module):
-            _patch(module, _window_attention, _fast_dtype=dtype, _fast_kernel=ATTN in wanted)
+            head = int(cast(Any, module).qkv.in_features) // int(cast(Any, module).num_heads)
+            kernel = ATTN in wanted and head in rmbg20_kernels.HEAD_SIZES
+            _patch(module, _window_attention, _fast_dtype=dtype, _fast_kernel=kernel)
             applied[SDPA] += 1
-            applied[ATTN] += ATTN in wanted
+            applied[ATTN] += kernel
         elif WINDOWS in wanted and kind == "SwinTransformerBlock" and _is_swin_block(module):
             fuse = FUSE in wanted and _is_fusable_block(module)
             _patch(
@@ -193,6 +200,11 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
     done = tuple(step for step in ALL_STEPS if applied[step])
     logger.info("RMBG-2.0 fast path: %s", {k: v for k, v in applied.items() if v} or "none")
     return done
+
+
+def _kernels_run(model: torch.nn.Module) -> bool:
+    """Whether the ``attn`` kernel runs on ``model``'s weights (CUDA, FP16 or BF16, Triton)."""
+    return rmbg20_kernels.available(next(model.parameters()))
 
 
 def path_name(steps: Iterable[str], graphs: bool) -> str:
@@ -338,7 +350,11 @@ def _window_attention(
     if attn_bias is None:
         attn_bias = _attention_bias(self, mask, x.dtype, x.device)
     qkv = self.qkv(x)
-    if self.__dict__.get("_fast_kernel") and rmbg20_kernels.takes_attention(qkv, self.num_heads):
+    if (
+        self.__dict__.get("_fast_kernel")
+        and not (self.training or torch.is_grad_enabled())
+        and rmbg20_kernels.takes_attention(qkv, self.num_heads)
+    ):
         out = rmbg20_kernels.window_attention(qkv, attn_bias, self.num_heads, self.scale)
     else:
         out = windowed_attention(qkv, attn_bias, self.num_heads, self.scale)
@@ -474,9 +490,10 @@ def _swin_block(self: Any, x: torch.Tensor, mask_matrix: Any = None) -> torch.Te
             return cast(torch.Tensor, out)
     body = self._fast_body
     if body is _fused_block_body:
-        if x.dtype == self._fast_dtype:
+        if x.dtype == self._fast_dtype and not (self.training or torch.is_grad_enabled()):
             return _fused_block_body(self, x, plan)
-        body = _swin_block_body  # an FP32 recompute: the plain body
+        # an FP32 recompute, training or autograd (the kernels keep no graph): the plain body
+        body = _swin_block_body
     elif body is not _swin_block_body:
         if x.dtype != self._fast_dtype or x.shape[0] == 1:
             # an FP32 recompute of a few frames (never a compile mid-request), or a single
@@ -490,20 +507,21 @@ def _swin_block(self: Any, x: torch.Tensor, mask_matrix: Any = None) -> torch.Te
 
 def _is_fusable_block(block: Any) -> bool:
     """Whether the ``fuse`` step takes this block: affine layer norms and an MLP of two
-    biased linear layers (the published Swin-L's)."""
+    biased linear layers around its activation, and nothing else but dropouts (the
+    published Swin-L's)."""
     mlp = block.mlp
+    parts = {name for name, child in mlp.named_children() if type(child) is not torch.nn.Dropout}
     return (
-        all(
+        parts == {"fc1", "act", "fc2"}
+        and all(
             isinstance(norm, torch.nn.LayerNorm) and norm.weight is not None
             and norm.bias is not None and len(norm.normalized_shape) == 1
             for norm in (block.norm1, block.norm2)
         )
         and all(
-            isinstance(getattr(mlp, name, None), torch.nn.Linear)
-            and getattr(mlp, name).bias is not None
-            for name in ("fc1", "fc2")
+            isinstance(linear, torch.nn.Linear) and linear.bias is not None
+            for linear in (mlp.fc1, mlp.fc2)
         )
-        and hasattr(mlp, "act")
     )  # fmt: skip
 
 

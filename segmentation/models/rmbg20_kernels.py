@@ -27,6 +27,7 @@ Triton's interpreter, ``TRITON_INTERPRET=1``) and the whole path with the publis
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -260,6 +261,12 @@ if triton is not None:
         )
 
 
+def _on(x: torch.Tensor) -> Any:
+    """The CUDA device of ``x`` made current around a launch (Triton launches on the current
+    device and its current stream); nothing on the CPU (the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _rows_block(channels: int) -> tuple[int, int, int]:
     """Rows a program, padded channels and warps for a row-wise kernel of this width."""
     block_c = triton.next_power_of_2(channels)
@@ -290,10 +297,11 @@ def ln_windows(
     out = x.new_empty(batch, positions, channels)
     block_r, block_c, warps = _rows_block(channels)
     rows = batch * positions
-    _ln_windows_kernel[(triton.cdiv(rows, block_r),)](
-        x, weight, bias, sources, out, rows, positions, tokens, channels, eps,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
-    )  # fmt: skip
+    with _on(x):
+        _ln_windows_kernel[(triton.cdiv(rows, block_r),)](
+            x, weight, bias, sources, out, rows, positions, tokens, channels, eps,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
     return out
 
 
@@ -318,11 +326,12 @@ def unwindow_residual_ln(
     residual, normed = torch.empty_like(x), torch.empty_like(x)
     block_r, block_c, warps = _rows_block(channels)
     rows = batch * tokens
-    _unwindow_kernel[(triton.cdiv(rows, block_r),)](
-        x, attended, from_windows, weight, bias, out_bias, residual, normed,
-        rows, tokens, positions, channels, eps,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
-    )  # fmt: skip
+    with _on(x):
+        _unwindow_kernel[(triton.cdiv(rows, block_r),)](
+            x, attended, from_windows, weight, bias, out_bias, residual, normed,
+            rows, tokens, positions, channels, eps,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
     return residual, normed
 
 
@@ -345,7 +354,9 @@ def window_attention(
     out = qkv.new_empty(windows, tokens, triple // 3)
     config = {**ATTENTION_TILES, **(tiles or {})}
     grid = (windows * heads, triton.cdiv(tokens, config["BLOCK_M"]))
-    _window_attention_kernel[grid](
-        qkv, bias, out, tokens, heads, bias.shape[1] // heads, scale, HEAD_DIM=head_dim, **config
-    )
+    with _on(qkv):
+        _window_attention_kernel[grid](
+            qkv, bias, out, tokens, heads, bias.shape[1] // heads, scale, HEAD_DIM=head_dim,
+            **config,
+        )  # fmt: skip
     return out

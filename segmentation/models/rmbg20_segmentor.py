@@ -232,7 +232,9 @@ class RMBG20Segmentor:
                 logger.warning("RMBG-2.0 compiled blocks: %s", status["programs"])
             else:
                 status["programs"] = self._programs.describe()
-                steps = tuple(step for step in steps if step != rmbg20_fast.COMPILE)
+                # the programs replace the blocks' compiled body, and like it the kernels
+                dropped = (rmbg20_fast.COMPILE, rmbg20_fast.FUSE, rmbg20_fast.ATTN)
+                steps = tuple(step for step in steps if step not in dropped)
                 if rmbg20_fast.COMPILE_DECODER not in steps:
                     state = "artifact loaded: blocks compiled ahead of time"
                     return steps, {**status, "artifact": str(programs), "state": state}

@@ -83,9 +83,7 @@ def test_a_replica_compiles_its_decoder_from_the_artifact_and_serves(
     # The replica's warm-up ran its full batch: the decoder's graph came from the artifact.
     assert report["inductor_cache"]["hits"] >= 1, report
     assert report["inductor_cache"]["misses"] == 0, report
-    assert (
-        rmbg["inference_path"] == "sdpa+windows+decoder+deform+resample+fuse+attn+compile-decoder"
-    )
+    assert rmbg["inference_path"] == "sdpa+windows+decoder+deform+resample+fuse+compile-decoder"
     jpeg = synthetic_jpeg(160, 120, seed=3)
     answer = httpx.post(
         f"{cluster.url}/v1/remove-background",

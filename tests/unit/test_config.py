@@ -112,7 +112,17 @@ def test_rmbg_compile_adds_the_compiled_blocks_to_the_fast_path() -> None:
     assert rmbg_steps(load_settings({"RMBG_OPTIMIZED": "no"})) is False
     compiled = rmbg_steps(load_settings({"RMBG_COMPILE": "Enable"}))
     assert compiled == ("sdpa", "windows", "decoder", "deform", "resample", "compile")
-    assert rmbg_steps(load_settings({"RMBG_COMPILE": "Decoder"}))[-1] == "compile-decoder"
+    decoder = rmbg_steps(load_settings({"RMBG_COMPILE": "Decoder"}))
+    assert decoder == (
+        "sdpa",
+        "windows",
+        "decoder",
+        "deform",
+        "resample",
+        "fuse",
+        "attn",
+        "compile-decoder",
+    )
     both = rmbg_steps(load_settings({"RMBG_COMPILE": " decoder, BLOCKS "}))
     assert both == (
         "sdpa",

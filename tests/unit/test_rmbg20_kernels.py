@@ -101,9 +101,12 @@ print(json.dumps({
     assert result["attention"] < 4e-3  # FP16 in and out, FP32 inside
 
 
-@pytest.mark.skipif(
+needs_arch = pytest.mark.skipif(
     not (RMBG_ARCH_DIR / "birefnet.py").exists(), reason="published RMBG-2.0 code absent"
 )
+
+
+@needs_arch
 def test_a_published_swin_block_through_the_kernels_gives_its_own_output() -> None:
     """A shifted block of the published backbone's first stage (192 channels, 6 heads), its
     ``forward`` replaced by the ``fuse`` and ``attn`` steps' kernels, against the published
@@ -119,16 +122,85 @@ model = build_model({str(RMBG_ARCH_DIR)!r}, load_weights=False).eval()
 layer = model.bb.layers[0]
 block = layer.blocks[1]
 assert block.shift_size == shift and block.window_size == window
+with torch.no_grad():  # every parameter its own values: a swapped norm or bias would show
+    for name, param in block.named_parameters():
+        if "weight" not in name or "norm" in name:
+            param.normal_(0.0, 0.5 if "norm" not in name else 1.0)
 x = torch.randn(batch, side * side, block.norm1.normalized_shape[0])
+attn_mask = rmbg20_fast._shift_mask(padded, padded, window, shift, x.device)
+with torch.no_grad():
+    block.H, block.W = side, side
+    want = type(block).forward(block, x, attn_mask)
+assert rmbg20_fast.optimize(block, ("fuse", "attn")) == ("sdpa", "windows", "fuse", "attn")
+x_grad = x.clone().requires_grad_()
+block.H, block.W = side, side
+with_grad = block(x_grad, None)  # autograd on: the plain body, whose graph backward can use
+with_grad.sum().backward()
 with torch.inference_mode():
     block.H, block.W = side, side
-    attn_mask = rmbg20_fast._shift_mask(padded, padded, window, shift, x.device)
-    want = type(block).forward(block, x, attn_mask)
-    assert rmbg20_fast.optimize(block, ("fuse", "attn")) == ("sdpa", "windows", "fuse", "attn")
-    block.H, block.W = side, side
     got = block(x, None)
-print(json.dumps({{"diff": float((got - want).abs().max()), "scale": float(want.abs().max())}}))
+print(json.dumps({{
+    "diff": float((got - want).abs().max()),
+    "scale": float(want.abs().max()),
+    "grad_diff": float((with_grad.detach() - want).abs().max()),
+    "grad_finite": bool(x_grad.grad is not None and x_grad.grad.isfinite().all()),
+}}))
 """
     )
     assert result["scale"] > 1.0
     assert result["diff"] < 1e-4
+    assert result["grad_finite"] and result["grad_diff"] < 1e-4
+
+
+@needs_arch
+def test_each_step_asks_for_what_it_reads() -> None:
+    """``fuse`` alone brings the window plan and the attention that takes its bias; the
+    ``attn`` kernel is not named where it cannot run (here, on the CPU); compiled blocks
+    replace both."""
+    import torch
+
+    from segmentation.models import rmbg20_fast
+    from segmentation.models.rmbg20_segmentor import build_model
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(RMBG_ARCH_DIR, load_weights=False).eval()
+
+    fused = model()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = fused(x)[-1]
+        assert rmbg20_fast.optimize(fused, ("fuse",)) == ("sdpa", "windows", "fuse")
+        torch.testing.assert_close(fused(x)[-1], expected, atol=1e-5, rtol=1e-4)
+    assert rmbg20_fast.optimize(model(), ("attn",)) == ("sdpa",)
+    compiled = rmbg20_fast.optimize(model(), ("windows", "fuse", "attn", "compile"))
+    assert compiled == ("sdpa", "windows", "compile")
+
+
+@needs_arch
+def test_a_quantized_fc2_keeps_its_own_product_in_the_fused_block() -> None:
+    """USE_INT8's layers (torchao's tensors, on the CPU) through the ``fuse`` step: the MLP's
+    second layer runs its own quantized product and bias, and the path gives what the same
+    quantized model gives without the step."""
+    import copy
+
+    import torch
+
+    from segmentation.models import rmbg20_fast
+    from segmentation.models.rmbg20_segmentor import build_model
+    from segmentation.quantize import quantize_linears
+
+    torch.manual_seed(0)
+    model = build_model(RMBG_ARCH_DIR, load_weights=False).eval()
+    assert quantize_linears(model, "int8", torch.device("cpu"))
+    fc2 = model.bb.layers[0].blocks[0].mlp.fc2
+    assert not rmbg20_fast._plain_weight(fc2)
+    plain, fused = copy.deepcopy(model), model
+    assert rmbg20_fast.optimize(plain, ("sdpa", "windows")) == ("sdpa", "windows")
+    assert rmbg20_fast.optimize(fused, ("fuse",)) == ("sdpa", "windows", "fuse")
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected, got = plain(x)[-1], fused(x)[-1]
+    assert expected.std() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
