@@ -105,6 +105,23 @@ def window_attention_reference(
 if triton is not None:
 
     @triton.jit
+    def _row_block(rows, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's rows and the channel columns, each with its bounds."""
+        row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        col = tl.arange(0, BLOCK_C)
+        return row, col, row < rows, col < channels
+
+    @triton.jit
+    def _layer_norm(x, weight_ptr, bias_ptr, col, in_cols, channels, eps):
+        """Rows of ``x`` (FP32, columns past ``channels`` zero) layer-normed, affine."""
+        mean = tl.sum(x, axis=1) / channels
+        centred = tl.where(in_cols[None, :], x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / channels + eps)
+        w = tl.load(weight_ptr + col, mask=in_cols, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + col, mask=in_cols, other=0.0).to(tl.float32)
+        return centred * rstd[:, None] * w[None, :] + b[None, :]
+
+    @triton.jit
     def _ln_windows_kernel(
         x_ptr,
         weight_ptr,
@@ -119,10 +136,7 @@ if triton is not None:
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        col = tl.arange(0, BLOCK_C)
-        in_rows = row < rows
-        in_cols = col < channels
+        row, col, in_rows, in_cols = _row_block(rows, channels, BLOCK_R, BLOCK_C)
         frame = row // positions
         source = tl.load(sources_ptr + row % positions, mask=in_rows, other=-1)
         valid = in_rows & (source >= 0)
@@ -132,12 +146,7 @@ if triton is not None:
             mask=valid[:, None] & in_cols[None, :],
             other=0.0,
         ).to(tl.float32)
-        mean = tl.sum(x, axis=1) / channels
-        centred = tl.where(in_cols[None, :], x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / channels + eps)
-        w = tl.load(weight_ptr + col, mask=in_cols, other=0.0).to(tl.float32)
-        b = tl.load(bias_ptr + col, mask=in_cols, other=0.0).to(tl.float32)
-        y = centred * rstd[:, None] * w[None, :] + b[None, :]
+        y = _layer_norm(x, weight_ptr, bias_ptr, col, in_cols, channels, eps)
         y = tl.where(valid[:, None], y, 0.0)
         dst = row.to(tl.int64) * channels
         tl.store(
@@ -164,10 +173,7 @@ if triton is not None:
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        col = tl.arange(0, BLOCK_C)
-        in_rows = row < rows
-        in_cols = col < channels
+        row, col, in_rows, in_cols = _row_block(rows, channels, BLOCK_R, BLOCK_C)
         mask = in_rows[:, None] & in_cols[None, :]
         frame = row // tokens
         position = tl.load(from_ptr + row % tokens, mask=in_rows, other=0)
@@ -183,12 +189,7 @@ if triton is not None:
             (total + out_bias[None, :]).to(residual_ptr.dtype.element_ty),
             mask=mask,
         )
-        mean = tl.sum(total, axis=1) / channels
-        centred = tl.where(in_cols[None, :], total - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / channels + eps)
-        w = tl.load(weight_ptr + col, mask=in_cols, other=0.0).to(tl.float32)
-        b = tl.load(bias_ptr + col, mask=in_cols, other=0.0).to(tl.float32)
-        y = centred * rstd[:, None] * w[None, :] + b[None, :]
+        y = _layer_norm(total, weight_ptr, bias_ptr, col, in_cols, channels, eps)
         tl.store(
             normed_ptr + dst[:, None] + col[None, :],
             y.to(normed_ptr.dtype.element_ty),
