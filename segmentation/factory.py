@@ -89,12 +89,11 @@ def rmbg_steps(settings: Settings) -> bool | Sequence[str]:
     if not settings.rmbg_optimized:
         return False
     if settings.rmbg_compile:
-        compiled = tuple(
+        compiled = (
             step
             for step, part in rmbg20_fast.COMPILED_STEPS.items()
             if part in settings.rmbg_compile
         )
-        # compiled blocks replace the blocks' Triton kernels (rmbg20_fast.optimize)
-        replaced = (rmbg20_fast.FUSE, rmbg20_fast.ATTN) if rmbg20_fast.COMPILE in compiled else ()
-        return (*(s for s in rmbg20_fast.DEFAULT_STEPS if s not in replaced), *compiled)
+        # compiled blocks replace the blocks' Triton kernels there (rmbg20_fast.optimize)
+        return (*rmbg20_fast.DEFAULT_STEPS, *compiled)
     return True

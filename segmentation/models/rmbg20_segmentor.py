@@ -255,10 +255,6 @@ class RMBG20Segmentor:
                 return steps, {**status, "state": state}
             reason = "no artifact for this model, device and code"
         without = tuple(step for step in steps if step not in rmbg20_fast.COMPILED_STEPS)
-        if rmbg20_fast.COMPILE in steps and not self._programs:
-            # blocks left uncompiled run the kernels that compiled blocks replace
-            kernels = (rmbg20_fast.FUSE, rmbg20_fast.ATTN)
-            without += tuple(step for step in kernels if step not in without)
         if self._programs:  # the blocks' programs loaded: only the decoder is left out
             head, rest = "decoder not compiled", "blocks compiled ahead of time, the rest"
         else:

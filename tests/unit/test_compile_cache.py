@@ -30,11 +30,7 @@ from segmentation_standins import synthetic
 from tests.conftest import RMBG_ARCH_DIR, published_rmbg, python_json
 
 SIZE = 128
-#: The steps ``RMBG_COMPILE=blocks`` asks for: compiled blocks replace the fuse and attn kernels.
-COMPILED = (
-    *(s for s in rmbg20_fast.DEFAULT_STEPS if s not in (rmbg20_fast.FUSE, rmbg20_fast.ATTN)),
-    rmbg20_fast.COMPILE,
-)
+COMPILED = (*rmbg20_fast.DEFAULT_STEPS, rmbg20_fast.COMPILE)
 
 #: A process compiling one small function as the fast path compiles (``rmbg20_fast``'s
 #: Inductor settings); ``save`` or ``load`` an artifact at argv[2]; with argv[3] ``shadowed``,

@@ -110,11 +110,12 @@ def test_rmbg_compile_adds_the_compiled_blocks_to_the_fast_path() -> None:
 
     assert rmbg_steps(load_settings({})) is True  # the fast path's default steps
     assert rmbg_steps(load_settings({"RMBG_OPTIMIZED": "no"})) is False
-    base = ("sdpa", "windows", "decoder", "deform", "resample")
-    # compiled blocks replace the blocks' kernels (fuse, attn); a compiled decoder keeps them
+    # the default steps and the compiled parts (compiled blocks replace the blocks' kernels,
+    # fuse and attn, where rmbg20_fast.optimize applies them)
+    base = ("sdpa", "windows", "decoder", "deform", "resample", "fuse", "attn")
     assert rmbg_steps(load_settings({"RMBG_COMPILE": "Enable"})) == (*base, "compile")
     decoder = rmbg_steps(load_settings({"RMBG_COMPILE": "Decoder"}))
-    assert decoder == (*base, "fuse", "attn", "compile-decoder")
+    assert decoder == (*base, "compile-decoder")
     both = rmbg_steps(load_settings({"RMBG_COMPILE": " decoder, BLOCKS "}))
     assert both == (*base, "compile", "compile-decoder")
     assert load_settings({"RMBG_COMPILE": "disable"}).rmbg_compile == ()
