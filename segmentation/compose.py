@@ -143,7 +143,7 @@ def compose(rgb: torch.Tensor, matte: torch.Tensor, options: CutoutOptions) -> C
 class OnDevice:
     """A cutout composed on the device, not yet copied: ``pixels`` (``HxWxC`` uint8) are
     the part ``inside`` of the output's ``region`` that lies in the frame. A batch's are
-    copied together (:func:`segmentation.transfer.host_arrays`), then :meth:`on_host`."""
+    copied together (:func:`segmentation.transfer.copy_to_host`), then :meth:`on_host`."""
 
     pixels: torch.Tensor
     region: Box
@@ -151,11 +151,16 @@ class OnDevice:
     options: CutoutOptions
     subject: Box | None
     foreground: Box | None
+    #: The colour of the region's part past the frame's edge (``C`` uint8), read while
+    #: composing (None when the region lies inside the frame): :meth:`on_host` does no
+    #: device work, so it can run on any thread while the device computes the next batch.
+    fill: np.ndarray | None = None
 
     def on_host(self, host: np.ndarray) -> Composed:
         """The output, from ``host``: :attr:`pixels` copied to the host."""
-        placed = _placed(host, self.region, self.inside, self.options, self.pixels.device)
-        return Composed(placed, self.subject, self.foreground)
+        return Composed(
+            _placed(host, self.region, self.inside, self.fill), self.subject, self.foreground
+        )
 
 
 def compose_on_device(rgb: torch.Tensor, matte: torch.Tensor, options: CutoutOptions) -> OnDevice:
@@ -184,7 +189,8 @@ def compose_on_device(rgb: torch.Tensor, matte: torch.Tensor, options: CutoutOpt
     foreground = None
     if subject is not None:
         foreground = (subject[0] - left, subject[1] - top, subject[2] - left, subject[3] - top)
-    return OnDevice(pixels, region, inside, options, subject, foreground)
+    fill = None if inside == region else _fill(options, rgb.device)
+    return OnDevice(pixels, region, inside, options, subject, foreground, fill)
 
 
 def _pixels(
@@ -257,17 +263,17 @@ def _composed(colour: torch.Tensor, matte: torch.Tensor, options: CutoutOptions)
     return stacked.permute(1, 2, 0)
 
 
-def _placed(
-    host: np.ndarray, region: Box, inside: Box, options: CutoutOptions, device: torch.device
-) -> np.ndarray:
+def _placed(host: np.ndarray, region: Box, inside: Box, fill: np.ndarray | None) -> np.ndarray:
     """``host`` (the pixels of ``inside``) in their place in ``region``: the rest, past the
-    frame's edge, is the one colour a pixel of matte 0 is given (:func:`_fill`)."""
+    frame's edge, is ``fill``, the one colour a pixel of matte 0 is given (:func:`_fill`)."""
     if inside == region:
         return host
+    if fill is None:
+        raise ValueError("a region past the frame's edge needs the colour to fill it with")
     left, top, right, bottom = region
     in_left, in_top, in_right, in_bottom = inside
     placed = np.empty((bottom - top, right - left, host.shape[2]), np.uint8)
-    placed[...] = _fill(options, device)
+    placed[...] = fill
     placed[in_top - top : in_bottom - top, in_left - left : in_right - left] = host
     return placed
 

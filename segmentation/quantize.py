@@ -21,9 +21,15 @@ patch embedding and merging, norms, the attention itself and the whole decoder.
     seen on an H100 with the trained stand-in, whose blocks are 128 wide).
 ``int8``
     torchao's ``Int8WeightOnlyConfig``: INT8 weights with one scale per output row; the
-    activations stay in the model's dtype and each call multiplies them by the weights cast
-    back to it. It takes the same path on a CPU and on any CUDA GPU (a plain matmul), and
-    only the weights are rounded. Dynamic INT8 activations (torchao's
+    activations stay in the model's dtype. Each call casts the weight back to the
+    activation's dtype with its scales (torchao's ``dequantize``: one pass over the weight,
+    at most 9.4 M values in the published model) and runs the plain product with its bias
+    (:class:`DequantizingLinear`). torchao's own weight-only product multiplies the
+    product's output by the scales and adds the bias in two more passes over it, holding a
+    second copy of it meanwhile: at batch 16 the first stage's ``fc1`` output alone is 1.6
+    GB in FP16, which made INT8 slower than FP16 and raised its peak above FP16's
+    (docs/benchmarks.md). It takes the same path on a CPU and on any CUDA GPU, and only the
+    weights are rounded. Dynamic INT8 activations (torchao's
     ``Int8DynamicActivationInt8WeightConfig``) were measured beside it on a CPU
     (docs/benchmarks.md, 2026-11-28): no closer to FP32 (mean 0.0020 against 0.0015/255 on
     the published architecture, 0.0004 against 0.0002/255 on the stand-in) and 12.7 times
@@ -46,6 +52,7 @@ from types import ModuleType
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 
 from segmentation.config import LinearFormat
 from segmentation.errors import ModelLoadError
@@ -160,9 +167,34 @@ def quantize_linears(
     parameters = sum(_linear(model, name).weight.numel() for name in names)
     quantization = _torchao(fmt)
     quantization.quantize_(model, _config(quantization, fmt), filter_fn=_named(names))
+    if fmt == "int8":
+        for name in sorted(names):
+            parent, _, child = name.rpartition(".")
+            model.get_submodule(parent).register_module(
+                child, DequantizingLinear.holding(_linear(model, name))
+            )
     done = QuantizedLinears(fmt, len(names), parameters, len(everything) - len(names))
     logger.info("RMBG-2.0: %s", done.describe())
     return done
+
+
+class DequantizingLinear(torch.nn.Linear):
+    """A linear layer holding torchao's INT8 weight that casts it back to its input's dtype
+    at each call and runs the plain product, bias included (``USE_INT8``)."""
+
+    @classmethod
+    def holding(cls, linear: torch.nn.Linear) -> DequantizingLinear:
+        """A layer with ``linear``'s (quantized) weight and bias, not copies of them."""
+        layer = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
+
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype``, as the product uses it."""
+        return cast(torch.Tensor, self.weight.dequantize(dtype))  # type: ignore[call-arg]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_as(x.dtype), self.bias)
 
 
 def _linear(model: torch.nn.Module, name: str) -> torch.nn.Linear:

@@ -67,6 +67,7 @@ from segmentation.errors import (
 )
 from segmentation.imaging import EncodedImage, decode_image
 from segmentation.models.base import StageClock, gpu_memory, weights_sha256
+from segmentation.transfer import Arriving
 from segmentation_service.autoscaling import HELD_FRAMES
 from segmentation_service.config import BatchConfig, SegmentorArgs
 from segmentation_service.errors import http_status
@@ -126,6 +127,12 @@ class SegmentorReplica:
         self.runner = OOMSafeRunner(with_faults(self.run_model, self.args, self.name), self.cap)
         self.metrics = SegmentorMetrics(self.name)
         self._gpu = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-gpu")
+        #: Waits for a batch's outputs to reach the host (``Arriving`` outputs: their copy
+        #: runs on the device's copy engine while the GPU thread takes the next batch).
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-copy")
+        #: The last batch whose outputs are arriving, answered when they have: at most one
+        #: is under way when the next batch leaves the GPU thread.
+        self._arriving: asyncio.Future[None] | None = None
         #: ``args.decode_ahead``: the next batch's device decode, beside the GPU thread.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-decode")
         self._decode_stream: Any = None
@@ -323,7 +330,7 @@ class SegmentorReplica:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         items = [Pending(frame, self.warmup_options(), time.monotonic(), None) for _ in range(n)]
-        for output in self.run_model(items):
+        for output in _arrived(self.run_model(items)):
             if isinstance(output, Exception):
                 raise output
         self._built_sizes.add(n)
@@ -722,7 +729,27 @@ class SegmentorReplica:
         for step, seconds in steps.items():
             self.metrics.stage(f"model:{step}", seconds)
         self._record(report)
-        for item, output in zip(live, outputs, strict=True):
+        if not any(isinstance(output, Arriving) for output in outputs):
+            for item, output in zip(live, outputs, strict=True):
+                self._answer(item, output)
+            return
+        if self._arriving is not None:
+            await self._arriving  # the batch before's outputs: copied while this one ran
+        self._arriving = asyncio.ensure_future(self._answer_arrived(live, outputs))
+
+    async def _answer_arrived(self, items: list[Pending], outputs: list[Any]) -> None:
+        """Answer ``items`` once their outputs' copy to the host is done (on the copy thread,
+        while the GPU thread runs the next batch)."""
+        started = time.perf_counter()
+        try:
+            arrived = await asyncio.get_running_loop().run_in_executor(
+                self._copier, _arrived, outputs
+            )
+        except Exception as exc:  # _arrived answers each output's failure in its place
+            logger.exception("%s: outputs of a batch of %d lost", self.name, len(items))
+            arrived = [SegmentationError(f"internal error ({type(exc).__name__})")] * len(items)
+        self.metrics.stage("copy_wait", time.perf_counter() - started)
+        for item, output in zip(items, arrived, strict=True):
             self._answer(item, output)
 
     def _run_on_gpu(
@@ -869,3 +896,17 @@ def _gpu_identity(device: torch.device) -> dict[str, str | None]:
         "uuid": str(getattr(props, "uuid", "")),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
+
+
+def _arrived(outputs: list[Any]) -> list[Any]:
+    """``outputs`` with each :class:`Arriving` one waited for (its failure in its place)."""
+    done: list[Any] = []
+    for output in outputs:
+        if isinstance(output, Arriving):
+            try:
+                output = output.result()
+            except Exception as exc:  # a failed copy fails its own frames only
+                logger.exception("an output's copy to the host failed")
+                output = SegmentationError(f"the output could not be copied ({type(exc).__name__})")
+        done.append(output)
+    return done

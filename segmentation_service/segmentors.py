@@ -61,15 +61,16 @@ class RMBGDeployment(SegmentorReplica):
 
     def run_model(self, items: list[Pending]) -> list[Any]:
         """Raw mattes, or outputs composed on the device (cutouts, mattes, cropped, scaled,
-        refined, on a background), of one batch; a frame that failed to decode keeps its
+        refined, on a background), of one batch, still on their way to the host (``Arriving``:
+        the copy runs while the next batch computes); a frame that failed to decode keeps its
         error in its place."""
         frames = self.device_frames(items)
         good = [i for i, frame in enumerate(frames) if not isinstance(frame, Exception)]
-        outputs = self.segmentor.predict_outputs(
+        outputs = self.segmentor.predict_outputs_later(
             [frames[i] for i in good],
             [items[i].options for i in good],
             self.step_timings,
-        )
+        ).each()
         for index, output in zip(good, outputs, strict=True):
             frames[index] = output
         return frames

@@ -90,7 +90,8 @@ def gpu_memory(device: torch.device) -> dict[str, int]:
 class StageClock:
     """Seconds per step of a model call, added into ``timings`` (a no-op when it is None).
 
-    On a GPU each lap waits for the device, so a step's kernels count for that step.
+    On a GPU each lap waits for the work queued on the device's current stream, so a step's
+    kernels count for that step (copies under way on another stream do not).
     """
 
     def __init__(self, device: torch.device, timings: dict[str, float] | None) -> None:
@@ -102,7 +103,7 @@ class StageClock:
         if self.timings is None:
             return
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
         self.last = now

@@ -67,8 +67,8 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
     the move back to token order with the residual sum and the second layer norm; the
     MLP's second matrix product adds into the residual in place (``addmm_``), the ``fc2``
     bias already in it. Five round trips of the block's tokens through memory become two
-    (2.9 -> 0.7 ms a frame at batch 16 on an H200). A quantized ``fc2`` (FP8, INT8) keeps
-    its own product and bias.
+    (2.9 -> 0.7 ms a frame at batch 16 on an H200). An INT8 ``fc2`` adds into the residual
+    the same way with its weight cast back; an FP8 one keeps its own product and bias.
 ``attn``
     Window attention in a Triton kernel made for Swin's windows: q, k and v read where the
     ``qkv`` projection wrote them and the output written in token order, the keys in blocks
@@ -96,6 +96,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from segmentation import quantize
 from segmentation.models import rmbg20_kernels
 from segmentation.models.deform_conv import deform_conv2d
 
@@ -532,11 +533,11 @@ def _fused_block_body(block: Any, x: torch.Tensor, plan: WindowPlan) -> torch.Te
     (the sum's buffer already holds the ``fc2`` bias)."""
     batch, tokens, channels = x.shape
     norm1, norm2, mlp = block.norm1, block.norm2, block.mlp
-    plain = _plain_weight(mlp.fc2)
-    # a quantized fc2 (USE_FP8, USE_INT8) runs its own product, bias included
+    weight = _product_weight(mlp.fc2, x.dtype)
+    # an FP8 fc2 (USE_FP8) runs its own product, bias included
     out_bias = (
         mlp.fc2.bias
-        if plain
+        if weight is not None
         else _cached(block, (x.dtype, x.device, "no bias"), lambda: torch.zeros_like(mlp.fc2.bias))
     )
     windows = rmbg20_kernels.ln_windows(x, norm1.weight, norm1.bias, norm1.eps, plan.sources)
@@ -546,13 +547,21 @@ def _fused_block_body(block: Any, x: torch.Tensor, plan: WindowPlan) -> torch.Te
     )
     hidden = mlp.act(mlp.fc1(normed)).view(batch * tokens, -1)
     residual = residual.view(batch * tokens, channels)
-    out = residual.addmm_(hidden, mlp.fc2.weight.t()) if plain else residual.add_(mlp.fc2(hidden))
+    out = (
+        residual.addmm_(hidden, weight.t())
+        if weight is not None
+        else residual.add_(mlp.fc2(hidden))
+    )
     return out.view(batch, tokens, channels)
 
 
-def _plain_weight(linear: torch.nn.Linear) -> bool:
-    """Whether ``linear``'s weight is a plain tensor (not one of torchao's quantized ones)."""
-    return type(linear.weight.data) is torch.Tensor
+def _product_weight(linear: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
+    """``linear``'s weight as a plain tensor in ``dtype`` for a product of its own: the
+    weight itself, or an INT8 one cast back (``USE_INT8``); None for FP8's (``USE_FP8``),
+    whose product scales its input too."""
+    if isinstance(linear, quantize.DequantizingLinear):
+        return linear.weight_as(dtype)
+    return linear.weight if type(linear.weight.data) is torch.Tensor else None
 
 
 def _basic_layer(self: Any, x: torch.Tensor, H: int, W: int) -> tuple[Any, ...]:

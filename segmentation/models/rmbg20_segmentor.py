@@ -29,7 +29,7 @@ from segmentation.models.base import (
 from segmentation.models.rmbg20_loader import build_model, cast_attention_masks, resolve_model_dir
 from segmentation.options import CutoutOptions
 from segmentation.precision import Precision, apply_precision, choose_precision, resolve_device
-from segmentation.transfer import host_arrays
+from segmentation.transfer import Arrival, HostCopy, copy_to_host
 from segmentation_standins import describe as describe_standin
 
 logger = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ class RMBG20Segmentor:
         instead, composed on the device where its pixels already are: the frame's pixels
         where the matte is not 0, ``(0, 0, 0, 0)`` where it is (as ``wire.cutout_rgba``).
         ``timings``, when given, receives the seconds spent in each step (``preprocess``,
-        ``forward``, ``postprocess``).
+        ``forward``, ``postprocess``, and ``copy``: the wait for the outputs' copy to the host).
         """
         wanted = [cutouts] * len(frames) if isinstance(cutouts, bool) else list(cutouts)
         if len(wanted) != len(frames):
@@ -343,10 +343,27 @@ class RMBG20Segmentor:
         """Per frame, what its ``options`` ask for (:func:`segmentation.compose.compose`:
         cutout or matte, cropped, scaled, edge colours refined, on a background), composed
         on the device; the plain matte (uint8 ``HxW``) where they are None or ``raw``."""
+        arriving = self.predict_outputs_later(frames, options, timings)
+        clock = StageClock(self.device, timings)
+        outputs = arriving.result()
+        clock.lap("copy")
+        return outputs
+
+    @torch.inference_mode()
+    def predict_outputs_later(
+        self,
+        frames: Sequence[Frame],
+        options: Sequence[CutoutOptions | None],
+        timings: dict[str, float] | None = None,
+    ) -> Arrival[np.ndarray | Composed]:
+        """:meth:`predict_outputs` without waiting for the outputs' copy to the host: it runs
+        on the device's copy engine (:func:`segmentation.transfer.copy_to_host`) while the
+        caller goes on to the next batch, and the result's ``result()`` (or each frame's)
+        waits for it."""
         if len(options) != len(frames):
             raise ValueError(f"{len(options)} options for {len(frames)} frames")
         if not frames:
-            return []
+            return Arrival(HostCopy([]), lambda hosts: [])
         clock = StageClock(self.device, timings)
         pixels = _upload_grouped(frames, self.device)
         batch = self._normalised(pixels)
@@ -358,7 +375,7 @@ class RMBG20Segmentor:
             clock.lap("forward")
         composed = [o if o is not None and o.output != "raw" else None for o in options]
         rgb = [frame for group in pixels for frame in group] if any(composed) else None
-        outputs = self.postprocess(
+        outputs = self._postprocess_later(
             logits,
             [frame_size(frame) for frame in frames],
             [rgb[i] if rgb is not None and composed[i] else None for i in range(len(frames))],
@@ -474,6 +491,16 @@ class RMBG20Segmentor:
         """Sigmoid, resize back to each frame's size, quantise to uint8 on the device; where
         ``pixels`` has the frame's ``3xHxW`` uint8 tensor, its composed output instead (the
         plain RGBA cutout, or what ``options`` of that frame ask for)."""
+        return self._postprocess_later(logits, sizes, pixels, options).result()
+
+    def _postprocess_later(
+        self,
+        logits: torch.Tensor,
+        sizes: Sequence[tuple[int, ...]],
+        pixels: Sequence[torch.Tensor | None] | None = None,
+        options: Sequence[CutoutOptions | None] | None = None,
+    ) -> Arrival[np.ndarray | Composed]:
+        """:meth:`postprocess`, its outputs still on their way to the host."""
         probs = torch.sigmoid(logits.float())  # a new tensor: the caller's logits stay as they are
         made: list[torch.Tensor | OnDevice] = []
         for index, (height, width) in enumerate(sizes):
@@ -493,11 +520,15 @@ class RMBG20Segmentor:
             else:
                 made.append(compose_on_device(rgb, matte, chosen))
         # The batch's outputs cross to the host together: one pinned copy, one wait.
-        hosts = host_arrays([m.pixels if isinstance(m, OnDevice) else m for m in made])
-        return [
-            m.on_host(host) if isinstance(m, OnDevice) else host
-            for m, host in zip(made, hosts, strict=True)
-        ]
+        copy = copy_to_host([m.pixels if isinstance(m, OnDevice) else m for m in made])
+
+        def finish(hosts: list[np.ndarray]) -> list[np.ndarray | Composed]:
+            return [
+                m.on_host(host) if isinstance(m, OnDevice) else host
+                for m, host in zip(made, hosts, strict=True)
+            ]
+
+        return Arrival(copy, finish)
 
 
 def _last_map(outputs: Any) -> tuple[torch.Tensor]:

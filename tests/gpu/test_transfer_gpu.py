@@ -1,5 +1,7 @@
 """A batch's outputs cross from the GPU in one pinned copy: the same values as ``.cpu()``
-frame by frame, for every kind of output RMBG-2.0's postprocess makes."""
+frame by frame, for every kind of output RMBG-2.0's postprocess makes; the copy runs on a
+stream of its own, beside the next batch's work, and the outputs' memory is not reused
+before it ends."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from segmentation import transfer
 from segmentation.compose import compose_on_device, plain_cutout
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
 from segmentation.options import CutoutOptions, parse_margin
-from segmentation.transfer import host_arrays
+from segmentation.transfer import copy_to_host, host_arrays
 
 
 def _tensors() -> list[torch.Tensor]:
@@ -101,3 +103,38 @@ def test_rmbg_postprocess_gives_each_frames_own_copy() -> None:
     )
     expected_plain = plain_cutout(pixels[0], matte.mul(255.0).round().to(torch.uint8)[0, 0])
     np.testing.assert_array_equal(plain[0], expected_plain.cpu().numpy())
+
+
+def _busy_default_stream() -> torch.Tensor:
+    """Queue about a second of matrix products on the current (default) stream."""
+    x = torch.randn((4096, 4096), device="cuda")
+    for _ in range(200):
+        x = torch.tanh(x @ x)
+    return x
+
+
+def test_the_copy_runs_beside_later_work_and_its_memory_is_not_reused_meanwhile() -> None:
+    """``copy_to_host`` waits for the work queued before it, not for work queued after it on
+    the current stream; the copied tensors' memory, freed by the caller at once, is not handed
+    to that later work before the copy ends."""
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    tensors = [
+        torch.randint(
+            0, 256, (1080, 1920, 4), dtype=torch.uint8, device="cuda", generator=generator
+        )
+        for _ in range(8)
+    ]
+    expected = [tensor.cpu().numpy().copy() for tensor in tensors]
+    torch.cuda.synchronize()
+    copy = copy_to_host(tensors)
+    del tensors  # the caller lets go: the allocator must keep their memory for the copy
+    reused = [torch.full((1080, 1920, 4), 7, dtype=torch.uint8, device="cuda") for _ in range(8)]
+    busy = _busy_default_stream()
+    arrays = copy.wait()
+    assert not torch.cuda.current_stream().query()  # the later work was still running
+    for array, want in zip(arrays, expected, strict=True):
+        assert torch.from_numpy(array).is_pinned()
+        np.testing.assert_array_equal(array, want)
+    torch.cuda.synchronize()
+    assert all(int(t.min()) == 7 == int(t.max()) for t in reused)
+    assert bool(torch.isfinite(busy).all())

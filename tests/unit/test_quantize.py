@@ -97,6 +97,7 @@ def test_int8_quantizes_those_layers_and_says_so(int8: RMBG20Segmentor) -> None:
             assert isinstance(module.weight, torchao_quantization.Int8Tensor) == (name in names)
             if name in names:
                 assert module.weight.qdata.dtype == torch.int8
+            assert isinstance(module, quantize.DequantizingLinear) == (name in names)
     plain = [p for p in int8.model.parameters() if type(p) is torch.nn.Parameter]
     assert plain and {p.dtype for p in plain} == {torch.float32}  # the rest as on a CPU
     assert int8.precision.name == int8.info().precision == "fp32+int8-linear"
@@ -135,6 +136,36 @@ def test_int8_mattes_stay_within_the_fp16_bound_of_fp32_on_the_trained_stand_in(
     assert (diff > 2).mean() <= INT8_OVER_2
     for matte, scene in zip(quantized, scenes, strict=True):
         assert matte_iou(matte, scene) >= 0.9  # still finds the products
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_an_int8_layer_gives_torchaos_own_weight_only_product(dtype: torch.dtype) -> None:
+    """The layer casts its INT8 weight back and runs the plain product: torchao's weight-only
+    product (output scaled after the product) up to the activations' rounding."""
+    torch.manual_seed(0)
+    model = _Block(48).to(dtype)
+    reference = _Block(48).to(dtype)
+    reference.load_state_dict(model.state_dict())
+    quantize_linears(model, "int8", torch.device("cpu"))
+    torchao_quantization.quantize_(
+        reference, torchao_quantization.Int8WeightOnlyConfig(set_inductor_config=False)
+    )
+    assert isinstance(model.attn.qkv, quantize.DequantizingLinear)
+    assert isinstance(model.attn.qkv.weight, torchao_quantization.Int8Tensor)
+    assert not isinstance(reference.attn.qkv, quantize.DequantizingLinear)
+    x = torch.randn(4, 10, 48, dtype=dtype)
+    with torch.inference_mode():
+        got, expected = model(x), reference(x)
+    assert got.dtype == dtype and got.shape == (4, 10, 48)
+    # FP16: the products round differently (scaled before or after), by about a unit in
+    # the last place of outputs near 1
+    tolerance = (
+        {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-3}
+    )
+    torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(
+        model.attn.qkv.weight_as(dtype), reference.attn.qkv.weight.dequantize(dtype)
+    )
 
 
 class _Block(torch.nn.Module):

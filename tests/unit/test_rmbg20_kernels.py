@@ -178,10 +178,10 @@ def test_each_step_asks_for_what_it_reads() -> None:
 
 
 @needs_arch
-def test_a_quantized_fc2_keeps_its_own_product_in_the_fused_block() -> None:
+def test_an_int8_fc2_adds_into_the_residual_with_its_weight_cast_back() -> None:
     """USE_INT8's layers (torchao's tensors, on the CPU) through the ``fuse`` step: the MLP's
-    second layer runs its own quantized product and bias, and the path gives what the same
-    quantized model gives without the step."""
+    second product adds into the residual with the INT8 weight cast back to the activations'
+    dtype, and the path gives what the same quantized model gives without the step."""
     import copy
 
     import torch
@@ -194,7 +194,10 @@ def test_a_quantized_fc2_keeps_its_own_product_in_the_fused_block() -> None:
     model = build_model(RMBG_ARCH_DIR, load_weights=False).eval()
     assert quantize_linears(model, "int8", torch.device("cpu"))
     fc2 = model.bb.layers[0].blocks[0].mlp.fc2
-    assert not rmbg20_fast._plain_weight(fc2)
+    cast_back = rmbg20_fast._product_weight(fc2, torch.float32)
+    assert cast_back is not None and type(cast_back) is torch.Tensor
+    assert cast_back.dtype == torch.float32 and cast_back.shape == fc2.weight.shape
+    torch.testing.assert_close(cast_back, fc2.weight.dequantize(torch.float32))
     plain, fused = copy.deepcopy(model), model
     assert rmbg20_fast.optimize(plain, ("sdpa", "windows")) == ("sdpa", "windows")
     assert rmbg20_fast.optimize(fused, ("fuse",)) == ("sdpa", "windows", "fuse")

@@ -4,11 +4,13 @@ RMBG-2.0's postprocess leaving the caller's logits as they were."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
-from segmentation.transfer import ALIGN, host_arrays, layout, staged
+from segmentation.transfer import ALIGN, Arrival, copy_to_host, host_arrays, layout, staged
 
 
 def _tensors() -> list[torch.Tensor]:
@@ -63,3 +65,22 @@ def test_rmbg_postprocess_leaves_fp32_logits_as_they_were() -> None:
     assert torch.equal(logits, before)
     assert [m.shape for m in mattes] == [(48, 64), (30, 20)]
     assert all(m.dtype == np.uint8 for m in mattes)
+
+
+def test_an_arrival_finishes_once_and_answers_each_frame_in_order() -> None:
+    """A batch's outputs made from its copy once, whichever frame or thread asks first."""
+    tensors = [torch.full((2, 2), value, dtype=torch.uint8) for value in (3, 5, 9)]
+    calls: list[int] = []
+
+    def finish(hosts: list[np.ndarray]) -> list[int]:
+        calls.append(len(hosts))
+        return [int(host.sum()) for host in hosts]
+
+    arrival = Arrival(copy_to_host(tensors), finish)
+    frames = arrival.each()
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda frame: frame.result(), reversed(frames)))
+    assert got == [36, 20, 12]
+    assert calls == [3]
+    assert arrival.result() == [12, 20, 36]
+    assert Arrival(copy_to_host([]), finish).each() == []
