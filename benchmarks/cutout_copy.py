@@ -49,7 +49,7 @@ def frame_by_frame(
         )
         matte = alpha.mul_(255.0).round_().to(torch.uint8)[0, 0]
         item = compose_on_device(rgb, matte, options)
-        out.append(item.on_host(item.pixels.cpu().numpy()).pixels)
+        out.append(item.on_host(*(t.cpu().numpy() for t in item.tensors())).pixels)
     return out
 
 

@@ -63,14 +63,26 @@ class Composed:
 
 def subject_box(matte: torch.Tensor) -> Box | None:
     """Box of the pixels of ``matte`` (``HxW``) that are not 0; None when there are none."""
-    rows = matte.amax(dim=1) > 0
-    cols = matte.amax(dim=0) > 0
-    if not bool(rows.any()):
+    return box_from(subject_box_tensor(matte).cpu().numpy())
+
+
+def subject_box_tensor(matte: torch.Tensor) -> torch.Tensor:
+    """:func:`subject_box` on the matte's device, without waiting for it: int64 ``[5]``,
+    ``left, top, right, bottom`` and 1 where there is a subject (0 and a meaningless box
+    where there is none); :func:`box_from` reads it."""
+    rows = (matte.amax(dim=1) > 0).to(torch.uint8)
+    cols = (matte.amax(dim=0) > 0).to(torch.uint8)
+    # argmax gives the first of equal maxima: the first row (column) with a subject pixel
+    top, left = rows.argmax(), cols.argmax()
+    bottom, right = rows.numel() - rows.flip(0).argmax(), cols.numel() - cols.flip(0).argmax()
+    return torch.stack([left, top, right, bottom, rows.amax().long()])
+
+
+def box_from(values: np.ndarray) -> Box | None:
+    """The box :func:`subject_box_tensor` found, from its values on the host."""
+    if not values[4]:
         return None
-    row_index = torch.nonzero(rows).flatten()
-    col_index = torch.nonzero(cols).flatten()
-    top, bottom = int(row_index[0]), int(row_index[-1]) + 1
-    left, right = int(col_index[0]), int(col_index[-1]) + 1
+    left, top, right, bottom = (int(v) for v in values[:4])
     return left, top, right, bottom
 
 
@@ -135,8 +147,7 @@ def compose(rgb: torch.Tensor, matte: torch.Tensor, options: CutoutOptions) -> C
     """The output ``options`` ask for, from a ``3xHxW`` uint8 frame and its ``HxW`` uint8
     matte on the same device; see the module doc for the steps and their order."""
     item = compose_on_device(rgb, matte, options)
-    (host,) = host_arrays([item.pixels])
-    return item.on_host(host)
+    return item.on_host(*host_arrays(item.tensors()))
 
 
 @dataclass(frozen=True)
@@ -155,12 +166,26 @@ class OnDevice:
     #: composing (None when the region lies inside the frame): :meth:`on_host` does no
     #: device work, so it can run on any thread while the device computes the next batch.
     fill: np.ndarray | None = None
+    #: Where the output is the whole frame, unscaled, its subject's box is not needed to
+    #: compose it: it stays on the device (:func:`subject_box_tensor`) and crosses to the host
+    #: with the pixels, instead of a wait for the device to read it (``subject`` and
+    #: ``foreground`` are then read from it).
+    box: torch.Tensor | None = None
 
-    def on_host(self, host: np.ndarray) -> Composed:
-        """The output, from ``host``: :attr:`pixels` copied to the host."""
-        return Composed(
-            _placed(host, self.region, self.inside, self.fill), self.subject, self.foreground
-        )
+    def tensors(self) -> list[torch.Tensor]:
+        """What crosses to the host: the pixels, then the subject's box if still on the device."""
+        return [self.pixels] if self.box is None else [self.pixels, self.box]
+
+    def on_host(self, host: np.ndarray, box: np.ndarray | None = None) -> Composed:
+        """The output, from ``host``: :attr:`pixels` copied to the host (and ``box``,
+        :attr:`box` copied, when there is one)."""
+        pixels = _placed(host, self.region, self.inside, self.fill)
+        if self.box is None:
+            return Composed(pixels, self.subject, self.foreground)
+        if box is None:
+            raise ValueError("the subject's box was left on the device: pass its copy")
+        subject = box_from(box)
+        return Composed(pixels, subject, subject)  # the output is the frame: the same box
 
 
 def compose_on_device(rgb: torch.Tensor, matte: torch.Tensor, options: CutoutOptions) -> OnDevice:
@@ -169,9 +194,12 @@ def compose_on_device(rgb: torch.Tensor, matte: torch.Tensor, options: CutoutOpt
         raise ValueError("output=raw is the matte's bytes: nothing to compose")
     if options.clean_matte:
         matte = clean_matte(matte)
-    subject = subject_box(matte)
     height, width = int(matte.shape[0]), int(matte.shape[1])
     region: Box = (0, 0, width, height)
+    if not options.crop and fit_size(height, width, options.max_pixels) == (height, width):
+        pixels = _pixels(rgb, matte, options, region, region)
+        return OnDevice(pixels, region, region, options, None, None, box=subject_box_tensor(matte))
+    subject = subject_box(matte)
     if options.crop and subject is not None:
         region = margin_region(subject, options.crop_margin)
     left, top, right, bottom = region

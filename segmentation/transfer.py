@@ -130,11 +130,13 @@ class Arrival(Generic[T]):
     """A batch's outputs, made from a :class:`HostCopy` by ``finish`` once the copy is done.
 
     :meth:`result` waits for the copy and calls ``finish`` once (whichever thread asks
-    first); :meth:`each` gives one :class:`Arriving` per output, for callers that answer
-    frame by frame."""
+    first), which makes ``outputs`` outputs of the copied arrays; :meth:`each` gives one
+    :class:`Arriving` per output, for callers that answer frame by frame."""
 
-    def __init__(self, copy: HostCopy, finish: Callable[[list[np.ndarray]], list[T]]) -> None:
-        self._copy, self._finish = copy, finish
+    def __init__(
+        self, copy: HostCopy, finish: Callable[[list[np.ndarray]], list[T]], outputs: int
+    ) -> None:
+        self._copy, self._finish, self.outputs = copy, finish, outputs
         self._lock = threading.Lock()
         self._outputs: list[T] | None = None
 
@@ -145,7 +147,7 @@ class Arrival(Generic[T]):
             return self._outputs
 
     def each(self) -> list[Arriving[T]]:
-        return [Arriving(self, index) for index in range(len(self._copy.arrays))]
+        return [Arriving(self, index) for index in range(self.outputs)]
 
 
 @dataclass(frozen=True)

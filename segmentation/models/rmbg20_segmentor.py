@@ -363,7 +363,7 @@ class RMBG20Segmentor:
         if len(options) != len(frames):
             raise ValueError(f"{len(options)} options for {len(frames)} frames")
         if not frames:
-            return Arrival(HostCopy([]), lambda hosts: [])
+            return Arrival(HostCopy([]), lambda hosts: [], 0)
         clock = StageClock(self.device, timings)
         pixels = _upload_grouped(frames, self.device)
         batch = self._normalised(pixels)
@@ -520,15 +520,18 @@ class RMBG20Segmentor:
             else:
                 made.append(compose_on_device(rgb, matte, chosen))
         # The batch's outputs cross to the host together: one pinned copy, one wait.
-        copy = copy_to_host([m.pixels if isinstance(m, OnDevice) else m for m in made])
+        parts = [m.tensors() if isinstance(m, OnDevice) else [m] for m in made]
+        copy = copy_to_host([tensor for tensors in parts for tensor in tensors])
 
         def finish(hosts: list[np.ndarray]) -> list[np.ndarray | Composed]:
+            arrays = iter(hosts)
+            each = [[next(arrays) for _ in tensors] for tensors in parts]
             return [
-                m.on_host(host) if isinstance(m, OnDevice) else host
-                for m, host in zip(made, hosts, strict=True)
+                m.on_host(*host) if isinstance(m, OnDevice) else host[0]
+                for m, host in zip(made, each, strict=True)
             ]
 
-        return Arrival(copy, finish)
+        return Arrival(copy, finish, len(made))
 
 
 def _last_map(outputs: Any) -> tuple[torch.Tensor]:

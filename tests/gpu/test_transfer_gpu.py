@@ -93,7 +93,7 @@ def test_rmbg_postprocess_gives_each_frames_own_copy() -> None:
         chosen = options[index]
         assert chosen is not None
         item = compose_on_device(pixels[index], matte, chosen)
-        expected = item.on_host(item.pixels.cpu().numpy())
+        expected = item.on_host(*(t.cpu().numpy() for t in item.tensors()))
         assert got[index].subject == expected.subject
         assert got[index].foreground == expected.foreground
         np.testing.assert_array_equal(got[index].pixels, expected.pixels)

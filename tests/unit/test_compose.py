@@ -16,6 +16,7 @@ from segmentation.compose import (
     Box,
     clean_matte,
     compose,
+    compose_on_device,
     fit_size,
     plain_cutout,
     subject_box,
@@ -298,3 +299,45 @@ def test_an_empty_matte_has_no_foreground() -> None:
     for options in (CutoutOptions(), CutoutOptions(crop=True), CutoutOptions(max_pixels=100)):
         out = compose(rgb, empty, options)
         assert out.subject is None and out.foreground is None
+
+
+def _numpy_box(matte: np.ndarray) -> Box | None:
+    rows, cols = np.nonzero(matte)
+    if rows.size == 0:
+        return None
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
+
+
+def test_the_subject_box_is_the_non_zero_pixels_bounds_at_every_edge() -> None:
+    generator = np.random.default_rng(5)
+    mattes = [np.zeros((7, 9), np.uint8), np.full((7, 9), 3, np.uint8)]
+    for row, col in [(0, 0), (6, 8), (0, 8), (6, 0), (3, 4)]:
+        single = np.zeros((7, 9), np.uint8)
+        single[row, col] = 1
+        mattes.append(single)
+    for density in (0.001, 0.02, 0.3):
+        mattes += [
+            np.where(generator.random((40, 57)) < density, generator.integers(1, 256), 0).astype(
+                np.uint8
+            )
+            for _ in range(20)
+        ]
+    for matte in mattes:
+        assert subject_box(torch.from_numpy(matte)) == _numpy_box(matte)
+
+
+def test_a_whole_frame_output_leaves_its_box_to_cross_with_the_pixels() -> None:
+    """No crop, no scaling: the box is not needed to compose, so it is not waited for on the
+    device; it comes back with the pixels, as the same subject and foreground."""
+    rgb, matte = _square()
+    for options in (CutoutOptions(), CutoutOptions(output="mask"), CutoutOptions(refine=True)):
+        item = compose_on_device(rgb, matte, options)
+        assert item.box is not None and len(item.tensors()) == 2
+        out = item.on_host(*(tensor.numpy() for tensor in item.tensors()))
+        assert out.subject == out.foreground == (30, 19, 50, 40)
+        with pytest.raises(ValueError, match="box"):
+            item.on_host(item.pixels.numpy())
+    for options in (CutoutOptions(crop=True), CutoutOptions(max_pixels=700)):
+        assert compose_on_device(rgb, matte, options).box is None
+    empty = compose_on_device(rgb, torch.zeros_like(matte), CutoutOptions())
+    assert empty.on_host(*(t.numpy() for t in empty.tensors())).subject is None

@@ -76,11 +76,11 @@ def test_an_arrival_finishes_once_and_answers_each_frame_in_order() -> None:
         calls.append(len(hosts))
         return [int(host.sum()) for host in hosts]
 
-    arrival = Arrival(copy_to_host(tensors), finish)
+    arrival = Arrival(copy_to_host(tensors), finish, len(tensors))
     frames = arrival.each()
     with ThreadPoolExecutor(3) as pool:
         got = list(pool.map(lambda frame: frame.result(), reversed(frames)))
     assert got == [36, 20, 12]
     assert calls == [3]
     assert arrival.result() == [12, 20, 36]
-    assert Arrival(copy_to_host([]), finish).each() == []
+    assert Arrival(copy_to_host([]), finish, 0).each() == []
