@@ -22,8 +22,8 @@ patch embedding and merging, norms, the attention itself and the whole decoder.
 ``int8``
     torchao's ``Int8WeightOnlyConfig``: INT8 weights with one scale per output row; the
     activations stay in the model's dtype. Each call casts the weight back to the
-    activation's dtype with its scales (torchao's ``dequantize``: one pass over the weight,
-    at most 9.4 M values in the published model) and runs the plain product with its bias
+    activation's dtype with its scales (one pass over the weight, at most 9.4 M values in
+    the published model) and runs the plain product with its bias
     (:class:`DequantizingLinear`). torchao's own weight-only product multiplies the
     product's output by the scales and adds the bias in two more passes over it, holding a
     second copy of it meanwhile: at batch 16 the first stage's ``fc1`` output alone is 1.6
@@ -184,14 +184,27 @@ class DequantizingLinear(torch.nn.Linear):
 
     @classmethod
     def holding(cls, linear: torch.nn.Linear) -> DequantizingLinear:
-        """A layer with ``linear``'s (quantized) weight and bias, not copies of them."""
+        """A layer with ``linear``'s (quantized) weight and bias, not copies of them: torchao's
+        INT8 weight with one scale per output row and no zero point."""
+        weight: Any = linear.weight
+        zero = getattr(weight, "zero_point", None)
+        if tuple(getattr(weight, "block_size", ())) != (1, linear.in_features) or (
+            zero is not None and bool(zero.any())
+        ):
+            raise ValueError(
+                f"expected torchao's symmetric per-row INT8 weight, got {type(weight).__name__} "
+                f"with block size {getattr(weight, 'block_size', None)}"
+            )
         layer = cls(linear.in_features, linear.out_features, bias=False, device="meta")
         layer.weight, layer.bias = linear.weight, linear.bias
         return layer
 
     def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype``, as the product uses it."""
-        return cast(torch.Tensor, self.weight.dequantize(dtype))  # type: ignore[call-arg]
+        """The weight in ``dtype``, as the product uses it: each row's INT8 values times its
+        scale, in one buffer of ``dtype`` (what torchao's ``dequantize`` gives, without its
+        FP32 intermediates: these buffers live in a CUDA graph's pool)."""
+        weight: Any = self.weight
+        return cast(torch.Tensor, weight.qdata.to(dtype).mul_(weight.scale.to(dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_as(x.dtype), self.bias)

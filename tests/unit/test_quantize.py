@@ -320,3 +320,8 @@ def test_a_deployment_decides_its_own_linear_format_over_the_environment() -> No
         SegmentorArgs(use_fp8=True, use_int8=True)
     with pytest.raises(ValueError, match=r"RMBG-2\.0 only"):
         build_segmentor("yolo", plain, model=standins.PRODUCT_YOLO, use_int8=True)
+
+
+def test_only_torchaos_per_row_int8_weights_are_cast_back_by_the_layer() -> None:
+    with pytest.raises(ValueError, match="per-row INT8"):
+        quantize.DequantizingLinear.holding(torch.nn.Linear(4, 3))

@@ -9,32 +9,12 @@ compiled, on the model's shapes (tests/gpu/test_fp16_gpu.py).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
-from tests.conftest import REPO_ROOT, RMBG_ARCH_DIR
+from tests.conftest import RMBG_ARCH_DIR
+from tests.interpreted import interpreted as _interpreted
 
 pytest.importorskip("triton")
-
-
-def _interpreted(script: str) -> dict[str, float]:
-    """Run ``script`` with Triton's interpreter; it prints one JSON object last."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 GEOMETRY = """
