@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -35,3 +36,13 @@ def finish(result: dict[str, Any], out: str | None, agree: bool) -> int:
         with open(out, "w") as fh:
             json.dump(result, fh, indent=1)
     return 0 if agree else 1
+
+
+def release_memory() -> None:
+    """Free what a finished variant left before the next one is measured: the fast path's
+    patched ``forward`` methods make reference cycles, so ``del`` alone leaves a model (its
+    weights, its CUDA graphs' pools) allocated until the cycle collector runs, and the next
+    variant's peak would count it."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

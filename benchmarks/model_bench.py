@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.checked import release_memory
 from benchmarks.frames import FRAME_SOURCES, frame_set
 from segmentation.device_decode import decode_jpegs_on
 from segmentation.imaging import EncodedImage
@@ -283,7 +284,7 @@ def bench_rmbg_fast(
                 }
             sink(row)
         del model, inputs
-        torch.cuda.empty_cache()
+        release_memory()
 
 
 def profile_rmbg_fast(rmbg_dir: str, batch: int, path: str) -> None:

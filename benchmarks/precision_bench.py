@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.checked import release_memory
 from benchmarks.frames import frame_set
 from benchmarks.model_bench import GiB, environment, timed
 from segmentation.errors import ModelLoadError
@@ -249,8 +250,7 @@ def bench_variant(
         return _measure(segmentor, variant, frames, args, reference, row)
     finally:
         del segmentor
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
 
 
 def _measure(

@@ -36,14 +36,6 @@ elementwise adds 12%, softmax 6%: memory traffic around a quarter of matrix math
     CUDA-graph capture does not record it, so replays reused the capture's columns. Without
     this step the model is not captured in graphs (:func:`graph_blocker`). It also bounds the
     sampling buffer (torchvision's columns take 6.6 GB in FP16 at batch 16).
-``sample``
-    The deformable convolutions' columns made by one Triton kernel
-    (:func:`segmentation.models.deform_conv.deform_columns`): the sampling positions from the
-    offsets in FP32, the four neighbours read from the input in place, mixed, modulated and
-    written once in FP16, where PyTorch's version casts the input and the offsets to FP32,
-    builds the grid, samples in FP32, modulates and casts back. Applied and named only where
-    it runs (CUDA, FP16/BF16, Triton), with ``deform``; a compiled decoder
-    (``compile-decoder``) samples in Inductor's code instead.
 ``compile``
     Optional (``RMBG_COMPILE=blocks``, or ``true``): ``torch.compile`` (Inductor) of the Swin
     block body, one function shared by every block, so each distinct geometry compiles once,
@@ -119,10 +111,9 @@ COMPILE_DECODER = "compile-decoder"
 RESAMPLE = "resample"
 FUSE = "fuse"
 ATTN = "attn"
-SAMPLE = "sample"
 #: The steps :func:`optimize` applies unless told otherwise (compile is opt-in: see
 #: docs/benchmarks.md for its cold start).
-DEFAULT_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, RESAMPLE, FUSE, ATTN, SAMPLE)
+DEFAULT_STEPS: tuple[str, ...] = (SDPA, WINDOWS, DECODER, DEFORM, RESAMPLE, FUSE, ATTN)
 ALL_STEPS: tuple[str, ...] = (
     SDPA,
     WINDOWS,
@@ -131,7 +122,6 @@ ALL_STEPS: tuple[str, ...] = (
     RESAMPLE,
     FUSE,
     ATTN,
-    SAMPLE,
     COMPILE,
     COMPILE_DECODER,
 )
@@ -155,16 +145,12 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
         raise ValueError(f"unknown optimization steps {sorted(unknown)}; known: {ALL_STEPS}")
     if COMPILE in wanted:
         wanted -= {FUSE, ATTN}  # Inductor writes its own kernels for the block body
-    if COMPILE_DECODER in wanted:
-        wanted.discard(SAMPLE)  # and for the decoder's sampling
-    if SAMPLE in wanted:
-        wanted.add(DEFORM)  # the kernel makes the deform step's columns
     if FUSE in wanted:
         wanted.add(WINDOWS)  # the fused kernels read the block's window plan
     if WINDOWS in wanted or COMPILE in wanted or ATTN in wanted:
         wanted.add(SDPA)  # the window gather hands the attention its prebuilt bias
-    if not _kernels_run(model):
-        wanted -= {ATTN, SAMPLE}  # the kernels run on CUDA in FP16/BF16 only: not named where not
+    if ATTN in wanted and not _kernels_run(model):
+        wanted.discard(ATTN)  # the kernel runs on CUDA in FP16/BF16 only: not named where not
     dtype = next(model.parameters()).dtype
     applied: dict[str, int] = {step: 0 for step in ALL_STEPS}
     decoders: list[torch.nn.Module] = []
@@ -193,9 +179,8 @@ def optimize(model: torch.nn.Module, steps: Iterable[str] = DEFAULT_STEPS) -> tu
             decoders.append(module)
             applied[DECODER] += 1
         elif DEFORM in wanted and kind == "DeformableConv2d" and _is_deformable_conv(module):
-            _patch(module, _deformable_conv, _fast_deform=True, _fast_sample=SAMPLE in wanted)
+            _patch(module, _deformable_conv, _fast_deform=True)
             applied[DEFORM] += 1
-            applied[SAMPLE] += SAMPLE in wanted
         elif RESAMPLE in wanted and kind == "BiRefNet" and _is_birefnet(module):
             setattr(module, "forward_enc", types.MethodType(_encoder, module))  # noqa: B010
             applied[RESAMPLE] += 1
@@ -799,8 +784,7 @@ def _decoder_body(
 
 def _deformable_conv(self: Any, x: torch.Tensor) -> torch.Tensor:
     """``DeformableConv2d.forward`` with the same offsets, modulation and weights, sampled on
-    the current stream (by the Triton kernel with the ``sample`` step, where it runs: an FP32
-    recompute takes the PyTorch version)."""
+    the current stream."""
     offset = self.offset_conv(x)
     modulator = 2.0 * torch.sigmoid(self.modulator_conv(x))
     return deform_conv2d(
@@ -811,5 +795,4 @@ def _deformable_conv(self: Any, x: torch.Tensor) -> torch.Tensor:
         stride=self.stride,
         padding=self.padding,
         mask=modulator,
-        kernel=None if self._fast_sample else False,
     )

@@ -50,7 +50,7 @@ def takes_attention(qkv: torch.Tensor, heads: int) -> bool:
     return available(qkv) and qkv.shape[-1] // 3 // heads in HEAD_SIZES
 
 
-def use_kernel(x: torch.Tensor, kernel: bool | None) -> bool:
+def _use_kernel(x: torch.Tensor, kernel: bool | None) -> bool:
     """``kernel`` if given (True runs Triton on any device: its interpreter on the CPU),
     else whether :func:`available`."""
     return available(x) if kernel is None else kernel
@@ -262,7 +262,7 @@ if triton is not None:
         )
 
 
-def launch_on(x: torch.Tensor) -> Any:
+def _on(x: torch.Tensor) -> Any:
     """The CUDA device of ``x`` made current around a launch (Triton launches on the current
     device and its current stream); nothing on the CPU (the interpreter)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -290,7 +290,7 @@ def ln_windows(
     kernel: bool | None = None,
 ) -> torch.Tensor:
     """See :func:`ln_windows_reference`; the Triton kernel on a CUDA tensor."""
-    if not use_kernel(x, kernel):
+    if not _use_kernel(x, kernel):
         return ln_windows_reference(x, weight, bias, eps, sources)
     batch, tokens, channels = x.shape
     positions = sources.shape[0]
@@ -298,7 +298,7 @@ def ln_windows(
     out = x.new_empty(batch, positions, channels)
     block_r, block_c, warps = _rows_block(channels)
     rows = batch * positions
-    with launch_on(x):
+    with _on(x):
         _ln_windows_kernel[(triton.cdiv(rows, block_r),)](
             x, weight, bias, sources, out, rows, positions, tokens, channels, eps,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
@@ -317,7 +317,7 @@ def unwindow_residual_ln(
     kernel: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`unwindow_residual_ln_reference`; the Triton kernel on a CUDA tensor."""
-    if not use_kernel(x, kernel):
+    if not _use_kernel(x, kernel):
         return unwindow_residual_ln_reference(
             x, attended, from_windows, weight, bias, eps, out_bias
         )
@@ -327,7 +327,7 @@ def unwindow_residual_ln(
     residual, normed = torch.empty_like(x), torch.empty_like(x)
     block_r, block_c, warps = _rows_block(channels)
     rows = batch * tokens
-    with launch_on(x):
+    with _on(x):
         _unwindow_kernel[(triton.cdiv(rows, block_r),)](
             x, attended, from_windows, weight, bias, out_bias, residual, normed,
             rows, tokens, positions, channels, eps,
@@ -349,13 +349,13 @@ def window_attention(
     chose them)."""
     windows, tokens, triple = qkv.shape
     head_dim = triple // 3 // heads
-    if not (use_kernel(qkv, kernel) and head_dim in HEAD_SIZES):
+    if not (_use_kernel(qkv, kernel) and head_dim in HEAD_SIZES):
         return window_attention_reference(qkv, bias, heads, scale)
     qkv, bias = qkv.contiguous(), bias.contiguous()
     out = qkv.new_empty(windows, tokens, triple // 3)
     config = {**ATTENTION_TILES, **(tiles or {})}
     grid = (windows * heads, triton.cdiv(tokens, config["BLOCK_M"]))
-    with launch_on(qkv):
+    with _on(qkv):
         _window_attention_kernel[grid](
             qkv, bias, out, tokens, heads, bias.shape[1] // heads, scale, HEAD_DIM=head_dim,
             **config,

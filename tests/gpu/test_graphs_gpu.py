@@ -84,7 +84,7 @@ def test_rmbg_graph_replay_matches_eager_and_survives_an_fp32_recompute() -> Non
             exact = model.forward(batch.float())
     assert model.capture_graphs(model.batch_buckets)
     assert model.graph_batch_sizes == [1, 2, 4]
-    assert model.info().inference_path == "sdpa+windows+decoder+deform+resample+fuse+attn+sample+graphs"
+    assert model.info().inference_path == "sdpa+windows+decoder+deform+resample+fuse+attn+graphs"
     with torch.inference_mode():
         graphed = model.forward(batch)
         eager_error = float((eager.float() - exact).abs().mean())

@@ -111,9 +111,8 @@ def test_rmbg_compile_adds_the_compiled_blocks_to_the_fast_path() -> None:
     assert rmbg_steps(load_settings({})) is True  # the fast path's default steps
     assert rmbg_steps(load_settings({"RMBG_OPTIMIZED": "no"})) is False
     # the default steps and the compiled parts (compiled blocks replace the blocks' kernels,
-    # fuse and attn, and a compiled decoder the sample kernel, where rmbg20_fast.optimize
-    # applies them)
-    base = ("sdpa", "windows", "decoder", "deform", "resample", "fuse", "attn", "sample")
+    # fuse and attn, where rmbg20_fast.optimize applies them)
+    base = ("sdpa", "windows", "decoder", "deform", "resample", "fuse", "attn")
     assert rmbg_steps(load_settings({"RMBG_COMPILE": "Enable"})) == (*base, "compile")
     decoder = rmbg_steps(load_settings({"RMBG_COMPILE": "Decoder"}))
     assert decoder == (*base, "compile-decoder")
