@@ -18,8 +18,9 @@ import torch
 
 from segmentation.batching import FrameRejectedError
 from segmentation.config import Settings
-from segmentation.errors import DeadlineExceededError, OverloadedError
+from segmentation.errors import DeadlineExceededError, OverloadedError, SegmentationError
 from segmentation.models.base import ModelInfo
+from segmentation.transfer import Arrival, HostCopy
 from segmentation_service.autoscaling import HELD_FRAMES
 from segmentation_service.config import SegmentorArgs
 from segmentation_service.errors import http_status
@@ -405,3 +406,83 @@ def test_new_batch_sizes_run_their_largest_once_more_with_the_sizes_in_place(
     run(rep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.01}))
     assert ran == [(4, (1, 2, 4))]  # 4 ran before, as a smaller size of 8's
     assert rep.segmentor.batch_buckets == (1, 2, 4)
+
+
+class HeldCopy(HostCopy):
+    """A copy to the host still under way until ``gate`` opens (on a GPU: the copy stream's
+    event), or one that fails (a device error, which a CPU cannot cause)."""
+
+    def __init__(self, arrays: list[np.ndarray], gate: threading.Event, fail: bool) -> None:
+        super().__init__(arrays)
+        self.gate, self.fail = gate, fail
+
+    def wait(self) -> list[np.ndarray]:
+        assert self.gate.wait(30)
+        if self.fail:
+            raise RuntimeError("CUDA error: the copy to the host failed (test double)")
+        return self.arrays
+
+
+class ArrivingReplica(ToyReplica):
+    """Answers as RMBG-2.0's replica does: outputs still on their way to the host."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        #: Per request batch, in order: the gate its copy waits on, and whether it fails.
+        self.copies: list[tuple[threading.Event, bool]] = []
+        super().__init__(args)
+
+    def run_model(self, items: list[Pending]) -> list[Any]:
+        values = self.segmentor.predict([item.frame for item in items])
+        warmup = all(v == 2 * WARMUP for v in values)
+        gate, fail = (threading.Event(), False) if warmup else self.copies.pop(0)
+        if warmup:
+            gate.set()
+        arrays = [np.array(v) for v in values]
+        copy = HeldCopy(arrays, gate, fail)
+        return Arrival(copy, lambda hosts: [int(h) for h in hosts], len(arrays)).each()
+
+
+async def second_batch_ran(rep: ToyReplica) -> None:
+    while len(rep.segmentor.request_calls()) < 2:
+        await asyncio.sleep(0.01)
+
+
+def test_a_batch_runs_while_the_one_before_is_still_copied_and_each_is_answered() -> None:
+    rep = ArrivingReplica({"warmup_size": (4, 4)})
+    first_copy, second_copy = threading.Event(), threading.Event()
+    rep.copies = [(first_copy, False), (second_copy, False)]
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        await rep.reconfigure({"max_batch_size": 2, "batch_wait_timeout_s": 0.0})
+        first = asyncio.ensure_future(submit_all(rep, [1, 2]))
+        await model_busy(rep)
+        second = asyncio.ensure_future(submit_all(rep, [3, 4]))
+        # the GPU thread takes the second batch while the first is still being copied
+        await asyncio.wait_for(second_batch_ran(rep), 30)
+        assert not first.done()
+        first_copy.set()
+        second_copy.set()
+        return await first, await second
+
+    first, second = run(scenario())
+    assert first == [2, 4] and second == [6, 8]
+    assert rep.segmentor.request_calls() == [[1, 2], [3, 4]]
+    stages = run(rep.info())["stages"]
+    assert stages["copy_wait"]["count"] == 2
+
+
+def test_a_failed_copy_fails_its_own_batch_and_the_replica_serves_on() -> None:
+    rep = ArrivingReplica({"warmup_size": (4, 4)})
+    opened = threading.Event()
+    opened.set()
+    rep.copies = [(opened, True), (opened, False)]
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        await rep.reconfigure({"max_batch_size": 2, "batch_wait_timeout_s": 0.0})
+        lost = await submit_all(rep, [1, 2])
+        return lost, await submit_all(rep, [3, 4])
+
+    lost, served = run(scenario())
+    assert all(isinstance(r, SegmentationError) and http_status(r) == 500 for r in lost)
+    assert "could not be copied" in lost[0].message
+    assert served == [6, 8]
