@@ -136,14 +136,23 @@ class Arrival(Generic[T]):
     def __init__(
         self, copy: HostCopy, finish: Callable[[list[np.ndarray]], list[T]], outputs: int
     ) -> None:
-        self._copy, self._finish, self.outputs = copy, finish, outputs
+        #: The copy and what makes the outputs of it, until :meth:`result` has used them.
+        self._pending: tuple[HostCopy, Callable[[list[np.ndarray]], list[T]]] | None = (
+            copy,
+            finish,
+        )
+        self.outputs = outputs
         self._lock = threading.Lock()
-        self._outputs: list[T] | None = None
+        self._outputs: list[T] = []
 
     def result(self) -> list[T]:
         with self._lock:
-            if self._outputs is None:
-                self._outputs = self._finish(self._copy.wait())
+            if self._pending is not None:
+                copy, finish = self._pending
+                self._outputs = finish(copy.wait())
+                # what ``finish`` holds (the outputs still on the device) is freed now, not
+                # when the last frame's answer is
+                self._pending = None
             return self._outputs
 
     def each(self) -> list[Arriving[T]]:

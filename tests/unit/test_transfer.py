@@ -4,6 +4,7 @@ RMBG-2.0's postprocess leaving the caller's logits as they were."""
 
 from __future__ import annotations
 
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -84,3 +85,21 @@ def test_an_arrival_finishes_once_and_answers_each_frame_in_order() -> None:
     assert calls == [3]
     assert arrival.result() == [12, 20, 36]
     assert Arrival(copy_to_host([]), finish, 0).each() == []
+
+
+def test_an_arrival_lets_go_of_what_it_made_its_outputs_from() -> None:
+    """Once the outputs are made, the tensors ``finish`` held (on a GPU: the outputs still on
+    the device) are freed, though the frames' answers still hold the arrival."""
+    on_device = torch.arange(6, dtype=torch.uint8)
+    held = weakref.ref(on_device)
+
+    def finish(hosts: list[np.ndarray], made: torch.Tensor = on_device) -> list[int]:
+        return [int(made.sum()) + int(host.sum()) for host in hosts]
+
+    arrival = Arrival(copy_to_host([torch.ones(2, dtype=torch.uint8)]), finish, 1)
+    del on_device, finish
+    frames = arrival.each()
+    assert held() is not None
+    assert frames[0].result() == 17
+    assert held() is None
+    assert frames[0].result() == 17
