@@ -202,9 +202,10 @@ class DequantizingLinear(torch.nn.Linear):
     def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in ``dtype``, as the product uses it: each row's INT8 values times its
         scale, in one buffer of ``dtype`` (what torchao's ``dequantize`` gives, without its
-        FP32 intermediates: these buffers live in a CUDA graph's pool)."""
+        FP32 buffers: these live in a CUDA graph's pool)."""
         weight: Any = self.weight
-        return cast(torch.Tensor, weight.qdata.to(dtype).mul_(weight.scale.to(dtype)))
+        # the FP32 scales as they are: the product rounds once, to ``dtype``
+        return cast(torch.Tensor, weight.qdata.to(dtype).mul_(weight.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_as(x.dtype), self.bias)

@@ -107,7 +107,10 @@ def copy_to_host(tensors: Sequence[torch.Tensor]) -> HostCopy:
                     )
                     for tensor in group:
                         tensor.record_stream(stream)
-                    events.append(stream.record_event())
+                    # blocking: a waiting thread sleeps instead of spinning on a core
+                    done = torch.cuda.Event(blocking=True)
+                    done.record(stream)
+                    events.append(done)
                 start += size
     return HostCopy(
         [arrays[i] if i in arrays else tensor.cpu().numpy() for i, tensor in enumerate(tensors)],
@@ -144,15 +147,22 @@ class Arrival(Generic[T]):
         self.outputs = outputs
         self._lock = threading.Lock()
         self._outputs: list[T] = []
+        #: Why the outputs could not be made, raised again to every later caller.
+        self._error: Exception | None = None
 
     def result(self) -> list[T]:
         with self._lock:
             if self._pending is not None:
                 copy, finish = self._pending
-                self._outputs = finish(copy.wait())
-                # what ``finish`` holds (the outputs still on the device) is freed now, not
-                # when the last frame's answer is
+                # what ``finish`` holds (the outputs still on the device) is freed once used,
+                # not when the last frame's answer is
                 self._pending = None
+                try:
+                    self._outputs = finish(copy.wait())
+                except Exception as exc:
+                    self._error = exc
+            if self._error is not None:
+                raise self._error
             return self._outputs
 
     def each(self) -> list[Arriving[T]]:

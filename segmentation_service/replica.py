@@ -34,10 +34,12 @@ shows it. A change of the wait or of ``oom_recover_after`` alone keeps the cap a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +69,7 @@ from segmentation.errors import (
 )
 from segmentation.imaging import EncodedImage, decode_image
 from segmentation.models.base import StageClock, gpu_memory, weights_sha256
-from segmentation.transfer import Arriving
+from segmentation.transfer import Arrival, Arriving
 from segmentation_service.autoscaling import HELD_FRAMES
 from segmentation_service.config import BatchConfig, SegmentorArgs
 from segmentation_service.errors import http_status
@@ -133,6 +135,11 @@ class SegmentorReplica:
         #: The last batch whose outputs are arriving, answered when they have: at most one
         #: is under way when the next batch leaves the GPU thread.
         self._arriving: asyncio.Future[None] | None = None
+        #: That batch's outputs (GPU thread only; weak: answered, they are gone): a reconfigure
+        #: finishes them on the GPU thread before it measures memory or captures graphs, so
+        #: that the copy thread makes no CUDA call during a capture and their device memory is
+        #: not counted.
+        self._unfinished: list[weakref.ref[Arrival[Any]]] = []
         #: ``args.decode_ahead``: the next batch's device decode, beside the GPU thread.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-decode")
         self._decode_stream: Any = None
@@ -239,6 +246,12 @@ class SegmentorReplica:
         """On the GPU thread: warm up at a larger batch, build the batch sizes of the new
         ceiling and capture their graphs. Live state changes only where all of it worked."""
         with self._device_work:
+            for unfinished in self._unfinished:  # done by now, or nearly
+                arrival = unfinished()
+                if arrival is not None:
+                    with contextlib.suppress(Exception):  # the copy thread reports it
+                        arrival.result()
+            self._unfinished = []
             memory_cap, warmed = self.memory_cap, self.warmed_batch
             if config.max_batch_size > warmed:
                 memory_cap = self._measure(config.max_batch_size)
@@ -319,22 +332,25 @@ class SegmentorReplica:
         height, width = frame.shape[:2]
         return EncodedImage(encoders.jpeg(frame, quality=90), width, height)
 
-    def _warmup_run(self, n: int) -> int:
+    def _warmup_run(self, n: int, measured: bool = False) -> int:
         """Run the model on ``n`` copies of a warm-up input; the peak GPU memory (0 on CPU).
 
-        GPU thread only: the peak is reset here, which is the warm-up's own only because no
-        batch can run beside it.
+        ``measured``: where outputs arrive after their batch (``Arriving``), a second batch
+        runs while the first one's outputs and frames are still held, as in service, so that
+        the peak counts both. GPU thread only: the peak is reset here, which is the warm-up's
+        own only because no batch can run beside it.
         """
         frame = self.warmup_input()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        items = [Pending(frame, self.warmup_options(), time.monotonic(), None) for _ in range(n)]
-        outputs = self.run_model(items)
-        if any(isinstance(output, Arriving) for output in outputs):
-            # In service a batch's outputs stay on the device until their copy is done, while
-            # the next batch runs: the peak counts a batch beside the outputs of the one before.
-            _arrived(self.run_model(items))
+
+        def batch() -> list[Pending]:
+            return [Pending(frame, self.warmup_options(), time.monotonic(), None) for _ in range(n)]
+
+        outputs = self.run_model(batch())
+        if measured and any(isinstance(output, Arriving) for output in outputs):
+            _arrived(self.run_model(batch()))
         for output in _arrived(outputs):
             if isinstance(output, Exception):
                 raise output
@@ -354,8 +370,8 @@ class SegmentorReplica:
         activations fit the replica's budget.
         """
         started = time.perf_counter()
-        peak_one = self._warmup_run(1)
-        peak_all = self._warmup_run(batch_size) if batch_size > 1 else peak_one
+        peak_one = self._warmup_run(1, measured=True)
+        peak_all = self._warmup_run(batch_size, measured=True) if batch_size > 1 else peak_one
         memory_cap = None
         if self.device.type == "cuda":
             per_frame = max(1, (peak_all - peak_one) // max(1, batch_size - 1))
@@ -739,12 +755,14 @@ class SegmentorReplica:
                 self._answer(item, output)
             return
         if self._arriving is not None:
-            await self._arriving  # the batch before's outputs: copied while this one ran
+            # the batch before's outputs, copied while this one ran (shielded: a cancelled
+            # batch loop must not cancel answering them)
+            await asyncio.shield(self._arriving)
         self._arriving = asyncio.ensure_future(self._answer_arrived(live, outputs))
 
     async def _answer_arrived(self, items: list[Pending], outputs: list[Any]) -> None:
         """Answer ``items`` once their outputs' copy to the host is done (on the copy thread,
-        while the GPU thread runs the next batch)."""
+        while the GPU thread runs the next batch). Never raises: a failure fails these frames."""
         started = time.perf_counter()
         try:
             arrived = await asyncio.get_running_loop().run_in_executor(
@@ -755,16 +773,22 @@ class SegmentorReplica:
             arrived = [SegmentationError(f"internal error ({type(exc).__name__})")] * len(items)
         self.metrics.stage("copy_wait", time.perf_counter() - started)
         for item, output in zip(items, arrived, strict=True):
-            self._answer(item, output)
+            try:
+                self._answer(item, output)
+            except Exception:  # e.g. a caller's future in a state it should not be in
+                logger.exception("%s: a frame's answer could not be given", self.name)
 
     def _run_on_gpu(
         self, items: list[Pending], steps: dict[str, float]
     ) -> tuple[list[Any], BatchReport]:
         self.step_timings = steps  # set here: a reconfigure's warm-up must not write into it
         try:
-            return self.runner(items)
+            outputs, report = self.runner(items)
         finally:
             self.step_timings = None
+        arriving = {id(o.batch): o.batch for o in outputs if isinstance(o, Arriving)}
+        self._unfinished = [weakref.ref(arrival) for arrival in arriving.values()]
+        return outputs, report
 
     def _record(self, report: BatchReport) -> None:
         self.batches_run += 1
@@ -906,12 +930,15 @@ def _gpu_identity(device: torch.device) -> dict[str, str | None]:
 def _arrived(outputs: list[Any]) -> list[Any]:
     """``outputs`` with each :class:`Arriving` one waited for (its failure in its place)."""
     done: list[Any] = []
+    failed: set[int] = set()
     for output in outputs:
         if isinstance(output, Arriving):
             try:
                 output = output.result()
-            except Exception as exc:  # a failed copy fails its own frames only
-                logger.exception("an output's copy to the host failed")
+            except Exception as exc:  # a failed copy fails its own batch's frames only
+                if id(output.batch) not in failed:
+                    failed.add(id(output.batch))
+                    logger.exception("a batch's outputs could not be copied to the host")
                 output = SegmentationError(f"the output could not be copied ({type(exc).__name__})")
         done.append(output)
     return done

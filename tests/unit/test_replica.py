@@ -429,6 +429,7 @@ class ArrivingReplica(ToyReplica):
     def __init__(self, args: dict[str, Any]) -> None:
         #: Per request batch, in order: the gate its copy waits on, and whether it fails.
         self.copies: list[tuple[threading.Event, bool]] = []
+        self.held: list[HeldCopy] = []  # the request batches' copies, in order
         super().__init__(args)
 
     def run_model(self, items: list[Pending]) -> list[Any]:
@@ -439,6 +440,8 @@ class ArrivingReplica(ToyReplica):
             gate.set()
         arrays = [np.array(v) for v in values]
         copy = HeldCopy(arrays, gate, fail)
+        if not warmup:
+            self.held.append(copy)
         return Arrival(copy, lambda hosts: [int(h) for h in hosts], len(arrays)).each()
 
 
@@ -486,3 +489,28 @@ def test_a_failed_copy_fails_its_own_batch_and_the_replica_serves_on() -> None:
     assert all(isinstance(r, SegmentationError) and http_status(r) == 500 for r in lost)
     assert "could not be copied" in lost[0].message
     assert served == [6, 8]
+
+
+def test_a_reconfigure_waits_for_the_batch_still_being_copied() -> None:
+    """Before it measures memory or captures graphs, a reconfigure waits on the GPU thread for
+    the outputs still arriving (their copy thread's wait ends first): no other thread then
+    touches the device during a capture, and their memory is not counted."""
+    rep = ArrivingReplica({"warmup_size": (4, 4)})
+    gate = threading.Event()
+    rep.copies = [(gate, False)]
+
+    async def scenario() -> list[Any]:
+        await rep.reconfigure({"max_batch_size": 2, "batch_wait_timeout_s": 0.0})
+        answers = asyncio.ensure_future(submit_all(rep, [1, 2]))
+        await model_busy(rep)
+        while not rep.held:
+            await asyncio.sleep(0.01)
+        change = asyncio.ensure_future(rep.reconfigure({"max_batch_size": 4}))
+        await asyncio.sleep(0.3)
+        assert not change.done() and not answers.done()  # the reconfigure waits for the copy
+        gate.set()
+        await change
+        return await answers
+
+    assert run(scenario()) == [2, 4]
+    assert rep.batch_config.max_batch_size == 4

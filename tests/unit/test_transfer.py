@@ -8,10 +8,19 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import torch
 
 from segmentation.models.rmbg20_segmentor import RMBG20Segmentor
-from segmentation.transfer import ALIGN, Arrival, copy_to_host, host_arrays, layout, staged
+from segmentation.transfer import (
+    ALIGN,
+    Arrival,
+    HostCopy,
+    copy_to_host,
+    host_arrays,
+    layout,
+    staged,
+)
 
 
 def _tensors() -> list[torch.Tensor]:
@@ -103,3 +112,26 @@ def test_an_arrival_lets_go_of_what_it_made_its_outputs_from() -> None:
     assert frames[0].result() == 17
     assert held() is None
     assert frames[0].result() == 17
+
+
+class _FailedCopy(HostCopy):
+    """A copy the device could not make (a fault a CPU cannot cause)."""
+
+    def wait(self) -> list[np.ndarray]:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_failed_arrival_fails_every_frame_with_its_error_without_trying_again() -> None:
+    calls: list[int] = []
+
+    def finish(hosts: list[np.ndarray]) -> list[int]:
+        calls.append(len(hosts))
+        return [0] * len(hosts)
+
+    frames = Arrival(_FailedCopy([np.zeros(1), np.zeros(1)]), finish, 2).each()
+    errors = []
+    for frame in frames:
+        with pytest.raises(RuntimeError, match="illegal memory access") as caught:
+            frame.result()
+        errors.append(caught.value)
+    assert errors[0] is errors[1] and calls == []
