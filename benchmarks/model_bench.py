@@ -116,7 +116,7 @@ def bench_rmbg(rmbg_dir: str, batches: list[int], fp32_batches: list[int]) -> li
     frames = frames_1080p(max(batches))
     torch.set_float32_matmul_precision("high")  # TF32, as the model card runs it
     rows = _bench_rmbg_fp32(rmbg_dir, frames, fp32_batches)
-    torch.cuda.empty_cache()
+    release_memory()
     return rows + _bench_rmbg_fp16(rmbg_dir, frames, batches)
 
 
@@ -382,8 +382,7 @@ def bench_yolo(
                 if model.device.type == "cuda":
                     rows.extend(_yolo_graphs(model, name, frames, max(batches)))
             del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
     return rows
 
 

@@ -128,6 +128,7 @@ def model_alone(args: argparse.Namespace, clip: Path, graphs: bool) -> dict[str,
     and, with ``graphs``, a second one that captures the CUDA graph)."""
     import torch
 
+    from benchmarks.checked import release_memory
     from segmentation.config import load_settings
     from segmentation.factory import build_segmentor
     from segmentation.local import LocalRunner
@@ -161,8 +162,7 @@ def model_alone(args: argparse.Namespace, clip: Path, graphs: bool) -> dict[str,
         "device": torch.cuda.get_device_name(0) if segmentor.device.type == "cuda" else "cpu",
     }
     del runner, segmentor
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
     return row
 
 
