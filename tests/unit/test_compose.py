@@ -3,6 +3,7 @@ frame's edge added at the end, in uint8, with the same pixels as padding the reg
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from itertools import product
 
@@ -341,3 +342,14 @@ def test_a_whole_frame_output_leaves_its_box_to_cross_with_the_pixels() -> None:
         assert compose_on_device(rgb, matte, options).box is None
     empty = compose_on_device(rgb, torch.zeros_like(matte), CutoutOptions())
     assert empty.on_host(*(t.numpy() for t in empty.tensors())).subject is None
+
+
+def test_a_region_past_the_frames_edge_without_its_fill_colour_is_refused() -> None:
+    """A crop's margin past the edge is filled on the host with the colour read while
+    composing; an output made without it says so instead of filling with a guess."""
+    rgb, matte = _square()
+    item = compose_on_device(rgb, matte, CutoutOptions(crop=True, crop_margin=parse_margin("40px")))
+    assert item.region != item.inside and item.fill is not None
+    unfilled = dataclasses.replace(item, fill=None)
+    with pytest.raises(ValueError, match="colour to fill it with"):
+        unfilled.on_host(item.pixels.numpy())
